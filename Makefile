@@ -1,0 +1,34 @@
+# Two commands for users: `make demo` and `make test`. Everything else builds on the same venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench docs install clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fmoe demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+	$(MAKE) docs
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench_decode.py
+
+docs: $(STAMP)
+	@if [ -f mkdocs.yml ]; then $(BIN)/mkdocs build --strict -q; fi
+
+clean:
+	rm -rf $(VENV) site .pytest_cache

@@ -1,0 +1,17 @@
+"""Errors that name the problem. The CLI prints them as one line and exits non-zero."""
+
+
+class FmoeError(Exception):
+    """Base class: a user-facing error with a one-line message."""
+
+
+class ConfigError(FmoeError):
+    """A config.json that fmoe cannot use (unknown model_type, missing or invalid field)."""
+
+
+class CheckpointError(FmoeError):
+    """A missing, corrupt or mismatched checkpoint file or tensor."""
+
+
+class ModelNotFoundError(FmoeError):
+    """A path that does not exist, or a hub id that cannot be fetched (offline, not cached)."""

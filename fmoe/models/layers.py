@@ -1,0 +1,191 @@
+"""Building blocks shared by the model families: norm, rotary embedding, KV cache, attention,
+dense SwiGLU MLP, attention masks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] (float32, CPU) and the attention scaling of the rope type."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scale = 1.0
+    if rope.type == "linear":
+        inv = inv / rope.get("factor", 1.0)
+    elif rope.type == "yarn":
+        inv, scale = _yarn(rope, dim, max_position)
+    # "dynamic" only changes frequencies beyond the trained length; positions inside it use the
+    # default frequencies, which is all a bounded-context server sees.
+    return inv, scale
+
+
+def _yarn(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071) as the hub configs of DeepSeek and Qwen use it."""
+    factor = rope.get("factor", 1.0)
+    orig = rope.get("original_max_position_embeddings") or max_position
+    beta_fast = rope.get("beta_fast") or 32
+    beta_slow = rope.get("beta_slow") or 1
+    mscale = rope.get("mscale")
+    mscale_all_dim = rope.get("mscale_all_dim")
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if mscale and mscale_all_dim:
+        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    else:
+        attention_factor = rope.get("attention_factor") or get_mscale(factor)
+
+    def correction_dim(n_rot):
+        return (dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_factor = 1 - ramp
+    inv = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv, float(attention_factor)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for given positions. Interleaved=False: rotate halves (Llama style)."""
+
+    def __init__(self, rope: RopeConfig, dim: int, max_position: int):
+        super().__init__()
+        self._args = (rope, dim, max_position)
+        inv, self.attention_scaling = rope_inv_freq(rope, dim, max_position)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def reset_buffers(self, device) -> None:
+        # Buffers are lost when the model is built on the meta device; the loader calls this.
+        with torch.device("cpu"):
+            inv, self.attention_scaling = rope_inv_freq(*self._args)
+        self.inv_freq = inv.to(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, dim]."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return ((emb.cos() * self.attention_scaling).to(dtype),
+                (emb.sin() * self.attention_scaling).to(dtype))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D]; cos/sin [B, T, D]."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Per-layer growing buffers of cached tensors shaped ``[B, S, ...]`` (sequence dim 1).
+
+    Families decide what they cache: K and V for grouped-query attention, the compressed latent
+    and the rope key for multi-head latent attention. `seen` is the number of positions cached
+    before the current forward; the model calls `advance(T)` once all layers have appended.
+    """
+
+    def __init__(self, num_layers: int):
+        self.layers: list[list[torch.Tensor] | None] = [None] * num_layers
+        self.seen = 0
+
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append `new` ([B, T, ...] each) at positions seen..seen+T; return [B, seen+T, ...]."""
+        T = new[0].shape[1]
+        end = self.seen + T
+        bufs = self.layers[layer]
+        if bufs is None or bufs[0].shape[1] < end:
+            cap = max(end, 2 * (bufs[0].shape[1] if bufs else 0), 16)
+            grown = []
+            for i, t in enumerate(new):
+                b = t.new_empty((t.shape[0], cap) + tuple(t.shape[2:]))
+                if bufs is not None:
+                    b[:, : self.seen] = bufs[i][:, : self.seen]
+                grown.append(b)
+            bufs = self.layers[layer] = grown
+        for b, t in zip(bufs, new):
+            b[:, self.seen:end] = t
+        return tuple(b[:, :end] for b in bufs)
+
+    def advance(self, n: int) -> None:
+        self.seen += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (for dropping finished sequences)."""
+        self.layers = [None if b is None else [t[index] for t in b] for b in self.layers]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self.layers if b for t in b)
+
+
+def attention_mask(q_len: int, k_len: int, key_valid: torch.Tensor | None, device,
+                   sliding_window: int | None = None) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, q_len, k_len]; True = attend.
+
+    Queries are the last `q_len` of `k_len` positions. Causal, optionally limited to the last
+    `sliding_window` positions, and restricted to `key_valid` [B, k_len] (False for left padding).
+    Every query may attend to itself so that padding rows stay finite.
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    mask = mask[None, None]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :].bool()
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class SwiGLU(nn.Module):
+    """Dense gated MLP (dense layers, shared experts): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  scale: float | None = None) -> torch.Tensor:
+    """q [B, T, Hq, D], k/v [B, S, Hkv, D(v)], mask [B|1, 1, T, S] -> [B, T, Hq, Dv]."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,36 @@
+"""`model_type` -> family. A new family plugs in with one entry here and one file beside it.
+
+A family module provides a frozen config dataclass with ``from_hf(dict)``, ``experts``
+(an `ExpertShape`), ``expert_keys(moe_layer, expert)``, ``fused_expert_keys(moe_layer)`` and
+``checkpoint_renames``; and a model `nn.Module` with ``moe_blocks()``, ``new_cache()`` and
+``forward(input_ids, positions=, cache=, key_valid=, last_only=)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    module: str          # fmoe.models.<file>
+    config: str          # config class name
+    model: str           # model class name
+
+    def load(self):
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.config), getattr(mod, self.model)
+
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family("fmoe.models.mixtral", "MixtralConfig", "MixtralForCausalLM"),
+}
+
+
+def family_for(model_type: str | None) -> Family:
+    if model_type not in FAMILIES:
+        raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]

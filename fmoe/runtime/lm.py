@@ -1,0 +1,112 @@
+"""`MoEModel`: what `fmoe.models.from_pretrained` returns. A family module, its experts backend
+(resident or offloaded), the tokenizer when the checkpoint has one, and generation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..models.loading import build_model, install_resident_experts, resolve
+from .engine import SamplingParams, generate
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "float": torch.float32}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in ("auto", "none"):
+        return None
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+class MoEModel(nn.Module):
+    def __init__(self, module: nn.Module, config, path: Path, device: torch.device,
+                 dtype: torch.dtype, runtime=None, tokenizer=None):
+        super().__init__()
+        self.module = module
+        self.config = config
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.runtime = runtime          # OffloadRuntime or None (all experts resident)
+        self.tokenizer = tokenizer
+
+    # -- forward -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """LongTensor [B, T] -> FloatTensor [B, T, vocab]; a full forward with no cache."""
+        input_ids = input_ids.to(self.device)
+        logits = self.module(input_ids, **kwargs)
+        if self.runtime is not None and "cache" not in kwargs:
+            self.runtime.on_token_end()
+        return logits
+
+    def new_cache(self):
+        return self.module.new_cache()
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, do_sample: bool | None = None,
+                 eos_token_id=None, pad_token_id: int | None = None, attention_mask=None,
+                 seed: int | None = None, on_token=None) -> torch.Tensor:
+        """LongTensor [B, T] -> [B, T + n]. Greedy unless `temperature` > 0 (or `do_sample`).
+        Stops at `eos_token_id` (default: the config's); left-padded batches need
+        `attention_mask` [B, T] with 0 on padding."""
+        if do_sample is False:
+            temperature = 0.0
+        elif do_sample and temperature == 0.0:
+            temperature = 1.0
+        if eos_token_id is None:
+            eos_token_id = getattr(self.config, "eos_token_id", None)
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, eos_token_id, seed)
+        ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device) if attention_mask is not None else None
+        return generate(self.module, ids, params, mask, pad_token_id, on_token, hooks=self.runtime)
+
+    # -- experts -------------------------------------------------------------------------
+    def expert_stats(self) -> dict:
+        if self.runtime is not None:
+            return self.runtime.stats()
+        shp = self.config.experts
+        n = shp.num_layers * shp.num_experts
+        return {"capacity": n, "resident_peak": n, "hits": 0, "misses": 0, "prefetched": 0,
+                "prefetch_used": 0, "bytes_loaded": 0, "stall_seconds": 0.0}
+
+    def reset_expert_stats(self) -> None:
+        if self.runtime is not None:
+            self.runtime.reset_stats()
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+
+
+def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe", **kwargs) -> MoEModel:
+    root = resolve(name_or_path)
+    device = torch.device(device)
+    dtype = parse_dtype(dtype)
+    cfg, module, index, layouts, dtype, reader = build_model(root, device, dtype)
+    runtime = None
+    if expert_cache is None:
+        install_resident_experts(module, cfg, layouts, reader, device, dtype)
+        reader.close()
+    else:
+        from .offload import OffloadRuntime
+
+        runtime = OffloadRuntime(module, cfg, layouts, reader, device=device, dtype=dtype,
+                                 expert_cache=expert_cache, policy=policy, **kwargs)
+    tokenizer = None
+    if (root / "tokenizer.json").exists():
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(root)
+    return MoEModel(module, cfg, root, device, dtype, runtime, tokenizer)
