@@ -38,28 +38,37 @@ def rope_inv_freq(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.
     return inv, scale
 
 
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def _yarn(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
-    """YaRN (arXiv 2309.00071) as the hub configs of DeepSeek and Qwen use it."""
-    factor = rope.get("factor", 1.0)
+    """YaRN (arXiv 2309.00071) as transformers computes it for the hub configs of DeepSeek and
+    Qwen: an explicit `attention_factor` wins, else mscale/mscale_all_dim, else ln(factor)."""
     orig = rope.get("original_max_position_embeddings") or max_position
+    factor = rope.get("factor")
+    if factor is None:
+        factor = max_position / orig
     beta_fast = rope.get("beta_fast") or 32
     beta_slow = rope.get("beta_slow") or 1
     mscale = rope.get("mscale")
     mscale_all_dim = rope.get("mscale_all_dim")
 
-    def get_mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if mscale and mscale_all_dim:
-        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
-    else:
-        attention_factor = rope.get("attention_factor") or get_mscale(factor)
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
 
     def correction_dim(n_rot):
         return (dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(rope.theta))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)

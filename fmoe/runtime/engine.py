@@ -92,14 +92,36 @@ def generate(model, input_ids: torch.Tensor, params: SamplingParams,
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
+    if params.max_new_tokens == 0:
+        return input_ids
+    if hooks is None:
+        hooks = _NoHooks()
+    for b in range(B):
+        hooks.on_request_start(b, None, input_ids[b][valid[b]].tolist())
+    try:
+        return _decode(model, input_ids, params, valid, positions, key_valid, pad, eos, generator,
+                       on_token, hooks)
+    finally:
+        for b in range(B):
+            hooks.on_request_end(b)
+
+
+class _NoHooks:
+    def on_request_start(self, *a): pass
+    def on_request_end(self, *a): pass
+    def begin_step(self, *a): pass
+    def on_token_end(self): pass
+
+
+def _decode(model, input_ids, params, valid, positions, key_valid, pad, eos, generator, on_token, hooks):
+    B = input_ids.shape[0]
+    device = input_ids.device
     cache = model.new_cache()
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    if params.max_new_tokens == 0:
-        return input_ids
+    hooks.begin_step(input_ids, valid)
     logits = model(input_ids, positions=positions, cache=cache, key_valid=key_valid, last_only=True)
-    if hooks is not None:
-        hooks.on_token_end()
+    hooks.on_token_end()
     next_pos = positions[:, -1:] + 1
     for step in range(params.max_new_tokens):
         tok = sample(logits[:, -1], params, generator)
@@ -115,8 +137,8 @@ def generate(model, input_ids: torch.Tensor, params: SamplingParams,
             break
         if key_valid is not None:
             key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        hooks.begin_step(tok[:, None], (~done)[:, None])
         logits = model(tok[:, None], positions=next_pos, cache=cache, key_valid=key_valid, last_only=True)
-        if hooks is not None:
-            hooks.on_token_end()
+        hooks.on_token_end()
         next_pos = next_pos + 1
     return torch.cat(out, dim=1)

@@ -45,9 +45,16 @@ class MoEModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """LongTensor [B, T] -> FloatTensor [B, T, vocab]; a full forward with no cache."""
         input_ids = input_ids.to(self.device)
+        rt = self.runtime if "cache" not in kwargs else None
+        if rt is not None:
+            for b in range(input_ids.shape[0]):
+                rt.on_request_start(b, None, input_ids[b].tolist())
+            rt.begin_step(input_ids, None)
         logits = self.module(input_ids, **kwargs)
-        if self.runtime is not None and "cache" not in kwargs:
-            self.runtime.on_token_end()
+        if rt is not None:
+            rt.on_token_end()
+            for b in range(input_ids.shape[0]):
+                rt.on_request_end(b)
         return logits
 
     def new_cache(self):

@@ -1,0 +1,226 @@
+"""The offload runtime: a bounded device cache of routed experts, fed by the copy engine and
+managed by a policy object.
+
+The device cache is one preallocated buffer per expert weight, w13 [S, 2I, H] and w2 [S, H, I];
+a `SlotTable` maps (layer, expert) keys to slots. Each MoE layer's experts module remaps the
+router's expert ids to slot ids and calls the same `fused_moe` as a resident run, which is what
+makes offloading lossless. When a step needs more distinct experts in one layer than there are
+slots (a long prefill on a tiny cache), the layer runs in chunks of at most S experts.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import torch
+
+from ..kernels import fused_moe
+from ..models.experts import Experts
+from .policies import make_policy
+from .slots import SlotTable
+from .store import ExpertStore
+from .transfer import DEMAND, PREFETCH, CopyEngine, parse_bandwidth
+
+_BYTE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b)\s*", text.lower())
+    if not m:
+        raise ValueError(f"cannot parse byte size {text!r} (expected e.g. '8GiB', '512MiB')")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2)])
+
+
+def min_capacity(top_k: int) -> int:
+    """The smallest cache the runtime accepts: one token's experts of one layer."""
+    return top_k
+
+
+def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
+                   expert_bytes: int) -> int:
+    """`expert_cache` -> number of slots: a float in (0, 1] is a fraction of all routed experts,
+    an int >= 1 a count, a string such as "8GiB" a byte budget ("0.25" and "96" also work)."""
+    total = num_layers * num_experts
+    if isinstance(expert_cache, bool):
+        raise ValueError("expert_cache must be a fraction, a count or a byte size, not a bool")
+    if isinstance(expert_cache, str):
+        text = expert_cache.strip()
+        if re.fullmatch(r"[0-9]+", text):
+            expert_cache = int(text)
+        elif re.fullmatch(r"[0-9]*\.[0-9]*", text) and text != ".":
+            expert_cache = float(text)
+        else:
+            budget = parse_bytes(text)
+            slots = budget // expert_bytes
+            what = f"{text} ({slots} experts of {expert_bytes} bytes)"
+    if isinstance(expert_cache, float):
+        if not 0 < expert_cache <= 1:
+            raise ValueError(f"expert_cache fraction must be in (0, 1], got {expert_cache}")
+        slots = int(expert_cache * total)
+        what = f"fraction {expert_cache} ({slots} of {total} experts)"
+    elif isinstance(expert_cache, int):
+        slots = expert_cache
+        what = f"{slots} experts"
+    elif not isinstance(expert_cache, str):
+        raise ValueError(f"expert_cache must be a float, int or size string, got {expert_cache!r}")
+    lo = min_capacity(top_k)
+    if slots < lo:
+        raise ValueError(f"expert_cache {what} is below the minimum of {lo} experts "
+                         f"(top-k = {top_k}: one token's experts of one layer)")
+    return min(slots, total)
+
+
+class OffloadedExperts(Experts):
+    """The experts module of one MoE layer when experts are offloaded."""
+
+    def __init__(self, runtime: "OffloadRuntime", moe_layer: int):
+        super().__init__()
+        self.moe_layer = moe_layer
+        self._runtime = [runtime]   # a list keeps the runtime out of the module tree
+
+    def forward(self, x, topk_weights, topk_ids, router_probs=None):
+        return self._runtime[0].run_layer(self.moe_layer, x, topk_weights, topk_ids, router_probs)
+
+
+class OffloadRuntime:
+    def __init__(self, module, cfg, layouts, reader, *, device: torch.device, dtype: torch.dtype,
+                 expert_cache, policy: str = "fmoe", link_bandwidth=None, host_cache=None,
+                 trace_path=None, policy_options: dict | None = None):
+        shp = cfg.experts
+        self.shape = shp
+        self.L, self.E, self.K = shp.num_layers, shp.num_experts, shp.top_k
+        self.device = device
+        expert_bytes = 3 * shp.hidden * shp.inter * dtype.itemsize
+        self.capacity = parse_capacity(expert_cache, self.L, self.E, self.K, expert_bytes)
+        self.policy = make_policy(policy, self.L, self.E, self.capacity, **(policy_options or {}))
+        self.table = SlotTable(self.capacity, self.policy)
+        S = self.capacity
+        # zeros, not empty: a chunked layer multiplies unused slots by a zero weight
+        self.w13 = torch.zeros(S, 2 * shp.inter, shp.hidden, device=device, dtype=dtype)
+        self.w2 = torch.zeros(S, shp.hidden, shp.inter, device=device, dtype=dtype)
+        cuda = device.type == "cuda"
+        if host_cache is None:
+            host_bytes = 0
+        elif isinstance(host_cache, str):
+            host_bytes = parse_bytes(host_cache)
+        else:
+            host_bytes = int(host_cache)
+        self.store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, host_bytes, pin=cuda, reader=reader)
+        self.link_bandwidth = parse_bandwidth(link_bandwidth)
+        self.engine = CopyEngine(self.store, self.w13, self.w2, self.link_bandwidth)
+        self.recorder = None
+        if trace_path is not None:
+            from .recorder import TraceRecorder
+
+            self.recorder = TraceRecorder(trace_path, self.L, self.E, self.K, model=str(getattr(cfg, "model_type", "")))
+        self._lut = torch.empty(self.E, dtype=torch.long, device=device)
+        self.reset_stats()
+        for layer, block in enumerate(module.moe_blocks()):
+            block.experts = OffloadedExperts(self, layer)
+
+    # -- stats -----------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.engine.drain()
+        self.hits = self.misses = 0
+        self.stall = 0.0
+        self._bytes0 = self.engine.bytes_loaded
+        t = self.table.stats
+        t.prefetched = t.prefetch_used = 0
+        t.resident_peak = len(self.table)
+
+    def stats(self) -> dict:
+        t = self.table.stats
+        return {"capacity": self.capacity, "resident_peak": t.resident_peak, "hits": self.hits,
+                "misses": self.misses, "prefetched": t.prefetched, "prefetch_used": t.prefetch_used,
+                "bytes_loaded": int(self.engine.bytes_loaded - self._bytes0),
+                "stall_seconds": self.stall}
+
+    # -- events from the engine ------------------------------------------------------------
+    def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
+        if self.recorder is not None:
+            self.recorder.begin_step(input_ids, valid)
+
+    def on_token_end(self) -> None:
+        self.policy.on_token_end()
+        if self.recorder is not None:
+            self.recorder.end_step()
+
+    def on_request_start(self, seq_id: int = 0, prompt: str | None = None, token_ids=None) -> None:
+        self.policy.on_request_start(seq_id, prompt, token_ids)
+
+    def on_request_end(self, seq_id: int = 0) -> None:
+        self.policy.on_request_end(seq_id)
+        if self.recorder is not None:
+            self.recorder.end_request()
+
+    # -- the layer ---------------------------------------------------------------------------
+    def _prefetch(self, orders) -> None:
+        for key, priority in orders:
+            got = self.table.prefetch(key)
+            if got is None:
+                continue
+            self.engine.assign(got.slot)
+            self.engine.load(key, got.slot, PREFETCH, priority)
+
+    def _acquire(self, keys: list[int]) -> list[int]:
+        """Make `keys` resident and ready (pinned); returns their slots."""
+        slots, waits = [], []
+        for key in keys:
+            got = self.table.acquire(key)
+            if got.hit and self.engine.is_ready(got.slot):
+                self.hits += 1
+            else:
+                self.misses += 1
+                if not got.hit:
+                    self.engine.assign(got.slot)
+                    self.engine.load(key, got.slot, DEMAND)
+                waits.append(got.slot)
+            slots.append(got.slot)
+        for slot in waits:
+            self.stall += self.engine.wait(slot)
+        return slots
+
+    def run_layer(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, router_probs: torch.Tensor | None) -> torch.Tensor:
+        """x [N, H], topk_weights [N, K], topk_ids [N, K] expert ids -> [N, H]."""
+        self._prefetch(self.policy.on_layer_start(layer))
+        experts = torch.unique(topk_ids).tolist()
+        base = layer * self.E
+        if len(experts) <= self.capacity:
+            chunks = [experts]
+        else:
+            # resident experts first, so a chunk does not evict what a later chunk needs
+            experts.sort(key=lambda e: (base + e) not in self.table)
+            chunks = [experts[i:i + self.capacity] for i in range(0, len(experts), self.capacity)]
+        out = None
+        for chunk in chunks:
+            keys = [base + e for e in chunk]
+            slots = self._acquire(keys)
+            lut = self._lut
+            lut.fill_(slots[0])
+            lut[torch.as_tensor(chunk, device=lut.device)] = torch.as_tensor(slots, device=lut.device)
+            slot_ids = lut[topk_ids]
+            weights = topk_weights
+            if len(chunks) > 1:
+                inside = torch.zeros(self.E, dtype=torch.bool, device=lut.device)
+                inside[torch.as_tensor(chunk, device=lut.device)] = True
+                weights = torch.where(inside[topk_ids], topk_weights, torch.zeros_like(topk_weights))
+            part = fused_moe(x, self.w13, self.w2, weights, slot_ids)
+            self.engine.mark_used(slots)
+            self.table.unpin(keys)
+            out = part if out is None else out + part
+        probs = None
+        if self.policy.prefetches or self.recorder is not None:
+            probs = router_probs.float().cpu().numpy() if router_probs is not None else None
+        self.policy.on_routed(layer, np.asarray(experts, dtype=np.int64), probs)
+        if self.recorder is not None:
+            self.recorder.record(layer, topk_ids, probs)
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+        if self.recorder is not None:
+            self.recorder.close()

@@ -1,0 +1,225 @@
+"""Copy engine: moves experts from the store into device-cache slots off the forward path.
+
+One worker thread serves one priority queue: demand loads first (the forward is waiting), then
+prefetch orders by priority; prefetch orders can be cancelled until they start. Each slot has a
+generation number: re-assigning a slot bumps it, so an order issued for the slot's previous
+occupant is dropped instead of overwriting the new one, and readiness is tracked per
+(slot, generation).
+
+On CUDA the worker reads into pinned staging buffers and copies on a side stream, recording one
+event per slot; the forward waits only for the slots it needs. On CPU the worker reads straight
+into the slot (the "device" is host memory). An optional emulated link makes each copy take at
+least `nbytes / link_bandwidth` seconds, so CPU runs show transfer/compute overlap as a PCIe
+link would (figures made with it are labelled emulated).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .store import ExpertStore
+
+DEMAND = 0
+PREFETCH = 1
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bandwidth(text: str | float | None) -> float | None:
+    """'25GB/s' -> 25e9 bytes/s; numbers pass through; None stays None."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?)?b(?:ps|/s)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"cannot parse bandwidth {text!r} (expected e.g. '25GB/s')")
+    return float(m.group(1)) * _UNITS[m.group(2) or ""]
+
+
+@dataclass(order=True)
+class _Order:
+    rank: tuple
+    key: int = field(compare=False)
+    slot: int = field(compare=False)
+    gen: int = field(compare=False)
+    kind: int = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+class CopyEngine:
+    def __init__(self, store: ExpertStore, w13: torch.Tensor, w2: torch.Tensor,
+                 link_bandwidth: float | None = None):
+        self.store = store
+        self.w13, self.w2 = w13, w2           # device cache buffers [S, 2I, H], [S, H, I]
+        self.cuda = w13.device.type == "cuda"
+        self.link_bandwidth = link_bandwidth
+        S = w13.shape[0]
+        self.gen = [0] * S
+        self.done_gen = [-1] * S              # generation whose bytes the slot holds
+        self._cv = threading.Condition()
+        self._queue: list[_Order] = []
+        self._pending: dict[int, _Order] = {}  # slot -> newest queued order
+        self._count = itertools.count()
+        self._stop = False
+        self.bytes_loaded = 0
+        self.busy_seconds = 0.0
+        self.error: BaseException | None = None
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device=w13.device)
+            self.events = [None] * S
+            self.use_events = [None] * S   # compute-stream event after the last read of a slot
+            self._staging = [store.new_staging() for _ in range(2)]
+            self._staging_events = [None, None]
+            self._turn = 0
+        self._worker = threading.Thread(target=self._run, name="fmoe-copy", daemon=True)
+        self._worker.start()
+
+    # -- orders ----------------------------------------------------------------------------
+    def assign(self, slot: int) -> int:
+        """The slot gets a new occupant: returns its new generation; queued orders for the old
+        occupant become stale."""
+        with self._cv:
+            self.gen[slot] += 1
+            old = self._pending.pop(slot, None)
+            if old is not None:
+                old.cancelled = True
+            return self.gen[slot]
+
+    def load(self, key: int, slot: int, kind: int = DEMAND, priority: float = 0.0) -> None:
+        """Queue expert `key` into `slot` (after `assign`). Demand orders go first; prefetch
+        orders by falling `priority`."""
+        with self._cv:
+            rank = (kind, -priority, next(self._count))
+            order = _Order(rank, key, slot, self.gen[slot], kind)
+            self._pending[slot] = order
+            heapq.heappush(self._queue, order)
+            self._cv.notify()
+
+    def promote(self, slot: int) -> None:
+        """A queued prefetch for `slot` is now needed: move it to the demand class."""
+        with self._cv:
+            self._promote_locked(slot)
+
+    def cancel_prefetches(self) -> list[int]:
+        """Drop every queued prefetch order; returns their slots (still assigned, not loaded)."""
+        with self._cv:
+            slots = []
+            for order in self._queue:
+                if order.kind == PREFETCH and not order.cancelled:
+                    order.cancelled = True
+                    self._pending.pop(order.slot, None)
+                    slots.append(order.slot)
+            return slots
+
+    def is_ready(self, slot: int) -> bool:
+        ready = self.done_gen[slot] == self.gen[slot]
+        if ready and self.cuda and self.events[slot] is not None:
+            return self.events[slot].query()
+        return ready
+
+    def wait(self, slot: int) -> float:
+        """Block until `slot` holds its current occupant. Returns seconds waited."""
+        t0 = time.perf_counter()
+        with self._cv:
+            self._promote_locked(slot)
+            while self.done_gen[slot] != self.gen[slot]:
+                if self.error is not None:
+                    raise RuntimeError("copy engine failed") from self.error
+                self._cv.wait(0.05)
+        if self.cuda and self.events[slot] is not None:
+            self.events[slot].synchronize()
+        return time.perf_counter() - t0
+
+    def _promote_locked(self, slot: int) -> None:
+        order = self._pending.get(slot)
+        if order is not None and order.kind == PREFETCH and not order.cancelled:
+            order.cancelled = True
+            new = _Order((DEMAND, 0.0, next(self._count)), order.key, slot, order.gen, DEMAND)
+            self._pending[slot] = new
+            heapq.heappush(self._queue, new)
+            self._cv.notify()
+
+    def mark_used(self, slots) -> None:
+        """CUDA: the compute stream has queued reads of `slots`; a later copy into one of them
+        must wait for those reads."""
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.w13.device))
+            for s in slots:
+                self.use_events[s] = ev
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._pending
+
+    def drain(self) -> None:
+        """Wait until no order is queued or running."""
+        with self._cv:
+            while self._pending and self.error is None:
+                self._cv.wait(0.05)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._worker.join(timeout=5)
+
+    # -- worker ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self._queue:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    order = heapq.heappop(self._queue)
+                    if order.cancelled or order.gen != self.gen[order.slot]:
+                        continue
+                t0 = time.perf_counter()
+                self._copy(order)
+                nbytes = self.store.expert_bytes
+                if self.link_bandwidth:
+                    # an emulated link: the copy takes at least what the link would need
+                    rest = nbytes / self.link_bandwidth - (time.perf_counter() - t0)
+                    if rest > 0:
+                        time.sleep(rest)
+                with self._cv:
+                    self.busy_seconds += time.perf_counter() - t0
+                    self.bytes_loaded += nbytes
+                    if self._pending.get(order.slot) is order:
+                        del self._pending[order.slot]
+                    if order.gen == self.gen[order.slot]:
+                        self.done_gen[order.slot] = order.gen
+                    self._cv.notify_all()
+        except BaseException as e:  # surfaced to the forward by wait()
+            with self._cv:
+                self.error = e
+                self._cv.notify_all()
+
+    def _copy(self, order: _Order) -> None:
+        s = order.slot
+        if not self.cuda:
+            self.store.read_into(order.key, self.w13[s], self.w2[s])
+            return
+        i = self._turn
+        self._turn ^= 1
+        if self._staging_events[i] is not None:
+            self._staging_events[i].synchronize()   # the staging pair is free again
+        s13, s2 = self._staging[i]
+        self.store.read_into(order.key, s13, s2)
+        with torch.cuda.stream(self.stream):
+            if self.use_events[s] is not None:
+                self.stream.wait_event(self.use_events[s])
+            self.w13[s].copy_(s13, non_blocking=True)
+            self.w2[s].copy_(s2, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self.events[s] = ev
+        self._staging_events[i] = ev

@@ -1,0 +1,130 @@
+"""The `fmoe` command. Errors that name the problem print as one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local checkpoint directory or hub repo id")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--expert-cache", default=None,
+                   help="routed experts on the device: fraction (0.25), count (96) or bytes (8GiB); "
+                        "default: all resident")
+    p.add_argument("--policy", default="lru", help="cache policy: lru, lfu (default: lru)")
+    p.add_argument("--link-bandwidth", default=None,
+                   help="emulate a host->device link on CPU, e.g. 25GB/s (figures are emulated)")
+
+
+def _load(args):
+    from ..models import from_pretrained
+
+    kwargs = {}
+    if args.expert_cache is not None:
+        kwargs.update(expert_cache=args.expert_cache, policy=args.policy,
+                      link_bandwidth=args.link_bandwidth)
+    return from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run
+
+    return run(prompt=args.prompt, max_new_tokens=args.max_new_tokens, expert_cache=args.expert_cache,
+               policy=args.policy)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model = _load(args)
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.model}: no tokenizer.json beside the checkpoint")
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}])
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(text)
+    printed = ""
+    new: list[int] = []
+
+    def stream(t: torch.Tensor) -> None:
+        nonlocal printed
+        new.append(int(t[0]))
+        text_now = tok.decode(new)
+        if text_now.startswith(printed) and not text_now.endswith("\ufffd"):
+            sys.stdout.write(text_now[len(printed):])
+            sys.stdout.flush()
+            printed = text_now
+
+    sys.stdout.write(args.prompt if not args.chat else "")
+    model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=stream)
+    sys.stdout.write("\n")
+    if args.stats:
+        print(model.expert_stats(), file=sys.stderr)
+    model.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmoe", description="Serve MoE models with offloaded experts.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="generate with a small random model, offloaded, and check it is lossless")
+    p.add_argument("--prompt", default="Offloading keeps attention on the device and")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--expert-cache", default="0.25")
+    p.add_argument("--policy", default="lru")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streaming to the terminal")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--stats", action="store_true", help="print expert cache figures to stderr")
+    p.set_defaults(func=cmd_generate)
+
+    # sub-commands that live in their own packages register themselves when present
+    for mod in ("fmoe.sim.cli", "fmoe.serve.server", "fmoe.tools_cli"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError as e:
+            if e.name and e.name.startswith(mod):
+                continue
+            raise
+        m.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one line naming the problem; --debug for the traceback
+        if args.debug:
+            raise
+        from ..errors import FmoeError
+
+        kind = "" if isinstance(e, (FmoeError, ValueError)) else f"{type(e).__name__}: "
+        print(f"fmoe {args.command}: error: {kind}{e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
