@@ -174,7 +174,9 @@ class OffloadRuntime:
                 self.hits += 1
             else:
                 self.misses += 1
-                if not got.hit:
+                if got.hit:          # a prefetch still queued or in flight
+                    self.engine.demand(key, got.slot)
+                else:
                     self.engine.assign(got.slot)
                     self.engine.load(key, got.slot, DEMAND)
                 waits.append(got.slot)

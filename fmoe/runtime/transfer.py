@@ -101,10 +101,19 @@ class CopyEngine:
             heapq.heappush(self._queue, order)
             self._cv.notify()
 
-    def promote(self, slot: int) -> None:
-        """A queued prefetch for `slot` is now needed: move it to the demand class."""
+    def demand(self, key: int, slot: int) -> None:
+        """`key` (already assigned to `slot`) is needed now: promote its queued prefetch, or
+        queue a demand load if its order was cancelled; nothing if it is loaded."""
         with self._cv:
-            self._promote_locked(slot)
+            if self.done_gen[slot] == self.gen[slot]:
+                return
+            if slot in self._pending:
+                self._promote_locked(slot)
+            else:
+                order = _Order((DEMAND, 0.0, next(self._count)), key, slot, self.gen[slot], DEMAND)
+                self._pending[slot] = order
+                heapq.heappush(self._queue, order)
+                self._cv.notify()
 
     def cancel_prefetches(self) -> list[int]:
         """Drop every queued prefetch order; returns their slots (still assigned, not loaded)."""
@@ -127,6 +136,8 @@ class CopyEngine:
         """Block until `slot` holds its current occupant. Returns seconds waited."""
         t0 = time.perf_counter()
         with self._cv:
+            if self.done_gen[slot] != self.gen[slot] and slot not in self._pending:
+                raise RuntimeError(f"slot {slot} has no load queued; call demand() first")
             self._promote_locked(slot)
             while self.done_gen[slot] != self.gen[slot]:
                 if self.error is not None:
