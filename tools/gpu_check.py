@@ -1,0 +1,146 @@
+"""GPU check: a random model of DeepSeek-V2-Lite's real shape, offloaded with expert_cache=0.25,
+must generate exactly the tokens of the fully resident run. Reports TPOT for both and the
+achieved host->device bandwidth (a raw pinned copy and the copy engine's own rate).
+
+    python tools/gpu_check.py                    # full shape, 27 layers (~31 GB in bf16)
+    python tools/gpu_check.py --layers 6         # same per-layer shape, fewer layers
+    python tools/gpu_check.py --out results.json
+
+Needs a CUDA device; on a CPU-only machine it says so and exits 0 (nothing to check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEEPSEEK_V2_LITE = {
+    "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"],
+    "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+    "num_experts_per_tok": 6, "routed_scaling_factor": 1.0, "kv_lora_rank": 512,
+    "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "greedy", "n_group": 1, "topk_group": 1, "moe_layer_freq": 1,
+    "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax",
+    "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                     "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001,
+}
+
+
+def h2d_bandwidth(nbytes: int, repeats: int = 20) -> float:
+    """Pinned host -> device copy rate in bytes/s (median)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times[2:])
+
+
+def tpot(model, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+    """Seconds per output token, from (n-token run - 1-token run) / (n - 1)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(prompt, 1, eos_token_id=[])
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    out = model.generate(prompt, n, eos_token_id=[])
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return ((t2 - t1) - (t1 - t0)) / (n - 1), out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=DEEPSEEK_V2_LITE["num_hidden_layers"])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--expert-cache", default="0.25")
+    ap.add_argument("--policies", default="lru,lfu,fmoe")
+    ap.add_argument("--dir", type=Path, default=None, help="where to write the random checkpoint")
+    ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; nothing checked")
+        return 0
+
+    import fmoe
+    from fmoe.models.synthetic import write_random_checkpoint
+
+    cfg = dict(DEEPSEEK_V2_LITE, num_hidden_layers=args.layers)
+    root = args.dir or Path(tempfile.mkdtemp(prefix="fmoe-gpu-check-"))
+    t0 = time.perf_counter()
+    path = write_random_checkpoint(root / "dsv2lite", cfg, dtype=torch.bfloat16, seed=0)
+    print(f"checkpoint: {args.layers} layers written in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    results = {"device": torch.cuda.get_device_name(), "layers": args.layers, "tokens": args.tokens}
+    expert_bytes = 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * 2
+    results["h2d_GBps_raw"] = h2d_bandwidth(expert_bytes) / 1e9
+    results["h2d_GBps_raw_256MB"] = h2d_bandwidth(256 * 2**20) / 1e9
+    print(f"raw pinned H2D: one expert ({expert_bytes / 2**20:.1f} MiB) {results['h2d_GBps_raw']:.1f} GB/s, "
+          f"256 MiB {results['h2d_GBps_raw_256MB']:.1f} GB/s", flush=True)
+
+    prompt = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+    res = fmoe.models.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
+    res.generate(prompt, 2, eos_token_id=[])
+    results["resident_tpot_ms"], ref = (lambda r: (r[0] * 1e3, r[1]))(tpot(res, prompt, args.tokens))
+    print(f"resident: TPOT {results['resident_tpot_ms']:.2f} ms", flush=True)
+    del res
+    torch.cuda.empty_cache()
+
+    ok = True
+    total_expert_bytes = expert_bytes * cfg["n_routed_experts"] * (args.layers - cfg["first_k_dense_replace"])
+    for policy in [p for p in args.policies.split(",") if p]:
+        try:
+            m = fmoe.models.from_pretrained(path, device="cuda", dtype=torch.bfloat16,
+                                            expert_cache=args.expert_cache, policy=policy,
+                                            host_cache=total_expert_bytes)
+        except ValueError as e:
+            print(f"{policy}: skipped ({e})")
+            continue
+        m.generate(prompt, args.tokens, eos_token_id=[])   # warm: experts now in the host tier
+        m.reset_expert_stats()
+        busy0, bytes0 = m.runtime.engine.busy_seconds, m.runtime.engine.bytes_loaded
+        t, out = tpot(m, prompt, args.tokens)
+        s = m.expert_stats()
+        busy = m.runtime.engine.busy_seconds - busy0
+        moved = m.runtime.engine.bytes_loaded - bytes0
+        same = torch.equal(out.cpu(), ref.cpu())
+        ok &= same
+        uses = s["hits"] + s["misses"]
+        row = {"tpot_ms": t * 1e3, "tokens_equal_resident": same, "hit_rate": s["hits"] / max(uses, 1),
+               "capacity": s["capacity"], "engine_GBps": moved / busy / 1e9 if busy else None,
+               "stall_ms_per_token": 1e3 * s["stall_seconds"] / (args.tokens + 1), **s}
+        results[policy] = row
+        print(f"{policy}: TPOT {row['tpot_ms']:.2f} ms, tokens equal resident: {same}, "
+              f"hit rate {row['hit_rate']:.3f}, copy engine {row['engine_GBps'] or 0:.1f} GB/s", flush=True)
+        m.close()
+        del m
+        torch.cuda.empty_cache()
+
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
