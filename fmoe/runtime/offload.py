@@ -189,7 +189,8 @@ class OffloadRuntime:
                   topk_ids: torch.Tensor, router_probs: torch.Tensor | None) -> torch.Tensor:
         """x [N, H], topk_weights [N, K], topk_ids [N, K] expert ids -> [N, H]."""
         self._prefetch(self.policy.on_layer_start(layer))
-        experts = torch.unique(topk_ids).tolist()
+        # first-appearance order (for one token: the router's order), as a trace replays it
+        experts = list(dict.fromkeys(topk_ids.reshape(-1).tolist()))
         base = layer * self.E
         if len(experts) <= self.capacity:
             chunks = [experts]
