@@ -1,0 +1,130 @@
+"""Expert-map store, trajectory search and δ-selection on hand-worked cases and random stores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fmoe.runtime.predictor import MapStore, TrajectorySearch, select
+
+
+def onehot_map(rows, E):
+    m = np.zeros((len(rows), E), np.float32)
+    for l, e in enumerate(rows):
+        m[l, e] = 1.0
+    return m
+
+
+def test_store_replaces_most_redundant_hand_worked():
+    # L = 2, E = 2, d = 1: redundancy = 0.5 * cos(sem) + 0.5 * cos(map)
+    s = MapStore(capacity=3, num_layers=2, num_experts=2, dim=2, prefetch_distance=1)
+    a = onehot_map([0, 0], 2)     # map A
+    b = onehot_map([1, 1], 2)     # map B (orthogonal to A)
+    c = onehot_map([0, 1], 2)     # map C
+    s.add(a, np.array([1.0, 0.0]))
+    s.add(b, np.array([0.0, 1.0]))
+    s.add(c, np.array([1.0, 1.0]))
+    new = onehot_map([1, 1], 2)   # equal to B's map
+    emb = np.array([1.0, 0.0])    # semantically equal to A
+    # vs A: 0.5 * 1 + 0.5 * 0 = 0.5; vs B: 0.5 * 0 + 0.5 * 1 = 0.5; vs C: 0.5 * 0.7071 + 0.5 * 0.5 = 0.6036
+    red = s.redundancy(new, emb)
+    np.testing.assert_allclose(red, [0.5, 0.5, 0.5 * 2 ** -0.5 + 0.25], rtol=1e-6)
+    assert s.add(new, emb) == 2   # C is the most redundant and goes
+    np.testing.assert_array_equal(s.maps[2], new)
+    assert s.size == 3
+
+
+def test_store_weights_follow_prefetch_distance():
+    s = MapStore(capacity=2, num_layers=4, num_experts=2, dim=2, prefetch_distance=3)
+    s.add(onehot_map([0, 0, 0, 0], 2), np.array([0.0, 1.0]))   # same map, other meaning
+    s.add(onehot_map([1, 1, 1, 1], 2), np.array([1.0, 0.0]))   # other map, same meaning
+    # d/L = 0.75 on semantics: the semantically equal entry is the redundant one
+    assert s.add(onehot_map([0, 0, 0, 0], 2), np.array([1.0, 0.0])) == 1
+
+
+@pytest.mark.parametrize("row,sim,k,want", [
+    ([0.5, 0.3, 0.15, 0.05], 0.9, 1, [0]),            # δ = 0.1: the top expert reaches it
+    ([0.5, 0.3, 0.15, 0.05], 0.4, 1, [0, 1]),         # δ = 0.6: 0.5 < 0.6 <= 0.8
+    ([0.5, 0.3, 0.15, 0.05], 0.1, 1, [0, 1, 2]),      # δ = 0.9: needs 0.95
+    ([0.5, 0.3, 0.15, 0.05], -0.5, 1, [0, 1, 2, 3]),  # δ clipped to 1: everything
+    ([0.5, 0.3, 0.15, 0.05], 1.0, 2, [0, 1]),         # never fewer than top-k
+    ([0.1, 0.6, 0.3, 0.0], 0.5, 1, [1]),              # δ = 0.5: 0.6 alone
+    ([0.2, 0.2, 0.6, 0.0], 0.0, 2, [2, 0, 1]),        # ties broken by index; zero mass left out
+])
+def test_delta_selection(row, sim, k, want):
+    assert select(np.array(row), sim, k).tolist() == want
+
+
+def brute_cos(q_rows, stored, layer):
+    q = q_rows[: layer + 1].reshape(-1)
+    out = []
+    for m in stored:
+        v = m[: layer + 1].reshape(-1)
+        den = np.linalg.norm(q) * np.linalg.norm(v)
+        out.append(float(q @ v / den) if den > 0 else 0.0)
+    return np.array(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), L=st.integers(1, 6), E=st.integers(2, 9),
+       n=st.integers(1, 12), sparse=st.booleans())
+def test_incremental_trajectory_equals_brute_force(seed, L, E, n, sparse):
+    rng = np.random.default_rng(seed)
+    store = MapStore(capacity=16, num_layers=L, num_experts=E, dim=3)
+    stored = []
+    for _ in range(n):
+        m = rng.dirichlet(np.ones(E), size=L).astype(np.float32)
+        if sparse:
+            m = np.where(m > 1.0 / E, m, 0.0).astype(np.float32)
+        stored.append(m)
+        store.add(m, rng.normal(size=3))
+    q = rng.dirichlet(np.ones(E), size=L)
+    ts = TrajectorySearch(store)
+    for l in range(L):
+        k = max(1, E // 3)
+        ids = np.argsort(-q[l])[:k] if sparse else np.arange(E)
+        vals = q[l, ids]
+        ts.observe(l, ids, vals)
+        q_obs = np.zeros_like(q)
+        q_obs[: l + 1] = q[: l + 1]
+        if sparse:
+            for ll in range(l + 1):
+                keep = np.argsort(-q[ll])[:k]
+                mask = np.zeros(E, bool)
+                mask[keep] = True
+                q_obs[ll] = np.where(mask, q[ll], 0.0)
+        np.testing.assert_allclose(ts.similarities(l), brute_cos(q_obs, stored, l), rtol=1e-5, atol=1e-7)
+        i, sim = ts.best(l)
+        assert sim == pytest.approx(brute_cos(q_obs, stored, l).max(), rel=1e-5, abs=1e-7)
+
+
+def test_semantic_search_and_empty_store():
+    s = MapStore(4, 2, 3, 2)
+    assert s.semantic(np.array([1.0, 0.0])) == (-1, 0.0)
+    assert TrajectorySearch(s).best(0) == (-1, 0.0)
+    s.add(onehot_map([0, 1], 3), np.array([1.0, 0.0]))
+    s.add(onehot_map([2, 2], 3), np.array([0.0, 1.0]))
+    i, sim = s.semantic(np.array([0.1, 1.0]))
+    assert i == 1 and sim == pytest.approx(1 / np.sqrt(1.01))
+
+
+def test_save_load_roundtrip_and_bad_files(tmp_path, caplog):
+    s = MapStore(8, 2, 3, 4)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        s.add(rng.dirichlet(np.ones(3), size=2), rng.normal(size=4))
+    p = tmp_path / "maps.npz"
+    s.save(p)
+    t = MapStore(8, 2, 3, 4)
+    assert t.load(p) and t.size == 5
+    np.testing.assert_array_equal(t.maps[:5], s.maps[:5])
+    assert not list(tmp_path.glob("*.tmp"))
+
+    other = MapStore(8, 3, 3, 4)                    # mismatched model: ignored, not a crash
+    assert not other.load(p) and other.size == 0
+    assert "ignored" in caplog.text
+    (tmp_path / "bad.npz").write_bytes(b"not a zip at all")
+    assert not t.load(tmp_path / "bad.npz") and t.size == 5
+    assert not t.load(tmp_path / "missing.npz")
