@@ -5,6 +5,7 @@ the right shape; missing and unexpected tensors named in the error."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ..errors import CheckpointError, ModelNotFoundError
 from .checkpoint import CheckpointIndex, FileReader, TensorInfo
 from .config import read_config_json
 from .registry import family_for
+from .store_format import open_store
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
@@ -65,6 +67,8 @@ class ExpertLayout:
     w13: tuple[Segment, ...]
     w2: tuple[Segment, ...]
     dtype: torch.dtype
+    checksum: int | None = None   # CRC-32 of the w13 bytes then the w2 bytes (fmoe store only)
+    name: str | None = None       # for errors, e.g. "expert 5 of layer 3"
 
     @property
     def nbytes(self) -> int:
@@ -129,13 +133,40 @@ def _name_list(what: str, names: list[str], limit: int = 5) -> str:
 
 def read_expert(reader: FileReader, layout: ExpertLayout, w13: torch.Tensor, w2: torch.Tensor) -> None:
     """Read one expert into contiguous CPU buffers w13 [2I, H] and w2 [H, I] of the checkpoint
-    dtype, one `preadv` per segment."""
+    dtype. Segments contiguous in one file are read with one `preadv` into several buffers: one
+    read per expert from fmoe's store, and usually from HF files too (an expert's gate, up and
+    down tensors sit side by side there). With ``FMOE_VERIFY_READS=1`` a store expert's CRC-32
+    is checked after the read."""
+    from .checkpoint import byte_view
+
+    pieces = []   # (file, absolute offset, destination bytes, tensor name)
     for segs, out in ((layout.w13, w13), (layout.w2, w2)):
-        flat = out.view(torch.uint8).reshape(-1)
+        flat = byte_view(out)
+        if flat.nbytes != sum(s.nbytes for s in segs):
+            raise ValueError(f"buffer holds {flat.nbytes} bytes, the expert's tensor needs "
+                             f"{sum(s.nbytes for s in segs)}")
         pos = 0
         for s in segs:
-            reader.read_into(s.info, flat[pos:pos + s.nbytes], s.byte_offset, s.nbytes)
+            pieces.append((s.info.file, s.info.offset + s.byte_offset, flat[pos:pos + s.nbytes], s.info.name))
             pos += s.nbytes
+    pieces.sort(key=lambda p: (str(p[0]), p[1]))
+    i = 0
+    while i < len(pieces):
+        file, start, _, _ = pieces[i]
+        j, end = i + 1, start + pieces[i][2].nbytes
+        while j < len(pieces) and pieces[j][0] == file and pieces[j][1] == end:
+            end += pieces[j][2].nbytes
+            j += 1
+        what = layout.name or ", ".join(repr(p[3]) for p in pieces[i:j])
+        reader.readv(file, start, [p[2] for p in pieces[i:j]], what)
+        i = j
+    if layout.checksum is not None and os.environ.get("FMOE_VERIFY_READS", "0") not in ("", "0"):
+        import zlib
+
+        crc = zlib.crc32(byte_view(w2), zlib.crc32(byte_view(w13)))
+        if crc != layout.checksum:
+            raise CheckpointError(f"{layout.w13[0].info.file}: checksum mismatch in {layout.name or 'an expert'} "
+                                  f"(crc32 {crc:08x}, index says {layout.checksum:08x}): the store is corrupt")
 
 
 def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
@@ -146,8 +177,9 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
     config_cls, model_cls = family.load()
     cfg = config_cls.from_hf(raw)
     index = CheckpointIndex(root)
-    dtype = dtype or index.dtype
-    layouts, expert_names = locate_experts(cfg, index)
+    store = open_store(root)     # fmoe's expert-major store (`fmoe convert`), or None for HF files
+    dtype = dtype or (store.dtype if store is not None else index.dtype)
+    layouts, expert_names = store.layouts(cfg) if store is not None else locate_experts(cfg, index)
 
     with torch.device("meta"):
         model = model_cls(cfg)
@@ -157,6 +189,8 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
             m.reset_buffers(device)
 
     reader = FileReader()
+    if store is not None:
+        reader.use_direct(store.blob)
     renames = getattr(cfg, "checkpoint_renames", ())
     used = set(expert_names)
     missing = []
@@ -179,7 +213,9 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
         model.lm_head.weight = model.model.embed_tokens.weight
     if missing:
         raise CheckpointError(_name_list(f"{root}: missing tensors", missing))
-    unexpected = sorted(k for k in index.keys() if k not in used and not k.endswith("rotary_emb.inv_freq"))
+    ignored = [re.compile(p) for p in getattr(cfg, "checkpoint_ignore", ())]   # e.g. V3's MTP layers
+    unexpected = sorted(k for k in index.keys() if k not in used and not k.endswith("rotary_emb.inv_freq")
+                        and not any(p.match(k) for p in ignored))
     if unexpected:
         raise CheckpointError(_name_list(f"{root}: unexpected tensors", unexpected))
     model.eval()

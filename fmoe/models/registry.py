@@ -2,7 +2,8 @@
 
 A family module provides a frozen config dataclass with ``from_hf(dict)``, ``experts``
 (an `ExpertShape`), ``expert_keys(moe_layer, expert)``, ``fused_expert_keys(moe_layer)`` and
-``checkpoint_renames``; and a model `nn.Module` with ``moe_blocks()``, ``new_cache()`` and
+``checkpoint_renames`` (optionally ``checkpoint_ignore``: regexes of checkpoint names the
+family does not use); and a model `nn.Module` with ``moe_blocks()``, ``new_cache()`` and
 ``forward(input_ids, positions=, cache=, key_valid=, last_only=)``.
 """
 
@@ -27,6 +28,10 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "mixtral": Family("fmoe.models.mixtral", "MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": Family("fmoe.models.qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": Family("fmoe.models.qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "deepseek_v2": Family("fmoe.models.deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "deepseek_v3": Family("fmoe.models.deepseek_v2", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
 
 

@@ -1,0 +1,385 @@
+"""DeepSeek-V2 and -V3 (deepseek-ai/DeepSeek-V2-Lite, DeepSeek-V2, DeepSeek-V3, DeepSeek-R1).
+
+Multi-head latent attention (MLA): queries come straight from x (``q_lora_rank`` None) or through
+a low-rank bottleneck; keys and values are rebuilt from a shared compressed latent
+(``kv_lora_rank``) by ``kv_b_proj``, and one extra rotary key (``qk_rope_head_dim``) is shared by
+all heads. The KV cache holds only that latent and that rotary key per token, not expanded K/V.
+Rotary runs over interleaved pairs (DeepSeek's layout), with YaRN scaling as the hub configs use
+it; under YaRN the softmax scale also carries ``mscale(factor, mscale_all_dim)**2``.
+
+Feed-forward: the first ``first_k_dense_replace`` layers are dense SwiGLU MLPs; the others are MoE
+layers with ``n_shared_experts`` shared experts (one resident SwiGLU, never routed) plus routed
+SwiGLU experts. Routing (``topk_method``):
+
+- ``greedy`` (V2-Lite): softmax, top-k.
+- ``group_limited_greedy`` (V2): softmax; keep the ``topk_group`` groups with the best single
+  expert, top-k inside them.
+- ``noaux_tc`` (V3, R1): sigmoid; choose with ``e_score_correction_bias`` added, groups ranked by
+  the sum of their two best biased scores; weights are the unbiased sigmoid scores.
+
+Weights are renormalised when ``norm_topk_prob``, and scaled by ``routed_scaling_factor``
+(V2's reference code applies the factor only when it does not renormalise; V3's always does).
+Module names follow the hub checkpoints, so the checkpoint name map is the identity for
+everything but the routed experts, whose tensors go to the experts backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .config import RopeConfig, first, read_rope, require
+from .experts import ExpertShape, PendingExperts
+from .layers import (KVCache, RMSNorm, Rotary, SwiGLU, apply_rotary, attention_mask, gqa_attention,
+                     yarn_mscale)
+
+# (topk_method, scoring_func) pairs the reference code defines
+_ROUTING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}
+
+
+@dataclass(frozen=True)
+class DeepseekV2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int                  # dense MLP layers
+    moe_intermediate_size: int              # each routed expert (and each shared expert)
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    n_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_interleave: bool = True
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig(10000.0)
+    num_nextn_predict_layers: int = 0       # V3's multi-token-prediction layers: not used
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    model_type: str = "deepseek_v2"
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "DeepseekV2Config":
+        model_type = cfg.get("model_type") or "deepseek_v2"
+        v3 = model_type == "deepseek_v3"
+        vocab, hidden, inter, moe_inter, layers, heads, kv_rank, nope, rope_dim, v_dim = require(
+            cfg, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+            "qk_rope_head_dim", "v_head_dim", model_type=model_type)
+        experts = first(cfg, "n_routed_experts", "num_local_experts", "num_experts")
+        top_k = cfg.get("num_experts_per_tok")
+        if experts is None or top_k is None:
+            require(cfg, "n_routed_experts", "num_experts_per_tok", model_type=model_type)
+        method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+        scoring = cfg.get("scoring_func") or _ROUTING.get(method)
+        if _ROUTING.get(method) != scoring:
+            raise ConfigError(f"config.json ({model_type}): unsupported routing topk_method={method!r} "
+                              f"with scoring_func={scoring!r}; supported: "
+                              + ", ".join(f"{m}/{s}" for m, s in _ROUTING.items()))
+        n_group = cfg.get("n_group") or 1
+        if experts % n_group:
+            raise ConfigError(f"config.json ({model_type}): n_routed_experts={experts} is not a "
+                              f"multiple of n_group={n_group}")
+        return cls(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+            moe_intermediate_size=moe_inter, num_hidden_layers=layers, num_attention_heads=heads,
+            n_routed_experts=experts, num_experts_per_tok=top_k,
+            kv_lora_rank=kv_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
+            q_lora_rank=cfg.get("q_lora_rank"),
+            n_shared_experts=cfg.get("n_shared_experts") or 0,
+            first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+            moe_layer_freq=cfg.get("moe_layer_freq") or 1,
+            topk_method=method, n_group=n_group, topk_group=cfg.get("topk_group") or 1,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", v3)),
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            rope_interleave=bool(cfg.get("rope_interleave", True)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope=read_rope(cfg, 10000.0),
+            num_nextn_predict_layers=cfg.get("num_nextn_predict_layers") or 0,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+            model_type=model_type,
+        )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+                and layer % self.moe_layer_freq == 0)
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """Model layer index of each MoE layer, in order."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
+    def experts(self) -> ExpertShape:
+        return ExpertShape(len(self.moe_layer_ids), self.n_routed_experts, self.hidden_size,
+                           self.moe_intermediate_size, self.num_experts_per_tok)
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk head dim), times mscale(factor, mscale_all_dim)**2 under scaled rotary."""
+        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        mscale_all_dim = self.rope.get("mscale_all_dim")
+        if self.rope.type != "default" and mscale_all_dim:
+            scale *= yarn_mscale(self.rope.get("factor") or 1.0, mscale_all_dim) ** 2
+        return scale
+
+    # -- checkpoint names of routed experts -------------------------------------------------
+    def expert_keys(self, moe_layer: int, expert: int) -> tuple[str, str, str]:
+        """Per-expert layout: (gate [I, H], up [I, H], down [H, I])."""
+        p = f"model.layers.{self.moe_layer_ids[moe_layer]}.mlp.experts.{expert}"
+        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+
+    def fused_expert_keys(self, moe_layer: int) -> tuple[str, str]:
+        """Fused layout (transformers >= 5): (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+        p = f"model.layers.{self.moe_layer_ids[moe_layer]}.mlp.experts"
+        return f"{p}.gate_up_proj", f"{p}.down_proj"
+
+    checkpoint_renames = ()
+
+    @property
+    def checkpoint_ignore(self) -> tuple[str, ...]:
+        """Checkpoint names that are not part of this model: V3's multi-token-prediction layers
+        (``model.layers.{num_hidden_layers}...``), which plain decoding does not run."""
+        return tuple(rf"model\.layers\.{self.num_hidden_layers + i}\."
+                     for i in range(self.num_nextn_predict_layers))
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """[..., (d/2 pairs of 2)] -> [..., evens then odds]: DeepSeek rotates interleaved pairs
+    (x0, x1), (x2, x3), ...; after this permutation the usual rotate-half rotary applies. The
+    same permutation on queries and keys leaves their dot products unchanged."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention. Cache per token: latent [kv_lora_rank] + rotary key [rope]."""
+
+    def __init__(self, cfg: DeepseekV2Config, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        self.interleave = cfg.rope_interleave
+        self.scale = cfg.softmax_scale
+        self.q_lora = cfg.q_lora_rank is not None
+        qk_dim = self.nope + self.rope
+        if not self.q_lora:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope,
+                                            bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        """x [B, T, H] -> [B, T, H]."""
+        B, T, _ = x.shape
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, self.heads, -1).split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)                          # [B, T, r]
+        if self.interleave:
+            q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
+        q_pe = apply_rotary(q_pe, cos, sin)                           # [B, T, heads, rope]
+        k_pe = apply_rotary(k_pe[:, :, None], cos, sin)[:, :, 0]      # [B, T, rope]
+        decoding = cache is not None and cache.seen > 0
+        if cache is not None:
+            latent, k_pe = cache.update(self.layer, latent, k_pe)     # [B, S, r], [B, S, rope]
+        if decoding:
+            out = self._attend_latent(q_nope, q_pe, latent, k_pe, mask)
+        else:
+            out = self._attend_expanded(q_nope, q_pe, latent, k_pe, mask)
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def _attend_expanded(self, q_nope, q_pe, latent, k_pe, mask):
+        """Prefill: rebuild per-head K [B, S, heads, nope+rope] and V from the latent."""
+        B, S, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(B, S, self.heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, self.heads, self.rope)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        return gqa_attention(q, k, v, mask, scale=self.scale)         # [B, T, heads, v]
+
+    def _attend_latent(self, q_nope, q_pe, latent, k_pe, mask):
+        """Decode: attend in latent space ("absorbed" kv_b_proj), one key per token shared by all
+        heads: score = (q_nope W_uk) . latent + q_pe . k_pe; out = (p @ latent) W_uv^T."""
+        B, T, heads, _ = q_nope.shape
+        S = latent.shape[1]
+        w = self.kv_b_proj.weight.view(heads, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]               # [h, nope, r], [h, v, r]
+        q = torch.cat((torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe), dim=-1)
+        q = q.reshape(B, 1, T * heads, self.rank + self.rope)         # heads as extra query rows
+        k = torch.cat((latent, k_pe), dim=-1)[:, None]                 # [B, 1, S, r + rope]
+        mask = mask[:, :, :, None, :].expand(-1, -1, T, heads, S).reshape(mask.shape[0], 1, T * heads, S)
+        ctx = F.scaled_dot_product_attention(q, k, latent[:, None], attn_mask=mask, scale=self.scale)
+        return torch.einsum("bthr,hvr->bthv", ctx.view(B, T, heads, self.rank), w_uv)
+
+
+class Router(nn.Module):
+    """The ``mlp.gate`` of a MoE layer. Weight and correction bias stay float32 whatever the model
+    dtype, as in the reference implementation: routing is decided at full precision."""
+
+    def __init__(self, cfg: DeepseekV2Config):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.top_k, self.method = cfg.num_experts_per_tok, cfg.topk_method
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size), requires_grad=False)
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(E), requires_grad=False)
+
+    def reset_buffers(self, device) -> None:
+        # The loader calls this after casting the model to the serving dtype: back to float32.
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(torch.zeros(p.shape, dtype=torch.float32, device=device),
+                                             requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> topk_weights [N, K] float32, topk_ids [N, K] int64, router_probs [N, E]
+        float32 (the softmax; for sigmoid scoring, the scores normalised to sum to one)."""
+        N = x.shape[0]
+        logits = F.linear(x.float(), self.weight.float())            # [N, E]
+        if self.method == "noaux_tc":
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias.float()
+            group_scores = choice.view(N, self.n_group, -1).topk(2, dim=-1).values.sum(-1)
+        else:
+            scores = choice = logits.softmax(dim=-1)
+            group_scores = scores.view(N, self.n_group, -1).amax(dim=-1)
+        if self.method != "greedy":                                    # group-limited
+            groups = torch.topk(group_scores, self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+            keep = keep[:, :, None].expand(N, self.n_group, choice.shape[1] // self.n_group)
+            choice = choice.masked_fill(~keep.reshape(N, -1), float("-inf"))
+        ids = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        normalise = self.norm_topk_prob and self.top_k > 1
+        if normalise:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.method == "noaux_tc" or not normalise:
+            weights = weights * self.scaling
+        probs = scores if self.method != "noaux_tc" else scores / scores.sum(dim=-1, keepdim=True)
+        return weights, ids, probs
+
+
+class MoE(nn.Module):
+    """Router -> experts backend, plus the shared experts (resident, always applied)."""
+
+    def __init__(self, cfg: DeepseekV2Config, moe_layer: int):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = PendingExperts(moe_layer)
+        if cfg.n_shared_experts:
+            self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                         bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        weights, ids, probs = self.gate(flat)
+        out = self.experts(flat, weights, ids, probs)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(flat)
+        return out.view(B, T, H)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DeepseekV2Config, layer: int, moe_layer: int | None):
+        super().__init__()
+        self.self_attn = MLAttention(cfg, layer)
+        self.mlp = (SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+                    if moe_layer is None else MoE(cfg, moe_layer))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: DeepseekV2Config):
+        super().__init__()
+        moe_index = {layer: i for i, layer in enumerate(cfg.moe_layer_ids)}
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, moe_index.get(i))
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    def __init__(self, cfg: DeepseekV2Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
+
+    def moe_blocks(self) -> list[MoE]:
+        """The MoE blocks in MoE-layer order; the loader installs their `experts`."""
+        return [self.model.layers[i].mlp for i in self.config.moe_layer_ids]
+
+    def new_cache(self) -> KVCache:
+        """Per layer: latent [B, S, kv_lora_rank] and rotary key [B, S, qk_rope_head_dim]."""
+        return KVCache(self.config.num_hidden_layers)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, key_valid: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with `last_only`).
+
+        positions [B, T]: rotary positions (default: cache.seen + arange(T)).
+        key_valid [B, S]: False marks left padding over all S = cache.seen + T positions.
+        """
+        B, T = input_ids.shape
+        seen = cache.seen if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(seen, seen + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        mask = attention_mask(T, seen + T, key_valid, x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+
+# One family, two model types: V3 differs only in its config defaults and routing.
+DeepseekV3Config = DeepseekV2Config
+DeepseekV3ForCausalLM = DeepseekV2ForCausalLM
+
+__all__ = ["DeepseekV2Config", "DeepseekV2ForCausalLM", "DeepseekV3Config", "DeepseekV3ForCausalLM"]
