@@ -1,0 +1,549 @@
+"""Continuous batching: many sequences share one running batch and one KV cache, join at token
+boundaries and finish independently.
+
+The running batch keeps the engine's left-padding layout (see `fmoe.runtime.engine`): every
+row's newest cached position sits at column ``S - 1`` of every cache tensor, `key_valid` [B, S]
+is False on padding, and each row carries its own rotary position. One iteration of the loop
+
+1. admits waiting sequences (up to `max_batch` rows and `max_prefill_tokens` padded prompt
+   tokens), prefills them together in one left-padded forward on a fresh cache, samples their
+   first tokens and merges their cache rows into the running batch, left-padding whichever side
+   is shorter along the sequence dimension (every tensor of every layer: K/V for grouped-query
+   attention, latent and rope key for multi-head latent attention);
+2. runs one decode forward for all running rows and samples one token per row, each with the
+   row's own `SamplingParams` and seeded generator;
+3. drops finished and cancelled rows and trims leading columns that are padding in every row.
+
+Nothing here depends on a model family: a family module only needs ``new_cache()`` returning a
+`KVCache` and ``forward(input_ids, positions=, cache=, key_valid=, last_only=)``. A row computes
+what it would compute alone: padding keys are masked, positions count real tokens only.
+
+`Batcher` is driven either by its own background thread (`start`; the server) or synchronously
+(`run_until_idle`, `step`; tests and `fmoe chat`). Only that one thread touches the model;
+`submit` and `cancel` are thread-safe. The offload runtime (``model.runtime``) receives the
+engine's hooks: ``on_request_start(seq_id, prompt, token_ids)`` / ``on_request_end(seq_id)``
+per sequence and ``begin_step(input_ids, valid)`` / ``on_token_end()`` per forward, so the
+policy sees the whole batch (the MoE layers route all rows together: union of selections).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Callable, Iterable, Sequence as Seq
+
+import torch
+
+from .engine import SamplingParams, left_pad, sample
+
+log = logging.getLogger("fmoe.batching")
+
+_ids = itertools.count(1)
+
+# finish reasons
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+
+
+class QueueFull(Exception):
+    """The waiting queue is full; try again later (the server answers 503)."""
+
+
+class Sequence:
+    """One generation request: a prompt, its sampling parameters and what it has produced.
+
+    `on_token(seq, token_id) -> bool` runs on the engine thread after each new token has been
+    appended to `output`; returning True finishes the sequence with reason "stop" (stop strings).
+    `on_finish(seq)` runs exactly once, on the engine thread, when the sequence finishes for any
+    reason (`finish_reason` is "stop", "length", "cancelled" or "error"; `error` holds the message).
+    """
+
+    def __init__(self, prompt_ids: Seq[int], params: SamplingParams | None = None, *,
+                 prompt_text: str | None = None,
+                 on_token: Callable[["Sequence", int], bool | None] | None = None,
+                 on_finish: Callable[["Sequence"], None] | None = None):
+        self.id = next(_ids)
+        self.prompt = [int(t) for t in prompt_ids]
+        self.prompt_text = prompt_text
+        self.params = params if params is not None else SamplingParams()
+        self.on_token = on_token
+        self.on_finish = on_finish
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self._eos = frozenset(self.params.eos_ids)
+        self.generator: torch.Generator | None = None
+        self.arrival = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def is_eos(self, token: int) -> bool:
+        return token in self._eos
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.id}, prompt={len(self.prompt)} tokens, "
+                f"output={len(self.output)} tokens, finish_reason={self.finish_reason!r})")
+
+
+class _NoHooks:
+    def on_request_start(self, *a): pass
+    def on_request_end(self, *a): pass
+    def begin_step(self, *a): pass
+    def on_token_end(self): pass
+
+
+class Batcher:
+    """The continuous-batching loop over one model.
+
+    model: a `fmoe.runtime.lm.MoEModel` (its `module` runs, its `runtime` gets the hooks) or a
+    bare family module. max_batch: most running rows (1 disables batching: one request at a
+    time). max_queue: most waiting sequences; `submit` raises `QueueFull` beyond it.
+    max_prefill_tokens: padded prompt tokens one admission forward may take (at least one
+    sequence is always admitted).
+    """
+
+    def __init__(self, model, *, max_batch: int = 32, max_queue: int = 256,
+                 max_prefill_tokens: int = 8192, pad_token_id: int | None = None, hooks=None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.module = getattr(model, "module", model)
+        if hooks is None:
+            hooks = getattr(model, "runtime", None)
+        self.hooks = hooks if hooks is not None else _NoHooks()
+        self.device = _device_of(model, self.module)
+        if pad_token_id is None:
+            tok = getattr(model, "tokenizer", None)
+            pad_token_id = getattr(tok, "pad_token_id", None)
+        self.pad_id = int(pad_token_id) if pad_token_id is not None else 0
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+        # the running batch (engine thread only)
+        self.rows: list[Sequence] = []
+        self._cache = None
+        self._key_valid: torch.Tensor | None = None   # [B, S] bool
+        self._padded = False                          # any False in _key_valid
+        self._next_pos: torch.Tensor | None = None    # [B] long: position of each row's next token
+        self._last: list[int] = []                    # each row's newest token, not yet in the cache
+
+        # counters (read from other threads; ints are updated atomically under the GIL)
+        self.steps = 0
+        self.prefills = 0
+        self.tokens_generated = 0
+
+    # -- submission (any thread) ---------------------------------------------------------------
+    def submit(self, seqs: Sequence | Iterable[Sequence]) -> None:
+        """Queue one sequence or several (all or none: `QueueFull` when they do not fit)."""
+        seqs = [seqs] if isinstance(seqs, Sequence) else list(seqs)
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            if len(self._waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
+            for s in seqs:
+                s.arrival = time.perf_counter()
+            self._waiting.extend(seqs)
+            self._cond.notify_all()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop `seq` at the next token boundary (a client went away). Safe from any thread."""
+        seq.cancelled = True
+        waiting = False
+        with self._cond:
+            try:
+                self._waiting.remove(seq)     # not started: leave the queue now
+                waiting = True
+            except ValueError:
+                pass
+            self._cond.notify_all()
+        if waiting:
+            self._finish(seq, CANCELLED, started=False)
+
+    def is_alive(self) -> bool:
+        """False once a started loop thread has stopped."""
+        t = self._thread
+        return t is None or t.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def start(self) -> "Batcher":
+        """Run the loop in a background thread that owns the model from now on."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="fmoe-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the loop; running and waiting sequences finish as "cancelled"."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._abort_all(CANCELLED, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self.rows:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:     # never let the loop die: fail what is in flight
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                self._abort_all(ERROR, f"{type(e).__name__}: {e}")
+
+    def run_until_idle(self) -> None:
+        """Step synchronously until nothing is waiting or running (no background thread)."""
+        while self._waiting or self.rows:
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: admit and prefill newcomers, then one decode step for every row."""
+        self._drop_finished()
+        new = self._admit()
+        if new:
+            self._prefill(new)
+        if self.rows:
+            self._decode()
+        self._drop_finished()
+
+    # -- admission and prefill -----------------------------------------------------------------
+    def _admit(self) -> list[Sequence]:
+        room = self.max_batch - len(self.rows)
+        out: list[Sequence] = []
+        longest = 0
+        with self._cond:
+            while self._waiting and len(out) < room:
+                s = self._waiting[0]
+                if s.cancelled or s.params.max_new_tokens == 0:
+                    self._waiting.popleft()
+                    self._finish(s, CANCELLED if s.cancelled else LENGTH, started=False)
+                    continue
+                n = max(longest, len(s.prompt))
+                if out and n * (len(out) + 1) > self.max_prefill_tokens:
+                    break
+                longest = n
+                out.append(self._waiting.popleft())
+        return out
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        try:
+            for s in seqs:
+                self.hooks.on_request_start(s.id, s.prompt_text, list(s.prompt))
+            ids, valid = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            padded = not bool(valid.all())
+            cache = self.module.new_cache()
+            self.hooks.begin_step(ids, valid)
+            logits = self.module(ids, positions=positions, cache=cache,
+                                 key_valid=valid if padded else None, last_only=True)
+            self.hooks.on_token_end()
+        except Exception as e:
+            log.error("prefill failed:\n%s", traceback.format_exc())
+            for s in seqs:
+                self._finish(s, ERROR, error=f"{type(e).__name__}: {e}")
+            return
+        self.prefills += 1
+        toks = self._sample(logits[:, -1], seqs)
+        keep = [i for i, (s, t) in enumerate(zip(seqs, toks)) if not self._emit(s, t)]
+        if not keep:
+            return
+        next_pos = positions[:, -1] + 1
+        if len(keep) < len(seqs):
+            idx = torch.tensor(keep, device=self.device)
+            cache.layers = [None if b is None else [t[:, :cache.seen].index_select(0, idx) for t in b]
+                            for b in cache.layers]
+            valid, next_pos = valid[idx], next_pos[idx]
+            first = _first_valid_column(valid)
+            if first:
+                cache.layers = [None if b is None else [t[:, first:] for t in b] for b in cache.layers]
+                cache.seen -= first
+                valid = valid[:, first:]
+        self._merge(cache, valid, next_pos, [seqs[i] for i in keep], [toks[i] for i in keep])
+
+    def _merge(self, cache, valid: torch.Tensor, next_pos: torch.Tensor, seqs: list[Sequence],
+               last: list[int]) -> None:
+        """Append rows (their cache, key_valid [b, s], next positions) to the running batch."""
+        if not self.rows:
+            self._cache, self._key_valid, self._next_pos = cache, valid, next_pos
+        else:
+            old = self._cache
+            S_old, S_new = old.seen, cache.seen
+            S = max(S_old, S_new)
+            headroom = 16
+            layers = []
+            for a, b in zip(old.layers, cache.layers):
+                if a is None and b is None:
+                    layers.append(None)
+                    continue
+                if a is None or b is None:
+                    raise RuntimeError("cannot merge caches: a layer is cached in one batch only")
+                layers.append([_stack_right_aligned([x[:, :S_old], y[:, :S_new]], S, headroom)
+                               for x, y in zip(a, b)])
+            old.layers = layers
+            old.seen = S
+            self._key_valid = torch.cat([_pad_left(self._key_valid, S, False),
+                                         _pad_left(valid, S, False)], 0)
+            self._next_pos = torch.cat([self._next_pos, next_pos])
+        self.rows.extend(seqs)
+        self._last.extend(last)
+        self._padded = not bool(self._key_valid.all())
+
+    # -- decode --------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        B = len(self.rows)
+        ids = torch.tensor(self._last, dtype=torch.long, device=self.device)[:, None]
+        ones = torch.ones(B, 1, dtype=torch.bool, device=self.device)
+        self._key_valid = torch.cat([self._key_valid, ones], 1)
+        self.hooks.begin_step(ids, ones)
+        logits = self.module(ids, positions=self._next_pos[:, None], cache=self._cache,
+                             key_valid=self._key_valid if self._padded else None, last_only=True)
+        self.hooks.on_token_end()
+        self._next_pos = self._next_pos + 1
+        self.steps += 1
+        toks = self._sample(logits[:, -1], self.rows)
+        for i, (s, t) in enumerate(zip(self.rows, toks)):
+            self._emit(s, t)
+            self._last[i] = t
+
+    # -- sampling and finishing ----------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits [B, V] -> one token per row, each row with its own params and generator."""
+        greedy = None
+        out = []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.temperature == 0:
+                if greedy is None:
+                    greedy = logits.argmax(dim=-1).tolist()
+                out.append(int(greedy[i]))
+            else:
+                if s.generator is None:
+                    seed = p.seed if p.seed is not None else random.getrandbits(63)
+                    s.generator = torch.Generator(device=logits.device).manual_seed(int(seed))
+                out.append(int(sample(logits[i:i + 1], p, s.generator)[0]))
+        return out
+
+    def _emit(self, s: Sequence, tok: int) -> bool:
+        """Record a new token of `s`; returns True when `s` finished."""
+        if s.cancelled:
+            self._finish(s, CANCELLED)
+            return True
+        s.output.append(tok)
+        self.tokens_generated += 1
+        if s.first_token_time is None:
+            s.first_token_time = time.perf_counter()
+        stop = False
+        if s.on_token is not None:
+            try:
+                stop = bool(s.on_token(s, tok))
+            except Exception as e:
+                log.error("on_token callback failed:\n%s", traceback.format_exc())
+                self._finish(s, ERROR, error=f"{type(e).__name__}: {e}")
+                return True
+        if stop or s.is_eos(tok):
+            self._finish(s, STOP)
+        elif len(s.output) >= s.params.max_new_tokens:
+            self._finish(s, LENGTH)
+        return s.finished
+
+    def _finish(self, s: Sequence, reason: str, error: str | None = None, started: bool = True) -> None:
+        if s.finished:
+            return
+        s.finish_reason = reason
+        s.error = error
+        s.finish_time = time.perf_counter()
+        if started:
+            try:
+                self.hooks.on_request_end(s.id)
+            except Exception:
+                log.error("on_request_end failed:\n%s", traceback.format_exc())
+        if s.on_finish is not None:
+            try:
+                s.on_finish(s)
+            except Exception:
+                log.error("on_finish callback failed:\n%s", traceback.format_exc())
+        s.done.set()
+
+    def _drop_finished(self) -> None:
+        for s in self.rows:
+            if s.cancelled and not s.finished:
+                self._finish(s, CANCELLED)
+        keep = [i for i, s in enumerate(self.rows) if not s.finished]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self._reset()
+            return
+        idx = torch.tensor(keep, device=self.device)
+        kv = self._key_valid.index_select(0, idx)
+        first = _first_valid_column(kv)
+        c = self._cache
+        seen = c.seen
+        c.layers = [None if b is None else [t[:, first:seen].index_select(0, idx) for t in b]
+                    for b in c.layers]
+        c.seen = seen - first
+        self._key_valid = kv[:, first:]
+        self._padded = not bool(self._key_valid.all())
+        self._next_pos = self._next_pos.index_select(0, idx)
+        self.rows = [self.rows[i] for i in keep]
+        self._last = [self._last[i] for i in keep]
+
+    def _reset(self) -> None:
+        self.rows, self._last = [], []
+        self._cache = self._key_valid = self._next_pos = None
+        self._padded = False
+
+    def _abort_all(self, reason: str, error: str | None) -> None:
+        rows, self.rows = self.rows, []
+        for s in rows:
+            self._finish(s, reason, error=error)
+        self._reset()
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for s in waiting:
+            self._finish(s, reason, error=error, started=False)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _device_of(model, module) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _first_valid_column(valid: torch.Tensor) -> int:
+    """Number of leading columns of `valid` [B, S] that are padding in every row."""
+    any_valid = valid.any(0)
+    if not bool(any_valid.any()):
+        return valid.shape[1]
+    return int(any_valid.to(torch.int8).argmax())
+
+
+def _pad_left(t: torch.Tensor, S: int, value) -> torch.Tensor:
+    """[B, s, ...] -> [B, S, ...], new columns on the left filled with `value`."""
+    s = t.shape[1]
+    if s == S:
+        return t
+    pad = torch.full((t.shape[0], S - s) + tuple(t.shape[2:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], 1)
+
+
+def _stack_right_aligned(parts: list[torch.Tensor], S: int, headroom: int) -> torch.Tensor:
+    """Stack [b_i, s_i, ...] along the batch dim into one zero-padded [sum b_i, S + headroom, ...]
+    buffer with every part's last column at S - 1 (headroom columns spare the cache a regrowth)."""
+    ref = parts[0]
+    B = sum(p.shape[0] for p in parts)
+    out = ref.new_zeros((B, S + headroom) + tuple(ref.shape[2:]))
+    r = 0
+    for p in parts:
+        b, s = p.shape[0], p.shape[1]
+        out[r:r + b, S - s:S] = p
+        r += b
+    return out
+
+
+class TextStream:
+    """Incremental detokenization with stop strings for one sequence.
+
+    `push(token_id)` returns ``(delta, stop)``: the text that became final with this token and
+    whether a stop string has appeared (the text is then cut just before it, the stop string
+    excluded, as in the OpenAI API). While stop strings are set, the last ``max(len(stop)) - 1``
+    characters are held back until they cannot begin a stop string. EOS tokens add no text.
+    `flush()` returns what is still held back once the sequence has finished; `text` is everything.
+
+    Decoding works on a sliding window of tokens that starts a few tokens back (into the prompt at
+    first), so tokenizers that drop a leading space at the start of a decode (SentencePiece) and
+    multi-byte characters split across tokens come out right.
+    """
+
+    def __init__(self, tokenizer, stop: Seq[str] = (), prompt_ids: Seq[int] = (),
+                 eos_token_ids: Iterable[int] = (), context: int = 5):
+        self.tok = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.eos = frozenset(int(e) for e in eos_token_ids)
+        self._ids: list[int] = list(prompt_ids)[-context:] if context else []
+        self._prefix = 0
+        self._read = len(self._ids)
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if int(token_id) in self.eos:
+            return "", False
+        self._ids.append(int(token_id))
+        prefix_text = self.tok.decode(self._ids[self._prefix:self._read])
+        new_text = self.tok.decode(self._ids[self._prefix:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return "", False          # an incomplete character: wait for more tokens
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._add(new_text[len(prefix_text):])
+
+    def _add(self, piece: str) -> tuple[str, bool]:
+        start = max(0, len(self.text) - self.hold)
+        self.text += piece
+        if self.stop:
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+                return self._release(len(self.text)), True
+        return self._release(len(self.text) - self.hold), False
+
+    def _release(self, upto: int) -> str:
+        if upto <= self._sent:
+            return ""
+        out = self.text[self._sent:upto]
+        self._sent = upto
+        return out
+
+    def flush(self) -> str:
+        """The rest of the text, once no more tokens will come."""
+        if not self.stopped and self._read < len(self._ids):
+            prefix_text = self.tok.decode(self._ids[self._prefix:self._read])
+            new_text = self.tok.decode(self._ids[self._prefix:])
+            self._prefix = self._read = len(self._ids)
+            if len(new_text) > len(prefix_text):
+                delta, _ = self._add(new_text[len(prefix_text):])
+                return delta + self._release(len(self.text))
+        return self._release(len(self.text))

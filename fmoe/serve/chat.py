@@ -1,0 +1,101 @@
+"""`fmoe chat`: an interactive chat in the terminal over the serving engine (the same batching
+loop, sampling and stop handling as `fmoe serve`, run synchronously in this process).
+
+Each line read from stdin is a user turn; the reply streams to stdout. ``/reset`` clears the
+conversation, ``/exit`` (or end of input) quits. The conversation is rendered with the
+checkpoint's chat template.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def cmd_chat(args) -> int:
+    from ..runtime.batching import Batcher, Sequence, TextStream
+    from ..runtime.engine import SamplingParams
+    from .server import load_model
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model = load_model(args)
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.model}: no tokenizer.json beside the checkpoint")
+    if not tok.chat_template:
+        raise ValueError(f"{args.model}: the tokenizer has no chat_template; use `fmoe generate`")
+    ctx = getattr(model.config, "max_position_embeddings", None) or 4096
+    eos = list(tok.eos_token_ids) or ([] if model.config.eos_token_id is None else
+                                      ([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
+                                       else list(model.config.eos_token_id)))
+    batcher = Batcher(model, max_batch=1)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    turn = 0
+    try:
+        while True:
+            if interactive:
+                sys.stdout.write("> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.strip() == "/exit":
+                break
+            if line.strip() == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            messages = history + [{"role": "user", "content": line}]
+            ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+            room = ctx - len(ids)
+            if room < 1:
+                print(f"fmoe chat: the conversation ({len(ids)} tokens) fills the context ({ctx}); "
+                      "/reset to start again", file=sys.stderr)
+                continue
+            seed = None if args.seed is None else args.seed + turn
+            params = SamplingParams(max_new_tokens=min(args.max_new_tokens, room),
+                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                    eos_token_id=eos, seed=seed)
+            stream = TextStream(tok, args.stop or (), prompt_ids=ids, eos_token_ids=eos)
+
+            def on_token(seq, t, stream=stream):
+                delta, stop = stream.push(t)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+                return stop
+
+            seq = Sequence(ids, params, on_token=on_token)
+            batcher.submit(seq)
+            batcher.run_until_idle()
+            sys.stdout.write(stream.flush() + "\n")
+            sys.stdout.flush()
+            if seq.finish_reason == "error":
+                raise RuntimeError(seq.error)
+            history = messages + [{"role": "assistant", "content": stream.text}]
+            turn += 1
+            if args.stats:
+                print(model.expert_stats(), file=sys.stderr)
+    finally:
+        batcher.close()
+        model.close()
+    return 0
+
+
+def register(subparsers) -> None:
+    from .cli import _add_model_args
+
+    p = subparsers.add_parser("chat", help="chat with a model in the terminal (one line = one turn)")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--map-store", default=None, help="expert-map store file kept across restarts")
+    p.add_argument("--stats", action="store_true", help="print expert cache figures after each reply")
+    p.set_defaults(func=cmd_chat)
