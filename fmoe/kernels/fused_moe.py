@@ -99,7 +99,8 @@ def _check(x, w13, w2, topk_weights, topk_ids) -> None:
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, *, backend: str | None = None,
+              reduce: bool = True) -> torch.Tensor:
     """SwiGLU experts indexed by slot.
 
     x [T, H]; w13 [S, 2I, H] (gate rows, then up rows); w2 [S, H, I]; topk_weights [T, K];
@@ -113,23 +114,27 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     The torch paths do not depend on how experts are numbered: each (t, k) pair is computed
     on its own and the K contributions are summed in k order, so resident and offloaded runs
     (different slot ids for the same experts) agree bit for bit.
+
+    ``reduce=False`` returns the weighted per-pair terms [T, K, H] whose ``.sum(1)`` is the
+    result: the offload runtime adds the terms of several cache-sized chunks of one layer and
+    sums once, which keeps a chunked layer bit-identical to the resident one.
     """
     if backend not in (None, *BACKENDS):
         raise ValueError(f"unknown fused_moe backend {backend!r}; choose from {BACKENDS} or None")
     _check(x, w13, w2, topk_weights, topk_ids)
     if x.shape[0] == 0:
-        return x.new_zeros(x.shape)
+        return x.new_zeros(x.shape) if reduce else x.new_zeros(0, topk_ids.shape[1], x.shape[1])
     if backend is None:
         backend = select_backend(x, w13, w2)
     elif backend == "torch":
         backend = _cpu_torch_backend(x, w13, w2) if x.device.type != "cuda" else "gather"
 
     if backend == "gather":
-        return moe_gather(x, w13, w2, topk_weights, topk_ids)
+        return moe_gather(x, w13, w2, topk_weights, topk_ids, reduce)
     if backend == "grouped_mm":
-        return moe_grouped_mm(x, w13, w2, topk_weights, topk_ids)
+        return moe_grouped_mm(x, w13, w2, topk_weights, topk_ids, reduce)
     reason = triton_unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"fused_moe backend 'triton' unavailable: {reason}")
     from .triton_moe import fused_moe_triton
-    return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, reduce=reduce)

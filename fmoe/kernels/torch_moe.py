@@ -21,14 +21,16 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _combine(y: torch.Tensor, topk_weights: torch.Tensor, T: int, K: int) -> torch.Tensor:
-    """y [T*K, H] per-pair expert outputs -> [T, H], weighted and summed in k order."""
+def _combine(y: torch.Tensor, topk_weights: torch.Tensor, T: int, K: int,
+             reduce: bool = True) -> torch.Tensor:
+    """y [T*K, H] per-pair expert outputs -> [T, H], weighted and summed in k order
+    (``reduce=False``: the weighted terms [T, K, H] before the sum)."""
     y = y.view(T, K, -1) * topk_weights.to(y.dtype).unsqueeze(-1)
-    return y.sum(dim=1)
+    return y.sum(dim=1) if reduce else y
 
 
 def moe_gather(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-               topk_ids: torch.Tensor) -> torch.Tensor:
+               topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """Loop over the slots that received tokens: gather their rows, two matmuls, scatter back.
 
     x [T, H]; w13 [S, 2I, H]; w2 [S, H, I]; topk_weights [T, K]; topk_ids [T, K] -> [T, H].
@@ -50,7 +52,7 @@ def moe_gather(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
         gu = xs @ w13[slot].t()
         h = F.silu(gu[:, :inter]) * gu[:, inter:]
         y[pairs] = h @ w2[slot].t()
-    return _combine(y, topk_weights, T, K)
+    return _combine(y, topk_weights, T, K, reduce)
 
 
 def grouped_mm_available() -> bool:
@@ -101,7 +103,7 @@ def _rows_for_alignment(es: int, *row_lengths: int) -> int:
 
 
 def moe_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor) -> torch.Tensor:
+                   topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """Two grouped GEMMs over all S slots (``torch.nn.functional.grouped_mm``), no Python loop.
 
     x [T, H]; w13 [S, 2I, H]; w2 [S, H, I]; topk_weights [T, K]; topk_ids [T, K] -> [T, H].
@@ -127,4 +129,4 @@ def moe_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     h = F.silu(gu[:, :inter]) * gu[:, inter:]                  # [M, I]
     ys = _GROUPED_MM(h, w2.transpose(1, 2), offs=offs)         # [M, H]; rows past offs[-1] unset
     y = ys[aligned.pair_positions]                             # [P, H] back in pair order
-    return _combine(y, topk_weights, T, K)
+    return _combine(y, topk_weights, T, K, reduce)

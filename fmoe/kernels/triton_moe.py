@@ -147,7 +147,8 @@ def silu_and_mul(gu: torch.Tensor, h: torch.Tensor) -> None:
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+                     topk_ids: torch.Tensor, config: dict | None = None,
+                     reduce: bool = True) -> torch.Tensor:
     """The Triton path of ``fused_moe``; x [T, H], w13 [S, 2I, H], w2 [S, H, I] -> [T, H].
 
     ``config`` (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) overrides the lookup in
@@ -180,4 +181,5 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
 
     y = x.new_empty(P, H)
     grouped_gemm(h, w2, y, topk_weights_flat, aligned, num_sorted, 1, True, config)
-    return y.view(T, top_k, H).sum(dim=1)
+    y = y.view(T, top_k, H)
+    return y.sum(dim=1) if reduce else y

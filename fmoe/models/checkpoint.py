@@ -8,9 +8,12 @@ preallocated (pinned) buffer without touching the rest of the file.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,35 +130,204 @@ class CheckpointIndex:
         return max(counts, key=counts.get) if counts else torch.float32
 
 
+ALIGN = 4096   # O_DIRECT alignment of file offsets, lengths and memory addresses
+BOUNCE_BYTES = 64 << 20   # per-thread bounce buffer for O_DIRECT reads into unaligned buffers
+
+
+def byte_view(buf) -> memoryview:
+    """A writable byte memoryview of a contiguous CPU tensor (any dtype), numpy array or buffer."""
+    if isinstance(buf, torch.Tensor):
+        if not buf.is_contiguous() or buf.device.type != "cpu":
+            raise ValueError("read buffers must be contiguous CPU tensors")
+        buf = buf.view(torch.uint8).reshape(-1).numpy() if buf.numel() else bytearray()
+    mv = memoryview(buf)
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.nbytes else 0
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    """`views` without their first `n` bytes (after a short read)."""
+    out = []
+    for v in views:
+        if n >= v.nbytes:
+            n -= v.nbytes
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
 class FileReader:
-    """Keeps one file descriptor per checkpoint file and reads byte ranges into tensors."""
+    """Keeps one file descriptor per checkpoint file and reads byte ranges into tensors.
+
+    `readv` reads one contiguous byte range into several buffers with a single ``preadv``.
+    Files registered with `use_direct` (fmoe's expert store) are read with ``O_DIRECT`` where
+    the OS and filesystem allow it: straight into buffers whose address and size are multiples
+    of 4096 (pinned memory), otherwise through a per-thread aligned bounce buffer (at most
+    BOUNCE_BYTES per read). A filesystem that refuses (``EINVAL``, e.g. tmpfs) falls back to
+    buffered reads. ``FMOE_DIRECT_IO=0`` turns ``O_DIRECT`` off."""
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
+        self._direct: dict[Path, int | None] = {}   # O_DIRECT fd; None once refused
+        self._direct_wanted: set[Path] = set()
+        self._retired: list[int] = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            fd = os.open(file, os.O_RDONLY)
-            self._fds[file] = fd
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    try:
+                        fd = os.open(file, os.O_RDONLY)
+                    except OSError as e:
+                        raise CheckpointError(f"{file}: cannot open ({e.strerror})") from None
+                    self._fds[file] = fd
         return fd
+
+    # -- O_DIRECT ---------------------------------------------------------------------------
+    def use_direct(self, file: str | os.PathLike) -> bool:
+        """Read `file` with O_DIRECT from now on, where supported. Returns whether it will try.
+        ``FMOE_DIRECT_IO``: "1" (default) where supported, "0" never, "auto" only for a file
+        larger than half the machine's memory (one the page cache could not keep anyway)."""
+        mode = os.environ.get("FMOE_DIRECT_IO", "1").lower()
+        if not hasattr(os, "O_DIRECT") or mode in ("0", "false", "no", "off"):
+            return False
+        if mode == "auto":
+            try:
+                ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                if os.stat(file).st_size <= ram // 2:
+                    return False
+            except (OSError, ValueError):
+                return False
+        self._direct_wanted.add(Path(file))
+        return True
+
+    def is_direct(self, file: str | os.PathLike) -> bool:
+        """Whether reads of `file` currently go through O_DIRECT (False after a fallback)."""
+        file = Path(file)
+        return file in self._direct_wanted and self._direct_fd(file) is not None
+
+    def _direct_fd(self, file: Path) -> int | None:
+        if file in self._direct:
+            return self._direct[file]
+        with self._lock:
+            if file not in self._direct:
+                try:
+                    self._direct[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise CheckpointError(f"{file}: cannot open ({e.strerror})") from None
+                    self._direct[file] = None          # the filesystem refuses O_DIRECT
+        return self._direct[file]
+
+    def _bounce(self, nbytes: int) -> memoryview:
+        """A per-thread buffer of at least `nbytes` (at most BOUNCE_BYTES) at an ALIGN-aligned address."""
+        have = getattr(self._local, "view", None)
+        if have is None or have.nbytes < nbytes:
+            size = -(-nbytes // ALIGN) * ALIGN
+            raw = torch.empty(size + ALIGN, dtype=torch.uint8).numpy()
+            pad = -raw.ctypes.data % ALIGN
+            self._local.raw = raw
+            self._local.view = have = memoryview(raw)[pad:pad + size]
+        return have
+
+    def _read_direct(self, fd: int, file: Path, offset: int, views: list[memoryview], total: int,
+                     what: str) -> None:
+        def eof():
+            return CheckpointError(f"{file}: unexpected end of file reading {what} "
+                                   f"(bytes [{offset}, {offset + total}); the file is truncated)")
+
+        if offset % ALIGN == 0 and all(v.nbytes % ALIGN == 0 and _address(v) % ALIGN == 0 for v in views):
+            done = 0                       # aligned buffers (pinned memory): straight into them
+            while done < total:
+                n = os.preadv(fd, views if not done else _skip(views, done), offset + done)
+                if n <= 0:
+                    raise eof()
+                done += n
+                if n % ALIGN and done < total:
+                    raise eof()
+            return
+        # through an aligned bounce buffer, in pieces of at most BOUNCE_BYTES
+        start = offset - offset % ALIGN
+        end = offset + total
+        stop = -(-end // ALIGN) * ALIGN
+        buf = self._bounce(min(BOUNCE_BYTES, stop - start))
+        vi, vpos = 0, 0                    # where the next useful byte goes
+        pos = start
+        while pos < end:
+            want = min(buf.nbytes, stop - pos)
+            got = 0
+            while got < want:
+                n = os.preadv(fd, [buf[got:want]], pos + got)
+                if n <= 0:
+                    break
+                got += n
+                if n % ALIGN:              # end of file: a further O_DIRECT read would be unaligned
+                    break
+            if pos + got < min(pos + want, end):
+                raise eof()
+            data = buf[max(pos, offset) - pos:min(pos + got, end) - pos]
+            k = 0
+            while k < data.nbytes:
+                v = views[vi]
+                take = min(v.nbytes - vpos, data.nbytes - k)
+                v[vpos:vpos + take] = data[k:k + take]
+                k += take
+                vpos += take
+                if vpos == v.nbytes:
+                    vi, vpos = vi + 1, 0
+            pos += want
+
+    # -- reads -----------------------------------------------------------------------------
+    def readv(self, file: str | os.PathLike, offset: int, buffers, what: str = "") -> None:
+        """Read the contiguous byte range of `file` starting at `offset` into `buffers` (contiguous
+        CPU tensors, arrays or memoryviews, filled in order): one ``preadv`` call (more only after
+        a short read)."""
+        file = Path(file)
+        views = [byte_view(b) for b in buffers]
+        views = [v for v in views if v.nbytes]
+        total = sum(v.nbytes for v in views)
+        what = what or f"bytes [{offset}, {offset + total})"
+        if not total:
+            return
+        if file in self._direct_wanted:
+            fd = self._direct_fd(file)
+            if fd is not None:
+                try:
+                    return self._read_direct(fd, file, offset, views, total, what)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise CheckpointError(f"{file}: cannot read {what} ({e.strerror})") from None
+                    with self._lock:                 # refused at read time: buffered from now on
+                        self._direct[file] = None
+                        self._retired.append(fd)     # closed by close(): another thread may hold it
+        fd = self._fd(file)
+        done = 0
+        while done < total:
+            try:
+                n = os.preadv(fd, views if not done else _skip(views, done), offset + done)
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot read {what} ({e.strerror})") from None
+            if n <= 0:
+                raise CheckpointError(f"{file}: unexpected end of file reading {what}")
+            done += n
 
     def read_into(self, info: TensorInfo, out: torch.Tensor, byte_offset: int = 0,
                   nbytes: int | None = None) -> None:
         """Read `nbytes` of `info` starting `byte_offset` bytes into it, into the contiguous CPU
         tensor `out` (whose byte size must equal `nbytes`)."""
         nbytes = info.nbytes - byte_offset if nbytes is None else nbytes
-        view = out.view(torch.uint8).reshape(-1).numpy()
+        view = byte_view(out)
         if view.nbytes != nbytes:
             raise ValueError(f"buffer holds {view.nbytes} bytes, {nbytes} requested")
-        mv = memoryview(view)
-        fd = self._fd(info.file)
-        done = 0
-        while done < nbytes:
-            n = os.preadv(fd, [mv[done:]], info.offset + byte_offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{info.file}: unexpected end of file reading {info.name!r}")
-            done += n
+        self.readv(info.file, info.offset + byte_offset, [view], repr(info.name))
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         out = torch.empty(info.shape, dtype=info.dtype)
@@ -163,9 +335,12 @@ class FileReader:
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in list(self._fds.values()) + [fd for fd in self._direct.values() if fd is not None] \
+                + getattr(self, "_retired", []):
             os.close(fd)
         self._fds.clear()
+        self._direct.clear()
+        self._retired.clear()
 
     def __del__(self):
         try:

@@ -22,7 +22,7 @@ what it would compute alone: padding keys are masked, positions count real token
 (`run_until_idle`, `step`; tests and `fmoe chat`). Only that one thread touches the model;
 `submit` and `cancel` are thread-safe. The offload runtime (``model.runtime``) receives the
 engine's hooks: ``on_request_start(seq_id, prompt, token_ids)`` / ``on_request_end(seq_id)``
-per sequence and ``begin_step(input_ids, valid)`` / ``on_token_end()`` per forward, so the
+per sequence and ``begin_step(input_ids, valid, seq_ids)`` / ``on_token_end()`` per forward, so the
 policy sees the whole batch (the MoE layers route all rows together: union of selections).
 """
 
@@ -266,7 +266,7 @@ class Batcher:
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
             padded = not bool(valid.all())
             cache = self.module.new_cache()
-            self.hooks.begin_step(ids, valid)
+            self.hooks.begin_step(ids, valid, [s.id for s in seqs])
             logits = self.module(ids, positions=positions, cache=cache,
                                  key_valid=valid if padded else None, last_only=True)
             self.hooks.on_token_end()
@@ -327,7 +327,7 @@ class Batcher:
         ids = torch.tensor(self._last, dtype=torch.long, device=self.device)[:, None]
         ones = torch.ones(B, 1, dtype=torch.bool, device=self.device)
         self._key_valid = torch.cat([self._key_valid, ones], 1)
-        self.hooks.begin_step(ids, ones)
+        self.hooks.begin_step(ids, ones, [s.id for s in self.rows])
         logits = self.module(ids, positions=self._next_pos[:, None], cache=self._cache,
                              key_valid=self._key_valid if self._padded else None, last_only=True)
         self.hooks.on_token_end()

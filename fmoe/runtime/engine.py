@@ -119,7 +119,7 @@ def _decode(model, input_ids, params, valid, positions, key_valid, pad, eos, gen
     cache = model.new_cache()
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    hooks.begin_step(input_ids, valid)
+    hooks.begin_step(input_ids, valid, list(range(B)))
     logits = model(input_ids, positions=positions, cache=cache, key_valid=key_valid, last_only=True)
     hooks.on_token_end()
     next_pos = positions[:, -1:] + 1
@@ -137,7 +137,7 @@ def _decode(model, input_ids, params, valid, positions, key_valid, pad, eos, gen
             break
         if key_valid is not None:
             key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
-        hooks.begin_step(tok[:, None], (~done)[:, None])
+        hooks.begin_step(tok[:, None], (~done)[:, None], list(range(B)))
         logits = model(tok[:, None], positions=next_pos, cache=cache, key_valid=key_valid, last_only=True)
         hooks.on_token_end()
         next_pos = next_pos + 1

@@ -49,7 +49,7 @@ class MoEModel(nn.Module):
         if rt is not None:
             for b in range(input_ids.shape[0]):
                 rt.on_request_start(b, None, input_ids[b].tolist())
-            rt.begin_step(input_ids, None)
+            rt.begin_step(input_ids, None, list(range(input_ids.shape[0])))
         logits = self.module(input_ids, **kwargs)
         if rt is not None:
             rt.on_token_end()

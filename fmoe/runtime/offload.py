@@ -98,9 +98,10 @@ class OffloadRuntime:
         self.policy = make_policy(policy, self.L, self.E, self.capacity, **(policy_options or {}))
         self.table = SlotTable(self.capacity, self.policy)
         S = self.capacity
-        # zeros, not empty: a chunked layer multiplies unused slots by a zero weight
-        self.w13 = torch.zeros(S, 2 * shp.inter, shp.hidden, device=device, dtype=dtype)
-        self.w2 = torch.zeros(S, shp.hidden, shp.inter, device=device, dtype=dtype)
+        # one spare slot past the table's S, all zeros and never assigned: in a chunked layer the
+        # pairs of other chunks point there and add exact zeros (see run_layer)
+        self.w13 = torch.zeros(S + 1, 2 * shp.inter, shp.hidden, device=device, dtype=dtype)
+        self.w2 = torch.zeros(S + 1, shp.hidden, shp.inter, device=device, dtype=dtype)
         cuda = device.type == "cuda"
         if host_cache is None:
             host_bytes = 0
@@ -110,7 +111,7 @@ class OffloadRuntime:
             host_bytes = int(host_cache)
         self.store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, host_bytes, pin=cuda, reader=reader)
         self.link_bandwidth = parse_bandwidth(link_bandwidth)
-        self.engine = CopyEngine(self.store, self.w13, self.w2, self.link_bandwidth)
+        self.engine = CopyEngine(self.store, self.w13[:S], self.w2[:S], self.link_bandwidth)
         self.recorder = None
         if trace_path is not None:
             from .recorder import TraceRecorder
@@ -139,9 +140,11 @@ class OffloadRuntime:
                 "stall_seconds": self.stall}
 
     # -- events from the engine ------------------------------------------------------------
-    def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
+    def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None,
+                   seq_ids: list[int] | None = None) -> None:
+        """A forward over input_ids [B, T] starts; row b belongs to request seq_ids[b]."""
         if self.recorder is not None:
-            self.recorder.begin_step(input_ids, valid)
+            self.recorder.begin_step(input_ids, valid, seq_ids)
 
     def on_token_end(self) -> None:
         self.policy.on_token_end()
@@ -154,7 +157,7 @@ class OffloadRuntime:
     def on_request_end(self, seq_id: int = 0) -> None:
         self.policy.on_request_end(seq_id)
         if self.recorder is not None:
-            self.recorder.end_request()
+            self.recorder.end_request(seq_id)
 
     # -- the layer ---------------------------------------------------------------------------
     def _prefetch(self, orders) -> None:
@@ -198,23 +201,26 @@ class OffloadRuntime:
             # resident experts first, so a chunk does not evict what a later chunk needs
             experts.sort(key=lambda e: (base + e) not in self.table)
             chunks = [experts[i:i + self.capacity] for i in range(0, len(experts), self.capacity)]
-        out = None
+        lut = self._lut
+        chunked = len(chunks) > 1
+        terms = None
         for chunk in chunks:
             keys = [base + e for e in chunk]
             slots = self._acquire(keys)
-            lut = self._lut
-            lut.fill_(slots[0])
+            lut.fill_(self.capacity)               # the zero slot
             lut[torch.as_tensor(chunk, device=lut.device)] = torch.as_tensor(slots, device=lut.device)
             slot_ids = lut[topk_ids]
-            weights = topk_weights
-            if len(chunks) > 1:
-                inside = torch.zeros(self.E, dtype=torch.bool, device=lut.device)
-                inside[torch.as_tensor(chunk, device=lut.device)] = True
-                weights = torch.where(inside[topk_ids], topk_weights, torch.zeros_like(topk_weights))
-            part = fused_moe(x, self.w13, self.w2, weights, slot_ids)
+            if not chunked:
+                out = fused_moe(x, self.w13, self.w2, topk_weights, slot_ids)
+            else:
+                # each (token, k) pair is computed in exactly one chunk; the others add zeros, so
+                # the summed terms equal the resident layer's bit for bit
+                part = fused_moe(x, self.w13, self.w2, topk_weights, slot_ids, reduce=False)
+                terms = part if terms is None else terms + part
             self.engine.mark_used(slots)
             self.table.unpin(keys)
-            out = part if out is None else out + part
+        if chunked:
+            out = terms.sum(dim=1)
         probs = None
         if self.policy.prefetches or self.recorder is not None:
             probs = router_probs.float().cpu().numpy() if router_probs is not None else None

@@ -16,17 +16,20 @@ class TraceRecorder:
         self.path = path
         self.L, self.E, self.K = num_layers, num_experts, top_k
         self.model = model
-        self.done: list[dict] = []        # finished sequences
-        self.open: dict[int, dict] = {}   # batch row -> sequence being recorded
+        self.done: list[dict] = []        # finished sequences, in the order they finished
+        self.open: dict[int, dict] = {}   # request id -> sequence being recorded
         self._step = None
 
-    def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """input_ids [B, T] of this forward; valid [B, T] False on padding."""
+    def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None,
+                   seq_ids: list[int] | None = None) -> None:
+        """input_ids [B, T] of this forward; valid [B, T] False on padding; row b belongs to
+        request seq_ids[b] (default: b)."""
         ids = input_ids.detach().cpu().numpy()
         mask = np.ones_like(ids, dtype=bool) if valid is None else valid.detach().cpu().numpy().astype(bool)
         B, T = ids.shape
         self._step = {"ids": ids, "valid": mask, "experts": np.full((B * T, self.L, self.K), -1, np.int16),
-                      "probs": np.zeros((B * T, self.L, self.E), np.float32)}
+                      "probs": np.zeros((B * T, self.L, self.E), np.float32),
+                      "seqs": list(range(B)) if seq_ids is None else list(seq_ids)}
 
     def record(self, layer: int, topk_ids: torch.Tensor, probs: np.ndarray | None) -> None:
         if self._step is None:
@@ -40,9 +43,9 @@ class TraceRecorder:
         if st is None:
             return
         B, T = st["ids"].shape
-        phase = 0 if not self.open else 1
-        for b in range(B):
-            seq = self.open.setdefault(b, {"experts": [], "probs": [], "ids": [], "phase": []})
+        for b, sid in enumerate(st["seqs"]):
+            phase = 1 if sid in self.open else 0      # a request's first step is its prompt
+            seq = self.open.setdefault(sid, {"experts": [], "probs": [], "ids": [], "phase": []})
             rows = np.nonzero(st["valid"][b])[0]
             flat = b * T + rows
             seq["experts"].append(st["experts"][flat])
@@ -50,10 +53,12 @@ class TraceRecorder:
             seq["ids"].append(st["ids"][b, rows])
             seq["phase"].append(np.full(len(rows), phase, np.uint8))
 
-    def end_request(self) -> None:
-        for b in sorted(self.open):
-            self.done.append(self.open[b])
-        self.open = {}
+    def end_request(self, seq_id: int | None = None) -> None:
+        """Close request `seq_id` (None: every open one)."""
+        for sid in (sorted(self.open) if seq_id is None else [seq_id]):
+            seq = self.open.pop(sid, None)
+            if seq is not None:
+                self.done.append(seq)
 
     def write(self, path=None) -> None:
         from ..sim.trace import write_trace

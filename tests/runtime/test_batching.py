@@ -189,6 +189,7 @@ def test_waiting_queue_is_bounded_and_cancelled_waiters_never_run(mixtral):
 class RecordingHooks:
     def __init__(self):
         self.events = []
+        self.rows = []
 
     def on_request_start(self, seq_id, prompt=None, token_ids=None):
         self.events.append(("start", seq_id, len(token_ids)))
@@ -196,8 +197,10 @@ class RecordingHooks:
     def on_request_end(self, seq_id):
         self.events.append(("end", seq_id))
 
-    def begin_step(self, input_ids, valid):
+    def begin_step(self, input_ids, valid, seq_ids):
+        assert len(seq_ids) == input_ids.shape[0]
         self.events.append(("step", tuple(input_ids.shape), int(valid.sum())))
+        self.rows.append(list(seq_ids))
 
     def on_token_end(self):
         self.events.append(("token_end",))
@@ -217,6 +220,7 @@ def test_runtime_hooks_see_the_batch(mixtral):
     assert sum(e[0] == "token_end" for e in ev) == len(steps)
     assert ev.index(("end", c.id)) < ev.index(("end", a.id))
     assert ev[-1] == ("end", a.id)
+    assert hooks.rows == [[a.id, c.id], [a.id, c.id], [a.id]]   # each row's request, per step
 
 
 def test_runtime_receives_hooks_from_model(checkpoints):

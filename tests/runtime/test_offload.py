@@ -29,7 +29,8 @@ def test_lossless(resident, cache, policy):
     model = fmoe.models.from_pretrained(path, expert_cache=cache, policy=policy)
     try:
         logits = model(ids)
-        assert float((logits - ref_logits).abs().max() / ref_logits.abs().max()) <= 1e-6
+        # bit-identical, chunked prefill included (the issue asks 1e-6 relative)
+        assert torch.equal(logits, ref_logits)
         assert torch.equal(model.generate(ids, 16, eos_token_id=[]), ref_tokens)
         s = model.expert_stats()
         assert s["resident_peak"] <= s["capacity"]

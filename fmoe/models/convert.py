@@ -1,0 +1,465 @@
+"""`fmoe convert SRC DST` (and ``python tools/convert.py``): an HF checkpoint, from a local
+directory or the hub, into fmoe's expert-major store, where one routed expert is one read.
+
+The store format is specified in docs/store-format.md; its reader is `fmoe.models.store_format`.
+Conversion streams: every tensor (and every expert, also out of fused ``[E, 2I, H]`` tensors) is
+copied in chunks of at most `CHUNK_BYTES`, so peak memory does not grow with the model. It writes
+``DST.tmp`` and renames it to DST only when everything, config.json last, is written and synced:
+an interrupted conversion leaves no DST, and its ``DST.tmp`` has no config.json, so it does not
+load (the next conversion removes it).
+
+Tensor dtypes: without ``--dtype`` every tensor keeps its checkpoint dtype. With ``--dtype`` the
+routed experts and every floating tensor that fmoe holds in that dtype are converted; tensors
+the model keeps in another dtype whatever the serving dtype (DeepSeek's float32 router) keep
+theirs. So ``from_pretrained(DST)`` equals ``from_pretrained(SRC, dtype=...)`` exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, FmoeError
+from . import store_format as sf
+from .checkpoint import DTYPE_NAMES, CheckpointIndex, FileReader, TensorInfo, byte_view
+from .config import read_config_json
+from .loading import _check_shape, _find, _name_list, locate_experts, resolve
+from .registry import family_for
+
+CHUNK_BYTES = 32 << 20
+# files copied beside the weights (config.json is written last, by the converter itself)
+AUX_PATTERNS = ("*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", sf.INDEX_FILE}
+
+DTYPE_CHOICES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                 "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+                 "fp32": torch.float32, "float": torch.float32}
+
+
+class ConvertError(FmoeError):
+    """A conversion that cannot start (destination exists, source and destination overlap...)."""
+
+
+def parse_dtype(name) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if str(name).lower() in ("auto", "none"):
+        return None
+    try:
+        return DTYPE_CHOICES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use bfloat16, float16 or float32") from None
+
+
+# -- streaming copies -----------------------------------------------------------------------
+
+class _Copier:
+    """Copies byte ranges of checkpoint files into an output file, in chunks, converting the
+    dtype on the way and keeping a running CRC-32; one reusable read buffer."""
+
+    def __init__(self, reader: FileReader, chunk_bytes: int, bar=None):
+        self.reader = reader
+        self.chunk = max(64, chunk_bytes // 64 * 64)
+        self.buf = torch.empty(0, dtype=torch.uint8)
+        self.bar = bar
+
+    def copy(self, file: Path, offset: int, nbytes: int, src: torch.dtype, dst: torch.dtype, out,
+             crc: int, what: str) -> tuple[int, int]:
+        """Returns (crc, bytes written)."""
+        if self.buf.numel() < min(self.chunk, nbytes):
+            self.buf = torch.empty(min(self.chunk, nbytes), dtype=torch.uint8)
+        step = max(src.itemsize, self.chunk // src.itemsize * src.itemsize)
+        written = 0
+        for pos in range(0, nbytes, step):
+            n = min(step, nbytes - pos)
+            b = self.buf[:n]
+            self.reader.readv(file, offset + pos, [b], what)
+            data = b if src == dst else b.view(src).to(dst).view(torch.uint8)
+            mv = byte_view(data)
+            out.write(mv)
+            crc = zlib.crc32(mv, crc)
+            written += mv.nbytes
+            if self.bar is not None:
+                self.bar.update(n)
+        return crc, written
+
+
+def _write_expert(copier: _Copier, out, layout, dtype: torch.dtype) -> tuple[int, int]:
+    """Append one expert (w13 segments, then w2 segments) to `out`, converted to `dtype`, and pad
+    it to the alignment. Returns (length without padding, crc32)."""
+    crc, length = 0, 0
+    for seg in layout.w13 + layout.w2:
+        crc, n = copier.copy(seg.info.file, seg.info.offset + seg.byte_offset, seg.nbytes, layout.dtype,
+                             dtype, out, crc, repr(seg.info.name))
+        length += n
+    out.write(bytes(sf.padded(length) - length))
+    return length, crc
+
+
+def _safetensors_header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding `tensors` in order."""
+    header: dict = {"__metadata__": {"format": "pt", "writer": "fmoe convert"}}
+    pos = 0
+    for name, dtype, shape in tensors:
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+# -- planning -------------------------------------------------------------------------------
+
+def _plan_weights(cfg, model_cls, index: CheckpointIndex, expert_names: set[str], root: Path,
+                  dtype: torch.dtype | None) -> list[tuple[str, TensorInfo, torch.dtype]]:
+    """(fmoe parameter name, source tensor, output dtype) for every non-expert weight, with the
+    loader's strictness: missing and unexpected tensors are errors."""
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+        for m in model.modules():                 # e.g. DeepSeek's router goes back to float32
+            if hasattr(m, "reset_buffers"):
+                m.reset_buffers(torch.device("meta"))
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    renames = getattr(cfg, "checkpoint_renames", ())
+    used = set(expert_names)
+    plan, missing = [], []
+    for name, param in model.named_parameters():
+        if name == "lm_head.weight" and tied:
+            continue
+        key = _find(name, index, renames)
+        if key is None:
+            missing.append(name)
+            continue
+        info = index[key]
+        _check_shape(info, tuple(param.shape))
+        out = info.dtype
+        if dtype is not None and info.dtype.is_floating_point and param.dtype == dtype:
+            out = dtype
+        plan.append((name, info, out))
+        used.add(key)
+    if tied and "lm_head.weight" in index:
+        used.add("lm_head.weight")
+    if missing:
+        raise CheckpointError(_name_list(f"{root}: missing tensors", missing))
+    import re
+
+    ignored = [re.compile(p) for p in getattr(cfg, "checkpoint_ignore", ())]
+    unexpected = sorted(k for k in index.keys() if k not in used and not k.endswith("rotary_emb.inv_freq")
+                        and not any(p.match(k) for p in ignored))
+    if unexpected:
+        raise CheckpointError(_name_list(f"{root}: unexpected tensors", unexpected))
+    return plan
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _bar(total: int, progress: bool, desc: str):
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+# -- conversion -----------------------------------------------------------------------------
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force: bool = False,
+            verify: bool = False, progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """Convert checkpoint `src` (local directory or hub id; an fmoe store works too) into the
+    store `dst`. `dtype`: None keeps the checkpoint's dtypes, or "bfloat16" / "float16" /
+    "float32" (or a torch dtype). Refuses an existing `dst` unless `force`. With `verify`, the
+    written store's checksums are recomputed before it is renamed into place. Returns a summary
+    dict (path, experts, expert_bytes, weight_bytes, seconds)."""
+    t0 = time.perf_counter()
+    dtype = parse_dtype(dtype)
+    dst = Path(dst).expanduser()
+    root = resolve(src)
+    real_src, real_dst = root.resolve(), dst.resolve()
+    if real_dst == real_src or real_dst in real_src.parents or real_src in real_dst.parents:
+        raise ConvertError(f"{dst}: the destination must not contain, or be inside, the source {root}")
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise ConvertError(f"{dst}: already exists (use --force to replace it)")
+
+    raw = read_config_json(root)
+    family = family_for(raw.get("model_type"))
+    config_cls, model_cls = family.load()
+    cfg = config_cls.from_hf(raw)
+    index = CheckpointIndex(root)
+    src_store = sf.open_store(root)
+    if src_store is not None:
+        layouts, expert_names = src_store.layouts(cfg)
+        default = src_store.dtype
+    else:
+        layouts, expert_names = locate_experts(cfg, index)
+        default = index.dtype
+    target = dtype or default
+    plan = _plan_weights(cfg, model_cls, index, expert_names, root, dtype)
+    shp = cfg.experts
+    expert_dtype = dtype or layouts[0][0].dtype
+    if any(lay.dtype != layouts[0][0].dtype for row in layouts for lay in row) and dtype is None:
+        raise CheckpointError(f"{root}: routed experts have mixed dtypes; pass --dtype")
+    moe_layers = [int(x) for x in getattr(cfg, "moe_layer_ids", range(shp.num_layers))]
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists() or tmp.is_symlink():
+        _remove(tmp)                      # a conversion interrupted earlier
+    total_in = sum(l.nbytes for row in layouts for l in row) + sum(i.nbytes for _, i, _ in plan)
+    reader = FileReader()
+    bar = _bar(total_in, progress, f"convert {dst.name}")
+    try:
+        tmp.mkdir(parents=True)
+        copier = _Copier(reader, chunk_bytes, bar)
+        store_id = uuid.uuid4().hex
+
+        # 1. routed experts: header page, then one aligned blob per expert in (layer, expert) order
+        entries = []
+        with open(tmp / sf.BLOB_FILE, "wb") as out:
+            out.write(sf.blob_header(store_id))
+            offset = sf.ALIGN
+            for l, row in enumerate(layouts):
+                for e, lay in enumerate(row):
+                    length, crc = _write_expert(copier, out, lay, expert_dtype)
+                    entries.append({"layer": moe_layers[l], "moe_layer": l, "expert": e, "offset": offset,
+                                    "length": length, "crc32": crc})
+                    offset += sf.padded(length)
+            out.flush()
+            os.fsync(out.fileno())
+            blob_size = out.tell()
+
+        # 2. non-expert weights: one safetensors file, streamed tensor by tensor
+        header = _safetensors_header([(n, d, tuple(i.shape)) for n, i, d in plan])
+        with open(tmp / sf.WEIGHTS_FILE, "wb") as out:
+            out.write(header)
+            crc = zlib.crc32(header)
+            for name, info, out_dtype in plan:
+                crc, _ = copier.copy(info.file, info.offset, info.nbytes, info.dtype, out_dtype, out, crc,
+                                     repr(info.name))
+            out.flush()
+            os.fsync(out.fileno())
+            weights = {"file": sf.WEIGHTS_FILE, "size": out.tell(), "crc32": crc}
+
+        # 3. tokenizer, generation config and other small files
+        copied = []
+        for pattern in AUX_PATTERNS:
+            for f in sorted(root.glob(pattern)):
+                if f.is_file() and f.name not in _NOT_COPIED and f.name not in copied:
+                    shutil.copyfile(f, tmp / f.name)
+                    copied.append(f.name)
+
+        # 4. the index, then config.json: a directory without them does not load
+        expert_bytes = (2 * shp.inter * shp.hidden + shp.hidden * shp.inter) * expert_dtype.itemsize
+        index_json = {
+            "format": sf.FORMAT, "version": sf.VERSION, "store_id": store_id, "alignment": sf.ALIGN,
+            "model_type": raw.get("model_type"), "dtype": DTYPE_NAMES[target],
+            "source": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "writer": _writer(),
+            "experts": {"num_layers": shp.num_layers, "num_experts": shp.num_experts,
+                        "hidden": shp.hidden, "inter": shp.inter, "dtype": DTYPE_NAMES[expert_dtype],
+                        "w13_shape": [2 * shp.inter, shp.hidden], "w2_shape": [shp.hidden, shp.inter],
+                        "expert_bytes": expert_bytes, "moe_layers": moe_layers},
+            "blob": {"file": sf.BLOB_FILE, "size": blob_size, "header_bytes": sf.ALIGN},
+            "weights": weights,
+            "files": copied,
+            "entries": entries,
+        }
+        _write_index(tmp / sf.INDEX_FILE, index_json)
+        config = dict(raw)
+        if dtype is not None:
+            name = str(dtype).replace("torch.", "")
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = name
+        _write_json(tmp / "config.json", config, indent=2)
+        _fsync_dir(tmp)
+        if bar is not None:
+            bar.close()
+            bar = None
+        if verify:
+            verify_store(tmp, progress=progress)
+
+        # 5. into place
+        old = None
+        if dst.exists() or dst.is_symlink():
+            old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+        if old is not None:
+            _remove(old)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        _remove(tmp)
+        raise
+    finally:
+        reader.close()
+    return {"path": str(dst), "experts": len(entries), "expert_bytes": blob_size,
+            "weight_bytes": weights["size"], "dtype": str(target).replace("torch.", ""),
+            "verified": verify, "seconds": time.perf_counter() - t0}
+
+
+def _writer() -> str:
+    try:
+        from .. import __version__
+    except ImportError:  # pragma: no cover
+        __version__ = "?"
+    return f"fmoe {__version__}"
+
+
+def _write_json(path: Path, data: dict, indent=None) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=indent)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_index(path: Path, index: dict) -> None:
+    """The index as readable JSON with one line per expert entry."""
+    head = json.dumps({k: v for k, v in index.items() if k != "entries"}, indent=1)
+    lines = ",\n".join("  " + json.dumps(e) for e in index["entries"])
+    text = head[:-2] + ',\n "entries": [\n' + lines + "\n ]\n}\n"
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# -- verification ---------------------------------------------------------------------------
+
+def verify_store(path: str | os.PathLike, *, progress: bool = False, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """Recompute every checksum of the store at `path`: each expert's CRC-32 and the weights
+    file's. Raises `CheckpointError` naming the first corrupt expert (or file). Returns a summary."""
+    path = Path(path)
+    store = sf.StoreIndex.load(path)
+    store.check_blob()
+    CheckpointIndex(path)                      # the weights file's header parses and fits
+    reader = FileReader()                      # buffered: a verify pass should not need O_DIRECT
+    step = max(4096, chunk_bytes // 4096 * 4096)
+    buf = torch.empty(min(step, store.expert_bytes), dtype=torch.uint8)
+    entries = list(store)
+    bar = _bar(len(entries) * store.expert_bytes, progress, f"verify {path.name}")
+    try:
+        for e in entries:
+            crc = 0
+            for pos in range(0, e.length, step):
+                n = min(step, e.length - pos)
+                reader.readv(store.blob, e.offset + pos, [buf[:n]], e.label)
+                crc = zlib.crc32(byte_view(buf[:n]), crc)
+                if bar is not None:
+                    bar.update(n)
+            if crc != e.crc32:
+                raise CheckpointError(f"{store.blob}: checksum mismatch in {e.label} (bytes [{e.offset}, "
+                                      f"{e.offset + e.length}): crc32 {crc:08x}, index says {e.crc32:08x})")
+        w = store.raw.get("weights") or {}
+        wfile = path / str(w.get("file", sf.WEIGHTS_FILE))
+        size = wfile.stat().st_size
+        if "size" in w and size != int(w["size"]):
+            raise CheckpointError(f"{wfile}: {size} bytes, {sf.INDEX_FILE} says {w['size']}")
+        if "crc32" in w:
+            crc = 0
+            with open(wfile, "rb") as f:
+                while chunk := f.read(step):
+                    crc = zlib.crc32(chunk, crc)
+            if crc != int(w["crc32"]):
+                raise CheckpointError(f"{wfile}: checksum mismatch (crc32 {crc:08x}, index says "
+                                      f"{int(w['crc32']):08x})")
+    finally:
+        if bar is not None:
+            bar.close()
+        reader.close()
+    return {"experts": len(entries), "bytes": len(entries) * store.expert_bytes}
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="HF checkpoint: local directory or hub repo id")
+    p.add_argument("dst", help="output directory (fmoe store)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_CHOICES) + ["auto"],
+                   metavar="{bfloat16,float16,float32}",
+                   help="convert experts and weights to this dtype (default: keep the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--verify", action="store_true", help="recompute the written store's checksums")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def cmd_convert(args) -> int:
+    out = convert(args.src, args.dst, dtype=args.dtype, force=args.force, verify=args.verify,
+                  progress=not args.no_progress)
+    gib = 2 ** 30
+    print(f"{out['path']}: {out['experts']} experts ({out['expert_bytes'] / gib:.2f} GiB) + non-expert "
+          f"weights ({out['weight_bytes'] / gib:.2f} GiB), {out['dtype']}"
+          f"{', checksums verified' if out['verified'] else ''}, {out['seconds']:.1f} s")
+    return 0
+
+
+def register(subparsers) -> None:
+    """The `fmoe convert` sub-command."""
+    p = subparsers.add_parser("convert", help="convert an HF checkpoint into fmoe's expert-major store",
+                              description="Convert an HF checkpoint (local directory or hub id) into "
+                                          "fmoe's store: one contiguous, 4 KiB-aligned read per expert.")
+    add_arguments(p)
+    p.set_defaults(func=cmd_convert)
+
+
+def main(argv=None) -> int:
+    """``python tools/convert.py SRC DST [--dtype D] [--force] [--verify]``."""
+    p = argparse.ArgumentParser(prog="convert.py", description="Convert an HF checkpoint into fmoe's "
+                                "expert-major store (see docs/store-format.md).")
+    add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    try:
+        return cmd_convert(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        kind = "" if isinstance(e, (FmoeError, ValueError)) else f"{type(e).__name__}: "
+        print(f"convert: error: {kind}{e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
