@@ -168,7 +168,7 @@ class FileReader:
     the OS and filesystem allow it: straight into buffers whose address and size are multiples
     of 4096 (pinned memory), otherwise through a per-thread aligned bounce buffer (at most
     BOUNCE_BYTES per read). A filesystem that refuses (``EINVAL``, e.g. tmpfs) falls back to
-    buffered reads. ``FMOE_DIRECT_IO=0`` turns ``O_DIRECT`` off."""
+    buffered reads. ``FMOE_DIRECT_IO`` chooses (default "auto": only for stores larger than half the RAM, which the page cache could not keep)."""
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
@@ -194,9 +194,9 @@ class FileReader:
     # -- O_DIRECT ---------------------------------------------------------------------------
     def use_direct(self, file: str | os.PathLike) -> bool:
         """Read `file` with O_DIRECT from now on, where supported. Returns whether it will try.
-        ``FMOE_DIRECT_IO``: "1" (default) where supported, "0" never, "auto" only for a file
+        ``FMOE_DIRECT_IO``: "1" where supported, "0" never, "auto" (default) only for a file
         larger than half the machine's memory (one the page cache could not keep anyway)."""
-        mode = os.environ.get("FMOE_DIRECT_IO", "1").lower()
+        mode = os.environ.get("FMOE_DIRECT_IO", "auto").lower()
         if not hasattr(os, "O_DIRECT") or mode in ("0", "false", "no", "off"):
             return False
         if mode == "auto":

@@ -357,7 +357,7 @@ def test_direct_io_modes(tmp_path, monkeypatch):
         monkeypatch.setenv("FMOE_DIRECT_IO", mode)
         assert FileReader().use_direct(f) == want, mode
     monkeypatch.delenv("FMOE_DIRECT_IO")
-    assert FileReader().use_direct(f)                                     # the default
+    assert not FileReader().use_direct(f)                                 # the default: auto
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
