@@ -88,14 +88,27 @@ class OffloadedExperts(Experts):
 class OffloadRuntime:
     def __init__(self, module, cfg, layouts, reader, *, device: torch.device, dtype: torch.dtype,
                  expert_cache, policy: str = "fmoe", link_bandwidth=None, host_cache=None,
-                 trace_path=None, policy_options: dict | None = None):
+                 trace_path=None, policy_options: dict | None = None, prefetch_distance=None,
+                 map_store=None):
         shp = cfg.experts
         self.shape = shp
         self.L, self.E, self.K = shp.num_layers, shp.num_experts, shp.top_k
         self.device = device
         expert_bytes = 3 * shp.hidden * shp.inter * dtype.itemsize
         self.capacity = parse_capacity(expert_cache, self.L, self.E, self.K, expert_bytes)
-        self.policy = make_policy(policy, self.L, self.E, self.capacity, **(policy_options or {}))
+        opts = dict(policy_options or {})
+        if policy == "fmoe":
+            opts.setdefault("top_k", self.K)
+            opts.setdefault("embed_dim", shp.hidden)     # live: the model's token embedding
+            if prefetch_distance is not None:
+                opts["prefetch_distance"] = int(prefetch_distance)
+        elif prefetch_distance is not None or map_store is not None:
+            raise ValueError(f"prefetch_distance and map_store need policy='fmoe', not {policy!r}")
+        self.policy = make_policy(policy, self.L, self.E, self.capacity, **opts)
+        self.map_store = map_store
+        if map_store is not None:
+            self.policy.store.load(map_store)   # a missing or bad file is reported and ignored
+        self._embed = getattr(getattr(module, "model", None), "embed_tokens", None)
         self.table = SlotTable(self.capacity, self.policy)
         S = self.capacity
         # one spare slot past the table's S, all zeros and never assigned: in a chunked layer the
@@ -112,6 +125,11 @@ class OffloadRuntime:
         self.store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, host_bytes, pin=cuda, reader=reader)
         self.link_bandwidth = parse_bandwidth(link_bandwidth)
         self.engine = CopyEngine(self.store, self.w13[:S], self.w2[:S], self.link_bandwidth)
+        self.scheduler = None
+        if self.policy.prefetches:
+            from .scheduler import PrefetchScheduler
+
+            self.scheduler = PrefetchScheduler(self.policy)
         self.recorder = None
         if trace_path is not None:
             from .recorder import TraceRecorder
@@ -145,22 +163,39 @@ class OffloadRuntime:
         """A forward over input_ids [B, T] starts; row b belongs to request seq_ids[b]."""
         if self.recorder is not None:
             self.recorder.begin_step(input_ids, valid, seq_ids)
+        if self._embed is not None and hasattr(self.policy, "set_token_embedding"):
+            # the semantic key of this iteration: the model's embedding of its token(s)
+            with torch.no_grad():
+                ids = input_ids[:, -1]
+                emb = self._embed(ids).float().mean(dim=0).cpu().numpy()
+            self.policy.set_token_embedding(emb)
 
     def on_token_end(self) -> None:
-        self.policy.on_token_end()
+        if self.scheduler is not None:
+            self.scheduler.token_end()
+        else:
+            self.policy.on_token_end()
         if self.recorder is not None:
             self.recorder.end_step()
 
     def on_request_start(self, seq_id: int = 0, prompt: str | None = None, token_ids=None) -> None:
-        self.policy.on_request_start(seq_id, prompt, token_ids)
+        if self.scheduler is not None:
+            self.scheduler.request_start(seq_id, prompt, token_ids)
+        else:
+            self.policy.on_request_start(seq_id, prompt, token_ids)
 
     def on_request_end(self, seq_id: int = 0) -> None:
-        self.policy.on_request_end(seq_id)
+        if self.scheduler is not None:
+            self.scheduler.request_end(seq_id)
+        else:
+            self.policy.on_request_end(seq_id)
         if self.recorder is not None:
             self.recorder.end_request(seq_id)
 
     # -- the layer ---------------------------------------------------------------------------
     def _prefetch(self, orders) -> None:
+        if not orders or self.engine.queued_prefetches():
+            return   # the link is still busy with earlier orders: newer ones would only queue
         for key, priority in orders:
             got = self.table.prefetch(key)
             if got is None:
@@ -191,7 +226,10 @@ class OffloadRuntime:
     def run_layer(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, router_probs: torch.Tensor | None) -> torch.Tensor:
         """x [N, H], topk_weights [N, K], topk_ids [N, K] expert ids -> [N, H]."""
-        self._prefetch(self.policy.on_layer_start(layer))
+        if self.scheduler is not None:
+            self._prefetch(self.scheduler.layer_start(layer))
+        else:
+            self._prefetch(self.policy.on_layer_start(layer))
         # first-appearance order (for one token: the router's order), as a trace replays it
         experts = list(dict.fromkeys(topk_ids.reshape(-1).tolist()))
         base = layer * self.E
@@ -224,12 +262,19 @@ class OffloadRuntime:
         probs = None
         if self.policy.prefetches or self.recorder is not None:
             probs = router_probs.float().cpu().numpy() if router_probs is not None else None
-        self.policy.on_routed(layer, np.asarray(experts, dtype=np.int64), probs)
+        if self.scheduler is not None:
+            self.scheduler.routed(layer, np.asarray(experts, dtype=np.int64), probs)
+        else:
+            self.policy.on_routed(layer, np.asarray(experts, dtype=np.int64), probs)
         if self.recorder is not None:
             self.recorder.record(layer, topk_ids, probs)
         return out
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self.map_store is not None:
+            self.policy.store.save(self.map_store)
         self.engine.close()
         if self.recorder is not None:
             self.recorder.close()

@@ -74,6 +74,34 @@ class MapStore:
         self._put(i, m, emb)
         return i
 
+    def add_many(self, maps: np.ndarray, embs: np.ndarray) -> None:
+        """`add` each of maps [B, L, E] with embs [B, D], in order, with the same result as B
+        calls of `add`, but with the redundancy of the whole batch in one matrix product."""
+        B = len(maps)
+        j = 0
+        while j < B and self.size < self.capacity:       # free room first
+            self.add(maps[j], embs[j])
+            j += 1
+        if j == B:
+            return
+        maps, embs = np.asarray(maps[j:], np.float32), np.asarray(embs[j:], np.float32)
+        flat = maps.reshape(len(maps), -1)
+        flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-30)
+        sem = embs / np.maximum(np.linalg.norm(embs, axis=1, keepdims=True), 1e-30)
+        w_sem = min(self.d, self.L) / self.L
+        # redundancy against the store as it was before this batch ...
+        red = w_sem * (self.sem @ sem.T) + (1 - w_sem) * (self.flat_unit @ flat.T)   # [C, B']
+        changed: list[int] = []
+        for b in range(len(maps)):
+            r = red[:, b].copy()
+            # ... corrected for the entries this batch already replaced
+            for i in changed:
+                r[i] = w_sem * float(self.sem[i] @ sem[b]) + (1 - w_sem) * float(self.flat_unit[i] @ flat[b])
+            i = int(np.argmax(r))
+            self._put(i, maps[b], embs[b])
+            if i not in changed:
+                changed.append(i)
+
     def _put(self, i: int, m: np.ndarray, emb: np.ndarray) -> None:
         m = np.asarray(m, np.float32)
         self.maps[i] = m

@@ -165,6 +165,10 @@ class CopyEngine:
             for s in slots:
                 self.use_events[s] = ev
 
+    def queued_prefetches(self) -> int:
+        with self._cv:
+            return sum(1 for o in self._pending.values() if o.kind == PREFETCH)
+
     def idle(self) -> bool:
         with self._cv:
             return not self._pending

@@ -128,3 +128,18 @@ def test_save_load_roundtrip_and_bad_files(tmp_path, caplog):
     (tmp_path / "bad.npz").write_bytes(b"not a zip at all")
     assert not t.load(tmp_path / "bad.npz") and t.size == 5
     assert not t.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_add_many_equals_sequential_adds(seed):
+    rng = np.random.default_rng(seed)
+    a = MapStore(capacity=7, num_layers=3, num_experts=5, dim=4, prefetch_distance=2)
+    b = MapStore(capacity=7, num_layers=3, num_experts=5, dim=4, prefetch_distance=2)
+    maps = rng.dirichlet(np.ones(5), size=(40, 3)).astype(np.float32)
+    embs = rng.normal(size=(40, 4)).astype(np.float32)
+    for m, e in zip(maps, embs):
+        a.add(m, e)
+    b.add_many(maps[:3], embs[:3])
+    b.add_many(maps[3:], embs[3:])
+    np.testing.assert_array_equal(a.maps, b.maps)
+    np.testing.assert_allclose(a.sem, b.sem)

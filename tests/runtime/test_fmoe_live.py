@@ -1,0 +1,103 @@
+"""policy="fmoe" in the live runtime: lossless, prefetches reported, map store persisted, and
+search kept off the forward thread."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import fmoe
+from fmoe.runtime.fmoe_policy import FmoePolicy
+
+
+@pytest.fixture(scope="module")
+def resident(mixtral_ckpt):
+    path, _ = mixtral_ckpt
+    model = fmoe.models.from_pretrained(path)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(9))
+    return path, ids, model.generate(ids, 24, eos_token_id=[])
+
+
+@pytest.mark.parametrize("cache", [2, 0.25, 0.5])
+def test_fmoe_lossless_and_prefetches(resident, cache):
+    path, ids, ref = resident
+    model = fmoe.models.from_pretrained(path, expert_cache=cache, policy="fmoe",
+                                        policy_options={"max_orders": 4})
+    try:
+        for _ in range(3):                       # the store fills online
+            assert torch.equal(model.generate(ids, 24, eos_token_id=[]), ref)
+        model.runtime.scheduler.drain()
+        s = model.expert_stats()
+        assert s["prefetched"] > 0
+        assert 0 <= s["prefetch_used"] <= s["prefetched"]
+        assert s["resident_peak"] <= s["capacity"]
+        assert model.runtime.policy.store.size > 0
+    finally:
+        model.close()
+
+
+def test_search_runs_on_worker_thread(resident):
+    path, ids, _ = resident
+    model = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe")
+    seen = set()
+    pol = model.runtime.policy
+    orig = pol.on_routed
+
+    def spy(*a, **k):
+        seen.add(threading.current_thread().name)
+        return orig(*a, **k)
+
+    pol.on_routed = spy
+    model.generate(ids, 4, eos_token_id=[])
+    model.runtime.scheduler.drain()
+    model.close()
+    assert seen == {"fmoe-predictor"}
+
+
+def test_map_store_persists_across_restarts(resident, tmp_path):
+    path, ids, ref = resident
+    store = tmp_path / "maps" / "store.npz"
+    m1 = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=store)
+    m1.generate(ids, 8, eos_token_id=[])
+    m1.runtime.scheduler.drain()
+    n = m1.runtime.policy.store.size
+    m1.close()
+    assert store.exists() and n > 0
+    m2 = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=store)
+    assert m2.runtime.policy.store.size == n        # warm after a restart
+    assert torch.equal(m2.generate(ids, 24, eos_token_id=[]), ref)
+    m2.close()
+    store.write_bytes(b"garbage")                   # a corrupt file is reported and ignored
+    m3 = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=store)
+    assert m3.runtime.policy.store.size == 0
+    m3.close()
+
+
+def test_map_store_needs_fmoe(resident, tmp_path):
+    with pytest.raises(ValueError, match="policy='fmoe'"):
+        fmoe.models.from_pretrained(resident[0], expert_cache=0.5, policy="lru", map_store=tmp_path / "x.npz")
+
+
+def test_policy_hand_worked_distance_eviction():
+    """Two layers x 4 experts, 3 slots. At layer 1 the resident keys are (0,0), (0,1), (1,2);
+    (1,2) is predicted for this layer, the two layer-0 keys are not needed before the next
+    iteration: the rarely used one goes."""
+    p = FmoePolicy(2, 4, 3, top_k=1, eviction="distance", prefetch_distance=1)
+    for key in (0, 1, 6):
+        p.on_insert(key)
+    p.ema[:] = 0.0
+    p.ema[0] = 0.9          # (0,0) used in most iterations
+    p.ema[1] = 0.1
+    p.ema[6] = 0.1
+    p.l_now = 1
+    p.p_cur[:] = 0
+    p.p_cur[6] = 1.0         # predicted for layer 1 now
+    assert p.victim([0, 1, 6], set()) == 1
+    assert p.victim([0, 1, 6], {1}) == 0
+    d = p.expected_distance()
+    assert d[6] == pytest.approx(0.0)            # predicted for the running layer
+    assert d[0] == pytest.approx(1 + 2 * (1 / 0.9001 - 1))   # next iteration, used 90% of them
+    assert p.admit_prefetch(7, 1) is bool(d[1] > d[7])

@@ -1,0 +1,37 @@
+"""A trace recorded live replays in the simulator to the runtime's own hit and miss counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fmoe
+from fmoe.sim.replay import simulate
+from fmoe.sim.timing import TimingModel
+from fmoe.sim.trace import load_trace
+
+
+@pytest.mark.parametrize("policy,cache", [("lru", 4), ("lru", 6), ("lfu", 5), ("lfu", 8)])
+def test_recorded_trace_replays_to_same_counts(tmp_path, mixtral_ckpt, policy, cache):
+    path, _ = mixtral_ckpt
+    trace_path = tmp_path / "live.npz"
+    model = fmoe.models.from_pretrained(path, expert_cache=cache, policy=policy, trace_path=trace_path)
+    g = torch.Generator().manual_seed(11)
+    for n in range(3):              # three requests, one token per step (prompt of one token)
+        model.generate(torch.randint(3, 128, (1, 1), generator=g), max_new_tokens=20, eos_token_id=[])
+    live = model.expert_stats()
+    model.close()
+
+    trace = load_trace(trace_path)
+    assert trace.num_sequences == 3
+    assert trace.num_tokens == 60
+    assert trace.expert_ids.shape == (60, 2, 2)
+    assert trace.gate_probs is not None and trace.gate_probs.shape == (60, 2, 8)
+    np.testing.assert_allclose(trace.gate_probs.sum(-1), 1.0, rtol=1e-5)
+    assert list(trace.phase[:2]) == [0, 1]
+
+    timing = TimingModel(attn=1e-4, shared=0.0, expert=1e-5, copy=1e-3)
+    sim = simulate(trace, policy, timing, capacity=cache)
+    assert (sim.hits, sim.misses) == (live["hits"], live["misses"])
+    assert live["misses"] > 0 and live["hits"] > 0
