@@ -95,6 +95,10 @@ class CheckpointIndex:
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
+            if isinstance(meta, dict) and str(meta.get("dtype", "")).startswith("F8"):
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} is {meta['dtype']}: FP8 checkpoints are not supported "
+                    f"yet; convert them to bfloat16 first")
             try:
                 dtype = DTYPES[meta["dtype"]]
                 shape = tuple(int(s) for s in meta["shape"])

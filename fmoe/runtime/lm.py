@@ -104,6 +104,8 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
     cfg, module, index, layouts, dtype, reader = build_model(root, device, dtype)
     runtime = None
     if expert_cache is None:
+        if kwargs:
+            raise ValueError(f"{', '.join(sorted(kwargs))} need an expert cache (expert_cache=...)")
         install_resident_experts(module, cfg, layouts, reader, device, dtype)
         reader.close()
     else:
@@ -111,6 +113,8 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
 
         runtime = OffloadRuntime(module, cfg, layouts, reader, device=device, dtype=dtype,
                                  expert_cache=expert_cache, policy=policy, **kwargs)
+        if runtime.recorder is not None:
+            runtime.recorder.model = str(name_or_path)   # the hub id (or path) the user gave
     tokenizer = None
     if (root / "tokenizer.json").exists():
         from .tokenizer import Tokenizer

@@ -14,7 +14,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cache", default=None,
                    help="routed experts on the device: fraction (0.25), count (96) or bytes (8GiB); "
                         "default: all resident")
-    p.add_argument("--policy", default="lru", help="cache policy: lru, lfu (default: lru)")
+    p.add_argument("--policy", default="fmoe",
+                   help="cache policy: fmoe, lru, lfu, moe-infinity (default: fmoe)")
     p.add_argument("--link-bandwidth", default=None,
                    help="emulate a host->device link on CPU, e.g. 25GB/s (figures are emulated)")
 
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Offloading keeps attention on the device and")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--expert-cache", default="0.25")
-    p.add_argument("--policy", default="lru")
+    p.add_argument("--policy", default="fmoe", help="cache policy (default: fmoe)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate text from a prompt, streaming to the terminal")

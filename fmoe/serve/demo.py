@@ -100,7 +100,7 @@ def demo_checkpoint(dtype: torch.dtype = torch.float32) -> Path:
 
 
 def run(prompt: str = "Offloading keeps attention on the device and", max_new_tokens: int = 32,
-        expert_cache="0.25", policy: str = "lru", device: str = "cpu", out=print) -> int:
+        expert_cache="0.25", policy: str = "fmoe", device: str = "cpu", out=print) -> int:
     from ..models import from_pretrained
 
     path = demo_checkpoint()
