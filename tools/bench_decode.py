@@ -36,14 +36,40 @@ SHAPES = {
                   num_experts_per_tok=2, max_position_embeddings=1024),
 }
 
+# one mid-sized random model per family (`--family`), run with the same rows
+FAMILY_CONFIGS = {
+    "qwen2_moe": dict(model_type="qwen2_moe", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                      moe_intermediate_size=704, shared_expert_intermediate_size=2816,
+                      num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
+                      num_experts=32, num_experts_per_tok=4, norm_topk_prob=False,
+                      max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6),
+    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                      moe_intermediate_size=768, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=8,
+                      norm_topk_prob=True, max_position_embeddings=4096, rope_theta=1e6,
+                      rms_norm_eps=1e-6),
+    "deepseek_v2": dict(model_type="deepseek_v2", vocab_size=32000, hidden_size=1024,
+                        intermediate_size=2816, moe_intermediate_size=704, num_hidden_layers=8,
+                        num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+                        n_routed_experts=32, num_experts_per_tok=6, routed_scaling_factor=1.0,
+                        kv_lora_rank=256, q_lora_rank=None, qk_rope_head_dim=32, v_head_dim=64,
+                        qk_nope_head_dim=64, topk_method="greedy", n_group=1, topk_group=1,
+                        first_k_dense_replace=1, norm_topk_prob=False, scoring_func="softmax",
+                        max_position_embeddings=4096, rope_theta=10000, rms_norm_eps=1e-6),
+}
 
-def checkpoint(shape: str, root: Path) -> Path:
+
+def checkpoint(shape: str, root: Path, family: str = "mixtral") -> Path:
     from fmoe.models.synthetic import write_random_checkpoint
 
-    path = root / f"bench-mixtral-{shape}"
-    if not (path / "config.json").exists():
+    if family == "mixtral":
+        path = root / f"bench-mixtral-{shape}"
         cfg = dict(model_type="mixtral", architectures=["MixtralForCausalLM"], rms_norm_eps=1e-5,
                    rope_theta=1e6, bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+    else:
+        path = root / f"bench-{family}"
+        cfg = dict(FAMILY_CONFIGS[family], bos_token_id=1, eos_token_id=2)
+    if not (path / "config.json").exists():
         write_random_checkpoint(path, cfg, dtype=torch.bfloat16, seed=0)
     return path
 
@@ -92,6 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--link", default="25GB/s", help="emulated link bandwidth for the stall rows")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers row")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--family", default="mixtral", choices=["mixtral", *FAMILY_CONFIGS],
+                    help="model family of the random checkpoint (non-Mixtral: a fixed mid-sized shape)")
+    ap.add_argument("--resident-only", action="store_true", help="only the HF and fmoe resident rows")
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("FMOE_CACHE", Path.home() / ".cache" / "fmoe")))
     args = ap.parse_args(argv)
     if args.quick:
@@ -99,7 +129,10 @@ def main(argv=None) -> int:
 
     import fmoe
 
-    path = checkpoint(args.shape, args.cache_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
+    path = checkpoint(args.shape, args.cache_dir, args.family)
     prompt = torch.tensor([[5, 17, 230, 41, 99, 7, 300, 12]])
     rows = []
 
@@ -131,7 +164,7 @@ def main(argv=None) -> int:
                                      args.tokens, args.repeats))
     del res
 
-    for link in (None, args.link):
+    for link in (() if args.resident_only else (None, args.link)):
         for cache in (1.0, 0.5, 0.25):
             m = fmoe.models.from_pretrained(path, dtype=torch.float32, expert_cache=cache, policy="lru",
                                             link_bandwidth=link)
@@ -146,6 +179,9 @@ def main(argv=None) -> int:
             m.close()
 
     size = dir_bytes(path)
+    if args.resident_only:
+        _table(rows)
+        return 0
     rss = peak_rss_child(path, 0.25)
     rss_full = peak_rss_child(path, 1.0)
     base_rss = peak_rss_child(None, None)
@@ -155,6 +191,14 @@ def main(argv=None) -> int:
           f"python + torch + fmoe imported alone {mib(base_rss)}")
     print(f"above the import baseline: 0.25 -> {mib(rss - base_rss)} ({(rss - base_rss) / size:.2f}x the "
           f"checkpoint), 1.0 -> {mib(rss_full - base_rss)} ({(rss_full - base_rss) / size:.2f}x)\n")
+    _table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "checkpoint_bytes": size, "peak_rss_0.25": rss,
+                                         "peak_rss_1.0": rss_full, "peak_rss_imports": base_rss}, indent=2))
+    return 0
+
+
+def _table(rows) -> None:
     base = next((r["tokens_per_s"] for r in rows if r["config"].startswith("HF")), None)
     print("| configuration | decode tokens/s | vs HF eager | hit rate | stall ms/token | MiB loaded/token |")
     print("|---|---|---|---|---|---|")
@@ -163,10 +207,6 @@ def main(argv=None) -> int:
         extra = (f"{r['hit_rate']:.3f} | {r['stall_ms_per_token']:.2f} | {r['mib_loaded_per_token']:.1f}"
                  if "hit_rate" in r else "- | - | -")
         print(f"| {r['config']} | {r['tokens_per_s']:.2f} | {ratio} | {extra} |")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "checkpoint_bytes": size, "peak_rss_0.25": rss,
-                                         "peak_rss_1.0": rss_full, "peak_rss_imports": base_rss}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

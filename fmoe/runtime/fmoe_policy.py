@@ -62,7 +62,7 @@ class FmoePolicy(Policy):
     def __init__(self, num_layers: int, num_experts: int, capacity: int, *, top_k: int | None = None,
                  prefetch_distance: int = 3, store_capacity: int = 1024, encoder: str = "token",
                  semantic: bool = True, trajectory: bool = True, eviction: str = "distance",
-                 decay: float = 0.9, max_orders: int = 4, min_similarity: float = 0.0,
+                 decay: float = 0.9, max_orders: int = 1, min_similarity: float = 0.6,
                  embed_dim: int | None = None, prompt_encoder=None, learn: bool = True):
         super().__init__(num_layers, num_experts, capacity)
         if eviction not in EVICTIONS:
