@@ -7,18 +7,32 @@ pinned against eviction, and asks the policy for victims. The simulator uses the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .policies import Policy
 
 
 @dataclass
 class SlotStats:
+    """Counts since the table was made. ``hits + misses`` is the number of uses.
+
+    A use is a hit only when the expert was resident *and ready* (the caller says so through
+    `acquire(..., ready=...)`); ``late`` counts the misses that found the expert resident with its
+    copy still in flight (no new load), so ``misses - late`` uses took a new slot (demand loads).
+    """
+
     hits: int = 0
     misses: int = 0
     prefetched: int = 0
     prefetch_used: int = 0
     resident_peak: int = 0
+    late: int = 0
+    evictions: int = 0
+    released: int = 0
+
+    @property
+    def demand_loads(self) -> int:
+        return self.misses - self.late
 
 
 @dataclass
@@ -50,22 +64,32 @@ class SlotTable:
     def __len__(self) -> int:
         return len(self.slot_of)
 
-    def _make_room(self) -> tuple[int, int | None]:
+    def _make_room(self, victim: int | None = None) -> tuple[int, int | None]:
         if self.free:
             return self.free.pop(), None
-        victim = self.policy.victim(self.slot_of.keys(), self.pinned)
+        if victim is None:
+            victim = self.policy.victim(self.slot_of.keys(), self.pinned)
         slot = self.slot_of.pop(victim)
         self.key_of[slot] = None
         self.unused_prefetch.discard(victim)
+        self.stats.evictions += 1
         self.policy.on_evict(victim)
         return slot, victim
 
-    def acquire(self, key: int, pin: bool = True) -> Acquired:
+    def acquire(self, key: int, pin: bool = True, ready: bool = True) -> Acquired:
         """A use of `key` by the running layer: a hit, or a miss that takes a slot (evicting
-        the policy's victim when full). Counts hits/misses; pins the key when `pin`."""
+        the policy's victim when full). Counts hits/misses; pins the key when `pin`.
+
+        `ready=False` says that a resident key's copy is still in flight: the use counts as a
+        miss (and in ``stats.late``) although it takes no new slot; `Acquired.hit` stays True
+        (the key was resident)."""
         slot = self.slot_of.get(key)
         if slot is not None:
-            self.stats.hits += 1
+            if ready:
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+                self.stats.late += 1
             if key in self.unused_prefetch:
                 self.unused_prefetch.discard(key)
                 self.stats.prefetch_used += 1
@@ -84,14 +108,49 @@ class SlotTable:
             self.pinned.add(key)
         return Acquired(key, slot, hit, evicted)
 
+    def acquire_many(self, keys, pin: bool = True) -> int:
+        """`acquire(key, pin)` for each key in order (all ready), without building `Acquired`
+        results; returns the number of misses. Same counts and policy events as `acquire`."""
+        slot_of, stats, policy = self.slot_of, self.stats, self.policy
+        pinned, unused = self.pinned, self.unused_prefetch
+        misses = 0
+        for key in keys:
+            if key in slot_of:
+                stats.hits += 1
+                if unused and key in unused:
+                    unused.discard(key)
+                    stats.prefetch_used += 1
+                policy.on_hit(key)
+            else:
+                misses += 1
+                stats.misses += 1
+                slot, _ = self._make_room()
+                slot_of[key] = slot
+                self.key_of[slot] = key
+                policy.on_insert(key, prefetch=False)
+                if len(slot_of) > stats.resident_peak:
+                    stats.resident_peak = len(slot_of)
+            if pin:
+                pinned.add(key)
+        return misses
+
     def prefetch(self, key: int) -> Acquired | None:
-        """Place `key` ahead of need. Returns None when already resident or when every
-        resident key is pinned and no slot is free."""
+        """Place `key` ahead of need. Returns None when already resident, when every
+        resident key is pinned and no slot is free, or when the policy's
+        `admit_prefetch(key, victim)` refuses (victim None when a slot is free)."""
         if key in self.slot_of:
             return None
-        if not self.free and len(self.pinned) >= len(self.slot_of):
-            return None
-        slot, evicted = self._make_room()
+        if self.free:
+            if not self.policy.admit_prefetch(key, None):
+                return None
+            slot, evicted = self._make_room()
+        else:
+            if len(self.pinned) >= len(self.slot_of):
+                return None
+            victim = self.policy.victim(self.slot_of.keys(), self.pinned)
+            if not self.policy.admit_prefetch(key, victim):
+                return None
+            slot, evicted = self._make_room(victim)
         self.slot_of[key] = slot
         self.key_of[slot] = key
         self.unused_prefetch.add(key)
@@ -99,6 +158,23 @@ class SlotTable:
         self.policy.on_insert(key, prefetch=True)
         self.stats.resident_peak = max(self.stats.resident_peak, len(self.slot_of))
         return Acquired(key, slot, False, evicted)
+
+    def release(self, key: int) -> int | None:
+        """Drop a resident, unpinned `key` without a policy decision (e.g. a prefetch cancelled
+        before its copy started). Returns the freed slot, or None when `key` is not resident.
+        The policy sees `on_evict`."""
+        slot = self.slot_of.get(key)
+        if slot is None:
+            return None
+        if key in self.pinned:
+            raise RuntimeError(f"cannot release pinned key {key}")
+        del self.slot_of[key]
+        self.key_of[slot] = None
+        self.unused_prefetch.discard(key)
+        self.free.append(slot)
+        self.stats.released += 1
+        self.policy.on_evict(key)
+        return slot
 
     def unpin(self, keys=None) -> None:
         if keys is None:

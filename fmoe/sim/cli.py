@@ -1,0 +1,280 @@
+"""`fmoe simulate`: replay routing traces through the runtime's policies under a timing model.
+
+    fmoe simulate --trace T.npz --policy lru --cache-fraction 0.25 [--hardware rtx3090-pcie4]
+    fmoe simulate --trace T.npz --sweep [--fractions 0.1,0.25,0.5] [--policies lru,oracle]
+                  [--hardware rtx3090-pcie4,h100-pcie5] [--csv out.csv] [--plot out.png]
+
+`register(subparsers)` adds the sub-command to the `fmoe` console script; `python -m fmoe.sim`
+runs it alone. Bad input gives one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+from ..errors import FmoeError
+
+DEFAULT_HARDWARE = "rtx3090-pcie4"
+DEFAULT_FRACTIONS = "0.1,0.25,0.5"
+NO_PROBS = {"lru", "lfu", "belady", "oracle", "moe-infinity"}   # policies that ignore probs
+PROG = "fmoe simulate"
+
+
+class UsageError(FmoeError):
+    pass
+
+
+def _fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _fraction(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 < f <= 1) or math.isnan(f):
+        raise argparse.ArgumentTypeError(f"cache fraction must be in (0, 1], got {text}")
+    return f
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _csv_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", required=True, metavar="T.npz",
+                   help="routing trace (format v1) to replay")
+    p.add_argument("--history", metavar="H.npz",
+                   help="trace that fills the policy's history (expert-map store) before the "
+                        "replay; not measured")
+    p.add_argument("--policy", metavar="P",
+                   help="lru, lfu, moe-infinity, belady, oracle, ... (required unless --sweep)")
+    p.add_argument("--cache-fraction", type=_fraction, metavar="F",
+                   help="device cache = floor(F * L * E) routed-expert slots, one pool for all "
+                        "MoE layers (required unless --capacity or --sweep)")
+    p.add_argument("--capacity", type=_positive_int, metavar="N",
+                   help="device cache in slots, instead of --cache-fraction")
+    p.add_argument("--prefetch-distance", type=_positive_int, metavar="D",
+                   help="layers ahead a prefetching policy may prefetch (policy default if "
+                        "omitted)")
+    p.add_argument("--hardware", default=None, metavar="NAME",
+                   help=f"hardware profile (default {DEFAULT_HARDWARE}); with --sweep a "
+                        "comma-separated list")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the last stdout line)")
+    p.add_argument("--model", metavar="NAME",
+                   help="built-in model shape (deepseek-v2-lite, mixtral-8x7b, "
+                        "qwen1.5-moe-a2.7b, qwen3-30b-a3b); default: from the trace's `model`")
+    p.add_argument("--model-config", metavar="CONFIG",
+                   help="HF config.json (or its directory) giving the model shape")
+    p.add_argument("--dtype", metavar="DTYPE",
+                   help="expert weight dtype (default: the config's, else bfloat16)")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                   help="replay only the first N tokens (quick runs)")
+    p.add_argument("--engine", default="auto", choices=["auto", "events", "demand", "lru"],
+                   help="replay engine (all give the same counts; auto picks the fastest)")
+    p.add_argument("--vs-oracle", action="store_true",
+                   help="also replay Belady demand paging and report loads against it")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the on-disk cache of derived arrays")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--sweep", action="store_true",
+                   help="sweep cache fractions x policies x hardware profiles")
+    g.add_argument("--fractions", default=DEFAULT_FRACTIONS, metavar="LIST",
+                   help=f"cache fractions of the sweep (default {DEFAULT_FRACTIONS})")
+    g.add_argument("--policies", metavar="LIST",
+                   help="policies of the sweep (default: every registered one)")
+    g.add_argument("--csv", metavar="PATH", help="write the sweep rows to this CSV file")
+    g.add_argument("--plot", metavar="PATH", help="write hit rate and TPOT plots to this PNG")
+    g.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="worker processes for the sweep (default 1)")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `simulate` sub-command to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "simulate", help="replay routing traces through expert-cache policies",
+        description="Replay a routing trace (format v1) through the runtime's expert-cache "
+                    "policies under a timing model; report hit rate, TPOT, stall and bytes "
+                    "moved.")
+    add_arguments(p)
+    p.error = _fail  # one line, exit code 2
+    p.set_defaults(func=run)
+    return p
+
+
+# -- the command --------------------------------------------------------------------------
+
+def _resolve_shape(args, trace):
+    from .shapes import get_shape, guess_shape, load_config_shape
+
+    if args.model_config and args.model:
+        raise UsageError("give --model or --model-config, not both")
+    if args.model_config:
+        shape = load_config_shape(args.model_config)
+    elif args.model:
+        shape = get_shape(args.model)
+    else:
+        name = guess_shape(trace.model)
+        if name is None:
+            raise UsageError(f"cannot tell the model shape of trace model {trace.model!r}; pass "
+                             "--model NAME (deepseek-v2-lite, mixtral-8x7b, qwen1.5-moe-a2.7b, "
+                             "qwen3-30b-a3b) or --model-config config.json")
+        shape = get_shape(name)
+    shape = shape.with_dtype(args.dtype)
+    if (shape.num_moe_layers, shape.num_experts) != (trace.num_layers, trace.num_experts):
+        raise UsageError(f"trace has {trace.num_layers} MoE layers x {trace.num_experts} experts "
+                         f"but model shape {shape.name!r} has {shape.num_moe_layers} x "
+                         f"{shape.num_experts}")
+    return shape
+
+
+def _json_safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def _run(args) -> int:
+    from .hardware import get_hardware
+    from .replay import capacity_for, policy_class, policy_names, simulate
+    from .trace import load_trace
+
+    # cheap checks first
+    hw_names = _csv_list(args.hardware) if args.hardware else [DEFAULT_HARDWARE]
+    if not hw_names:
+        raise UsageError("--hardware is empty")
+    if len(hw_names) > 1 and not args.sweep:
+        raise UsageError("several --hardware profiles need --sweep")
+    hws = [get_hardware(h) for h in hw_names]
+    if args.sweep:
+        policies = _csv_list(args.policies) if args.policies else policy_names()
+        try:
+            fractions = [_fraction(x) for x in _csv_list(args.fractions)]
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--fractions: {e}") from None
+        if not policies or not fractions:
+            raise UsageError("--policies and --fractions must not be empty")
+        if args.capacity or args.cache_fraction:
+            raise UsageError("--sweep takes --fractions, not --cache-fraction/--capacity")
+    else:
+        if not args.policy:
+            raise UsageError("--policy is required (or --sweep)")
+        if args.cache_fraction is None and args.capacity is None:
+            raise UsageError("--cache-fraction (or --capacity) is required")
+        if args.cache_fraction is not None and args.capacity is not None:
+            raise UsageError("give --cache-fraction or --capacity, not both")
+        if args.csv or args.plot:
+            raise UsageError("--csv and --plot belong to --sweep")
+        policies = [args.policy]
+    for p in policies:
+        policy_class(p)
+
+    # the router softmax can be large; load it only for policies that may read it
+    probs = any(p not in NO_PROBS for p in policies)
+    trace = load_trace(args.trace, gate_probs=probs)
+    if args.max_tokens:
+        trace = trace.head(args.max_tokens)
+    history = load_trace(args.history, gate_probs=probs) if args.history else None
+    shape = _resolve_shape(args, trace)
+    from .timing import TimingModel
+
+    timings = {h.name: TimingModel.from_shape(shape, h) for h in hws}
+    options = {"prefetch_distance": args.prefetch_distance} if args.prefetch_distance else None
+    use_cache = not args.no_cache
+    common = {"model": shape.name, "trace": str(args.trace),
+              "history": str(args.history) if args.history else None,
+              "prefetch_distance": args.prefetch_distance}
+
+    if args.sweep:
+        from .sweep import format_table, plot, run_sweep, write_csv
+
+        t0 = time.perf_counter()
+
+        def progress(rs):
+            if not args.json:
+                for h, d in rs:
+                    print(f"  {h:>14} {d['policy']:>13} {100 * d['cache_fraction']:5.1f}%  hit "
+                          f"{d['hit_rate']:.3f}  TPOT {d['tpot_ms']:8.2f} ms  "
+                          f"({d['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+
+        rows = run_sweep(trace, policies, fractions, timings, jobs=args.jobs, history=history,
+                         use_cache=use_cache, policy_options=options, progress=progress)
+        for r in rows:
+            r.update(common)
+        if args.csv:
+            write_csv(rows, args.csv)
+        if args.plot:
+            plot(rows, args.plot, title=f"{trace.model}: {trace.num_tokens} tokens, "
+                                        f"{trace.num_sequences} sequences")
+        if args.json:
+            print(json.dumps(_json_safe({"sweep": rows})))
+        else:
+            print(format_table(rows))
+            print(f"({len(rows)} runs in {time.perf_counter() - t0:.0f} s"
+                  + (f"; CSV {args.csv}" if args.csv else "")
+                  + (f"; plot {args.plot}" if args.plot else "") + ")")
+        return 0
+
+    tm = timings[hws[0].name]
+    if args.capacity is not None:
+        cap_kw = {"capacity": args.capacity}
+    else:
+        cap_kw = {"cache_fraction": args.cache_fraction}
+        capacity_for(trace, args.cache_fraction)
+    res = simulate(trace, args.policy, tm, history=history, engine=args.engine,
+                   use_cache=use_cache, policy_options=options, **cap_kw)
+    d = res.to_dict()
+    d.update(common)
+    d["hardware"] = hws[0].name
+    if args.vs_oracle:
+        b = simulate(trace, "belady", tm, capacity=res.capacity, use_cache=use_cache)
+        d["belady_hit_rate"] = b.hit_rate
+        d["belady_loads_per_token"] = b.loads_per_token
+        d["loads_vs_belady"] = (res.loads_per_token / b.loads_per_token
+                                if b.loads_per_token else None)
+    if args.json:
+        print(json.dumps(_json_safe(d)))
+    else:
+        from .sweep import single_table
+
+        print(single_table(d))
+    return 0
+
+
+def run(args) -> int:
+    """Entry point of the sub-command: returns the exit code."""
+    try:
+        return _run(args)
+    except (FmoeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{PROG}: error: out of memory loading or replaying the trace", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,82 @@
+"""On-disk cache of arrays derived from traces (access sequences, next-use indices, the
+per-layer miss counts of demand-paging runs).
+
+Entries are ``.npy`` files named by a hash of (trace content fingerprint, what was derived,
+the source code it was derived with). Location: ``$FMOE_SIM_CACHE``, else
+``$XDG_CACHE_HOME/fmoe/sim``, else ``~/.cache/fmoe/sim``. ``FMOE_SIM_CACHE=off`` disables it.
+Writes are atomic; an unwritable directory only disables caching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+
+def cache_dir() -> Path | None:
+    env = os.environ.get("FMOE_SIM_CACHE")
+    if env is not None:
+        if env.strip().lower() in ("", "0", "off", "none", "no"):
+            return None
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fmoe" / "sim"
+
+
+@lru_cache(maxsize=None)
+def code_version() -> str:
+    """Hash of the source files whose behaviour cached results depend on."""
+    here = Path(__file__).resolve().parent
+    files = [here / "replay.py", here / "oracle.py", here.parent / "runtime" / "policies.py",
+             here.parent / "runtime" / "slots.py"]
+    h = hashlib.blake2b(digest_size=8)
+    for f in files:
+        try:
+            h.update(f.read_bytes())
+        except OSError:
+            h.update(f.name.encode())
+    return h.hexdigest()
+
+
+def _path(*parts) -> Path | None:
+    d = cache_dir()
+    if d is None:
+        return None
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16).hexdigest()
+    return d / f"{parts[0]}-{h}.npy"
+
+
+def load(*parts) -> np.ndarray | None:
+    p = _path(*parts)
+    if p is None or not p.exists():
+        return None
+    try:
+        return np.load(p, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+
+
+def save(arr: np.ndarray, *parts) -> None:
+    p = _path(*parts)
+    if p is None:
+        return
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".npy")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+            os.replace(tmp, p)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError:
+        pass

@@ -1,0 +1,252 @@
+"""Model shapes for the timing model: what one token reads from device memory, and what one
+routed expert weighs on the host link.
+
+Built in: DeepSeek-V2-Lite, Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B. Any other model:
+`shape_from_config` reads its HF ``config.json`` (model types deepseek_v2/v3, mixtral,
+qwen2_moe, qwen3_moe, and a generic reading of the usual field names for the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import ConfigError
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4,
+               "float8_e4m3fn": 1, "fp8": 1, "int8": 1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts per part of the model, and the element size of the weights."""
+
+    name: str
+    hidden: int
+    num_moe_layers: int            # L (MoE layers only)
+    num_dense_layers: int          # decoder layers with a dense MLP (run once per token)
+    num_experts: int               # E routed experts per MoE layer
+    top_k: int                     # K routed experts per token
+    moe_intermediate: int          # I of one routed expert
+    attn_params: int               # one layer's attention weights (+ norms, router excluded)
+    kv_elems: int                  # KV-cache elements read per context token per layer
+    attn_ctx_flops: int            # attention flops per context token per layer
+    shared_params: int             # one MoE layer's always-on shared experts (0 if none)
+    dense_mlp_params: int          # one dense layer's MLP
+    vocab: int
+    dtype_bytes: int = 2
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden * self.moe_intermediate
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert (gate, up, down): what one load moves over the link."""
+        return self.expert_params * self.dtype_bytes
+
+    @property
+    def router_params(self) -> int:
+        return self.hidden * self.num_experts
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def with_dtype(self, dtype: str | None) -> "ModelShape":
+        if dtype is None:
+            return self
+        try:
+            return replace(self, dtype_bytes=DTYPE_BYTES[dtype])
+        except KeyError:
+            raise ConfigError(f"unknown dtype {dtype!r}; choose one of "
+                              f"{', '.join(sorted(DTYPE_BYTES))}") from None
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.num_moe_layers} MoE layers x {self.num_experts} experts, "
+                f"top-{self.top_k}, expert {self.expert_bytes / 1e6:.1f} MB")
+
+
+def _gqa(hidden: int, heads: int, kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+    params = (hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+              + heads * head_dim * hidden)
+    kv = 2 * kv_heads * head_dim
+    ctx_flops = 2 * heads * head_dim * 2          # q.k and p.v per context token
+    return params + 2 * hidden, kv, ctx_flops
+
+
+def _mla(hidden: int, heads: int, q_lora: int | None, kv_lora: int, nope: int, rope: int,
+         v_dim: int) -> tuple[int, int, int]:
+    qk = nope + rope
+    if q_lora:
+        q = hidden * q_lora + q_lora + q_lora * heads * qk
+    else:
+        q = hidden * heads * qk
+    kv_a = hidden * (kv_lora + rope) + kv_lora
+    kv_b = kv_lora * heads * (nope + v_dim)
+    o = heads * v_dim * hidden
+    kv = kv_lora + rope                            # compressed latent + rope key, per token
+    ctx_flops = 2 * heads * (kv_lora + rope) + 2 * heads * kv_lora   # absorbed-MLA decode
+    return q + kv_a + kv_b + o + 2 * hidden, kv, ctx_flops
+
+
+def _dtype_bytes(cfg: dict) -> int:
+    d = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    return DTYPE_BYTES.get(str(d).replace("torch.", ""), 2)
+
+
+def _first(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def _need(cfg: dict, *keys: str, what: str):
+    v = _first(cfg, *keys)
+    if v is None:
+        raise ConfigError(f"config.json lacks {what} (looked for {', '.join(keys)})")
+    return v
+
+
+def shape_from_config(cfg: dict, name: str | None = None) -> ModelShape:
+    """A `ModelShape` from a HF ``config.json`` dict."""
+    mt = str(cfg.get("model_type", ""))
+    cfg = dict(cfg)
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
+        cfg.update(cfg["text_config"])
+    H = int(_need(cfg, "hidden_size", "d_model", "n_embd", what="the hidden size"))
+    n_layers = int(_need(cfg, "num_hidden_layers", "n_layer", "num_layers", what="the layer count"))
+    E = int(_need(cfg, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts",
+                  what="the routed expert count"))
+    K = int(_need(cfg, "num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token",
+                  what="the experts per token (top-k)"))
+    heads = int(_need(cfg, "num_attention_heads", "n_head", what="the attention head count"))
+    kv_heads = int(_first(cfg, "num_key_value_heads", default=heads))
+    head_dim = int(_first(cfg, "head_dim", default=H // heads))
+    dense_inter = int(_first(cfg, "intermediate_size", "ffn_dim", default=4 * H))
+    # Mixtral-style configs give experts the dense `intermediate_size`
+    I = int(_first(cfg, "moe_intermediate_size", "expert_intermediate_size", default=dense_inter))
+
+    # which decoder layers are MoE
+    if mt.startswith("deepseek"):
+        first_dense = int(_first(cfg, "first_k_dense_replace", default=0))
+        freq = int(_first(cfg, "moe_layer_freq", default=1))
+        moe = [i for i in range(n_layers) if i >= first_dense and i % freq == 0]
+    else:
+        step = int(_first(cfg, "decoder_sparse_step", default=1) or 1)
+        mlp_only = set(_first(cfg, "mlp_only_layers", default=[]) or [])
+        moe = [i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0]
+    L = len(moe)
+    if L == 0:
+        raise ConfigError("config.json describes no MoE layer")
+
+    # shared experts
+    if mt.startswith("deepseek"):
+        shared = 3 * H * I * int(_first(cfg, "n_shared_experts", default=0) or 0)
+    else:
+        si = int(_first(cfg, "shared_expert_intermediate_size", default=0) or 0)
+        shared = 3 * H * si + (H if si else 0)   # + the shared-expert gate
+
+    # attention
+    if cfg.get("kv_lora_rank"):
+        attn, kv, ctx = _mla(H, heads, cfg.get("q_lora_rank"), int(cfg["kv_lora_rank"]),
+                             int(_first(cfg, "qk_nope_head_dim", default=128)),
+                             int(_first(cfg, "qk_rope_head_dim", default=64)),
+                             int(_first(cfg, "v_head_dim", default=128)))
+    else:
+        attn, kv, ctx = _gqa(H, heads, kv_heads, head_dim)
+    vocab = int(_first(cfg, "vocab_size", default=32000))
+    return ModelShape(
+        name=name or str(cfg.get("_name_or_path") or mt or "custom"),
+        hidden=H, num_moe_layers=L, num_dense_layers=n_layers - L, num_experts=E, top_k=K,
+        moe_intermediate=I, attn_params=attn, kv_elems=kv, attn_ctx_flops=ctx,
+        shared_params=shared, dense_mlp_params=3 * H * dense_inter, vocab=vocab,
+        dtype_bytes=_dtype_bytes(cfg))
+
+
+# Hub config.json fields of the built-in models (only what the shape needs).
+_BUILTIN_CONFIGS = {
+    "deepseek-v2-lite": {
+        "model_type": "deepseek_v2", "hidden_size": 2048, "num_hidden_layers": 27,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_routed_experts": 64,
+        "num_experts_per_tok": 6, "moe_intermediate_size": 1408, "n_shared_experts": 2,
+        "intermediate_size": 10944, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400,
+        "torch_dtype": "bfloat16",
+    },
+    "mixtral-8x7b": {
+        "model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 14336,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "torch_dtype": "bfloat16",
+    },
+    "qwen1.5-moe-a2.7b": {
+        "model_type": "qwen2_moe", "hidden_size": 2048, "num_hidden_layers": 24,
+        "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "intermediate_size": 5632,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "num_attention_heads": 16,
+        "num_key_value_heads": 16, "vocab_size": 151936, "torch_dtype": "bfloat16",
+    },
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "intermediate_size": 6144, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "vocab_size": 151936, "torch_dtype": "bfloat16",
+    },
+}
+
+MODEL_SHAPES: dict[str, ModelShape] = {n: shape_from_config(c, n)
+                                       for n, c in _BUILTIN_CONFIGS.items()}
+
+# hub-id patterns -> built-in shape (matched against the lower-cased id without the org)
+_PATTERNS = [
+    (r"deepseek-v2-lite", "deepseek-v2-lite"),
+    (r"mixtral-8x7b", "mixtral-8x7b"),
+    (r"qwen1\.5-moe-a2\.7b", "qwen1.5-moe-a2.7b"),
+    (r"qwen3-30b-a3b", "qwen3-30b-a3b"),
+]
+
+
+def guess_shape(model_id: str) -> str | None:
+    """The built-in shape name for a trace's `model` hub id, or None."""
+    mid = model_id.strip().lower().rsplit("/", 1)[-1]
+    if mid in MODEL_SHAPES:
+        return mid
+    for pat, name in _PATTERNS:
+        if re.search(pat, mid):
+            return name
+    return None
+
+
+def get_shape(name: str) -> ModelShape:
+    try:
+        return MODEL_SHAPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown model shape {name!r}; built in: {', '.join(MODEL_SHAPES)} "
+                          "(or pass --model-config config.json)") from None
+
+
+def load_config_shape(path: str | Path) -> ModelShape:
+    """`shape_from_config` of a config.json file (or a directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise ConfigError(f"{p}: no such file")
+    try:
+        cfg = json.loads(p.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: not a JSON object")
+    try:
+        return shape_from_config(cfg, name=p.parent.name if p.name == "config.json" else p.stem)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{p}: a field has the wrong type ({e})") from None

@@ -1,0 +1,76 @@
+"""Timing model of one decoding iteration (batch one), as the replay uses it.
+
+Per token::
+
+    token_pre (embedding, dense decoder layers)
+    for each MoE layer l:
+        attn[l] + ctx * attn_ctx[l]      attention + router; the routing is known at its end
+        shared[l]                        shared experts: run while missed experts load
+        experts_used * expert            routed experts, once all of them are ready
+    token_post (final norm, lm_head)
+
+Each part costs its roofline time ``max(bytes / mem_bw, flops / matmul)`` on the hardware
+profile (at batch one every weight matrix is read once per token, so the GEMMs are
+memory-bound). One host->device copy engine moves one expert in ``copy = expert_bytes /
+link_bw`` seconds, demand loads first, then prefetches by priority. A layer's routed experts
+start when every one of them is ready; the wait past the shared experts is stall.
+TPOT = compute + stall.
+
+`TimingModel` can also be built by hand (tests use round numbers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .hardware import HardwareProfile
+from .shapes import ModelShape
+
+
+@dataclass
+class TimingModel:
+    attn: float | np.ndarray = 0.0       # s, per MoE layer (scalar or [L])
+    shared: float | np.ndarray = 0.0     # s, per MoE layer, overlaps demand loads
+    expert: float = 0.0                  # s per routed expert used
+    copy: float = 1.0                    # s per expert host->device copy
+    attn_ctx: float | np.ndarray = 0.0   # s per context token per MoE layer
+    token_pre: float = 0.0               # s per token before the first MoE layer
+    token_pre_ctx: float = 0.0           # s per context token (dense layers' attention)
+    token_post: float = 0.0              # s per token after the last MoE layer
+    expert_bytes: int = 1                # bytes per expert copy
+    name: str = "custom"
+    details: dict = field(default_factory=dict)
+
+    def per_layer(self, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(attn, attn_ctx, shared) as float64 arrays of length L."""
+        def arr(x):
+            a = np.broadcast_to(np.asarray(x, dtype=np.float64), (L,))
+            return np.ascontiguousarray(a)
+        return arr(self.attn), arr(self.attn_ctx), arr(self.shared)
+
+    @classmethod
+    def from_shape(cls, shape: ModelShape, hw: HardwareProfile) -> "TimingModel":
+        b = shape.dtype_bytes
+
+        def roof(params: float, flops: float | None = None, extra_bytes: float = 0.0) -> float:
+            f = 2.0 * params if flops is None else flops
+            return max((params * b + extra_bytes) / hw.mem_bw, f / hw.matmul_flops)
+
+        attn = roof(shape.attn_params + shape.router_params)
+        attn_ctx = max(shape.kv_elems * b / hw.mem_bw, shape.attn_ctx_flops / hw.matmul_flops)
+        shared = roof(shape.shared_params) if shape.shared_params else 0.0
+        expert = roof(shape.expert_params)
+        dense = shape.num_dense_layers
+        token_pre = dense * roof(shape.attn_params + shape.dense_mlp_params)
+        token_post = roof(shape.lm_head_params)
+        copy = shape.expert_bytes / hw.link_bw
+        return cls(attn=attn, shared=shared, expert=expert, copy=copy, attn_ctx=attn_ctx,
+                   token_pre=token_pre, token_pre_ctx=dense * attn_ctx, token_post=token_post,
+                   expert_bytes=shape.expert_bytes, name=f"{shape.name}@{hw.name}",
+                   details={"model": shape.name, "hardware": hw.name,
+                            "expert_bytes": shape.expert_bytes, "copy_ms": copy * 1e3,
+                            "layer_compute_ms": (attn + shared + shape.top_k * expert) * 1e3,
+                            "resident_tpot_ms": (token_pre + token_post + shape.num_moe_layers
+                                                 * (attn + shared + shape.top_k * expert)) * 1e3})

@@ -1,0 +1,180 @@
+"""`fmoe simulate` (through `python -m fmoe.sim` and the `register` hook)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fmoe.sim.__main__ import main
+from fmoe.sim.cli import register
+from fmoe.sim.trace import write_trace
+from sim_helpers import synthetic_ids
+
+CONTRACT_KEYS = {"policy", "tokens", "capacity", "hit_rate", "tpot_ms", "stall_ms_per_token",
+                 "bytes_per_token", "prefetch_precision"}
+
+
+@pytest.fixture
+def trace_path(tmp_path):
+    ids = synthetic_ids(120, 3, 8, 2, seed=4)
+    return write_trace(tmp_path / "tiny.npz", expert_ids=ids, seq_offsets=[0, 40, 90, 120],
+                       num_experts=8, model="test/tiny-moe", texts=["a", "b", "c"])
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_last_line(capsys, trace_path, tiny_config):
+    code, out, err = run_cli(capsys, "simulate", "--trace", trace_path, "--policy", "lru",
+                             "--cache-fraction", "0.25", "--model-config", tiny_config, "--json")
+    assert code == 0, err
+    d = json.loads(out.strip().splitlines()[-1])
+    assert CONTRACT_KEYS <= set(d)
+    assert d["policy"] == "lru" and d["tokens"] == 120 and d["capacity"] == 6
+    assert d["prefetch_precision"] is None and 0 <= d["hit_rate"] <= 1
+    assert d["loads_per_token"] > 0 and d["hardware"] == "rtx3090-pcie4"
+    assert d["tpot_ms"] == pytest.approx(d["compute_ms_per_token"] + d["stall_ms_per_token"])
+    assert d["bytes_per_token"] == pytest.approx(d["loads_per_token"] * d["expert_bytes"])
+
+
+def test_prefetching_policy_and_oracle_comparison(capsys, trace_path, tiny_config):
+    code, out, err = run_cli(capsys, "--trace", trace_path, "--policy", "moe-infinity",
+                             "--cache-fraction", "0.5", "--model-config", tiny_config,
+                             "--hardware", "h100-pcie5", "--prefetch-distance", "2",
+                             "--history", trace_path, "--vs-oracle", "--json")
+    assert code == 0, err
+    d = json.loads(out.strip().splitlines()[-1])
+    assert d["prefetch_precision"] is not None and d["prefetch_distance"] == 2
+    assert d["belady_loads_per_token"] <= d["loads_per_token"]
+    assert d["loads_vs_belady"] >= 1
+
+
+def test_table_output_and_max_tokens(capsys, trace_path, tiny_config):
+    code, out, err = run_cli(capsys, "--trace", trace_path, "--policy", "oracle",
+                             "--capacity", "5", "--model-config", tiny_config,
+                             "--max-tokens", "50")
+    assert code == 0, err
+    assert "hit rate" in out and "TPOT" in out and "50" in out
+
+
+def test_sweep_writes_csv_and_plot(capsys, tmp_path, trace_path, tiny_config):
+    csv_path, png = tmp_path / "out" / "s.csv", tmp_path / "out" / "s.png"
+    code, out, err = run_cli(capsys, "--trace", trace_path, "--sweep", "--fractions",
+                             "0.25,0.5", "--policies", "lru,belady,oracle", "--hardware",
+                             "rtx3090-pcie4,gh200-c2c", "--model-config", tiny_config,
+                             "--csv", csv_path, "--plot", png, "--json")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 2 * 2 * 3
+    assert {r["policy"] for r in rows} == {"lru", "belady", "oracle"}
+    assert {r["hardware"] for r in rows} == {"rtx3090-pcie4", "gh200-c2c"}
+    for r in rows:
+        if r["policy"] == "oracle":
+            assert float(r["loads_vs_oracle"]) == 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = json.loads(out.strip().splitlines()[-1])["sweep"]
+    assert len(sweep) == 12 and CONTRACT_KEYS <= set(sweep[0])
+
+
+BAD = [
+    (["--policy", "nope", "--cache-fraction", "0.25"], "unknown policy 'nope'"),
+    (["--policy", "lru", "--cache-fraction", "0.25", "--hardware", "tpu"],
+     "unknown hardware profile 'tpu'"),
+    (["--policy", "lru", "--cache-fraction", "1.5"], "cache fraction must be in (0, 1]"),
+    (["--policy", "lru", "--cache-fraction", "x"], "not a number"),
+    (["--policy", "lru"], "--cache-fraction"),
+    (["--cache-fraction", "0.2"], "--policy is required"),
+    (["--policy", "lru", "--cache-fraction", "0.01"], "cannot hold one layer"),
+    (["--policy", "lru", "--cache-fraction", "0.25", "--model", "gpt-5"],
+     "unknown model shape 'gpt-5'"),
+    (["--policy", "lru", "--cache-fraction", "0.25", "--model", "mixtral-8x7b"],
+     "trace has 3 MoE layers x 8 experts but model shape 'mixtral-8x7b' has 32 x 8"),
+    (["--policy", "lru", "--cache-fraction", "0.25", "--bogus"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("extra,msg", BAD)
+def test_bad_arguments_exit_2(capsys, trace_path, tiny_config, extra, msg):
+    argv = ["--trace", trace_path] + extra
+    if "--model" not in extra:
+        argv += ["--model-config", tiny_config]
+    with pytest.raises(SystemExit) as e:
+        code = main([str(a) for a in argv])
+        raise SystemExit(code)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fmoe simulate: error:"), err
+    assert msg in lines[0] and "Traceback" not in err and out == ""
+
+
+def test_unknown_model_needs_a_shape(capsys, trace_path):
+    code, out, err = run_cli(capsys, "--trace", trace_path, "--policy", "lru",
+                             "--cache-fraction", "0.5")
+    assert code == 2 and "cannot tell the model shape of trace model 'test/tiny-moe'" in err
+
+
+def bad_trace(tmp_path, kind):
+    p = tmp_path / f"{kind}.npz"
+    ids = synthetic_ids(20, 3, 8, 2)
+    d = dict(expert_ids=ids, seq_offsets=np.array([0, 20]), num_experts=np.array(8),
+             model=np.array("test/m"))
+    if kind == "missing":
+        return tmp_path / "nope.npz"
+    if kind == "keys":
+        d["expert_idz"] = d.pop("expert_ids")
+    elif kind == "dtype":
+        d["expert_ids"] = ids.astype(np.float32)
+    elif kind == "shape":
+        d["expert_ids"] = ids.reshape(20, 6)
+    elif kind == "range":
+        d["num_experts"] = np.array(4)
+    elif kind == "pickle":
+        d["model"] = np.array([object()], dtype=object)
+    np.savez(p, **d)
+    return p
+
+
+@pytest.mark.parametrize("kind,msg", [
+    ("missing", "no such file"), ("keys", "missing required key(s) 'expert_ids'"),
+    ("dtype", "'expert_ids' has dtype float32, expected int16"),
+    ("shape", "'expert_ids' has shape [20, 6], expected [T, L, K]"),
+    ("range", "is >= num_experts=4"), ("pickle", "pickled"),
+])
+def test_bad_traces_exit_2(capsys, tmp_path, tiny_config, kind, msg):
+    p = bad_trace(tmp_path, kind)
+    code, out, err = run_cli(capsys, "--trace", p, "--policy", "lru", "--cache-fraction", "0.5",
+                             "--model-config", tiny_config)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0] and str(p) in lines[0], err
+
+
+def test_register_adds_the_subcommand(trace_path, tiny_config):
+    parser = argparse.ArgumentParser(prog="fmoe")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["simulate", "--trace", str(trace_path), "--policy", "lfu",
+                              "--cache-fraction", "0.5", "--model-config", str(tiny_config),
+                              "--json"])
+    assert args.func.__name__ == "run" and args.policy == "lfu"
+    assert args.func(args) == 0
+
+
+def test_module_entry_point_no_traceback(tmp_path, tiny_config):
+    p = bad_trace(tmp_path, "dtype")
+    r = subprocess.run([sys.executable, "-m", "fmoe.sim", "--trace", str(p), "--policy", "lru",
+                        "--cache-fraction", "0.5", "--model-config", str(tiny_config)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "'expert_ids' has dtype float32" in r.stderr

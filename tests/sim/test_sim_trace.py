@@ -1,0 +1,191 @@
+"""Routing trace format v1: writer, reader and the validator's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fmoe.sim.trace import TraceError, load_trace, texts_path, write_trace
+from sim_helpers import synthetic_ids
+
+T, L, K, E = 12, 3, 2, 8
+
+
+def arrays(**over):
+    ids = synthetic_ids(T, L, E, K, seed=3)
+    d = {
+        "expert_ids": ids,
+        "seq_offsets": np.array([0, 5, 12], dtype=np.int64),
+        "num_experts": np.array(E, dtype=np.int64),
+        "model": np.array("org/some-moe", dtype=np.str_),
+    }
+    d.update(over)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def save(path, **over):
+    np.savez(path, **arrays(**over))
+    return path
+
+
+def test_roundtrip_all_keys(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = synthetic_ids(T, L, E, K, seed=1)
+    probs = rng.random((T, L, E)).astype(np.float32)
+    p = write_trace(tmp_path / "t.npz", expert_ids=ids.astype(np.int64), seq_offsets=[0, 4, 12],
+                    num_experts=E, model="org/m", moe_layers=[1, 2, 3],
+                    weights=rng.random((T, L, K)), gate_probs=probs,
+                    phase=[0] * 4 + [1] * 8, token_ids=list(range(T)), texts=["a", "é\nb"])
+    assert sorted(os.listdir(tmp_path)) == ["t.npz", "t.texts.jsonl"]   # no temp files left
+    t = load_trace(p)
+    assert t.expert_ids.dtype == np.int16 and np.array_equal(t.expert_ids, ids)
+    assert t.seq_offsets.dtype == np.int64 and list(t.seq_offsets) == [0, 4, 12]
+    assert t.num_experts == E and t.model == "org/m"
+    assert t.moe_layers.dtype == np.int16 and list(t.moe_layers) == [1, 2, 3]
+    assert t.weights.dtype == np.float32 and t.weights.shape == (T, L, K)
+    assert t.gate_probs.dtype == np.float32 and np.array_equal(t.gate_probs, probs)
+    assert t.phase.dtype == np.uint8 and t.token_ids.dtype == np.int32
+    assert t.texts == ["a", "é\nb"]
+    assert (t.num_tokens, t.num_layers, t.top_k, t.num_sequences) == (T, L, K, 2)
+    with np.load(p, allow_pickle=False) as z:           # plain arrays only
+        assert set(z.files) == {"expert_ids", "seq_offsets", "num_experts", "model", "moe_layers",
+                                "weights", "gate_probs", "phase", "token_ids"}
+    lines = texts_path(p).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["text"] for x in lines] == ["a", "é\nb"]
+
+
+def test_write_is_atomic_on_invalid_input(tmp_path):
+    p = tmp_path / "t.npz"
+    write_trace(p, expert_ids=synthetic_ids(T, L, E, K), seq_offsets=[0, T], num_experts=E,
+                model="m")
+    before = p.read_bytes()
+    with pytest.raises(TraceError, match="num_experts"):
+        write_trace(p, expert_ids=synthetic_ids(T, L, E, K), seq_offsets=[0, T], num_experts=4,
+                    model="m")
+    assert p.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["t.npz"]
+    with pytest.raises(TraceError, match="2 texts for 1 sequences"):
+        write_trace(p, expert_ids=synthetic_ids(T, L, E, K), seq_offsets=[0, T], num_experts=E,
+                    model="m", texts=["a", "b"])
+    with pytest.raises(TraceError, match=r"\.npz"):
+        write_trace(tmp_path / "t.bin", expert_ids=synthetic_ids(T, L, E, K), seq_offsets=[0, T],
+                    num_experts=E, model="m")
+
+
+def test_float16_probs_kept_and_minus_one_allowed(tmp_path):
+    ids = synthetic_ids(T, L, E, K, missing=0.2, seed=2)
+    assert (ids == -1).any()
+    p = write_trace(tmp_path / "t.npz", expert_ids=ids, seq_offsets=[0, T], num_experts=E,
+                    model="m", gate_probs=np.full((T, L, E), 1 / E, dtype=np.float16))
+    t = load_trace(p)
+    assert t.gate_probs.dtype == np.float16 and (t.expert_ids == -1).sum() == (ids == -1).sum()
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"seq_offsets": None}, r"missing required key\(s\) 'seq_offsets'"),
+    ({"model": None}, r"missing required key\(s\) 'model'"),
+    ({"expert_id": np.zeros((T, L, K), np.int16)}, "unknown key"),
+    ({"expert_ids": synthetic_ids(T, L, E, K).astype(np.int32)}, "'expert_ids' has dtype int32, expected int16"),
+    ({"expert_ids": synthetic_ids(T, L, E, K)[:, :, 0]}, r"'expert_ids' has shape \[12, 3\], expected \[T, L, K\]"),
+    ({"seq_offsets": np.array([0, 5, 12], dtype=np.int32)}, "'seq_offsets' has dtype int32"),
+    ({"seq_offsets": np.array([0, 5, 11], dtype=np.int64)}, "must start at 0 and end at T=12"),
+    ({"seq_offsets": np.array([0, 7, 5, 12], dtype=np.int64)}, "decreases"),
+    ({"num_experts": np.array([E], dtype=np.int64)}, "'num_experts' has shape"),
+    ({"num_experts": np.array(E, dtype=np.int32)}, "'num_experts' has dtype int32"),
+    ({"num_experts": np.array(4, dtype=np.int64)}, r"expert id \d+ at token \d+, layer \d+ is >= num_experts=4"),
+    ({"model": np.array(b"m")}, "'model' has dtype"),
+    ({"weights": np.zeros((T, L, K + 1), np.float32)}, r"'weights' has shape \[12, 3, 3\], expected \[T, L, K\]"),
+    ({"weights": np.zeros((T, L, K), np.float64)}, "'weights' has dtype float64"),
+    ({"gate_probs": np.zeros((T, L, E - 1), np.float32)}, "'gate_probs' has shape"),
+    ({"phase": np.full(T, 2, np.uint8)}, "'phase' holds 2"),
+    ({"token_ids": np.zeros(T + 1, np.int32)}, "'token_ids' has shape"),
+    ({"moe_layers": np.zeros(L, np.int64)}, "'moe_layers' has dtype int64"),
+])
+def test_validation_errors(tmp_path, over, match):
+    p = save(tmp_path / "bad.npz", **over)
+    with pytest.raises(TraceError, match=match) as e:
+        load_trace(p)
+    assert str(p) in str(e.value)
+
+
+def test_ids_out_of_range_and_duplicates(tmp_path):
+    ids = synthetic_ids(T, L, E, K)
+    bad = ids.copy()
+    bad[7, 1, 0] = E
+    with pytest.raises(TraceError, match=f"expert id {E} at token 7, layer 1 is >= num_experts={E}"):
+        load_trace(save(tmp_path / "a.npz", expert_ids=bad))
+    bad = ids.copy()
+    bad[3, 2, 1] = -5
+    with pytest.raises(TraceError, match="token 3, layer 2 is negative"):
+        load_trace(save(tmp_path / "b.npz", expert_ids=bad))
+    bad = ids.copy()
+    bad[4, 0, 1] = bad[4, 0, 0]
+    with pytest.raises(TraceError, match=f"token 4, layer 0 lists expert {bad[4, 0, 0]} twice"):
+        load_trace(save(tmp_path / "c.npz", expert_ids=bad))
+
+
+def test_pickled_content_refused(tmp_path):
+    p = tmp_path / "pickled.npz"
+    d = arrays()
+    d["model"] = np.array(["org/m", None], dtype=object)
+    np.savez(p, **d)
+    with pytest.raises(TraceError, match="pickled"):
+        load_trace(p)
+    q = tmp_path / "obj.npy"
+    np.save(q, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(TraceError, match="pickled"):
+        load_trace(q)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(TraceError, match="no such file"):
+        load_trace(tmp_path / "missing.npz")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip at all")
+    with pytest.raises(TraceError, match="not a readable .npz"):
+        load_trace(junk)
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros(3))
+    with pytest.raises(TraceError, match="single array"):
+        load_trace(single)
+    with pytest.raises(TraceError, match="directory"):
+        load_trace(tmp_path)
+
+
+def test_texts_sidecar_must_match(tmp_path):
+    p = save(tmp_path / "t.npz")
+    texts_path(p).write_text('{"text": "one"}\n')
+    with pytest.raises(TraceError, match="1 prompts for 2 sequences"):
+        load_trace(p)
+    texts_path(p).write_text('{"text": "one"}\n[1, 2]\n')
+    with pytest.raises(TraceError, match="line 2"):
+        load_trace(p)
+    assert load_trace(p, texts=False).texts is None
+
+
+def test_head_cuts_sequences(tmp_path):
+    p = write_trace(tmp_path / "t.npz", expert_ids=synthetic_ids(T, L, E, K),
+                    seq_offsets=[0, 5, 12], num_experts=E, model="m", phase=np.zeros(T),
+                    texts=["a", "b"])
+    t = load_trace(p)
+    h = t.head(7)
+    assert h.num_tokens == 7 and list(h.seq_offsets) == [0, 5, 7] and h.texts == ["a", "b"]
+    assert h.phase.shape == (7,)
+    h = t.head(5)
+    assert list(h.seq_offsets) == [0, 5] and h.texts == ["a"]
+    assert t.head(100) is t
+    assert h.fingerprint() != t.fingerprint()
+
+
+def test_skipping_gate_probs_still_validates_them(tmp_path):
+    p = save(tmp_path / "g.npz", gate_probs=np.zeros((T, L, E - 1), np.float32))
+    with pytest.raises(TraceError, match="'gate_probs' has shape"):
+        load_trace(p, gate_probs=False)
+    p = save(tmp_path / "h.npz", gate_probs=np.full((T, L, E), 1 / E, np.float32))
+    assert load_trace(p, gate_probs=False).gate_probs is None
+    assert load_trace(p).gate_probs.shape == (T, L, E)
+    p = save(tmp_path / "o.npz", gate_probs=np.array([None] * 3, dtype=object))
+    with pytest.raises(TraceError, match="pickled"):
+        load_trace(p, gate_probs=False)
