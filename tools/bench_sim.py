@@ -38,7 +38,19 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default="sim-sweep.csv")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--md", default=None, help="Markdown file to update between the markers")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw --plot from an existing --csv (no simulation)")
     args = ap.parse_args(argv)
+    if args.replot:
+        from fmoe.sim.sweep import plot, read_csv
+        from fmoe.sim.trace import load_trace
+
+        t = load_trace(args.trace, gate_probs=False, validate=False)
+        if args.max_tokens:
+            t = t.head(args.max_tokens)
+        plot(read_csv(args.csv), args.plot,
+             title=f"{t.model}: {t.num_tokens} tokens, {t.num_sequences} sequences")
+        return 0
 
     from fmoe.sim.cli import _resolve_shape
     from fmoe.sim.hardware import get_hardware

@@ -77,7 +77,8 @@ def flat_keys(trace: Trace) -> np.ndarray:
 
 
 def access_sequence(trace: Trace, use_cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(keys int32 [n], next_use int64 [n]) over the valid uses in replay order; cached on disk."""
+    """(keys int32 [n], next_use [n]) over the valid uses in replay order (next_use: index of
+    the key's next use, n when none; int32 unless n needs more); cached on disk."""
     fp = trace.fingerprint()
     if use_cache:
         k = diskcache.load("access", fp, "keys")
@@ -88,7 +89,7 @@ def access_sequence(trace: Trace, use_cache: bool = True) -> tuple[np.ndarray, n
     keys = keys[keys >= 0]
     n = len(keys)
     order = np.argsort(keys, kind="stable")
-    nxt = np.full(n, n, dtype=np.int64)
+    nxt = np.full(n, n, dtype=np.int32 if n < 2**31 - 1 else np.int64)
     same = keys[order[1:]] == keys[order[:-1]]
     nxt[order[:-1][same]] = order[1:][same]
     if use_cache:

@@ -113,6 +113,24 @@ def write_csv(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     return p
 
 
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows written by `write_csv`, numbers parsed back."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            d = {}
+            for k, v in r.items():
+                if v == "":
+                    d[k] = None
+                    continue
+                try:
+                    d[k] = int(v) if k in ("capacity", "tokens", "late") else float(v)
+                except ValueError:
+                    d[k] = v
+            rows.append(d)
+    return rows
+
+
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -145,7 +163,7 @@ def plot(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path
             axes[1, j].plot(x, [r["tpot_ms"] for r in rs], label=p, **kw)
         rs = [r for r in rows if r["hardware"] == h]
         if rs and rs[0].get("compute_ms_per_token"):
-            axes[1, j].axhline(rs[0]["compute_ms_per_token"], color="tab:green", alpha=0.6,
+            axes[1, j].axhline(rs[0]["compute_ms_per_token"], color="tab:purple", alpha=0.6,
                                linewidth=1, linestyle="-.", label="all resident")
         axes[0, j].set_title(h)
         axes[0, j].set_ylabel("expert hit rate")
