@@ -32,8 +32,8 @@ from fmoe.sim.timing import TimingModel  # noqa: E402
 from fmoe.sim.trace import Trace, load_trace  # noqa: E402
 
 VARIANTS = {
-    "fmoe (default)": {},
-    "no prefetch": {"max_orders": 0},
+    "fmoe (default: distance eviction, no prefetch)": {},
+    "one prefetch order per layer at similarity >= 0.6": {"max_orders": 1},
     "prefetch 4 orders/layer, no similarity gate": {"max_orders": 4, "min_similarity": 0.0},
     "eviction lru-pred": {"eviction": "lru-pred"},
     "eviction pfreq": {"eviction": "pfreq"},
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             setattr(p, k, v)
         run(name, p)
     for d in [int(x) for x in args.distances.split(",") if x]:
-        if d == 3 and (wanted is None or "fmoe (default)" in wanted):
+        if d == 3 and (wanted is None or any(n.startswith("fmoe (default") for n in wanted)):
             continue
         run(f"fmoe d={d}", base(d))
 

@@ -17,6 +17,11 @@ Eviction (``eviction=``):
 * ``"pfreq"`` (the paper's): the lowest (p + ε) × (frequency + ε), where p is the neighbour map's
   probability for the expert and frequency a use count decayed per iteration.
 
+Prefetch is off by default (``max_orders=0``): on PCIe-attached GPUs the link is the bottleneck
+and the simulator measured every prefetching variant slower than prediction-aware eviction alone
+(docs/benchmarks.md). ``policy_options={"max_orders": 1}`` turns on one order per layer, issued
+only when the neighbour's similarity reaches ``min_similarity``.
+
 Maps: the router's full softmax when known (`probs`); otherwise (a trace with ids only) a row
 with the routed experts weighted by rank, (K - r) / sum, which keeps the order but loses the
 mass of unrouted experts (see docs).
@@ -62,7 +67,7 @@ class FmoePolicy(Policy):
     def __init__(self, num_layers: int, num_experts: int, capacity: int, *, top_k: int | None = None,
                  prefetch_distance: int = 3, store_capacity: int = 1024, encoder: str = "token",
                  semantic: bool = True, trajectory: bool = True, eviction: str = "distance",
-                 decay: float = 0.9, max_orders: int = 1, min_similarity: float = 0.6,
+                 decay: float = 0.9, max_orders: int = 0, min_similarity: float = 0.6,
                  embed_dim: int | None = None, prompt_encoder=None, learn: bool = True):
         super().__init__(num_layers, num_experts, capacity)
         if eviction not in EVICTIONS:

@@ -42,6 +42,7 @@ def test_fmoe_lossless_and_prefetches(resident, cache):
 def test_search_runs_on_worker_thread(resident):
     path, ids, _ = resident
     model = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe")
+    assert model.runtime.policy.max_orders == 0          # the default: no prefetch
     seen = set()
     pol = model.runtime.policy
     orig = pol.on_routed
