@@ -147,6 +147,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    res = fmoe.models.from_pretrained(path, dtype=torch.float32)
+    res_gen = lambda p, n: res.generate(p, n, eos_token_id=[])  # noqa: E731
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
@@ -156,12 +158,15 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        add("HF transformers eager", time_decode(hf_gen, prompt, args.tokens, args.repeats))
+        # interleaved pairs, so that drift in the machine's load hits both sides alike
+        pairs = [(time_decode(hf_gen, prompt, args.tokens, 1), time_decode(res_gen, prompt, args.tokens, 1))
+                 for _ in range(args.repeats)]
+        add("HF transformers eager", statistics.median(h for h, _ in pairs))
+        add("fmoe resident", statistics.median(f for _, f in pairs),
+            note=f"median of paired ratios {statistics.median(f / h for h, f in pairs):.3f}")
         del hf
-
-    res = fmoe.models.from_pretrained(path, dtype=torch.float32)
-    add("fmoe resident", time_decode(lambda p, n: res.generate(p, n, eos_token_id=[]), prompt,
-                                     args.tokens, args.repeats))
+    else:
+        add("fmoe resident", time_decode(res_gen, prompt, args.tokens, args.repeats))
     del res
 
     for link in (() if args.resident_only else (None, args.link)):
@@ -204,6 +209,8 @@ def _table(rows) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        if r.get("note", "").startswith("median of paired"):
+            ratio += f" (paired: {r['note'].rsplit(' ', 1)[-1]}x)"
         extra = (f"{r['hit_rate']:.3f} | {r['stall_ms_per_token']:.2f} | {r['mib_loaded_per_token']:.1f}"
                  if "hit_rate" in r else "- | - | -")
         print(f"| {r['config']} | {r['tokens_per_s']:.2f} | {ratio} | {extra} |")
