@@ -18,15 +18,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cache policy: fmoe, lru, lfu, moe-infinity (default: fmoe)")
     p.add_argument("--link-bandwidth", default=None,
                    help="emulate a host->device link on CPU, e.g. 25GB/s (figures are emulated)")
+    p.add_argument("--trace-out", default=None,
+                   help="record the routing of this run as a trace (format v1) at this path; "
+                        "needs --expert-cache (1.0 keeps every expert)")
 
 
-def _load(args):
+def _load(args, map_store=None):
     from ..models import from_pretrained
 
-    kwargs = {}
+    kwargs = {} if map_store is None else {"map_store": map_store}
     if args.expert_cache is not None:
         kwargs.update(expert_cache=args.expert_cache, policy=args.policy,
                       link_bandwidth=args.link_bandwidth)
+        if getattr(args, "trace_out", None):
+            kwargs["trace_path"] = args.trace_out
+    elif getattr(args, "trace_out", None):
+        raise ValueError("--trace-out needs --expert-cache (1.0 keeps every expert on the device)")
     return from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
 
 

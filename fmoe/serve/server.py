@@ -743,22 +743,9 @@ def _version() -> str:
 # ------------------------------------------------------------------------------------------------
 def load_model(args):
     """Load MODEL with the shared model flags (and --map-store when given)."""
-    from ..models import from_pretrained
+    from .cli import _load
 
-    kwargs = {}
-    if args.expert_cache is not None:
-        kwargs.update(expert_cache=args.expert_cache, policy=args.policy,
-                      link_bandwidth=args.link_bandwidth)
-    map_store = getattr(args, "map_store", None)
-    if map_store is not None:
-        kwargs["map_store"] = map_store
-    try:
-        return from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
-    except TypeError as e:
-        if map_store is not None and "map_store" in str(e):
-            raise ValueError("--map-store is not supported by this runtime yet "
-                             f"(from_pretrained rejected map_store: {e})") from None
-        raise
+    return _load(args, map_store=getattr(args, "map_store", None))
 
 
 def served_name(args) -> str:

@@ -304,12 +304,14 @@ def test_busy_port_is_one_line(ckpt, env):
 
 
 def test_map_store_flag_reaches_from_pretrained(monkeypatch, tmp_path):
-    """--map-store is passed as map_store= only when given; a loader that rejects the keyword
-    gets a one-line message naming the flag."""
+    """--map-store is passed as map_store= only when given; without an expert cache the real
+    loader refuses it with a message naming it."""
     import fmoe.models
     from fmoe.serve.cli import build_parser
     from fmoe.serve.server import load_model
+    from fmoe.serve.demo import demo_checkpoint
 
+    real = fmoe.models.from_pretrained
     seen = []
     monkeypatch.setattr(fmoe.models, "from_pretrained", lambda path, **kw: seen.append(kw) or "model")
     parser = build_parser()
@@ -317,9 +319,8 @@ def test_map_store_flag_reaches_from_pretrained(monkeypatch, tmp_path):
     assert load_model(args) == "model" and seen[-1]["map_store"] == str(tmp_path / "maps")
     assert "map_store" not in (load_model(parser.parse_args(["serve", "m"])) and seen[-1])
 
-    def strict(path, expert_cache=None, policy="lru", link_bandwidth=None, device="cpu", dtype=None):
-        return "model"
-
-    monkeypatch.setattr(fmoe.models, "from_pretrained", strict)
-    with pytest.raises(ValueError, match="--map-store"):
+    monkeypatch.setattr(fmoe.models, "from_pretrained", real)
+    monkeypatch.setenv("FMOE_CACHE", str(tmp_path / "cache"))
+    args = parser.parse_args(["serve", str(demo_checkpoint()), "--map-store", str(tmp_path / "maps")])
+    with pytest.raises(ValueError, match="map_store"):
         load_model(args)
