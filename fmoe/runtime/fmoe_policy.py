@@ -62,7 +62,13 @@ class TokenEmbedder:
 
 class FmoePolicy(Policy):
     name = "fmoe"
-    prefetches = True
+    wants_probs = True
+
+    @property
+    def prefetches(self) -> bool:
+        # without prefetch orders the runtime drives the policy on the forward thread: its
+        # searches are cheap, and a second busy thread costs more on small CPU boxes
+        return self.max_orders > 0
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int, *, top_k: int | None = None,
                  prefetch_distance: int = 3, store_capacity: int = 1024, encoder: str = "token",

@@ -260,7 +260,7 @@ class OffloadRuntime:
         if chunked:
             out = terms.sum(dim=1)
         probs = None
-        if self.policy.prefetches or self.recorder is not None:
+        if self.policy.prefetches or self.policy.wants_probs or self.recorder is not None:
             probs = router_probs.float().cpu().numpy() if router_probs is not None else None
         if self.scheduler is not None:
             self.scheduler.routed(layer, np.asarray(experts, dtype=np.int64), probs)

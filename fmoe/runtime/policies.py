@@ -39,6 +39,7 @@ class Policy:
 
     name = "base"
     prefetches = False
+    wants_probs = False   # the runtime computes the router's softmax on the host only if asked
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int):
         self.num_layers = num_layers

@@ -41,8 +41,12 @@ def test_fmoe_lossless_and_prefetches(resident, cache):
 
 def test_search_runs_on_worker_thread(resident):
     path, ids, _ = resident
-    model = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe")
-    assert model.runtime.policy.max_orders == 0          # the default: no prefetch
+    default = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe")
+    assert default.runtime.policy.max_orders == 0          # the default: no prefetch ...
+    assert default.runtime.scheduler is None               # ... so no worker thread
+    default.close()
+    model = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe",
+                                        policy_options={"max_orders": 1})
     seen = set()
     pol = model.runtime.policy
     orig = pol.on_routed
@@ -63,7 +67,6 @@ def test_map_store_persists_across_restarts(resident, tmp_path):
     store = tmp_path / "maps" / "store.npz"
     m1 = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=store)
     m1.generate(ids, 8, eos_token_id=[])
-    m1.runtime.scheduler.drain()
     n = m1.runtime.policy.store.size
     m1.close()
     assert store.exists() and n > 0
