@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Sequence as Seq
 
 import torch
 
-from .engine import SamplingParams, left_pad, sample
+from .engine import NoHooks, SamplingParams, left_pad, sample
 
 log = logging.getLogger("fmoe.batching")
 
@@ -95,13 +95,6 @@ class Sequence:
                 f"output={len(self.output)} tokens, finish_reason={self.finish_reason!r})")
 
 
-class _NoHooks:
-    def on_request_start(self, *a): pass
-    def on_request_end(self, *a): pass
-    def begin_step(self, *a): pass
-    def on_token_end(self): pass
-
-
 class Batcher:
     """The continuous-batching loop over one model.
 
@@ -123,7 +116,7 @@ class Batcher:
         self.module = getattr(model, "module", model)
         if hooks is None:
             hooks = getattr(model, "runtime", None)
-        self.hooks = hooks if hooks is not None else _NoHooks()
+        self.hooks = hooks if hooks is not None else NoHooks()
         self.device = _device_of(model, self.module)
         if pad_token_id is None:
             tok = getattr(model, "tokenizer", None)

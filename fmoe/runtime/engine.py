@@ -95,7 +95,7 @@ def generate(model, input_ids: torch.Tensor, params: SamplingParams,
     if params.max_new_tokens == 0:
         return input_ids
     if hooks is None:
-        hooks = _NoHooks()
+        hooks = NoHooks()
     for b in range(B):
         hooks.on_request_start(b, None, input_ids[b][valid[b]].tolist())
     try:
@@ -106,7 +106,9 @@ def generate(model, input_ids: torch.Tensor, params: SamplingParams,
             hooks.on_request_end(b)
 
 
-class _NoHooks:
+class NoHooks:
+    """The runtime hooks of a model without an offload runtime: all no-ops."""
+
     def on_request_start(self, *a): pass
     def on_request_end(self, *a): pass
     def begin_step(self, *a): pass
