@@ -1,14 +1,25 @@
-"""fMoE ablations in the simulator: one history fills the expert-map store once per prefetch
-distance, then each variant replays the same trace.
+"""fMoE ablations in the simulator, side by side against lru, lfu, moe-infinity and the oracle.
 
     python tools/split_trace.py ../shared/data/traces/deepseek-v2-lite-puffin-dev.npz \\
         --fraction 0.7 --out-dir /tmp/split
     python tools/bench_fmoe.py --history /tmp/split/deepseek-v2-lite-puffin-dev.history.npz \\
-        --trace /tmp/split/deepseek-v2-lite-puffin-dev.replay.npz --max-sequences 60
+        --trace /tmp/split/deepseek-v2-lite-puffin-dev.replay.npz --max-sequences 20 \\
+        --plot docs/img/fmoe-ablation.png
 
-Variants: the default policy; no prefetch; each eviction rule; no semantic search; no trajectory
-search; prefetch distance d in {1, 2, 3, 4, 6}; plus lru, lfu and oracle for reference.
-Prints a markdown table (hit rate, TPOT, prefetch precision, TPOT / oracle TPOT).
+Three parts, on the same replay (the first `--max-sequences` sequences of the trace):
+
+1. Prediction quality of the expert maps, no cache: for each encoder (token, prompt, both) and
+   each search, the precision and recall of the experts `select` picks for the layer d ahead
+   (semantic search for layers 0..d-1, trajectory search for the rest). The store is filled from
+   the history and keeps learning online.
+2. Variants replayed through the cache: the default (reuse eviction, no prefetch), every
+   eviction rule, prefetch on, no semantic / no trajectory search, each encoder, prefetch
+   distance d in {1, 2, 3, 4, 6}. Reported: hit rate, TPOT, TPOT / lru, TPOT / oracle, loads per
+   token, prefetch precision and wasted prefetch MB per token.
+3. A plot (`--plot`): hit rate and TPOT / oracle per variant.
+
+Prefetching variants replay in the discrete-event engine (slow: tens of tokens/s); keep
+`--max-sequences` small for them.
 """
 
 from __future__ import annotations
@@ -31,23 +42,68 @@ from fmoe.sim.shapes import get_shape, guess_shape  # noqa: E402
 from fmoe.sim.timing import TimingModel  # noqa: E402
 from fmoe.sim.trace import Trace, load_trace  # noqa: E402
 
+PREFETCH = {"max_orders": 1}      # one order per layer, at neighbour similarity >= 0.6
+# name -> (constructor options, attributes set after learning)
 VARIANTS = {
-    "fmoe (default: distance eviction, no prefetch)": {},
-    "one prefetch order per layer at similarity >= 0.6": {"max_orders": 1},
-    "prefetch 4 orders/layer, no similarity gate": {"max_orders": 4, "min_similarity": 0.0},
-    "eviction lru-pred": {"eviction": "lru-pred"},
-    "eviction pfreq": {"eviction": "pfreq"},
-    "eviction lru": {"eviction": "lru"},
-    "no semantic search": {"use_semantic": False},
-    "no trajectory search": {"use_trajectory": False},
+    "fmoe default (reuse eviction, no prefetch)": ({}, {}),
+    "eviction distance": ({"eviction": "distance"}, {}),
+    "eviction pfreq (paper)": ({"eviction": "pfreq"}, {}),
+    "eviction lru-pred": ({"eviction": "lru-pred"}, {}),
+    "eviction lru": ({"eviction": "lru"}, {}),
+    "reuse + prefetch": (PREFETCH, {}),
+    "reuse + prefetch, no semantic": (PREFETCH, {"use_semantic": False}),
+    "reuse + prefetch, no trajectory": (PREFETCH, {"use_trajectory": False}),
+    "reuse + prefetch, prompt encoder": (dict(PREFETCH, encoder="prompt"), {}),
+    "reuse + prefetch, token + prompt": (dict(PREFETCH, encoder="both"), {}),
 }
+DISTANCES = (1, 2, 3, 4, 6)
 
 
 def first_sequences(trace: Trace, n: int | None) -> Trace:
     if n is None or n >= trace.num_sequences:
         return trace
-    end = int(trace.seq_offsets[n])
-    return trace.head(end)
+    return trace.head(int(trace.seq_offsets[n]))
+
+
+def learned(hist: Trace, L: int, E: int, K: int, cap: int, **opts) -> FmoePolicy:
+    p = FmoePolicy(L, E, cap, top_k=K, **opts)
+    p.learn_history(expert_ids=hist.expert_ids, seq_offsets=hist.seq_offsets,
+                    gate_probs=hist.gate_probs, texts=hist.texts, token_ids=hist.token_ids)
+    return p
+
+
+def prediction_quality(policy: FmoePolicy, rep: Trace) -> dict:
+    """Precision / recall of the experts selected for the layer d ahead, split by the search
+    that produced them (semantic: targets 0..d-1, trajectory: the rest)."""
+    p = copy.deepcopy(policy)
+    p.max_orders, p.min_similarity = 10**9, -1.0     # every selected expert becomes an order
+    L, E, d = rep.num_layers, rep.num_experts, p.d
+    acc = {"semantic": [0, 0, 0], "trajectory": [0, 0, 0]}   # hits, predicted, truth
+    ids = rep.expert_ids
+    for n in range(rep.num_sequences):
+        a, b = int(rep.seq_offsets[n]), int(rep.seq_offsets[n + 1])
+        p.on_request_start(n, rep.texts[n] if rep.texts else None,
+                           None if rep.token_ids is None else rep.token_ids[a:b])
+        for t in range(a, b):
+            for layer in range(L):
+                orders = p.on_layer_start(layer)
+                target = layer + d - 1 if layer > 0 else None
+                targets = range(d) if layer == 0 else [target]
+                for tl in targets:
+                    if tl >= L:
+                        continue
+                    pred = {k % E for k, _ in orders if k // E == tl}
+                    truth = {int(e) for e in ids[t, tl] if e >= 0}
+                    kind = "semantic" if layer == 0 else "trajectory"
+                    acc[kind][0] += len(pred & truth)
+                    acc[kind][1] += len(pred)
+                    acc[kind][2] += len(truth)
+                row = ids[t, layer]
+                p.on_routed(layer, row[row >= 0].astype(np.int64),
+                            None if rep.gate_probs is None else rep.gate_probs[t, layer])
+            p.on_token_end()
+        p.on_request_end(n)
+    return {k: {"precision": h / max(1, np_), "recall": h / max(1, nt)} for k, (h, np_, nt) in acc.items()}
 
 
 def main(argv=None) -> int:
@@ -57,67 +113,100 @@ def main(argv=None) -> int:
     ap.add_argument("--max-sequences", type=int, default=None, help="replay only the first N sequences")
     ap.add_argument("--cache-fraction", type=float, default=0.25)
     ap.add_argument("--hardware", default="rtx3090-pcie4")
-    ap.add_argument("--distances", default="1,2,3,4,6")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the variant names")
+    ap.add_argument("--no-distances", action="store_true", help="skip the d sweep")
+    ap.add_argument("--no-quality", action="store_true", help="skip the prediction-quality part")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
 
     hist = load_trace(args.history)
     rep = first_sequences(load_trace(args.trace), args.max_sequences)
     shape = get_shape(guess_shape(rep.model) or "deepseek-v2-lite")
     tm = TimingModel.from_shape(shape, get_hardware(args.hardware))
-    L, E = rep.num_layers, rep.num_experts
+    L, E, K = rep.num_layers, rep.num_experts, rep.top_k
     cap = int(args.cache_fraction * L * E)
     print(f"replay {rep.num_tokens} tokens in {rep.num_sequences} sequences; history "
           f"{hist.num_tokens} tokens; {cap} slots; {tm.name}", flush=True)
+    out: dict = {"quality": {}, "rows": []}
 
-    rows = []
+    if not args.no_quality:
+        print("\n| encoder | semantic precision | semantic recall | trajectory precision | trajectory recall |")
+        print("|---|---|---|---|---|")
+        for enc in ("token", "prompt", "both"):
+            q = prediction_quality(learned(hist, L, E, K, cap, encoder=enc, max_orders=1), rep)
+            out["quality"][enc] = q
+            print(f"| {enc} | {q['semantic']['precision']:.3f} | {q['semantic']['recall']:.3f} | "
+                  f"{q['trajectory']['precision']:.3f} | {q['trajectory']['recall']:.3f} |", flush=True)
 
-    def run(name, policy):
+    rows = out["rows"]
+
+    def run(name, policy, **kw):
         t0 = time.perf_counter()
-        r = simulate(rep, policy, tm, capacity=cap)
+        r = simulate(rep, policy, tm, capacity=cap, **kw)
+        wasted = (r.prefetched - r.prefetch_used) * shape.expert_bytes / 1e6 / max(1, r.tokens)
         rows.append({"variant": name, "hit_rate": r.hit_rate, "tpot_ms": r.tpot_ms,
-                     "prefetch_precision": r.prefetch_precision, "prefetched": r.prefetched,
-                     "loads_per_token": r.loads_per_token, "wall_s": time.perf_counter() - t0})
+                     "loads_per_token": r.loads_per_token, "prefetch_precision": r.prefetch_precision,
+                     "wasted_mb_per_token": wasted, "wall_s": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
 
-    for name in ("lru", "lfu", "oracle"):
-        run(name, name)
-    bases: dict[int, FmoePolicy] = {}
-
-    def base(d: int) -> FmoePolicy:
-        if d not in bases:
-            p = FmoePolicy(L, E, cap, top_k=rep.top_k, prefetch_distance=d)
-            p.learn_history(expert_ids=hist.expert_ids, seq_offsets=hist.seq_offsets,
-                            gate_probs=hist.gate_probs, token_ids=hist.token_ids)
-            bases[d] = p
-        return copy.deepcopy(bases[d])
-
+    for name in ("lru", "lfu", "moe-infinity", "oracle"):
+        run(name, name, history=hist if name == "moe-infinity" else None)
     wanted = None if args.variants is None else set(args.variants.split(","))
-    for name, opts in VARIANTS.items():
+    bases: dict[tuple, FmoePolicy] = {}
+    for name, (opts, attrs) in VARIANTS.items():
         if wanted is not None and name not in wanted:
             continue
-        p = base(3)
-        for k, v in opts.items():
+        key = tuple(sorted((k, v) for k, v in opts.items() if k in ("encoder",)))
+        if key not in bases:
+            bases[key] = learned(hist, L, E, K, cap, **dict(key))
+        p = copy.deepcopy(bases[key])
+        for k, v in {**{k: v for k, v in opts.items() if k != "encoder"}, **attrs}.items():
             setattr(p, k, v)
         run(name, p)
-    for d in [int(x) for x in args.distances.split(",") if x]:
-        if d == 3 and (wanted is None or any(n.startswith("fmoe (default") for n in wanted)):
-            continue
-        run(f"fmoe d={d}", base(d))
+    if not args.no_distances:
+        for d in DISTANCES:
+            run(f"reuse + prefetch, d = {d}", learned(hist, L, E, K, cap, prefetch_distance=d, **PREFETCH))
+    run("fmoe online (empty at start)", FmoePolicy(L, E, cap, top_k=K))
 
     oracle = next(r["tpot_ms"] for r in rows if r["variant"] == "oracle")
     lru = next(r for r in rows if r["variant"] == "lru")
-    print("\n| variant | hit rate | vs lru | TPOT ms | TPOT / lru | TPOT / oracle | prefetch precision | loads/token |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| variant | hit rate | vs lru | TPOT ms | TPOT / lru | TPOT / oracle | loads/token | "
+          "prefetch precision | wasted prefetch MB/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         prec = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.3f}"
         print(f"| {r['variant']} | {r['hit_rate']:.4f} | {r['hit_rate'] - lru['hit_rate']:+.4f} | "
               f"{r['tpot_ms']:.2f} | {r['tpot_ms'] / lru['tpot_ms']:.3f} | {r['tpot_ms'] / oracle:.2f} | "
-              f"{prec} | {r['loads_per_token']:.1f} |")
+              f"{r['loads_per_token']:.1f} | {prec} | {r['wasted_mb_per_token']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(out, indent=2))
+    if args.plot:
+        plot(rows, oracle, args.plot, f"{rep.num_tokens} replay tokens, {cap} slots, {tm.name}")
     return 0
+
+
+def plot(rows: list[dict], oracle: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    y = np.arange(len(rows))[::-1]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.38 * len(rows) + 1.5), sharey=True)
+    colors = ["#999999" if n in ("lru", "lfu", "moe-infinity", "oracle") else "#3f6fb5" for n in names]
+    a.barh(y, [r["hit_rate"] for r in rows], color=colors)
+    a.set_xlabel("hit rate")
+    a.axvline(rows[0]["hit_rate"], color="k", lw=0.8, ls="--")
+    b.barh(y, [r["tpot_ms"] / oracle for r in rows], color=colors)
+    b.set_xlabel("TPOT / oracle TPOT (lower is better)")
+    b.axvline(rows[0]["tpot_ms"] / oracle, color="k", lw=0.8, ls="--")
+    a.set_yticks(y, names, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

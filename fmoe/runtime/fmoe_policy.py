@@ -22,9 +22,9 @@ and the simulator measured every prefetching variant slower than prediction-awar
 (docs/benchmarks.md). ``policy_options={"max_orders": 1}`` turns on one order per layer, issued
 only when the neighbour's similarity reaches ``min_similarity``.
 
-Maps: the router's full softmax when known (`probs`); otherwise (a trace with ids only) a row
-with the routed experts weighted by rank, (K - r) / sum, which keeps the order but loses the
-mass of unrouted experts (see docs).
+Maps, best first: the router's full softmax (`probs` live, `gate_probs` in a trace); the gate
+weights of the routed experts (a trace's `weights`: the unrouted experts' mass is lost); the
+routed ids alone, weighted by rank, (K - r) / sum (the order survives, the magnitudes do not).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .policies import Policy
-from .predictor import MapStore, TrajectorySearch, select
+from .predictor import MapStore, ReuseModel, TrajectorySearch, select
 
 TOKEN_DIM = 64
-EVICTIONS = ("distance", "lru-pred", "pfreq", "lru")
+EVICTIONS = ("reuse", "distance", "lru-pred", "pfreq", "lru")
+MAP_EVICTIONS = ("distance", "lru-pred", "pfreq")   # the rules that read expert maps
 
 
 class TokenEmbedder:
@@ -62,7 +63,6 @@ class TokenEmbedder:
 
 class FmoePolicy(Policy):
     name = "fmoe"
-    wants_probs = True
 
     @property
     def prefetches(self) -> bool:
@@ -70,9 +70,19 @@ class FmoePolicy(Policy):
         # searches are cheap, and a second busy thread costs more on small CPU boxes
         return self.max_orders > 0
 
+    @property
+    def uses_maps(self) -> bool:
+        """Whether expert maps (store, searches) feed any decision: prefetch orders or a
+        map-reading eviction rule. Without them the per-layer work is the reuse model's."""
+        return self.max_orders > 0 or self.eviction in MAP_EVICTIONS or self.keep_maps
+
+    @property
+    def wants_probs(self) -> bool:
+        return self.uses_maps
+
     def __init__(self, num_layers: int, num_experts: int, capacity: int, *, top_k: int | None = None,
                  prefetch_distance: int = 3, store_capacity: int = 1024, encoder: str = "token",
-                 semantic: bool = True, trajectory: bool = True, eviction: str = "distance",
+                 semantic: bool = True, trajectory: bool = True, eviction: str = "reuse",
                  decay: float = 0.9, max_orders: int = 0, min_similarity: float = 0.6,
                  embed_dim: int | None = None, prompt_encoder=None, learn: bool = True):
         super().__init__(num_layers, num_experts, capacity)
@@ -90,8 +100,13 @@ class FmoePolicy(Policy):
         self.max_orders = max_orders
         self.min_similarity = min_similarity
         self.learn = learn
+        self.keep_maps = False      # fill the map store even when no decision reads it
         self._active: set[int] = set()
         self.tokens = TokenEmbedder(embed_dim or TOKEN_DIM)
+        if prompt_encoder is None and encoder in ("prompt", "both"):
+            from .encoders import PromptEncoder
+
+            prompt_encoder = PromptEncoder()   # loads its model on the first prompt
         self.prompt_encoder = prompt_encoder
         dim = self._dim(embed_dim)
         self.store = MapStore(store_capacity, L, E, dim, self.d)
@@ -115,6 +130,10 @@ class FmoePolicy(Policy):
         self._used = np.zeros(L * E, bool)
         self.p_cur = np.zeros(L * E, np.float64)          # P(use later in this iteration)
         self.l_now = 0
+        self.reuse = ReuseModel(L, E, top_k or 1)
+        self._score: np.ndarray | None = None             # reuse scores of the running layer
+        self._touch = np.zeros(L * E, np.float64)         # last hit or insert (event counter)
+        self._clock = 0
 
     # -- embeddings -------------------------------------------------------------------------
     def _dim(self, embed_dim):
@@ -147,16 +166,35 @@ class FmoePolicy(Policy):
 
     # -- history ----------------------------------------------------------------------------
     def learn_history(self, expert_ids: np.ndarray, seq_offsets: np.ndarray, gate_probs=None,
-                      texts=None, token_ids=None, **_) -> None:
-        """Fill the map store from a trace (not measured: no cache events)."""
+                      texts=None, token_ids=None, weights=None, **_) -> None:
+        """Learn from a trace (not measured: no cache events): the reuse model's counts, and
+        the map store when expert maps are in use."""
+        L, E = self.num_layers, self.num_experts
+        if self.top_k is None:
+            self.reuse.K = expert_ids.shape[2]
+        used = np.zeros((len(expert_ids), L, E + 1), bool)     # column E takes the -1 ids
+        t_idx, l_idx = np.meshgrid(np.arange(len(expert_ids)), np.arange(L), indexing="ij")
+        for k in range(expert_ids.shape[2]):
+            col = expert_ids[:, :, k].astype(np.int64)
+            used[t_idx, l_idx, np.where(col >= 0, col, E)] = True
+        self.reuse.learn(used[:, :, :E].reshape(len(expert_ids), L * E), np.asarray(seq_offsets))
+        del used
+        if not self.uses_maps:
+            return
+        if texts and self.encoder in ("prompt", "both") and hasattr(self.prompt_encoder, "encode_many"):
+            self.prompt_encoder.encode_many([t for t in texts if t])   # batched, then cached
         batch = 256
         for n in range(len(seq_offsets) - 1):
             a, b = int(seq_offsets[n]), int(seq_offsets[n + 1])
             self._start(texts[n] if texts else None, None if token_ids is None else token_ids[a:b])
             for s in range(a, b, batch):
                 e = min(b, s + batch)
-                maps = (gate_probs[s:e].astype(np.float32) if gate_probs is not None
-                        else self._rank_rows(expert_ids[s:e]))
+                if gate_probs is not None:
+                    maps = gate_probs[s:e].astype(np.float32)
+                elif weights is not None:
+                    maps = self._weight_rows(expert_ids[s:e], weights[s:e])
+                else:
+                    maps = self._rank_rows(expert_ids[s:e])
                 embs = []
                 for _ in range(s, e):
                     embs.append(self._embedding())
@@ -164,18 +202,23 @@ class FmoePolicy(Policy):
                 self.store.add_many(maps, np.stack(embs))
         self._reset_iteration()
 
-    def _rank_rows(self, ids: np.ndarray) -> np.ndarray:
-        """[B, L, K] ids in router order -> [B, L, E] rank-weighted rows (see module doc);
-        ids of -1 (not recorded) leave their weight out."""
+    def _weight_rows(self, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """[B, L, K] ids with gate weights [B, L, K] -> [B, L, E] rows holding the weights at
+        the routed experts (the unrouted experts' mass is unknown: zero)."""
         B, L, K = ids.shape
-        m = np.zeros((B, L, self.num_experts + 1), np.float32)   # column E takes the -1 ids
-        w = np.arange(K, 0, -1, dtype=np.float32)
-        w /= w.sum()
+        m = np.zeros((B, L, self.num_experts + 1), np.float32)
         b_idx, l_idx = np.meshgrid(np.arange(B), np.arange(L), indexing="ij")
         for k in range(K):
             col = ids[:, :, k].astype(np.int64)
-            m[b_idx, l_idx, np.where(col >= 0, col, self.num_experts)] = w[k]
+            m[b_idx, l_idx, np.where(col >= 0, col, self.num_experts)] = w[:, :, k]
         return m[:, :, : self.num_experts]
+
+    def _rank_rows(self, ids: np.ndarray) -> np.ndarray:
+        """[B, L, K] ids in router order -> [B, L, E] rank-weighted rows (see module doc);
+        ids of -1 (not recorded) leave their weight out."""
+        K = ids.shape[2]
+        w = np.arange(K, 0, -1, dtype=np.float32)
+        return self._weight_rows(ids, np.broadcast_to(w / w.sum(), ids.shape))
 
     # -- workload events --------------------------------------------------------------------
     def _start(self, prompt, token_ids) -> None:
@@ -190,13 +233,19 @@ class FmoePolicy(Policy):
         fresh = not self._active
         self._active.add(seq_id)
         if fresh:
+            self.reuse.reset_stream()
             self._start(prompt, token_ids)
-            self._reset_iteration()
+            if self.uses_maps:
+                self._reset_iteration()
 
     def on_request_end(self, seq_id: int) -> None:
         self._active.discard(seq_id)
+        if not self._active:
+            self.reuse.reset_stream()      # the stream ended: count its last passes
 
     def _reset_iteration(self) -> None:
+        if not self.uses_maps:
+            return
         self.cur[:] = 0
         self.search.reset()
         self.emb = self._embedding()
@@ -212,6 +261,9 @@ class FmoePolicy(Policy):
 
     def on_layer_start(self, layer: int) -> list[tuple[int, float]]:
         self.l_now = layer
+        self._score = None
+        if not self.uses_maps:
+            return []
         self.p_cur[:] = 0
         if self.store.size == 0:
             self.window = set()
@@ -225,7 +277,10 @@ class FmoePolicy(Policy):
             nb_p = np.minimum(1.0, k * self.store.maps[i].reshape(-1).astype(np.float64))
             w = min(max(sim, 0.0), 1.0)
             self.p_cur = np.where(self.layer_of >= layer, w * nb_p, 0.0)
-        if sim < self.min_similarity or self.max_orders <= 0:
+        order = self.max_orders > 0 and sim >= self.min_similarity
+        if self.eviction == "pfreq":
+            self.pred[:] = self.store.maps[i].reshape(-1)
+        if not order and self.eviction != "lru-pred":
             self.window = set()
             return []
         E = self.num_experts
@@ -243,14 +298,18 @@ class FmoePolicy(Policy):
                 window.add(key)
                 orders.append((key, p / (t - layer + 1)))
         self.window = window
-        if self.eviction == "pfreq":
-            self.pred[:] = nb.reshape(-1)
+        if not order:
+            return []
         orders.sort(key=lambda o: -o[1])
         return orders[: self.max_orders]
 
     def on_routed(self, layer: int, experts: np.ndarray, probs: np.ndarray | None = None) -> None:
         if len(experts) > self._seen_k:
             self._seen_k = len(experts)
+        self.reuse.observe(layer * self.num_experts + np.asarray(experts, dtype=np.int64))
+        self._score = None
+        if not self.uses_maps:
+            return
         if probs is not None:
             row = probs if probs.ndim == 1 else probs.max(axis=0)
             row = row.astype(np.float32)
@@ -265,9 +324,13 @@ class FmoePolicy(Policy):
             self.search.observe(layer, nz, row[nz])
 
     def on_token_end(self) -> None:
+        self.reuse.end_pass()
+        self._score = None
+        self._pos += 1
+        if not self.uses_maps:
+            return
         if self.learn:
             self.store.add(self.cur.copy(), self.emb)
-        self._pos += 1
         self.freq *= self.decay
         self.ema = self.decay * self.ema + (1 - self.decay) * self._used
         self._used[:] = False
@@ -275,16 +338,22 @@ class FmoePolicy(Policy):
 
     # -- cache events -----------------------------------------------------------------------
     def on_hit(self, key: int) -> None:
-        self._lru.move_to_end(key)
-        self.freq[key] += 1
-        self._used[key] = True
-
-    def on_insert(self, key: int, prefetch: bool = False) -> None:
-        self._lru[key] = None
-        self._resident[key] = True
-        if not prefetch:
+        self._clock += 1
+        self._touch[key] = self._clock
+        if self.eviction != "reuse":       # the other rules' recency and frequency
+            self._lru.move_to_end(key)
             self.freq[key] += 1
             self._used[key] = True
+
+    def on_insert(self, key: int, prefetch: bool = False) -> None:
+        self._clock += 1
+        self._touch[key] = self._clock
+        self._resident[key] = True
+        if self.eviction != "reuse":
+            self._lru[key] = None
+            if not prefetch:
+                self.freq[key] += 1
+                self._used[key] = True
 
     def on_evict(self, key: int) -> None:
         self._lru.pop(key, None)
@@ -304,7 +373,37 @@ class FmoePolicy(Policy):
         passed = d0 + L * (1.0 / rate - 1.0)
         return np.where(self.layer_of >= self.l_now, this, passed)
 
+    # -- persistence ------------------------------------------------------------------------
+    def save_state(self, path) -> None:
+        """The map store and the reuse model's counts, in one file (atomic write)."""
+        self.store.save(path, extra=self.reuse.state())
+
+    def load_state(self, path) -> bool:
+        """Load `save_state` output; a missing, corrupt or mismatched file is reported and
+        ignored (the policy starts empty)."""
+        ok = self.store.load(path)
+        if ok and self.store.loaded_extra:
+            self.reuse.set_state(self.store.loaded_extra)
+        return ok
+
+    def _reuse_score(self) -> np.ndarray:
+        # resident keys' scores for the running layer; evictions within a layer change nothing
+        # a score reads (the inserted keys are pinned), so one computation serves them all
+        if self._score is None:
+            # ties (equal cells) go to the least recently touched key, as in LRU
+            self._score = (self.reuse.next_use_score(self.l_now)
+                           + 1e-3 * (1.0 - self._touch / (self._clock + 1)))
+        return self._score
+
     def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
+        if self.eviction == "reuse":
+            score = np.where(self._resident, self._reuse_score(), -np.inf)
+            for key in pinned:
+                score[key] = -np.inf
+            key = int(np.argmax(score))
+            if np.isfinite(score[key]):
+                return key
+            raise RuntimeError("every resident expert is pinned; cannot evict")
         if self.eviction == "distance":
             score = np.where(self._resident, self.expected_distance(), -np.inf)
             for key in pinned:
@@ -338,6 +437,9 @@ class FmoePolicy(Policy):
     def admit_prefetch(self, key: int, victim: int | None) -> bool:
         if victim is None:
             return True
+        if self.eviction == "reuse":
+            score = self._reuse_score()
+            return bool(score[victim] > score[key])
         if self.eviction == "distance":
             # a prefetch must be needed sooner than what it evicts
             d = self.expected_distance()

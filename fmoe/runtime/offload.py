@@ -107,7 +107,9 @@ class OffloadRuntime:
         self.policy = make_policy(policy, self.L, self.E, self.capacity, **opts)
         self.map_store = map_store
         if map_store is not None:
-            self.policy.store.load(map_store)   # a missing or bad file is reported and ignored
+            # a store that persists should fill even when no decision reads its maps
+            self.policy.keep_maps = True
+            self.policy.load_state(map_store)   # a missing or bad file is reported and ignored
         self._embed = getattr(getattr(module, "model", None), "embed_tokens", None)
         self.table = SlotTable(self.capacity, self.policy)
         S = self.capacity
@@ -163,7 +165,7 @@ class OffloadRuntime:
         """A forward over input_ids [B, T] starts; row b belongs to request seq_ids[b]."""
         if self.recorder is not None:
             self.recorder.begin_step(input_ids, valid, seq_ids)
-        if self._embed is not None and hasattr(self.policy, "set_token_embedding"):
+        if self._embed is not None and getattr(self.policy, "uses_maps", False):
             # the semantic key of this iteration: the model's embedding of its token(s)
             with torch.no_grad():
                 ids = input_ids[:, -1]
@@ -274,7 +276,7 @@ class OffloadRuntime:
         if self.scheduler is not None:
             self.scheduler.close()
         if self.map_store is not None:
-            self.policy.store.save(self.map_store)
+            self.policy.save_state(self.map_store)
         self.engine.close()
         if self.recorder is not None:
             self.recorder.close()

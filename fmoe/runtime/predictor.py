@@ -120,15 +120,17 @@ class MapStore:
         return i, float(sims[i])
 
     # -- persistence ----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same directory, then rename)."""
+    def save(self, path: str | os.PathLike, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write atomically (temporary file in the same directory, then rename). `extra`
+        arrays (a policy's other learned state) are stored under ``x_<name>``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, format=np.int64(STORE_FORMAT), shape=np.array([self.L, self.E, self.dim], np.int64),
-                         maps=self.maps[: self.size], sem=self.sem[: self.size])
+                         maps=self.maps[: self.size], sem=self.sem[: self.size],
+                         **{f"x_{k}": v for k, v in (extra or {}).items()})
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -139,8 +141,10 @@ class MapStore:
 
     def load(self, path: str | os.PathLike) -> bool:
         """Fill from `path`. A missing, corrupt or mismatched file is reported (logged) and
-        ignored: the store stays as it was. Returns whether anything was loaded."""
+        ignored: the store stays as it was. Returns whether anything was loaded; the file's
+        `extra` arrays are left in ``self.loaded_extra`` (empty when none or not loaded)."""
         path = Path(path)
+        self.loaded_extra: dict[str, np.ndarray] = {}
         if not path.exists():
             return False
         try:
@@ -148,6 +152,7 @@ class MapStore:
                 fmt = int(z["format"])
                 shape = tuple(int(x) for x in z["shape"])
                 maps, sem = z["maps"], z["sem"]
+                extra = {k[2:]: z[k] for k in z.files if k.startswith("x_")}
             if fmt != STORE_FORMAT:
                 raise ValueError(f"format {fmt}, expected {STORE_FORMAT}")
             if shape != (self.L, self.E, self.dim):
@@ -162,6 +167,7 @@ class MapStore:
             return False
         for m, s in zip(maps, sem):
             self.add(m, s)
+        self.loaded_extra = extra
         return True
 
 
@@ -221,3 +227,344 @@ def select(row: np.ndarray, similarity: float, top_k: int) -> np.ndarray:
     mass = np.cumsum(row[order]) / total
     n = int(np.searchsorted(mass, delta - 1e-12) + 1)
     return order[: max(top_k, min(n, len(order)))]
+
+
+# -- reuse model (the default eviction rule's predictor) ---------------------------------------
+
+# passes of a layer since the expert's last use: 1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16, 17-24,
+# 25-32, 33-48, 49-64, >64; bucket 13 = not used yet in this stream
+_GAP_EDGES = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
+# uses so far in this stream: 0, 1, 2, 3, 4-5, 6-9, 10-17, >17
+_COUNT_EDGES = np.array([0, 1, 2, 3, 5, 9, 17])
+# next-pass probability from the layer's last routed row, relative to the uniform top_k / E;
+# the last class = no row yet in this stream
+_NEXT_EDGES = np.array([0.7, 0.85, 1.0, 1.25])
+NG, NC = len(_GAP_EDGES) + 2, len(_COUNT_EDGES) + 1
+NP = 8     # popularity classes: octiles of the long-run use counts
+NQ = len(_NEXT_EDGES) + 2
+TRANSITION_REFRESH = 32   # passes between refreshes of the transition probabilities
+FLUSH_PASSES = 32         # online counting runs in batches of this many passes
+_NONE = -(1 << 40)        # "no use yet" as a pass index
+
+
+class ReuseModel:
+    """P(an expert is used again within the next `horizon` passes of its layer), from counts.
+
+    Each (layer, expert) key is described at each pass of its layer (one pass per token) by a
+    cell of five features:
+
+    * its layer;
+    * passes since its last use in this stream (bucketed; "not yet");
+    * its uses in this stream so far (bucketed);
+    * its long-run popularity class (octile of all-time use counts);
+    * a next-pass class: P(expert e' at layer l | the experts layer l routed to last), from
+      layer-wise transition counts between consecutive tokens, relative to uniform.
+
+    The model counts, per cell, how often the key was used at that pass or the next
+    ``horizon - 1``. Counts come from past traffic (`learn`, a history trace) and keep growing
+    online (`observe` / `end_pass`, live traffic), so an empty model starts as plain recency and
+    sharpens as it sees routing. Cells with fewer than `min_count` samples fall back to their
+    gap bucket's rate.
+
+    A *stream* is the run of tokens of one request (a batch shares one stream); `reset_stream`
+    starts a new one. Keys are ``layer * E + expert``.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, horizon: int = 4,
+                 min_count: int = 50):
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        L, E = num_layers, num_experts
+        self.L, self.E, self.K = L, E, max(1, top_k)
+        self.horizon, self.min_count = horizon, min_count
+        n = L * E
+        self.layer_of = np.repeat(np.arange(L), E)
+        self.cell_base = self.layer_of * (NG * NC * NP * NQ)
+        cells = L * NG * NC * NP * NQ
+        self.seen = np.zeros(cells, np.float64)
+        self.reused = np.zeros(cells, np.float64)
+        # back-offs for cells seen too rarely: (gap, count, next-pass) over all layers and
+        # popularity classes, then the gap bucket alone
+        self.c_seen = np.zeros(NG * NC * NQ, np.float64)
+        self.c_reused = np.zeros(NG * NC * NQ, np.float64)
+        self.g_seen = np.zeros(NG, np.float64)
+        self.g_reused = np.zeros(NG, np.float64)
+        # long-run popularity (all streams)
+        self.uses = np.zeros(n, np.float64)
+        self.tokens = 0
+        # layer-wise transitions between consecutive tokens: trans[l, e, e'] counts e then e'
+        self.trans = np.zeros((L, E, E), np.float64)
+        self.trans_from = np.zeros((L, E), np.float64)
+        self._tprob: np.ndarray | None = None
+        self._tprob_age = 0
+        # running stream
+        self.last = np.full(n, -1, np.int64)     # pass index of the last use, -1 none
+        self.count = np.zeros(n, np.int64)
+        self.pos = 0                             # passes so far in the stream
+        self.used = np.zeros(n, bool)            # used at the current pass (token)
+        self.prev_row = np.zeros((L, E), bool)   # the previous pass's experts per layer
+        self._buf: list[np.ndarray] = []         # passes not counted yet (labels need later ones)
+        self._blk: tuple | None = None           # stream state before self._buf[0]
+        self._pop: np.ndarray | None = None
+        self._now: np.ndarray | None = None      # per pass: score of keys whose pass is to come
+        self._after: np.ndarray | None = None    # per pass: score of keys whose pass is done
+
+    # -- features ----------------------------------------------------------------------------
+    def _pop_class(self) -> np.ndarray:
+        """[L * E] popularity class 0 .. NP-1: the key's rank by long-run uses, in NP equal
+        groups (equal counts share the lower class)."""
+        if self._pop is None:
+            n = len(self.uses)
+            rank = np.searchsorted(np.sort(self.uses), self.uses, side="left")
+            self._pop = rank * NP // n
+        return self._pop
+
+    def transition(self) -> np.ndarray:
+        """[L, E, E] P(e' at the next pass | e at this one), refreshed every
+        TRANSITION_REFRESH passes (rows never seen: uniform top_k / E)."""
+        if self._tprob is None or self._tprob_age >= TRANSITION_REFRESH:
+            uniform = self.K / self.E
+            f = self.trans_from[:, :, None]
+            self._tprob = np.where(f > 0, self.trans / np.maximum(f, 1), uniform)
+            self._tprob_age = 0
+        return self._tprob
+
+    def next_class(self, rows: np.ndarray, tprob: np.ndarray | None = None) -> np.ndarray:
+        """rows [..., L', E] bool (each layer's last routed experts; L' = L, or the layers of
+        `tprob` [L', E, E]) -> [..., L' * E] next-pass class; a layer whose row is empty gets the
+        last class."""
+        tp = self.transition() if tprob is None else tprob
+        r = rows.astype(np.float64)
+        q = np.empty(r.shape)
+        for i in range(r.shape[-2]):
+            q[..., i, :] = r[..., i, :] @ tp[i]
+        k = r.sum(axis=-1, keepdims=True)
+        c = np.searchsorted(_NEXT_EDGES * (self.K / self.E), q / np.maximum(k, 1), side="right")
+        c = np.where(k > 0, c, NQ - 1)
+        return c.reshape(*rows.shape[:-2], -1)
+
+    def cells(self, gap: np.ndarray, count: np.ndarray, pop: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        """gap (0 = not used yet), count, popularity class, next-pass class, each [..., L * E]
+        -> cell index."""
+        return self.cell_base + self._cell_rest(gap, count, pop, nxt)
+
+    @staticmethod
+    def _cell_rest(gap, count, pop, nxt):
+        g = np.where(gap <= 0, NG - 1, np.searchsorted(_GAP_EDGES, gap, side="left"))
+        c = np.searchsorted(_COUNT_EDGES, count, side="left")
+        return ((g * NC + c) * NP + pop) * NQ + nxt
+
+    @staticmethod
+    def _coarse(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cells -> (gap, count, next-pass) back-off cells, and gap buckets."""
+        rest = cells % (NG * NC * NP * NQ)
+        g, c = rest // (NC * NP * NQ), rest // (NP * NQ) % NC
+        return (g * NC + c) * NQ + rest % NQ, g
+
+    def probability(self, cells: np.ndarray) -> np.ndarray:
+        """P(reuse within the horizon) of each cell; a cell seen fewer than `min_count` times
+        backs off to its (gap, count, next-pass) rate, then to its gap bucket's."""
+        seen = self.seen[cells]
+        coarse, g = self._coarse(cells)
+        g_rate = np.where(self.g_seen > 0, self.g_reused / np.maximum(self.g_seen, 1),
+                          1.0 / (2.0 + np.arange(NG)))    # nothing seen yet: recency order
+        c_seen = self.c_seen[coarse]
+        p = np.where(c_seen >= self.min_count, self.c_reused[coarse] / np.maximum(c_seen, 1), g_rate[g])
+        return np.where(seen >= self.min_count, self.reused[cells] / np.maximum(seen, 1), p)
+
+    # -- the running stream --------------------------------------------------------------------
+    def reset_stream(self) -> None:
+        self._flush(final=True)
+        self.last[:] = -1
+        self.count[:] = 0
+        self.pos = 0
+        self.used[:] = False
+        self.prev_row[:] = False
+        self._now = self._after = None
+
+    def observe(self, keys: np.ndarray) -> None:
+        """Keys used by the current pass (token), any number of calls per pass."""
+        keys = np.asarray(keys, dtype=np.int64)
+        self.used[keys] = True
+        if self._after is not None and len(keys):
+            self._score_after(np.unique(keys // self.E))
+
+    def end_pass(self) -> None:
+        """The token is done: roll the stream on. Counting (labels need the next passes) is
+        batched: every FLUSH_PASSES passes, and at the end of the stream."""
+        used = self.used
+        if not self._buf:
+            self._blk = (self.pos, self.last.copy(), self.count.copy(), self.prev_row.reshape(-1).copy())
+        self._buf.append(used.copy())
+        self.uses += used
+        self.tokens += 1
+        self._pop = None
+        self.last[used] = self.pos
+        self.count += used
+        self.pos += 1
+        self.prev_row[:] = used.reshape(self.L, self.E)
+        used[:] = False
+        self._now = self._after = None
+        if len(self._buf) >= FLUSH_PASSES + self.horizon - 1:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Count the buffered passes whose labels are complete (all of them when `final`)."""
+        if not self._buf:
+            return
+        pos0, last0, count0, prev0 = self._blk
+        u = np.stack(self._buf)
+        m, lb, cb = self._count_segment(u, np.where(last0 >= 0, last0 - pos0, _NONE), count0,
+                                        prev0, final, self._pop_class(), self.transition())
+        self._tprob_age += m
+        if final or m == len(u):
+            self._buf = []
+            return
+        # the passes left wait for their labels; the block restarts at pass m
+        self._blk = (pos0 + m, np.where(lb[m] > _NONE, lb[m] + pos0, -1), cb[m], u[m - 1] if m else prev0)
+        self._buf = self._buf[m:]
+
+    def _count_segment(self, u: np.ndarray, last0: np.ndarray, count0: np.ndarray, prev0: np.ndarray,
+                       final: bool, pop: np.ndarray, tp: np.ndarray, transitions: bool = True):
+        """Count the passes u [n, L * E] (bool) of one stream, given the state before u[0]: the
+        last use relative to u[0] (negative; _NONE when none), the use counts, and the previous
+        pass's row. Counts the first n - (horizon - 1) passes, or all n when `final` (the stream
+        ended: later uses will not come). Returns (counted, last-use [n, L * E], counts
+        [n, L * E]) as of each pass."""
+        n, N = u.shape
+        L, E, h = self.L, self.E, self.horizon
+        ar = np.arange(n)[:, None]
+        run = np.maximum.accumulate(np.where(u, ar, _NONE), axis=0)
+        lb = np.maximum(np.vstack([np.full((1, N), _NONE), run[:-1]]), last0[None, :])
+        cb = count0[None, :] + np.vstack([np.zeros((1, N), np.int64), np.cumsum(u, axis=0)[:-1]])
+        m = n if final else max(0, n - (h - 1))
+        if m == 0:
+            return 0, lb, cb
+        prev = np.vstack([prev0[None, :], u[:m - 1]]).reshape(m, L, E)
+        if transitions:
+            self._count_transitions(prev, u[:m].reshape(m, L, E))
+        gap = np.where(lb[:m] > _NONE, ar[:m] - lb[:m], 0)
+        cells = self.cells(gap, cb[:m], pop[None, :], self.next_class(prev, tp))
+        label = u.copy()
+        for j in range(1, h):
+            label[:-j] |= u[j:]
+        self._count(cells.reshape(-1), label[:m].reshape(-1))
+        return m, lb, cb
+
+    def _count_transitions(self, prev: np.ndarray, cur: np.ndarray) -> None:
+        """prev, cur [n, L, E] bool: consecutive passes."""
+        p, c = prev.astype(np.float64), cur.astype(np.float64)
+        for l in range(self.L):
+            self.trans[l] += p[:, l].T @ c[:, l]
+        self.trans_from += p.sum(axis=0)
+
+    def _cells_now(self) -> np.ndarray:
+        """Cells of every key for the current pass, from what was known before it."""
+        seen = self.last >= 0
+        return self.cells(np.where(seen, self.pos - self.last, 0), self.count, self._pop_class(),
+                          self.next_class(self.prev_row))
+
+    def _count(self, cells: np.ndarray, reused: np.ndarray) -> None:
+        n = len(self.seen)
+        self.seen += np.bincount(cells, minlength=n)
+        self.reused += np.bincount(cells, weights=reused, minlength=n)
+        coarse, g = self._coarse(cells)
+        self.c_seen += np.bincount(coarse, minlength=len(self.c_seen))
+        self.c_reused += np.bincount(coarse, weights=reused, minlength=len(self.c_seen))
+        self.g_seen += np.bincount(g, minlength=NG)
+        self.g_reused += np.bincount(g, weights=reused, minlength=NG)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _score_after(self, layers: np.ndarray) -> None:
+        """Scores, for the next pass, of the keys of `layers` (routed in this pass)."""
+        L, E = self.L, self.E
+        cur = self.used.reshape(L, E)
+        for l in layers.tolist():
+            sl = slice(l * E, (l + 1) * E)
+            used = cur[l]
+            nxt = self.next_class(used[None, :], self.transition()[l:l + 1])
+            last = np.where(used, self.pos, self.last[sl])
+            gap = np.where(last >= 0, self.pos + 1 - last, 0)
+            cells = self.cell_base[sl] + self._cell_rest(gap, self.count[sl] + used,
+                                                         self._pop_class()[sl], nxt)
+            self._after[sl] = self._wait(self.probability(cells)) + l + L
+
+    def _wait(self, p: np.ndarray) -> np.ndarray:
+        """P(reuse within `horizon` passes) -> expected layers of waiting beyond the next pass,
+        L * (1/q - 1), with q the per-pass use probability of a geometric wait that gives p."""
+        q = 1.0 - np.power(np.clip(1.0 - p, 0.0, 1.0), 1.0 / self.horizon)
+        return self.L * (1.0 / np.maximum(q, 1e-3) - 1.0)
+
+    def next_use_score(self, l_now: int) -> np.ndarray:
+        """[L * E] an estimate of how far off each key's next use is, in layers (larger = later):
+        layers until the key's next pass + the expected wait `_wait` beyond it. During
+        layer `l_now` of a token, the keys of routed layers have had their pass (their next comes
+        with the next token); the others have theirs still to come."""
+        L = self.L
+        if self._now is None:
+            self._now = self._wait(self.probability(self._cells_now())) + self.layer_of
+            self._after = np.empty(L * self.E)
+            # layers not routed yet this pass keep a no-row estimate until they are
+            seen = self.last >= 0
+            cells = self.cells(np.where(seen, self.pos + 1 - self.last, 0), self.count,
+                               self._pop_class(), np.full(L * self.E, NQ - 1))
+            self._after[:] = self._wait(self.probability(cells)) + self.layer_of + L
+            routed = np.flatnonzero(self.used.reshape(L, self.E).any(axis=1))
+            if len(routed):
+                self._score_after(routed)
+        done = (self.layer_of < l_now) | self.used
+        score = np.where(done, self._after, self._now)
+        score -= l_now
+        return score
+
+    # -- history ---------------------------------------------------------------------------------
+    def learn(self, used: np.ndarray, seq_offsets: np.ndarray) -> None:
+        """Count a history: used [T, L * E] bool, sequences split by seq_offsets [S + 1].
+        Popularity classes and transitions use the history's own counts (added first)."""
+        L, E, h = self.L, self.E, self.horizon
+        spans = [(a, b) for a, b in zip(seq_offsets[:-1].tolist(), seq_offsets[1:].tolist()) if b > a]
+        self.uses += used.sum(axis=0)
+        self.tokens += used.shape[0]
+        for a, b in spans:
+            u = used[a:b].reshape(b - a, L, E)
+            self._count_transitions(u[:-1], u[1:])
+        self._pop = self._tprob = None
+        pop = self._pop_class()
+        tp = self.transition()
+        n = used.shape[1]
+        for a, b in spans:
+            self._count_segment(used[a:b], np.full(n, _NONE), np.zeros(n, np.int64),
+                                np.zeros(n, bool), True, pop, tp, transitions=False)
+        self._now = self._after = None
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The learned counts, for saving next to the map store."""
+        return {"reuse_seen": self.seen, "reuse_reused": self.reused, "reuse_uses": self.uses,
+                "reuse_tokens": np.array(self.tokens, np.int64), "reuse_trans": self.trans,
+                "reuse_trans_from": self.trans_from, "reuse_g_seen": self.g_seen,
+                "reuse_g_reused": self.g_reused, "reuse_c_seen": self.c_seen,
+                "reuse_c_reused": self.c_reused}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> bool:
+        """Restore `state()` output; a mismatched one is reported and ignored."""
+        names = {"seen": "reuse_seen", "reused": "reuse_reused", "uses": "reuse_uses",
+                 "trans": "reuse_trans", "trans_from": "reuse_trans_from",
+                 "g_seen": "reuse_g_seen", "g_reused": "reuse_g_reused",
+                 "c_seen": "reuse_c_seen", "c_reused": "reuse_c_reused"}
+        try:
+            new = {a: np.asarray(state[k], np.float64) for a, k in names.items()}
+            tokens = int(state["reuse_tokens"])
+            for a, v in new.items():
+                if v.shape != getattr(self, a).shape:
+                    raise ValueError(f"{names[a]} has shape {v.shape}, this model needs "
+                                     f"{getattr(self, a).shape}")
+                if not np.isfinite(v).all():
+                    raise ValueError(f"{names[a]} has non-finite values")
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("reuse-model counts ignored: %s", e)
+            return False
+        for a, v in new.items():
+            setattr(self, a, v)
+        self.tokens = tokens
+        self._pop = self._tprob = self._now = self._after = None
+        return True

@@ -126,6 +126,8 @@ def build_policy(name: str, trace: Trace, capacity: int, *, use_cache: bool = Tr
     if name in SIM_ONLY:
         keys, nxt = access_sequence(trace, use_cache)
         options = dict(options, keys=keys, next_use=nxt)
+    options = dict(options)
+    options.setdefault("top_k", trace.top_k)
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kw = {k: v for k, v in options.items() if v is not None and (takes_any or k in params)}
@@ -136,6 +138,25 @@ def _overrides(policy: Policy, method: str) -> bool:
     return getattr(type(policy), method) is not getattr(Policy, method)
 
 
+def _router_rows(trace: Trace, policy: Policy):
+    """(token, layer) -> the router row a policy's `on_routed` gets: the trace's full softmax
+    (`gate_probs`); else, for a policy that wants rows, the gate weights (`weights`) placed at the
+    routed experts; else None (the policy falls back to the ids)."""
+    if trace.gate_probs is not None:
+        gp = trace.gate_probs
+        return lambda t, l: gp[t, l]
+    if trace.weights is not None and getattr(policy, "wants_probs", False):
+        ids, w, E = trace.expert_ids, trace.weights, trace.num_experts
+
+        def row(t: int, l: int) -> np.ndarray:
+            r = np.zeros(E, np.float32)
+            ok = ids[t, l] >= 0
+            r[ids[t, l][ok]] = w[t, l][ok]
+            return r
+        return row
+    return lambda t, l: None
+
+
 def feed_history(policy: Policy, history: Trace) -> None:
     """Let a policy learn from a routing history before the measured replay (not measured, no
     cache events). Uses ``policy.learn_history(expert_ids=, seq_offsets=, gate_probs=, texts=,
@@ -143,14 +164,14 @@ def feed_history(policy: Policy, history: Trace) -> None:
     if hasattr(policy, "learn_history"):
         policy.learn_history(expert_ids=history.expert_ids, seq_offsets=history.seq_offsets,
                              gate_probs=history.gate_probs, texts=history.texts,
-                             token_ids=history.token_ids)
+                             token_ids=history.token_ids, weights=history.weights)
         return
     want = [m for m in ("on_request_start", "on_layer_start", "on_routed", "on_token_end",
                         "on_request_end") if _overrides(policy, m)]
     if not want:
         return
     ids = history.expert_ids
-    gp = history.gate_probs
+    rows_of = _router_rows(history, policy)
     L = history.num_layers
     for n in range(history.num_sequences):
         a, b = int(history.seq_offsets[n]), int(history.seq_offsets[n + 1])
@@ -161,7 +182,7 @@ def feed_history(policy: Policy, history: Trace) -> None:
                 policy.on_layer_start(l)
                 row = ids[t, l]
                 policy.on_routed(l, row[row >= 0].astype(np.int64),
-                                 None if gp is None else gp[t, l])
+                                 rows_of(t, l))
             policy.on_token_end()
         policy.on_request_end(n)
 
@@ -276,7 +297,7 @@ def _demand_misses(trace: Trace, table: SlotTable) -> np.ndarray:
     ids = trace.expert_ids
     T, L, K = ids.shape
     E = trace.num_experts
-    gp = trace.gate_probs
+    rows_of = _router_rows(trace, policy)
     misses = np.zeros((T, L), dtype=np.uint16)
     acquire_many = table.acquire_many
     pinned = table.pinned
@@ -305,7 +326,7 @@ def _demand_misses(trace: Trace, table: SlotTable) -> np.ndarray:
                     mrow[l] = m
                 if routed:
                     policy.on_routed(l, np.array([e for e in row if e >= 0], dtype=np.int64),
-                                     None if gp is None else gp[t, l])
+                                     rows_of(t, l))
                 pinned.clear()
             if tok_end:
                 policy.on_token_end()
@@ -327,7 +348,7 @@ def _events(trace: Trace, table: SlotTable, tm: TimingModel) -> tuple[np.ndarray
     ids = trace.expert_ids
     T, L, K = ids.shape
     E = trace.num_experts
-    gp = trace.gate_probs
+    rows_of = _router_rows(trace, policy)
     attn, attn_ctx, shared = (a.tolist() for a in tm.per_layer(L))
     copy = float(tm.copy)
     expert = float(tm.expert)
@@ -426,7 +447,7 @@ def _events(trace: Trace, table: SlotTable, tm: TimingModel) -> tuple[np.ndarray
                 t += expert * len(keys)
                 if routed:
                     policy.on_routed(l, np.array(keys, dtype=np.int64) - base,
-                                     None if gp is None else gp[tok, l])
+                                     rows_of(tok, l))
                 if oi < no and busy < t:
                     busy, oi = advance(t, busy, orders, oi)
                 pinned.difference_update(keys)

@@ -39,6 +39,26 @@ def test_fmoe_lossless_and_prefetches(resident, cache):
         model.close()
 
 
+@pytest.mark.parametrize("cache", [2, 0.25])
+def test_default_fmoe_lossless_and_learns_online(resident, cache):
+    """The default (reuse eviction, no prefetch): equal tokens, and the reuse model counts live
+    traffic from an empty start."""
+    path, ids, ref = resident
+    model = fmoe.models.from_pretrained(path, expert_cache=cache)
+    try:
+        pol = model.runtime.policy
+        assert pol.name == "fmoe" and pol.eviction == "reuse" and not pol.uses_maps
+        assert pol.reuse.seen.sum() == 0
+        for _ in range(2):
+            assert torch.equal(model.generate(ids, 24, eos_token_id=[]), ref)
+        assert pol.reuse.seen.sum() > 0 and pol.reuse.tokens > 0
+        assert pol.store.size == 0                      # no maps kept: nothing reads them
+        s = model.expert_stats()
+        assert s["misses"] > 0 and s["resident_peak"] <= s["capacity"]
+    finally:
+        model.close()
+
+
 def test_search_runs_on_worker_thread(resident):
     path, ids, _ = resident
     default = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe")
@@ -68,10 +88,12 @@ def test_map_store_persists_across_restarts(resident, tmp_path):
     m1 = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=store)
     m1.generate(ids, 8, eos_token_id=[])
     n = m1.runtime.policy.store.size
+    counts = m1.runtime.policy.reuse.seen.copy()
     m1.close()
-    assert store.exists() and n > 0
+    assert store.exists() and n > 0 and counts.sum() > 0
     m2 = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=store)
-    assert m2.runtime.policy.store.size == n        # warm after a restart
+    assert m2.runtime.policy.store.size == n        # warm after a restart ...
+    assert np.array_equal(m2.runtime.policy.reuse.seen, counts)   # ... reuse counts too
     assert torch.equal(m2.generate(ids, 24, eos_token_id=[]), ref)
     m2.close()
     store.write_bytes(b"garbage")                   # a corrupt file is reported and ignored

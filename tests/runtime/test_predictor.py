@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fmoe.runtime.fmoe_policy import FmoePolicy
 from fmoe.runtime.predictor import MapStore, TrajectorySearch, select
 
 
@@ -143,3 +144,116 @@ def test_add_many_equals_sequential_adds(seed):
     b.add_many(maps[3:], embs[3:])
     np.testing.assert_array_equal(a.maps, b.maps)
     np.testing.assert_allclose(a.sem, b.sem)
+
+
+# -- reuse model -------------------------------------------------------------------------------
+
+def _cell(m, gap, count, pop, nxt):
+    """The cell of key 0 (layer 0) for these features."""
+    n = m.L * m.E
+    return int(m.cells(np.full(n, gap), np.full(n, count), np.full(n, pop), np.full(n, nxt))[0])
+
+
+def test_reuse_model_counts_hand_worked():
+    """One layer, two experts, top-1, horizon 2; one stream routed 0, 0, 1, 0.
+
+    Popularity: expert 0 used 3 times, expert 1 once: ranks 1 and 0 of 2, classes 4 and 0.
+    Transitions 0->0, 0->1, 1->0: P(. | 0) = (1/2, 1/2), P(. | 1) = (1, 0). Next-pass classes
+    (edges 0.7, 0.85, 1, 1.25 x uniform 1/2, right-closed): after 0 both experts get 0.5 -> 3;
+    after 1, expert 0 gets 1.0 -> 4 and expert 1 gets 0 -> 0; no previous token -> 5.
+    Labels = used at this pass or the next: expert 0 -> 1, 1, 1, 1; expert 1 -> 0, 1, 1, 0."""
+    from fmoe.runtime.predictor import ReuseModel
+
+    m = ReuseModel(1, 2, 1, horizon=2, min_count=1)
+    used = np.array([[1, 0], [1, 0], [0, 1], [1, 0]], bool)
+    m.learn(used, np.array([0, 4]))
+    assert m._pop_class().tolist() == [4, 0]
+    assert m.transition()[0].tolist() == [[0.5, 0.5], [1.0, 0.0]]
+    want = {  # (gap, count, pop, next) -> (seen, reused)
+        (0, 0, 4, 5): (1, 1), (1, 1, 4, 3): (1, 1), (1, 2, 4, 3): (1, 1), (2, 2, 4, 4): (1, 1),
+        (0, 0, 0, 5): (1, 0), (0, 0, 0, 3): (2, 2), (1, 1, 0, 0): (1, 0),
+    }
+    cells = [_cell(m, *k) for k in want]
+    assert sorted(np.flatnonzero(m.seen).tolist()) == sorted(cells)
+    p = m.probability(np.array(cells))
+    for (n, r), c, pc in zip(want.values(), cells, p):
+        assert m.seen[c] == n and m.reused[c] == r
+        assert pc == pytest.approx(r / n)
+
+
+def test_reuse_score_hand_worked_empty_model():
+    """Two layers x two experts, no counts yet: P(reuse within 4 passes) falls back to recency,
+    1 / (2 + gap bucket). Score = layers to the next pass + L * (1/q - 1), q = 1 - (1 - p)^(1/4).
+    Token 0 used (0,0) and (1,0); during token 1 at layer 1:
+      (0,0) passed, gap 2 -> p 1/3,  next pass in 1 layer
+      (0,1) passed, never -> p 1/15, next pass in 1 layer
+      (1,0) running, gap 1 -> p 1/2,  now
+      (1,1) running, never -> p 1/15, now"""
+    def wait(p):
+        return 2 * (1 / (1 - (1 - p) ** 0.25) - 1)
+
+    p = FmoePolicy(2, 2, 3, top_k=1)
+    assert p.eviction == "reuse" and not p.uses_maps
+    p.on_request_start(0)
+    for layer in (0, 1):
+        p.on_layer_start(layer)
+        p.on_routed(layer, np.array([0]))
+    p.on_token_end()
+    p.on_layer_start(0)                  # token 1: layer 0 ran (routing not reported)
+    p.on_layer_start(1)
+    s = p.reuse.next_use_score(1)
+    assert s == pytest.approx([1 + wait(1 / 3), 1 + wait(1 / 15), wait(1 / 2), wait(1 / 15)])
+    for key in (0, 1, 2):
+        p.on_insert(key)
+    assert p.victim([0, 1, 2], set()) == 1
+    assert p.victim([0, 1, 2], {1}) == 0
+    assert p.admit_prefetch(3, 1) is True and p.admit_prefetch(3, 2) is False
+
+
+@given(seed=st.integers(0, 10_000))
+@settings(max_examples=20, deadline=None)
+def test_reuse_model_online_equals_history(seed):
+    """Counting a history at once and living through it pass by pass give the same counts
+    (summed over the popularity and next-pass classes, which evolve online) and transitions."""
+    from fmoe.runtime.predictor import NP, NQ, ReuseModel
+
+    rng = np.random.default_rng(seed)
+    L, E, K = 2, 5, 2
+    lens = rng.integers(1, 9, size=rng.integers(1, 5))
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    used = np.zeros((offsets[-1], L * E), bool)
+    for t in range(offsets[-1]):
+        for layer in range(L):
+            used[t, layer * E + rng.choice(E, K, replace=False)] = True
+    a = ReuseModel(L, E, K)
+    a.learn(used, offsets)
+    b = ReuseModel(L, E, K)
+    for s, e in zip(offsets[:-1], offsets[1:]):
+        b.reset_stream()
+        for t in range(s, e):
+            b.observe(np.flatnonzero(used[t]))
+            b.end_pass()
+    b.reset_stream()
+    # popularity and next-pass classes evolve online: compare the counts summed over them
+    assert np.array_equal(a.seen.reshape(-1, NP * NQ).sum(1), b.seen.reshape(-1, NP * NQ).sum(1))
+    assert np.array_equal(a.reused.reshape(-1, NP * NQ).sum(1), b.reused.reshape(-1, NP * NQ).sum(1))
+    assert a.uses.tolist() == b.uses.tolist() and a.tokens == b.tokens
+    assert np.array_equal(a.trans, b.trans) and np.array_equal(a.trans_from, b.trans_from)
+
+
+def test_maps_from_weights_then_ranks():
+    """A trace's gate weights land at the routed experts; without them, rank weights."""
+    from fmoe.sim.replay import _router_rows
+    from fmoe.sim.trace import Trace
+
+    ids = np.array([[[2, 0], [1, 3]]], np.int16)             # 1 token, 2 layers, top-2
+    w = np.array([[[0.7, 0.3], [0.6, 0.4]]], np.float32)
+    p = FmoePolicy(2, 4, 4, top_k=2, eviction="distance")
+    p.learn_history(expert_ids=ids, seq_offsets=np.array([0, 1]), weights=w)
+    assert np.allclose(p.store.maps[0], [[0.3, 0, 0.7, 0], [0, 0.6, 0, 0.4]])
+    q = FmoePolicy(2, 4, 4, top_k=2, eviction="distance")
+    q.learn_history(expert_ids=ids, seq_offsets=np.array([0, 1]))
+    assert np.allclose(q.store.maps[0], [[1 / 3, 0, 2 / 3, 0], [0, 2 / 3, 0, 1 / 3]])
+    t = Trace(expert_ids=ids, seq_offsets=np.array([0, 1]), num_experts=4, model="t", weights=w)
+    assert _router_rows(t, p)(0, 1).tolist() == pytest.approx([0, 0.6, 0, 0.4])
+    assert _router_rows(t, FmoePolicy(2, 4, 4))(0, 1) is None     # reuse eviction: no rows
