@@ -10,8 +10,10 @@ Three measurements:
 2. Forward time per token with every expert resident (expert_cache=1.0): fmoe and lru alternate
    in pairs, so drift in the machine's load hits both alike; the ratio is the median of pairs.
 3. Stall per token with expert_cache=0.25 behind an emulated host->device link: the same prompts
-   through lru and fmoe (the fmoe policy learns online, starting empty). Tokens are checked equal
-   to the resident model's.
+   through lru and fmoe (the fmoe policy learns online, starting empty), on two tiny random
+   models: the demo checkpoint (Mixtral-shaped, 4 layers x 8 experts, top-2) and a
+   DeepSeek-V2-shaped one (7 MoE layers x 32 experts, top-6, 2 shared experts). Tokens are
+   checked equal to the resident model's.
 """
 
 from __future__ import annotations
@@ -31,7 +33,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fmoe  # noqa: E402
 from fmoe.runtime.policies import make_policy  # noqa: E402
 from fmoe.runtime.slots import SlotTable  # noqa: E402
-from fmoe.serve.demo import demo_checkpoint  # noqa: E402
+from fmoe.serve.demo import cache_dir, demo_checkpoint  # noqa: E402
+
+TINY_DEEPSEEK = dict(model_type="deepseek_v2", vocab_size=2048, hidden_size=256, intermediate_size=512,
+                     moe_intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=8, n_shared_experts=2, n_routed_experts=32,
+                     num_experts_per_tok=6, routed_scaling_factor=1.0, kv_lora_rank=64,
+                     q_lora_rank=None, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32,
+                     topk_method="greedy", n_group=1, topk_group=1, first_k_dense_replace=1,
+                     norm_topk_prob=False, scoring_func="softmax", max_position_embeddings=4096,
+                     rope_theta=10000, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_deepseek() -> Path:
+    """A tiny random DeepSeek-V2-shaped checkpoint, built once (a temp dir, then renamed)."""
+    import shutil
+    import tempfile
+
+    from fmoe.models.synthetic import write_random_checkpoint
+
+    target = cache_dir() / "bench-tiny-deepseek-v2"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        write_random_checkpoint(tmp, TINY_DEEPSEEK, dtype=torch.float32, seed=0)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, **opts) -> float:
@@ -92,8 +124,7 @@ def main(argv=None) -> int:
         print(f"| {label} | {full:.0f} | {quarter:.0f} |", flush=True)
 
     path = args.model or demo_checkpoint()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 500, (1, 8), generator=gen)
+    ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(0))
     models = {p: fmoe.models.from_pretrained(path, expert_cache=1.0, policy=p) for p in ("lru", "fmoe")}
     for m in models.values():
         decode_ms(m, ids, 8)                      # warm-up
@@ -114,28 +145,34 @@ def main(argv=None) -> int:
     print(f"lru {out['resident']['lru_ms']:.3f} ms/token, fmoe {out['resident']['fmoe_ms']:.3f} ms/token; "
           f"fmoe / lru (median of pairs) = {med:.3f}", flush=True)
 
-    print(f"\n## expert_cache=0.25, emulated {args.link} link, {args.prompts} prompts of "
-          f"{args.tokens} new tokens")
-    print("| policy | hit rate | stall ms/token | MiB loaded/token | tokens equal resident |")
-    print("|---|---|---|---|---|")
-    prompts = [torch.randint(3, 500, (1, int(n)), generator=gen)
-               for n in torch.randint(4, 24, (args.prompts,), generator=gen)]
-    resident = fmoe.models.from_pretrained(path)
-    refs = [resident.generate(p, args.tokens, eos_token_id=[]) for p in prompts]
-    resident.close()
     out["offloaded"] = {}
-    for p in ("lru", "fmoe"):
-        m = fmoe.models.from_pretrained(path, expert_cache=0.25, policy=p, link_bandwidth=args.link)
-        equal = all(torch.equal(m.generate(x, args.tokens, eos_token_id=[]), r) for x, r in zip(prompts, refs))
-        s = m.expert_stats()
-        m.close()
-        n = args.prompts * args.tokens
-        row = {"hit_rate": s["hits"] / max(1, s["hits"] + s["misses"]),
-               "stall_ms_per_token": 1e3 * s["stall_seconds"] / n,
-               "mib_per_token": s["bytes_loaded"] / n / 2**20, "equal": equal}
-        out["offloaded"][p] = row
-        print(f"| {p} | {row['hit_rate']:.3f} | {row['stall_ms_per_token']:.2f} | "
-              f"{row['mib_per_token']:.2f} | {'yes' if equal else 'NO'} |", flush=True)
+    for label, mpath in [("demo (Mixtral-shaped, 4 x 8, top-2)", path),
+                         ("tiny DeepSeek-V2-shaped (7 x 32, top-6)", tiny_deepseek())]:
+        print(f"\n## {label}: expert_cache=0.25, emulated {args.link} link, {args.prompts} prompts "
+              f"of {args.tokens} new tokens")
+        print("| policy | hit rate | stall ms/token | MiB loaded/token | tokens equal resident |")
+        print("|---|---|---|---|---|")
+        resident = fmoe.models.from_pretrained(mpath)
+        vocab = resident.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(3, vocab, (1, int(n)), generator=g)
+                   for n in torch.randint(4, 24, (args.prompts,), generator=g)]
+        refs = [resident.generate(p, args.tokens, eos_token_id=[]) for p in prompts]
+        resident.close()
+        out["offloaded"][label] = {}
+        for p in ("lru", "fmoe"):
+            m = fmoe.models.from_pretrained(mpath, expert_cache=0.25, policy=p, link_bandwidth=args.link)
+            equal = all(torch.equal(m.generate(x, args.tokens, eos_token_id=[]), r)
+                        for x, r in zip(prompts, refs))
+            s = m.expert_stats()
+            m.close()
+            n = args.prompts * args.tokens
+            row = {"hit_rate": s["hits"] / max(1, s["hits"] + s["misses"]),
+                   "stall_ms_per_token": 1e3 * s["stall_seconds"] / n,
+                   "mib_per_token": s["bytes_loaded"] / n / 2**20, "equal": equal}
+            out["offloaded"][label][p] = row
+            print(f"| {p} | {row['hit_rate']:.3f} | {row['stall_ms_per_token']:.2f} | "
+                  f"{row['mib_per_token']:.2f} | {'yes' if equal else 'NO'} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

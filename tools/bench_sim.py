@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     from fmoe.sim.cli import _resolve_shape
     from fmoe.sim.hardware import get_hardware
-    from fmoe.sim.replay import policy_names
+    from fmoe.sim.replay import sweep_policy_names
     from fmoe.sim.sweep import format_table, plot, run_sweep, write_csv
     from fmoe.sim.timing import TimingModel
     from fmoe.sim.trace import load_trace
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                                               dtype=None), trace)
     timings = {h: TimingModel.from_shape(shape, get_hardware(h))
                for h in args.hardware.split(",")}
-    policies = args.policies.split(",") if args.policies else policy_names()
+    policies = args.policies.split(",") if args.policies else sweep_policy_names()
     fractions = [float(x) for x in args.fractions.split(",")]
     t0 = time.perf_counter()
 

@@ -57,6 +57,38 @@ def _csv_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _policy_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--policy-option {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _check_options(policy_class, policies: list[str], options: dict) -> None:
+    import inspect
+
+    for name in policies:
+        accepted: set[str] = set()
+        for cls in policy_class(name).__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters
+            accepted |= {k for k, v in params.items() if v.kind is v.KEYWORD_ONLY or
+                         (v.kind is v.POSITIONAL_OR_KEYWORD and k != "self")}
+            if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
+                break
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise UsageError(f"policy {name!r} takes no option {', '.join(unknown)}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, metavar="T.npz",
                    help="routing trace (format v1) to replay")
@@ -73,6 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-distance", type=_positive_int, metavar="D",
                    help="layers ahead a prefetching policy may prefetch (policy default if "
                         "omitted)")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the policy's constructor (repeatable), e.g. "
+                        "eviction=pfreq, max_orders=1, tokens=2 for 'horizon'; VALUE is read as "
+                        "JSON when it parses, else as a string")
     p.add_argument("--hardware", default=None, metavar="NAME",
                    help=f"hardware profile (default {DEFAULT_HARDWARE}); with --sweep a "
                         "comma-separated list")
@@ -157,7 +193,7 @@ def _json_safe(v):
 
 def _run(args) -> int:
     from .hardware import get_hardware
-    from .replay import capacity_for, policy_class, policy_names, simulate
+    from .replay import capacity_for, policy_class, simulate, sweep_policy_names
     from .trace import load_trace
 
     # cheap checks first
@@ -168,7 +204,7 @@ def _run(args) -> int:
         raise UsageError("several --hardware profiles need --sweep")
     hws = [get_hardware(h) for h in hw_names]
     if args.sweep:
-        policies = _csv_list(args.policies) if args.policies else policy_names()
+        policies = _csv_list(args.policies) if args.policies else sweep_policy_names()
         try:
             fractions = [_fraction(x) for x in _csv_list(args.fractions)]
         except argparse.ArgumentTypeError as e:
@@ -189,6 +225,8 @@ def _run(args) -> int:
         policies = [args.policy]
     for p in policies:
         policy_class(p)
+    if args.policy_option:
+        _check_options(policy_class, policies, _policy_options(args.policy_option))
 
     # the router softmax can be large; load it only for policies that may read it
     probs = any(p not in NO_PROBS for p in policies)
@@ -200,7 +238,10 @@ def _run(args) -> int:
     from .timing import TimingModel
 
     timings = {h.name: TimingModel.from_shape(shape, h) for h in hws}
-    options = {"prefetch_distance": args.prefetch_distance} if args.prefetch_distance else None
+    options = dict(_policy_options(args.policy_option))
+    if args.prefetch_distance:
+        options["prefetch_distance"] = args.prefetch_distance
+    options = options or None
     use_cache = not args.no_cache
     common = {"model": shape.name, "trace": str(args.trace),
               "history": str(args.history) if args.history else None,

@@ -14,6 +14,8 @@ replay must acquire keys in exactly that order (`fmoe.sim.replay` does).
 * `OraclePolicy` ("oracle"): Belady's eviction plus perfect prefetch: at every layer it orders
   the next experts needed (in order of need) that are not resident, and admits a prefetch only
   when the expert it would evict is needed later than the one it fetches.
+* `HorizonPolicy` ("horizon"): fmoe's reuse eviction told the exact routing of the next
+  `tokens` tokens: how much a perfect short-range predictor could add.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..runtime.fmoe_policy import FmoePolicy
 from ..runtime.policies import Policy
 
 
@@ -209,3 +212,57 @@ class OraclePolicy(BeladyPolicy):
         if nu is None or nu < self.cursor:
             nu = super()._prefetch_next_use(key)
         return self.nu[victim] > nu
+
+
+class HorizonPolicy(FmoePolicy):
+    """fmoe's default eviction plus *exact* knowledge of the routing of the rest of the running
+    token and the next `tokens` tokens: experts needed in that window are kept (when one must go,
+    the one needed last), the others are ranked by the reuse model as in `fmoe`.
+
+    A bound, not a product: what a perfect predictor of the next `tokens` tokens could add to
+    fmoe's eviction. Needs the trace's access sequence (`keys`, `next_use`) and `token_starts`
+    [T + 1], the access index at which each token starts."""
+
+    name = "horizon"
+
+    def __init__(self, num_layers: int, num_experts: int, capacity: int, *, keys: np.ndarray,
+                 next_use: np.ndarray, token_starts: np.ndarray, tokens: int = 1,
+                 top_k: int | None = None, **options):
+        super().__init__(num_layers, num_experts, capacity, top_k=top_k, **options)
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        self.tokens = int(tokens)
+        self.next_use = np.asarray(next_use)
+        self.token_starts = np.asarray(token_starts)
+        self.cursor = 0
+        self.tok = 0
+        self.nu = np.full(num_layers * num_experts, len(keys), np.int64)
+
+    def _use(self, key: int) -> None:
+        self.nu[key] = self.next_use[self.cursor]
+        self.cursor += 1
+
+    def on_hit(self, key: int) -> None:
+        super().on_hit(key)
+        self._use(key)
+
+    def on_insert(self, key: int, prefetch: bool = False) -> None:
+        super().on_insert(key, prefetch)
+        if not prefetch:
+            self._use(key)
+
+    def on_token_end(self) -> None:
+        super().on_token_end()
+        self.tok += 1
+
+    def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
+        end = self.token_starts[min(self.tok + 1 + self.tokens, len(self.token_starts) - 1)]
+        # known-needed keys sort below every reuse score, by next use (exact in float64)
+        score = np.where(self.nu < end, self.nu - 1e12, self._reuse_score())
+        score = np.where(self._resident, score, -np.inf)
+        for key in pinned:
+            score[key] = -np.inf
+        key = int(np.argmax(score))
+        if np.isfinite(score[key]):
+            return key
+        raise RuntimeError("every resident expert is pinned; cannot evict")

@@ -40,11 +40,11 @@ from ..runtime.policies import policy_class as runtime_policy_class
 from ..runtime.policies import policy_names as runtime_policy_names
 from ..runtime.slots import SlotTable
 from . import diskcache
-from .oracle import BeladyPolicy, OraclePolicy
+from .oracle import BeladyPolicy, HorizonPolicy, OraclePolicy
 from .timing import TimingModel
 from .trace import Trace
 
-SIM_ONLY = {"belady": BeladyPolicy, "oracle": OraclePolicy}
+SIM_ONLY = {"belady": BeladyPolicy, "oracle": OraclePolicy, "horizon": HorizonPolicy}
 
 
 class SimError(FmoeError, ValueError):
@@ -54,6 +54,11 @@ class SimError(FmoeError, ValueError):
 def policy_names() -> list[str]:
     """Every policy `simulate` knows: the runtime's registry plus the sim-only bounds."""
     return sorted(set(runtime_policy_names()) | set(SIM_ONLY))
+
+
+def sweep_policy_names() -> list[str]:
+    """The policies a sweep runs by default: all but "horizon" (a study tool with an option)."""
+    return [p for p in policy_names() if p != "horizon"]
 
 
 def policy_class(name: str) -> type[Policy]:
@@ -125,7 +130,9 @@ def build_policy(name: str, trace: Trace, capacity: int, *, use_cache: bool = Tr
     cls = policy_class(name)
     if name in SIM_ONLY:
         keys, nxt = access_sequence(trace, use_cache)
-        options = dict(options, keys=keys, next_use=nxt)
+        valid = (trace.expert_ids >= 0).reshape(trace.num_tokens, -1).sum(axis=1)
+        starts = np.concatenate([[0], np.cumsum(valid)])
+        options = dict(options, keys=keys, next_use=nxt, token_starts=starts)
     options = dict(options)
     options.setdefault("top_k", trace.top_k)
     params = inspect.signature(cls.__init__).parameters

@@ -178,3 +178,18 @@ def test_module_entry_point_no_traceback(tmp_path, tiny_config):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "'expert_ids' has dtype float32" in r.stderr
+
+
+def test_policy_options(capsys, trace_path, tiny_config):
+    base = ("simulate", "--trace", trace_path, "--cache-fraction", "0.25", "--model-config",
+            tiny_config, "--json", "--no-cache")
+    code, out, err = run_cli(capsys, *base, "--policy", "fmoe", "--policy-option", "eviction=pfreq")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, *base, "--policy", "horizon", "--policy-option", "tokens=2")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, *base, "--policy", "lru", "--policy-option", "tokens=2")
+    assert code == 2 and "takes no option tokens" in err
+    code, out, err = run_cli(capsys, *base, "--policy", "fmoe", "--policy-option", "eviction")
+    assert code == 2 and "KEY=VALUE" in err
+    code, out, err = run_cli(capsys, *base, "--policy", "fmoe", "--policy-option", "eviction=nope")
+    assert code != 0 and "unknown fmoe eviction rule" in err

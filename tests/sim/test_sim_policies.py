@@ -316,3 +316,28 @@ def test_custom_policy_sees_every_event():
                        ("layer", 1), ("routed", 1, [2, 3], (4,)), ("end",)]
     assert log[6:8] == [("stop", 0), ("start", 1, "yo")]
     assert (r.hits, r.misses) == (4, 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_horizon_over_the_whole_trace_is_belady(seed):
+    """Told every future token, the horizon bound keeps exactly what Belady keeps (experts never
+    used again go first in both; which of them does not change the misses)."""
+    from sim_helpers import make_trace
+
+    t = make_trace(T=150, L=3, E=8, K=2, nseq=4, seed=seed)
+    b = simulate(t, "belady", UNIT, capacity=7, use_cache=False)
+    h = simulate(t, "horizon", UNIT, capacity=7, use_cache=False,
+                 policy_options={"tokens": t.num_tokens})
+    f = simulate(t, "fmoe", UNIT, capacity=7, use_cache=False)
+    assert (h.hits, h.misses) == (b.hits, b.misses)
+    assert b.misses <= f.misses
+
+
+def test_horizon_hand_worked():
+    """One layer, 4 experts, 2 slots; tokens route 0, 1, 2, 0, 1. At token 2 (expert 2 misses)
+    the residents are 0 and 1: with a horizon of 1 token, expert 0 (needed at token 3) is kept
+    and 1 goes; with the whole future, Belady evicts 1 too (needed later); either way token 3
+    hits. Horizon 0 knows nothing beyond the running token: fmoe's reuse order decides."""
+    t = one_layer([0, 1, 2, 0, 1])
+    r = simulate(t, "horizon", UNIT, capacity=2, use_cache=False, policy_options={"tokens": 1})
+    assert (r.hits, r.misses) == (1, 4)
