@@ -84,7 +84,8 @@ class FmoePolicy(Policy):
                  prefetch_distance: int = 3, store_capacity: int = 1024, encoder: str = "token",
                  semantic: bool = True, trajectory: bool = True, eviction: str = "reuse",
                  decay: float = 0.9, max_orders: int = 0, min_similarity: float = 0.6,
-                 embed_dim: int | None = None, prompt_encoder=None, learn: bool = True):
+                 embed_dim: int | None = None, prompt_encoder=None, learn: bool = True,
+                 reuse_horizon: int = 4, reuse_min_count: int = 50):
         super().__init__(num_layers, num_experts, capacity)
         if eviction not in EVICTIONS:
             raise ValueError(f"unknown fmoe eviction rule {eviction!r}; use one of {', '.join(EVICTIONS)}")
@@ -130,7 +131,7 @@ class FmoePolicy(Policy):
         self._used = np.zeros(L * E, bool)
         self.p_cur = np.zeros(L * E, np.float64)          # P(use later in this iteration)
         self.l_now = 0
-        self.reuse = ReuseModel(L, E, top_k or 1)
+        self.reuse = ReuseModel(L, E, top_k or 1, horizon=reuse_horizon, min_count=reuse_min_count)
         self._score: np.ndarray | None = None             # reuse scores of the running layer
         self._touch = np.zeros(L * E, np.float64)         # last hit or insert (event counter)
         self._clock = 0

@@ -521,7 +521,7 @@ class ReuseModel:
     def learn(self, used: np.ndarray, seq_offsets: np.ndarray) -> None:
         """Count a history: used [T, L * E] bool, sequences split by seq_offsets [S + 1].
         Popularity classes and transitions use the history's own counts (added first)."""
-        L, E, h = self.L, self.E, self.horizon
+        L, E = self.L, self.E
         spans = [(a, b) for a, b in zip(seq_offsets[:-1].tolist(), seq_offsets[1:].tolist()) if b > a]
         self.uses += used.sum(axis=0)
         self.tokens += used.shape[0]

@@ -135,7 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fractions", default=DEFAULT_FRACTIONS, metavar="LIST",
                    help=f"cache fractions of the sweep (default {DEFAULT_FRACTIONS})")
     g.add_argument("--policies", metavar="LIST",
-                   help="policies of the sweep (default: every registered one)")
+                   help="policies of the sweep (default: every registered one but horizon)")
     g.add_argument("--csv", metavar="PATH", help="write the sweep rows to this CSV file")
     g.add_argument("--plot", metavar="PATH", help="write hit rate and TPOT plots to this PNG")
     g.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
