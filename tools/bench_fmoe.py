@@ -8,10 +8,11 @@
 
 Three parts, on the same replay (the first `--max-sequences` sequences of the trace):
 
-1. Prediction quality of the expert maps, no cache: for each encoder (token, prompt, both) and
-   each search, the precision and recall of the experts `select` picks for the layer d ahead
-   (semantic search for layers 0..d-1, trajectory search for the rest). The store is filled from
-   the history and keeps learning online.
+1. Prediction quality, no cache: for each encoder (token, prompt, both) and each search, the
+   precision and recall of the experts `select` picks for the layer d ahead (semantic search for
+   layers 0..d-1, trajectory search for the rest; the store is filled from the history and keeps
+   learning online); and how well the *next* token's experts can be predicted from the current
+   token's (popularity, the same experts, layer-wise transitions, nearest stored maps).
 2. Variants replayed through the cache: the default (reuse eviction, no prefetch), every
    eviction rule, prefetch on, no semantic / no trajectory search, each encoder, prefetch
    distance d in {1, 2, 3, 4, 6}. Reported: hit rate, TPOT, TPOT / lru, TPOT / oracle, loads per
@@ -106,6 +107,56 @@ def prediction_quality(policy: FmoePolicy, rep: Trace) -> dict:
     return {k: {"precision": h / max(1, np_), "recall": h / max(1, nt)} for k, (h, np_, nt) in acc.items()}
 
 
+def used_rows(trace: Trace) -> np.ndarray:
+    """[T, L, E] bool: the experts each token routed to."""
+    ids = trace.expert_ids.astype(np.int64)
+    T, L, K = ids.shape
+    u = np.zeros((T, L, trace.num_experts + 1), bool)
+    t, l = np.meshgrid(np.arange(T), np.arange(L), indexing="ij")
+    for k in range(K):
+        u[t, l, np.where(ids[:, :, k] >= 0, ids[:, :, k], trace.num_experts)] = True
+    return u[:, :, :-1]
+
+
+def next_token_quality(hist: Trace, rep: Trace, samples: int = 2000, store: int = 20000,
+                       neighbours: int = 32, seed: int = 0) -> dict:
+    """How well the experts of the *next* token can be predicted from the current token's
+    routing: precision of the top-k per layer, for (a) the current token's own experts,
+    (b) layer-wise transition counts from the history, (c) the next maps of the nearest stored
+    maps (cosine over whole maps; `store` history tokens, `neighbours` nearest)."""
+    rng = np.random.default_rng(seed)
+    uh, ur = used_rows(hist), used_rows(rep)
+    K = rep.top_k
+
+    def pairs(trace: Trace) -> np.ndarray:
+        first = np.zeros(trace.num_tokens, bool)
+        first[trace.seq_offsets[:-1]] = True
+        return np.flatnonzero(~first)      # tokens with a predecessor in their sequence
+
+    ih, ir = pairs(hist), pairs(rep)
+    ir = ir[rng.choice(len(ir), min(samples, len(ir)), replace=False)]
+    prev, truth = ur[ir - 1].astype(np.float32), ur[ir]
+
+    def precision(score: np.ndarray) -> float:
+        top = np.argsort(-score, axis=-1)[..., :K]
+        return float(np.take_along_axis(truth, top, -1).sum(-1).mean() / K)
+
+    a, b = uh[ih - 1].astype(np.float32), uh[ih].astype(np.float32)
+    trans = np.einsum("tle,tlf->lef", a, b) / np.maximum(a.sum(0)[:, :, None], 1)
+    pop = uh.mean(axis=0)
+    sub = ih[rng.choice(len(ih), min(store, len(ih)), replace=False)]
+    keys = uh[sub - 1].reshape(len(sub), -1).astype(np.float32)
+    vals = uh[sub].reshape(len(sub), -1).astype(np.float32)
+    sim = prev.reshape(len(ir), -1) @ keys.T
+    top = np.argpartition(-sim, neighbours, axis=1)[:, :neighbours]
+    w = np.take_along_axis(sim, top, 1)
+    knn = np.einsum("nk,nkf->nf", w, vals[top]).reshape(truth.shape)
+    return {"popularity": precision(np.broadcast_to(pop, truth.shape).copy()),
+            "previous token": precision(prev + 1e-3 * pop),
+            "transitions": precision(np.einsum("tle,lef->tlf", prev, trans)),
+            f"nearest {neighbours} of {len(sub)} maps": precision(knn)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--history", type=Path, required=True)
@@ -116,6 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma-separated subset of the variant names")
     ap.add_argument("--no-distances", action="store_true", help="skip the d sweep")
     ap.add_argument("--no-quality", action="store_true", help="skip the prediction-quality part")
+    ap.add_argument("--no-variants", action="store_true", help="skip the replays (quality only)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -138,6 +190,15 @@ def main(argv=None) -> int:
             out["quality"][enc] = q
             print(f"| {enc} | {q['semantic']['precision']:.3f} | {q['semantic']['recall']:.3f} | "
                   f"{q['trajectory']['precision']:.3f} | {q['trajectory']['recall']:.3f} |", flush=True)
+        nt = next_token_quality(hist, rep)
+        out["next_token"] = nt
+        print("\n| next token's experts predicted from | precision |\n|---|---|")
+        for k, v in nt.items():
+            print(f"| {k} | {v:.3f} |", flush=True)
+    if args.no_variants:
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return 0
 
     rows = out["rows"]
 
@@ -157,11 +218,13 @@ def main(argv=None) -> int:
     for name, (opts, attrs) in VARIANTS.items():
         if wanted is not None and name not in wanted:
             continue
-        key = tuple(sorted((k, v) for k, v in opts.items() if k in ("encoder",)))
+        # constructor options decide what the history fills (the map store only when a decision
+        # reads maps), so each distinct set learns its own base; attributes are set afterwards
+        key = tuple(sorted(opts.items()))
         if key not in bases:
-            bases[key] = learned(hist, L, E, K, cap, **dict(key))
+            bases[key] = learned(hist, L, E, K, cap, **opts)
         p = copy.deepcopy(bases[key])
-        for k, v in {**{k: v for k, v in opts.items() if k != "encoder"}, **attrs}.items():
+        for k, v in attrs.items():
             setattr(p, k, v)
         run(name, p)
     if not args.no_distances:

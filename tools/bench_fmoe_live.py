@@ -7,8 +7,9 @@ Three measurements:
 1. Policy cost per token: the policy object alone, driven with the events of a DeepSeek-V2-Lite
    shaped model (26 MoE layers x 64 experts, top-6) and random routing, with every expert
    resident (no evictions) and at a 25% cache (evictions scored). Microseconds per token.
-2. Forward time per token with every expert resident (expert_cache=1.0): fmoe and lru alternate
-   in pairs, so drift in the machine's load hits both alike; the ratio is the median of pairs.
+2. Forward time per token with every expert resident (expert_cache=1.0): two instances per
+   policy, run in rotating rounds, so drift in the machine's load and the luck of where an
+   instance's buffers land hit both alike; the ratio is the median over rounds.
 3. Stall per token with expert_cache=0.25 behind an emulated host->device link: the same prompts
    through lru and fmoe (the fmoe policy learns online, starting empty), on two tiny random
    models: the demo checkpoint (Mixtral-shaped, 4 layers x 8 experts, top-2) and a
@@ -100,21 +101,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: the demo's)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--pairs", type=int, default=7)
+    ap.add_argument("--pairs", type=int, default=7, help="rounds of the resident measurement")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--link", default="25GB/s")
     ap.add_argument("--prompts", type=int, default=12, help="prompts for the stall measurement")
+    ap.add_argument("--parts", default="cost,resident,stall",
+                    help="comma-separated subset of cost, resident, stall")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     out: dict = {}
 
-    print("## policy cost per token (DeepSeek-V2-Lite shape: 26 x 64, top-6; random routing)")
-    print("| policy | all resident, us/token | 25% cache, us/token |")
-    print("|---|---|---|")
     L, E, K = 26, 64, 6
     out["policy_cost_us"] = {}
-    for name, opts in [("lru", {}), ("fmoe", {"top_k": K}),
+    if "cost" in parts:
+        print("## policy cost per token (DeepSeek-V2-Lite shape: 26 x 64, top-6; random routing)")
+        print("| policy | all resident, us/token | 25% cache, us/token |")
+        print("|---|---|---|")
+    for name, opts in [] if "cost" not in parts else [("lru", {}), ("fmoe", {"top_k": K}),
                        ("fmoe", {"top_k": K, "eviction": "distance"}),
                        ("fmoe", {"top_k": K, "max_orders": 1})]:
         label = name + "".join(f" {k}={v}" for k, v in opts.items() if k != "top_k")
@@ -124,27 +129,51 @@ def main(argv=None) -> int:
         print(f"| {label} | {full:.0f} | {quarter:.0f} |", flush=True)
 
     path = args.model or demo_checkpoint()
+    if "resident" in parts:
+        resident_overhead(path, args, out)
+    if "stall" in parts:
+        stall_rows(path, args, out)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def resident_overhead(path: Path, args, out: dict) -> None:
+    """Two instances per policy, loaded A B B A: where an instance's buffers land in memory
+    changes its speed by a few percent, so each policy gets two draws. Every round runs each
+    instance once, in a rotating order; the ratio is the median over rounds of the fmoe
+    instances' mean time over the lru instances'."""
     ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(0))
-    models = {p: fmoe.models.from_pretrained(path, expert_cache=1.0, policy=p) for p in ("lru", "fmoe")}
-    for m in models.values():
+    names = ["lru", "fmoe", "fmoe", "lru"]
+    models = [fmoe.models.from_pretrained(path, expert_cache=1.0, policy=p) for p in names]
+    for m in models:
         decode_ms(m, ids, 8)                      # warm-up
+        m.reset_expert_stats()
     ratios, ms = [], {"lru": [], "fmoe": []}
-    for _ in range(args.pairs):
-        a = decode_ms(models["lru"], ids, args.tokens)
-        b = decode_ms(models["fmoe"], ids, args.tokens)
-        ms["lru"].append(a)
-        ms["fmoe"].append(b)
-        ratios.append(b / a)
-    for m in models.values():
+    for r in range(args.pairs):
+        got = {"lru": [], "fmoe": []}
+        for i in range(len(models)):
+            j = (i + r) % len(models)
+            got[names[j]].append(decode_ms(models[j], ids, args.tokens))
+        for p in got:
+            ms[p] += got[p]
+        ratios.append(statistics.mean(got["fmoe"]) / statistics.mean(got["lru"]))
+    # time the forward thread spent inside the policy (the runtime's own accounting)
+    pol = {p: 1e3 * statistics.mean(m.expert_stats()["policy_seconds"] for m, q in zip(models, names) if q == p)
+           / (args.pairs * args.tokens) for p in ("lru", "fmoe")}
+    for m in models:
         m.close()
     med = statistics.median(ratios)
     out["resident"] = {"lru_ms": statistics.median(ms["lru"]), "fmoe_ms": statistics.median(ms["fmoe"]),
-                       "fmoe_over_lru": med}
-    print(f"\n## every expert resident ({path.name}, {args.threads} thread(s), {args.pairs} pairs of "
-          f"{args.tokens} tokens)")
-    print(f"lru {out['resident']['lru_ms']:.3f} ms/token, fmoe {out['resident']['fmoe_ms']:.3f} ms/token; "
-          f"fmoe / lru (median of pairs) = {med:.3f}", flush=True)
+                       "fmoe_over_lru": med, "policy_ms_per_token": pol}
+    print(f"\n## every expert resident ({path.name}, {args.threads} thread(s), {args.pairs} rounds of "
+          f"{args.tokens} tokens on 2 instances per policy)")
+    print(f"median: lru {out['resident']['lru_ms']:.3f} ms/token, fmoe {out['resident']['fmoe_ms']:.3f} "
+          f"ms/token; fmoe / lru (median over rounds) = {med:.3f}")
+    print(f"in the policy: lru {pol['lru']:.3f} ms/token, fmoe {pol['fmoe']:.3f} ms/token", flush=True)
 
+
+def stall_rows(path: Path, args, out: dict) -> None:
     out["offloaded"] = {}
     for label, mpath in [("demo (Mixtral-shaped, 4 x 8, top-2)", path),
                          ("tiny DeepSeek-V2-shaped (7 x 32, top-6)", tiny_deepseek())]:
@@ -173,9 +202,6 @@ def main(argv=None) -> int:
             out["offloaded"][label][p] = row
             print(f"| {p} | {row['hit_rate']:.3f} | {row['stall_ms_per_token']:.2f} | "
                   f"{row['mib_per_token']:.2f} | {'yes' if equal else 'NO'} |", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -307,7 +307,8 @@ class FmoePolicy(Policy):
     def on_routed(self, layer: int, experts: np.ndarray, probs: np.ndarray | None = None) -> None:
         if len(experts) > self._seen_k:
             self._seen_k = len(experts)
-        self.reuse.observe(layer * self.num_experts + np.asarray(experts, dtype=np.int64))
+        base = layer * self.num_experts
+        self.reuse.observe([base + e for e in np.asarray(experts).tolist()])
         self._score = None
         if not self.uses_maps:
             return

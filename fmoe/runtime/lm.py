@@ -86,7 +86,7 @@ class MoEModel(nn.Module):
         shp = self.config.experts
         n = shp.num_layers * shp.num_experts
         return {"capacity": n, "resident_peak": n, "hits": 0, "misses": 0, "prefetched": 0,
-                "prefetch_used": 0, "bytes_loaded": 0, "stall_seconds": 0.0}
+                "prefetch_used": 0, "bytes_loaded": 0, "stall_seconds": 0.0, "policy_seconds": 0.0}
 
     def reset_expert_stats(self) -> None:
         if self.runtime is not None:

@@ -147,6 +147,7 @@ class OffloadRuntime:
         self.engine.drain()
         self.hits = self.misses = 0
         self.stall = 0.0
+        self.policy_time = 0.0
         self._bytes0 = self.engine.bytes_loaded
         t = self.table.stats
         t.prefetched = t.prefetch_used = 0
@@ -157,7 +158,7 @@ class OffloadRuntime:
         return {"capacity": self.capacity, "resident_peak": t.resident_peak, "hits": self.hits,
                 "misses": self.misses, "prefetched": t.prefetched, "prefetch_used": t.prefetch_used,
                 "bytes_loaded": int(self.engine.bytes_loaded - self._bytes0),
-                "stall_seconds": self.stall}
+                "stall_seconds": self.stall, "policy_seconds": self.policy_time}
 
     # -- events from the engine ------------------------------------------------------------
     def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None,
@@ -176,7 +177,9 @@ class OffloadRuntime:
         if self.scheduler is not None:
             self.scheduler.token_end()
         else:
+            t0 = time.perf_counter()
             self.policy.on_token_end()
+            self.policy_time += time.perf_counter() - t0
         if self.recorder is not None:
             self.recorder.end_step()
 
@@ -209,7 +212,9 @@ class OffloadRuntime:
         """Make `keys` resident and ready (pinned); returns their slots."""
         slots, waits = [], []
         for key in keys:
-            got = self.table.acquire(key)
+            t0 = time.perf_counter()
+            got = self.table.acquire(key)      # the policy's hit / victim / insert events
+            self.policy_time += time.perf_counter() - t0
             if got.hit and self.engine.is_ready(got.slot):
                 self.hits += 1
             else:
@@ -231,7 +236,10 @@ class OffloadRuntime:
         if self.scheduler is not None:
             self._prefetch(self.scheduler.layer_start(layer))
         else:
-            self._prefetch(self.policy.on_layer_start(layer))
+            t0 = time.perf_counter()
+            orders = self.policy.on_layer_start(layer)
+            self.policy_time += time.perf_counter() - t0
+            self._prefetch(orders)
         # first-appearance order (for one token: the router's order), as a trace replays it
         experts = list(dict.fromkeys(topk_ids.reshape(-1).tolist()))
         base = layer * self.E
@@ -267,7 +275,9 @@ class OffloadRuntime:
         if self.scheduler is not None:
             self.scheduler.routed(layer, np.asarray(experts, dtype=np.int64), probs)
         else:
+            t0 = time.perf_counter()
             self.policy.on_routed(layer, np.asarray(experts, dtype=np.int64), probs)
+            self.policy_time += time.perf_counter() - t0
         if self.recorder is not None:
             self.recorder.record(layer, topk_ids, probs)
         return out

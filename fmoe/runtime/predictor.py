@@ -19,6 +19,7 @@ Everything here is numpy on the host; no tensors, no devices.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -240,6 +241,9 @@ _COUNT_EDGES = np.array([0, 1, 2, 3, 5, 9, 17])
 # the last class = no row yet in this stream
 _NEXT_EDGES = np.array([0.7, 0.85, 1.0, 1.25])
 NG, NC = len(_GAP_EDGES) + 2, len(_COUNT_EDGES) + 1
+# bucket lookup tables (a gather is much cheaper than searchsorted on every key and pass)
+_GAP_LUT = np.concatenate([[NG - 1], np.searchsorted(_GAP_EDGES, np.arange(1, 66), side="left")])
+_COUNT_LUT = np.searchsorted(_COUNT_EDGES, np.arange(19), side="left")
 NP = 8     # popularity classes: octiles of the long-run use counts
 NQ = len(_NEXT_EDGES) + 2
 TRANSITION_REFRESH = 32   # passes between refreshes of the transition probabilities
@@ -301,9 +305,14 @@ class ReuseModel:
         self.last = np.full(n, -1, np.int64)     # pass index of the last use, -1 none
         self.count = np.zeros(n, np.int64)
         self.pos = 0                             # passes so far in the stream
-        self.used = np.zeros(n, bool)            # used at the current pass (token)
-        self.prev_row = np.zeros((L, E), bool)   # the previous pass's experts per layer
-        self._buf: list[np.ndarray] = []         # passes not counted yet (labels need later ones)
+        # the hot path keeps keys in Python lists (a few per layer): small numpy operations
+        # between torch ones cost far more than their size says
+        self._keys: list[int] = []               # keys used at the current pass (token)
+        self._prev: list[int] = []               # keys of the previous pass
+        self._used: np.ndarray | None = None     # dense views, built when asked for
+        self._prev_row: np.ndarray | None = None
+        self._buf: list[list[int]] = []          # passes (keys) not counted yet: labels need later ones
+        self._synced = 0                         # of them, applied to last / count / uses
         self._blk: tuple | None = None           # stream state before self._buf[0]
         self._pop: np.ndarray | None = None
         self._now: np.ndarray | None = None      # per pass: score of keys whose pass is to come
@@ -339,33 +348,30 @@ class ReuseModel:
         for i in range(r.shape[-2]):
             q[..., i, :] = r[..., i, :] @ tp[i]
         k = r.sum(axis=-1, keepdims=True)
-        c = np.searchsorted(_NEXT_EDGES * (self.K / self.E), q / np.maximum(k, 1), side="right")
+        q /= np.maximum(k, 1)
+        c = np.zeros(q.shape, np.int64)
+        for edge in _NEXT_EDGES * (self.K / self.E):     # = searchsorted(..., side="right")
+            c += q >= edge
         c = np.where(k > 0, c, NQ - 1)
         return c.reshape(*rows.shape[:-2], -1)
 
-    def cells(self, gap: np.ndarray, count: np.ndarray, pop: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    def cells(self, gap: np.ndarray, count: np.ndarray, pop: np.ndarray, nxt: np.ndarray,
+              base: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """gap (0 = not used yet), count, popularity class, next-pass class, each [..., L * E]
-        -> cell index."""
-        return self.cell_base + self._cell_rest(gap, count, pop, nxt)
+        (or [..., E] of one layer, with that layer's `base`) -> (cell, back-off cell, gap
+        bucket): the full cell; its (gap, count, next-pass) cell over all layers and
+        popularity classes; its gap bucket."""
+        g = _GAP_LUT[np.minimum(gap, 65)]
+        gc = g * NC + _COUNT_LUT[np.minimum(count, 18)]
+        full = (self.cell_base if base is None else base) + (gc * NP + pop) * NQ + nxt
+        return full, gc * NQ + nxt, g
 
-    @staticmethod
-    def _cell_rest(gap, count, pop, nxt):
-        g = np.where(gap <= 0, NG - 1, np.searchsorted(_GAP_EDGES, gap, side="left"))
-        c = np.searchsorted(_COUNT_EDGES, count, side="left")
-        return ((g * NC + c) * NP + pop) * NQ + nxt
-
-    @staticmethod
-    def _coarse(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cells -> (gap, count, next-pass) back-off cells, and gap buckets."""
-        rest = cells % (NG * NC * NP * NQ)
-        g, c = rest // (NC * NP * NQ), rest // (NP * NQ) % NC
-        return (g * NC + c) * NQ + rest % NQ, g
-
-    def probability(self, cells: np.ndarray) -> np.ndarray:
-        """P(reuse within the horizon) of each cell; a cell seen fewer than `min_count` times
-        backs off to its (gap, count, next-pass) rate, then to its gap bucket's."""
+    def probability(self, cells: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """P(reuse within the horizon) of each cell (`cells` output); a cell seen fewer than
+        `min_count` times backs off to its (gap, count, next-pass) rate, then to its gap
+        bucket's."""
+        cells, coarse, g = cells
         seen = self.seen[cells]
-        coarse, g = self._coarse(cells)
         g_rate = np.where(self.g_seen > 0, self.g_reused / np.maximum(self.g_seen, 1),
                           1.0 / (2.0 + np.arange(NG)))    # nothing seen yet: recency order
         c_seen = self.c_seen[coarse]
@@ -373,56 +379,95 @@ class ReuseModel:
         return np.where(seen >= self.min_count, self.reused[cells] / np.maximum(seen, 1), p)
 
     # -- the running stream --------------------------------------------------------------------
+    def _dense(self, keys) -> np.ndarray:
+        row = np.zeros(self.L * self.E, bool)
+        row[np.asarray(keys, dtype=np.int64)] = True
+        return row
+
+    @property
+    def used(self) -> np.ndarray:
+        """[L * E] bool: the keys used so far by the current pass."""
+        if self._used is None:
+            self._used = self._dense(self._keys)
+        return self._used
+
+    @property
+    def prev_row(self) -> np.ndarray:
+        """[L, E] bool: the previous pass's experts per layer."""
+        if self._prev_row is None:
+            self._prev_row = self._dense(self._prev).reshape(self.L, self.E)
+        return self._prev_row
+
     def reset_stream(self) -> None:
         self._flush(final=True)
         self.last[:] = -1
         self.count[:] = 0
         self.pos = 0
-        self.used[:] = False
-        self.prev_row[:] = False
+        self._keys = []
+        self._prev = []
+        self._used = self._prev_row = None
         self._now = self._after = None
 
-    def observe(self, keys: np.ndarray) -> None:
-        """Keys used by the current pass (token), any number of calls per pass."""
-        keys = np.asarray(keys, dtype=np.int64)
-        self.used[keys] = True
+    def observe(self, keys) -> None:
+        """Keys (ints) used by the current pass (token), any number of calls per pass; a key is
+        reported at most once per pass."""
+        self._keys.extend(keys)
+        self._used = None
         if self._after is not None and len(keys):
-            self._score_after(np.unique(keys // self.E))
+            self._score_after(np.unique(np.asarray(keys, dtype=np.int64) // self.E))
 
     def end_pass(self) -> None:
-        """The token is done: roll the stream on. Counting (labels need the next passes) is
-        batched: every FLUSH_PASSES passes, and at the end of the stream."""
-        used = self.used
+        """The token is done: roll the stream on. Pure Python: the arrays (last use, counts)
+        catch up in `_sync` when a score or a count needs them, and counting (labels need the
+        next passes) is batched every FLUSH_PASSES passes and at the end of the stream."""
         if not self._buf:
-            self._blk = (self.pos, self.last.copy(), self.count.copy(), self.prev_row.reshape(-1).copy())
-        self._buf.append(used.copy())
-        self.uses += used
-        self.tokens += 1
-        self._pop = None
-        self.last[used] = self.pos
-        self.count += used
+            self._blk = (self.pos, self.last.copy(), self.count.copy(), self._prev)
+        self._buf.append(self._keys)
+        self._prev = self._keys
+        self._keys = []
         self.pos += 1
-        self.prev_row[:] = used.reshape(self.L, self.E)
-        used[:] = False
-        self._now = self._after = None
+        self.tokens += 1
+        self._used = self._prev_row = self._now = self._after = None
         if len(self._buf) >= FLUSH_PASSES + self.horizon - 1:
             self._flush(final=False)
+
+    def _sync(self) -> None:
+        """Apply the buffered passes not yet applied to last use, counts and popularity."""
+        todo = self._buf[self._synced:]
+        if not todo:
+            return
+        keys = np.fromiter(itertools.chain.from_iterable(todo), np.int64)
+        first = self._blk[0] + self._synced
+        pos = np.repeat(np.arange(first, first + len(todo)), [len(k) for k in todo])
+        np.maximum.at(self.last, keys, pos)
+        n = len(self.count)
+        self.count += np.bincount(keys, minlength=n)
+        self.uses += np.bincount(keys, minlength=n)
+        self._synced = len(self._buf)
+        self._pop = None
 
     def _flush(self, final: bool) -> None:
         """Count the buffered passes whose labels are complete (all of them when `final`)."""
         if not self._buf:
             return
+        self._sync()
         pos0, last0, count0, prev0 = self._blk
-        u = np.stack(self._buf)
+        k = len(self._buf)
+        u = np.zeros((k, self.L * self.E), bool)
+        u[np.repeat(np.arange(k), [len(b) for b in self._buf]),
+          np.fromiter(itertools.chain.from_iterable(self._buf), np.int64)] = True
         m, lb, cb = self._count_segment(u, np.where(last0 >= 0, last0 - pos0, _NONE), count0,
-                                        prev0, final, self._pop_class(), self.transition())
+                                        self._dense(prev0), final, self._pop_class(), self.transition())
         self._tprob_age += m
-        if final or m == len(u):
+        if final or m == k:
             self._buf = []
+            self._synced = 0
             return
         # the passes left wait for their labels; the block restarts at pass m
-        self._blk = (pos0 + m, np.where(lb[m] > _NONE, lb[m] + pos0, -1), cb[m], u[m - 1] if m else prev0)
+        self._blk = (pos0 + m, np.where(lb[m] > _NONE, lb[m] + pos0, -1), cb[m],
+                     self._buf[m - 1] if m else prev0)
         self._buf = self._buf[m:]
+        self._synced -= m
 
     def _count_segment(self, u: np.ndarray, last0: np.ndarray, count0: np.ndarray, prev0: np.ndarray,
                        final: bool, pop: np.ndarray, tp: np.ndarray, transitions: bool = True):
@@ -448,7 +493,7 @@ class ReuseModel:
         label = u.copy()
         for j in range(1, h):
             label[:-j] |= u[j:]
-        self._count(cells.reshape(-1), label[:m].reshape(-1))
+        self._count(tuple(c.reshape(-1) for c in cells), label[:m].reshape(-1))
         return m, lb, cb
 
     def _count_transitions(self, prev: np.ndarray, cur: np.ndarray) -> None:
@@ -464,11 +509,11 @@ class ReuseModel:
         return self.cells(np.where(seen, self.pos - self.last, 0), self.count, self._pop_class(),
                           self.next_class(self.prev_row))
 
-    def _count(self, cells: np.ndarray, reused: np.ndarray) -> None:
+    def _count(self, cells: tuple[np.ndarray, np.ndarray, np.ndarray], reused: np.ndarray) -> None:
+        cells, coarse, g = cells
         n = len(self.seen)
         self.seen += np.bincount(cells, minlength=n)
         self.reused += np.bincount(cells, weights=reused, minlength=n)
-        coarse, g = self._coarse(cells)
         self.c_seen += np.bincount(coarse, minlength=len(self.c_seen))
         self.c_reused += np.bincount(coarse, weights=reused, minlength=len(self.c_seen))
         self.g_seen += np.bincount(g, minlength=NG)
@@ -485,8 +530,8 @@ class ReuseModel:
             nxt = self.next_class(used[None, :], self.transition()[l:l + 1])
             last = np.where(used, self.pos, self.last[sl])
             gap = np.where(last >= 0, self.pos + 1 - last, 0)
-            cells = self.cell_base[sl] + self._cell_rest(gap, self.count[sl] + used,
-                                                         self._pop_class()[sl], nxt)
+            cells = self.cells(gap, self.count[sl] + used, self._pop_class()[sl], nxt,
+                               base=self.cell_base[sl])
             self._after[sl] = self._wait(self.probability(cells)) + l + L
 
     def _wait(self, p: np.ndarray) -> np.ndarray:
@@ -502,6 +547,7 @@ class ReuseModel:
         with the next token); the others have theirs still to come."""
         L = self.L
         if self._now is None:
+            self._sync()
             self._now = self._wait(self.probability(self._cells_now())) + self.layer_of
             self._after = np.empty(L * self.E)
             # layers not routed yet this pass keep a no-row estimate until they are
@@ -539,6 +585,7 @@ class ReuseModel:
 
     def state(self) -> dict[str, np.ndarray]:
         """The learned counts, for saving next to the map store."""
+        self._sync()
         return {"reuse_seen": self.seen, "reuse_reused": self.reused, "reuse_uses": self.uses,
                 "reuse_tokens": np.array(self.tokens, np.int64), "reuse_trans": self.trans,
                 "reuse_trans_from": self.trans_from, "reuse_g_seen": self.g_seen,

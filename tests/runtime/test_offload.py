@@ -50,11 +50,13 @@ def test_stats_reset_and_keys(resident):
     model.generate(ids[:1], 4)
     s = model.expert_stats()
     assert set(s) == {"capacity", "resident_peak", "hits", "misses", "prefetched", "prefetch_used",
-                      "bytes_loaded", "stall_seconds"}
+                      "bytes_loaded", "stall_seconds", "policy_seconds"}
     assert s["capacity"] == 4 and s["misses"] > 0 and s["stall_seconds"] > 0
+    assert s["policy_seconds"] > 0
     model.reset_expert_stats()
     s = model.expert_stats()
     assert s["hits"] == s["misses"] == s["bytes_loaded"] == 0 and s["stall_seconds"] == 0
+    assert s["policy_seconds"] == 0
     model.close()
 
 

@@ -148,10 +148,11 @@ def test_add_many_equals_sequential_adds(seed):
 
 # -- reuse model -------------------------------------------------------------------------------
 
-def _cell(m, gap, count, pop, nxt):
-    """The cell of key 0 (layer 0) for these features."""
+def _cells(m, gap, count, pop, nxt):
+    """The cells (full, back-off, gap bucket) of key 0 (layer 0) for these features."""
     n = m.L * m.E
-    return int(m.cells(np.full(n, gap), np.full(n, count), np.full(n, pop), np.full(n, nxt))[0])
+    return tuple(c[:1] for c in m.cells(np.full(n, gap), np.full(n, count), np.full(n, pop),
+                                        np.full(n, nxt)))
 
 
 def test_reuse_model_counts_hand_worked():
@@ -173,12 +174,11 @@ def test_reuse_model_counts_hand_worked():
         (0, 0, 4, 5): (1, 1), (1, 1, 4, 3): (1, 1), (1, 2, 4, 3): (1, 1), (2, 2, 4, 4): (1, 1),
         (0, 0, 0, 5): (1, 0), (0, 0, 0, 3): (2, 2), (1, 1, 0, 0): (1, 0),
     }
-    cells = [_cell(m, *k) for k in want]
-    assert sorted(np.flatnonzero(m.seen).tolist()) == sorted(cells)
-    p = m.probability(np.array(cells))
-    for (n, r), c, pc in zip(want.values(), cells, p):
-        assert m.seen[c] == n and m.reused[c] == r
-        assert pc == pytest.approx(r / n)
+    cells = [_cells(m, *k) for k in want]
+    assert sorted(np.flatnonzero(m.seen).tolist()) == sorted(int(c[0][0]) for c in cells)
+    for (n, r), c in zip(want.values(), cells):
+        assert m.seen[c[0][0]] == n and m.reused[c[0][0]] == r
+        assert m.probability(c)[0] == pytest.approx(r / n)
 
 
 def test_reuse_score_hand_worked_empty_model():
