@@ -30,6 +30,7 @@ routed ids alone, weighted by rank, (K - r) / sum (the order survives, the magni
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -133,8 +134,20 @@ class FmoePolicy(Policy):
         self.l_now = 0
         self.reuse = ReuseModel(L, E, top_k or 1, horizon=reuse_horizon, min_count=reuse_min_count)
         self._score: np.ndarray | None = None             # reuse scores of the running layer
+        self._masked: np.ndarray | None = None            # ... over the eviction candidates
         self._touch = np.zeros(L * E, np.float64)         # last hit or insert (event counter)
+        self._reuse_lock = threading.Lock()
         self._clock = 0
+
+    def __getstate__(self) -> dict:
+        # copies (ablations start variants from one learned policy) get a lock of their own
+        state = dict(self.__dict__)
+        del state["_reuse_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reuse_lock = threading.Lock()
 
     # -- embeddings -------------------------------------------------------------------------
     def _dim(self, embed_dim):
@@ -234,7 +247,8 @@ class FmoePolicy(Policy):
         fresh = not self._active
         self._active.add(seq_id)
         if fresh:
-            self.reuse.reset_stream()
+            with self._reuse_lock:
+                self.reuse.reset_stream()
             self._start(prompt, token_ids)
             if self.uses_maps:
                 self._reset_iteration()
@@ -242,7 +256,8 @@ class FmoePolicy(Policy):
     def on_request_end(self, seq_id: int) -> None:
         self._active.discard(seq_id)
         if not self._active:
-            self.reuse.reset_stream()      # the stream ended: count its last passes
+            with self._reuse_lock:
+                self.reuse.reset_stream()  # the stream ended: count its last passes
 
     def _reset_iteration(self) -> None:
         if not self.uses_maps:
@@ -262,7 +277,7 @@ class FmoePolicy(Policy):
 
     def on_layer_start(self, layer: int) -> list[tuple[int, float]]:
         self.l_now = layer
-        self._score = None
+        self._score = self._masked = None
         if not self.uses_maps:
             return []
         self.p_cur[:] = 0
@@ -308,8 +323,9 @@ class FmoePolicy(Policy):
         if len(experts) > self._seen_k:
             self._seen_k = len(experts)
         base = layer * self.num_experts
-        self.reuse.observe([base + e for e in np.asarray(experts).tolist()])
-        self._score = None
+        with self._reuse_lock:
+            self.reuse.observe([base + e for e in np.asarray(experts).tolist()])
+        self._score = self._masked = None
         if not self.uses_maps:
             return
         if probs is not None:
@@ -326,8 +342,9 @@ class FmoePolicy(Policy):
             self.search.observe(layer, nz, row[nz])
 
     def on_token_end(self) -> None:
-        self.reuse.end_pass()
-        self._score = None
+        with self._reuse_lock:
+            self.reuse.end_pass()
+        self._score = self._masked = None
         self._pos += 1
         if not self.uses_maps:
             return
@@ -342,6 +359,8 @@ class FmoePolicy(Policy):
     def on_hit(self, key: int) -> None:
         self._clock += 1
         self._touch[key] = self._clock
+        if self._masked is not None:
+            self._masked[key] = -np.inf
         if self.eviction != "reuse":       # the other rules' recency and frequency
             self._lru.move_to_end(key)
             self.freq[key] += 1
@@ -350,6 +369,11 @@ class FmoePolicy(Policy):
     def on_insert(self, key: int, prefetch: bool = False) -> None:
         self._clock += 1
         self._touch[key] = self._clock
+        if self._masked is not None:
+            if prefetch:
+                self._masked = None       # a prefetched key is a candidate like any other
+            else:
+                self._masked[key] = -np.inf
         self._resident[key] = True
         if self.eviction != "reuse":
             self._lru[key] = None
@@ -360,6 +384,8 @@ class FmoePolicy(Policy):
     def on_evict(self, key: int) -> None:
         self._lru.pop(key, None)
         self._resident[key] = False
+        if self._masked is not None:
+            self._masked[key] = -np.inf
 
     def expected_distance(self) -> np.ndarray:
         """[L * E] expected number of layers until each key is used again. A layer still to run
@@ -391,20 +417,28 @@ class FmoePolicy(Policy):
     def _reuse_score(self) -> np.ndarray:
         # resident keys' scores for the running layer; evictions within a layer change nothing
         # a score reads (the inserted keys are pinned), so one computation serves them all
-        if self._score is None:
-            # ties (equal cells) go to the least recently touched key, as in LRU
-            self._score = (self.reuse.next_use_score(self.l_now)
-                           + 1e-3 * (1.0 - self._touch / (self._clock + 1)))
-        return self._score
+        score = self._score
+        if score is None:
+            # ties (equal cells) go to the least recently touched key, as in LRU; the lock
+            # keeps a prefetch worker's bookkeeping out while the model is read
+            with self._reuse_lock:
+                score = self.reuse.next_use_score(self.l_now)
+            score = self._score = score + 1e-3 * (1.0 - self._touch / (self._clock + 1))
+        return score
 
     def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
         if self.eviction == "reuse":
-            score = np.where(self._resident, self._reuse_score(), -np.inf)
-            for key in pinned:
-                score[key] = -np.inf
-            key = int(np.argmax(score))
-            if np.isfinite(score[key]):
-                return key
+            # the candidates of the running layer, masked once: later victims only lose the
+            # keys evicted, hit or inserted since (on_evict / on_hit / on_insert)
+            for fresh in (False, True):
+                m = self._masked
+                if m is None or fresh:   # fresh: keys unpinned since (a chunked layer)
+                    m = self._masked = np.where(self._resident, self._reuse_score(), -np.inf)
+                for key in pinned:       # pinned for the rest of the layer
+                    m[key] = -np.inf
+                key = int(np.argmax(m))
+                if np.isfinite(m[key]):
+                    return key
             raise RuntimeError("every resident expert is pinned; cannot evict")
         if self.eviction == "distance":
             score = np.where(self._resident, self.expected_distance(), -np.inf)

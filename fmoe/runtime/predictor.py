@@ -521,13 +521,20 @@ class ReuseModel:
 
     # -- scoring ---------------------------------------------------------------------------------
     def _score_after(self, layers: np.ndarray) -> None:
-        """Scores, for the next pass, of the keys of `layers` (routed in this pass)."""
+        """Scores, for the next pass, of the keys of `layers` (routed in this pass). Runs once
+        per routed layer while evictions happen: a few operations on E values each."""
         L, E = self.L, self.E
         cur = self.used.reshape(L, E)
+        edges = _NEXT_EDGES * (self.K / E)
         for l in layers.tolist():
             sl = slice(l * E, (l + 1) * E)
             used = cur[l]
-            nxt = self.next_class(used[None, :], self.transition()[l:l + 1])
+            experts = np.flatnonzero(used)
+            if len(experts):
+                q = self.transition()[l][experts].sum(axis=0) / len(experts)
+                nxt = np.searchsorted(edges, q, side="right")
+            else:
+                nxt = np.full(E, NQ - 1)
             last = np.where(used, self.pos, self.last[sl])
             gap = np.where(last >= 0, self.pos + 1 - last, 0)
             cells = self.cells(gap, self.count[sl] + used, self._pop_class()[sl], nxt,

@@ -257,3 +257,15 @@ def test_maps_from_weights_then_ranks():
     t = Trace(expert_ids=ids, seq_offsets=np.array([0, 1]), num_experts=4, model="t", weights=w)
     assert _router_rows(t, p)(0, 1).tolist() == pytest.approx([0, 0.6, 0, 0.4])
     assert _router_rows(t, FmoePolicy(2, 4, 4))(0, 1) is None     # reuse eviction: no rows
+
+
+def test_policy_copies_are_independent():
+    import copy
+
+    p = FmoePolicy(2, 4, 3, top_k=1)
+    p.on_request_start(0)
+    p.on_routed(0, np.array([1]))
+    q = copy.deepcopy(p)
+    q.on_routed(1, np.array([2]))
+    assert p.reuse._keys == [1] and q.reuse._keys == [1, 6]
+    assert q._reuse_lock is not p._reuse_lock
