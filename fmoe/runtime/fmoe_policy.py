@@ -426,37 +426,37 @@ class FmoePolicy(Policy):
             score = self._score = score + 1e-3 * (1.0 - self._touch / (self._clock + 1))
         return score
 
+    @staticmethod
+    def _best(score: np.ndarray, pinned: set[int]) -> int | None:
+        """The key with the highest score once `pinned` keys are masked (in place); None when
+        nothing finite is left. Non-resident keys must already be -inf."""
+        for key in pinned:
+            score[key] = -np.inf
+        key = int(np.argmax(score))
+        return key if np.isfinite(score[key]) else None
+
     def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
+        key = None
         if self.eviction == "reuse":
             # the candidates of the running layer, masked once: later victims only lose the
-            # keys evicted, hit or inserted since (on_evict / on_hit / on_insert)
-            for fresh in (False, True):
-                m = self._masked
-                if m is None or fresh:   # fresh: keys unpinned since (a chunked layer)
-                    m = self._masked = np.where(self._resident, self._reuse_score(), -np.inf)
-                for key in pinned:       # pinned for the rest of the layer
-                    m[key] = -np.inf
-                key = int(np.argmax(m))
-                if np.isfinite(m[key]):
-                    return key
-            raise RuntimeError("every resident expert is pinned; cannot evict")
-        if self.eviction == "distance":
-            score = np.where(self._resident, self.expected_distance(), -np.inf)
-            for key in pinned:
-                score[key] = -np.inf
-            key = int(np.argmax(score))
-            if np.isfinite(score[key]):
-                return key
-            raise RuntimeError("every resident expert is pinned; cannot evict")
-        if self.eviction == "pfreq":
+            # keys evicted, hit or inserted since (on_evict / on_hit / on_insert); pinned keys
+            # stay masked for the rest of the layer
+            key = None if self._masked is None else self._best(self._masked, pinned)
+            if key is None:              # first victim of the layer, or keys unpinned since
+                self._masked = np.where(self._resident, self._reuse_score(), -np.inf)
+                key = self._best(self._masked, pinned)
+        elif self.eviction == "distance":
+            key = self._best(np.where(self._resident, self.expected_distance(), -np.inf), pinned)
+        elif self.eviction == "pfreq":
             score = (self.pred.astype(np.float64) + 1e-3) * (self.freq + 1e-3)
-            score = np.where(self._resident, score, np.inf)
-            for key in pinned:
-                score[key] = np.inf
-            key = int(np.argmin(score))
-            if np.isfinite(score[key]):
-                return key
+            key = self._best(np.where(self._resident, -score, -np.inf), pinned)
+        else:
+            return self._lru_victim(pinned)
+        if key is None:
             raise RuntimeError("every resident expert is pinned; cannot evict")
+        return key
+
+    def _lru_victim(self, pinned: set[int]) -> int:
         window = self.window if self.eviction == "lru-pred" else ()
         fallback = None
         for key in self._lru:
@@ -474,8 +474,10 @@ class FmoePolicy(Policy):
         if victim is None:
             return True
         if self.eviction == "reuse":
-            score = self._reuse_score()
-            return bool(score[victim] > score[key])
+            # the prefetch is predicted for a layer at most d ahead: admit it when the victim's
+            # expected next use is later than that
+            ahead = (key // self.num_experts - self.l_now) % self.num_layers
+            return bool(self._reuse_score()[victim] > ahead)
         if self.eviction == "distance":
             # a prefetch must be needed sooner than what it evicts
             d = self.expected_distance()

@@ -348,12 +348,14 @@ class ReuseModel:
         for i in range(r.shape[-2]):
             q[..., i, :] = r[..., i, :] @ tp[i]
         k = r.sum(axis=-1, keepdims=True)
-        q /= np.maximum(k, 1)
+        return self._next_classes(q / np.maximum(k, 1), k > 0).reshape(*rows.shape[:-2], -1)
+
+    def _next_classes(self, q: np.ndarray, has_row) -> np.ndarray:
+        """Next-pass probabilities q -> classes; where `has_row` is False, the last class."""
         c = np.zeros(q.shape, np.int64)
         for edge in _NEXT_EDGES * (self.K / self.E):     # = searchsorted(..., side="right")
             c += q >= edge
-        c = np.where(k > 0, c, NQ - 1)
-        return c.reshape(*rows.shape[:-2], -1)
+        return np.where(has_row, c, NQ - 1)
 
     def cells(self, gap: np.ndarray, count: np.ndarray, pop: np.ndarray, nxt: np.ndarray,
               base: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -525,16 +527,12 @@ class ReuseModel:
         per routed layer while evictions happen: a few operations on E values each."""
         L, E = self.L, self.E
         cur = self.used.reshape(L, E)
-        edges = _NEXT_EDGES * (self.K / E)
         for l in layers.tolist():
             sl = slice(l * E, (l + 1) * E)
             used = cur[l]
             experts = np.flatnonzero(used)
-            if len(experts):
-                q = self.transition()[l][experts].sum(axis=0) / len(experts)
-                nxt = np.searchsorted(edges, q, side="right")
-            else:
-                nxt = np.full(E, NQ - 1)
+            q = self.transition()[l][experts].sum(axis=0) / max(1, len(experts))
+            nxt = self._next_classes(q, len(experts) > 0)
             last = np.where(used, self.pos, self.last[sl])
             gap = np.where(last >= 0, self.pos + 1 - last, 0)
             cells = self.cells(gap, self.count[sl] + used, self._pop_class()[sl], nxt,

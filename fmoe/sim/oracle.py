@@ -259,10 +259,7 @@ class HorizonPolicy(FmoePolicy):
         end = self.token_starts[min(self.tok + 1 + self.tokens, len(self.token_starts) - 1)]
         # known-needed keys sort below every reuse score, by next use (exact in float64)
         score = np.where(self.nu < end, self.nu - 1e12, self._reuse_score())
-        score = np.where(self._resident, score, -np.inf)
-        for key in pinned:
-            score[key] = -np.inf
-        key = int(np.argmax(score))
-        if np.isfinite(score[key]):
+        key = self._best(np.where(self._resident, score, -np.inf), pinned)
+        if key is not None:
             return key
         raise RuntimeError("every resident expert is pinned; cannot evict")

@@ -128,14 +128,15 @@ def build_policy(name: str, trace: Trace, capacity: int, *, use_cache: bool = Tr
     `options` go to the constructor when it takes them (others are ignored)."""
     L, E = trace.num_layers, trace.num_experts
     cls = policy_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    options = dict(options)
     if name in SIM_ONLY:
         keys, nxt = access_sequence(trace, use_cache)
-        valid = (trace.expert_ids >= 0).reshape(trace.num_tokens, -1).sum(axis=1)
-        starts = np.concatenate([[0], np.cumsum(valid)])
-        options = dict(options, keys=keys, next_use=nxt, token_starts=starts)
-    options = dict(options)
+        options.update(keys=keys, next_use=nxt)
+        if "token_starts" in params:
+            valid = (trace.expert_ids >= 0).reshape(trace.num_tokens, -1).sum(axis=1)
+            options["token_starts"] = np.concatenate([[0], np.cumsum(valid)])
     options.setdefault("top_k", trace.top_k)
-    params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kw = {k: v for k, v in options.items() if v is not None and (takes_any or k in params)}
     return cls(L, E, capacity, **kw)

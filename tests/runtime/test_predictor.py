@@ -207,7 +207,12 @@ def test_reuse_score_hand_worked_empty_model():
         p.on_insert(key)
     assert p.victim([0, 1, 2], set()) == 1
     assert p.victim([0, 1, 2], {1}) == 0
-    assert p.admit_prefetch(3, 1) is True and p.admit_prefetch(3, 2) is False
+    # a prefetch is admitted when the victim's expected next use (its score) comes later than
+    # the layer the prefetch is for: (0, 0) is for layer 0, one layer after the running one
+    p._score = np.array([5.0, 0.5, 3.0, 9.0])
+    assert p.admit_prefetch(0, 2) is True        # 3.0 > 1
+    assert p.admit_prefetch(0, 1) is False       # 0.5 < 1: the victim is needed sooner
+    assert p.admit_prefetch(3, 1) is True        # (1, 1) is for the running layer: 0.5 > 0
 
 
 @given(seed=st.integers(0, 10_000))
