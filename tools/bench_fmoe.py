@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-sequences", type=int, default=None, help="replay only the first N sequences")
     ap.add_argument("--cache-fraction", type=float, default=0.25)
     ap.add_argument("--hardware", default="rtx3090-pcie4")
-    ap.add_argument("--variants", default=None, help="comma-separated subset of the variant names")
+    ap.add_argument("--variants", default=None, help="semicolon-separated subset of the variant names")
     ap.add_argument("--no-distances", action="store_true", help="skip the d sweep")
     ap.add_argument("--no-quality", action="store_true", help="skip the prediction-quality part")
     ap.add_argument("--no-variants", action="store_true", help="skip the replays (quality only)")
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
 
     for name in ("lru", "lfu", "moe-infinity", "oracle"):
         run(name, name, history=hist if name == "moe-infinity" else None)
-    wanted = None if args.variants is None else set(args.variants.split(","))
+    wanted = None if args.variants is None else set(args.variants.split(";"))
     bases: dict[tuple, FmoePolicy] = {}
     for name, (opts, attrs) in VARIANTS.items():
         if wanted is not None and name not in wanted:
