@@ -505,7 +505,7 @@ class ReuseModel:
             self.trans[l] += p[:, l].T @ c[:, l]
         self.trans_from += p.sum(axis=0)
 
-    def _cells_now(self) -> np.ndarray:
+    def _cells_now(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cells of every key for the current pass, from what was known before it."""
         seen = self.last >= 0
         return self.cells(np.where(seen, self.pos - self.last, 0), self.count, self._pop_class(),
