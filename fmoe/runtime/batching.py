@@ -130,6 +130,8 @@ class Batcher:
         self._waiting: deque[Sequence] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._refusing = False                        # `stop_admitting`: submit refuses
+        self._abort: str | None = None                # `abort`: the loop fails everything
 
         # the running batch (engine thread only)
         self.rows: list[Sequence] = []
@@ -138,6 +140,11 @@ class Batcher:
         self._padded = False                          # any False in _key_valid
         self._next_pos: torch.Tensor | None = None    # [B] long: position of each row's next token
         self._last: list[int] = []                    # each row's newest token, not yet in the cache
+
+        self._admitting: list[Sequence] = []           # admitted, not yet in `rows`
+        self.last_error: str | None = None            # the last step-level failure
+        self.last_step_ok: bool | None = None         # False after a failed step, True once one succeeds
+        self.failed_steps = 0
 
         # counters (read from other threads; ints are updated atomically under the GIL)
         self.steps = 0
@@ -149,8 +156,8 @@ class Batcher:
         """Queue one sequence or several (all or none: `QueueFull` when they do not fit)."""
         seqs = [seqs] if isinstance(seqs, Sequence) else list(seqs)
         with self._cond:
-            if self._stopping:
-                raise RuntimeError("the engine is shutting down")
+            if self._stopping or self._refusing:
+                raise RuntimeError("the server is shutting down")
             if len(self._waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
             for s in seqs:
@@ -203,6 +210,29 @@ class Batcher:
             self._thread = None
         self._abort_all(CANCELLED, None)
 
+    def stop_admitting(self) -> None:
+        """From now on `submit` refuses (graceful shutdown); what was accepted still runs."""
+        with self._cond:
+            self._refusing = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every accepted sequence to finish; True if they did."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            while self._waiting or self.rows or self._admitting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def abort(self, error: str) -> None:
+        """Finish every waiting and running sequence with "error" and `error` at the next step
+        boundary (the engine thread does it; safe from any thread)."""
+        with self._cond:
+            self._abort = error
+            self._cond.notify_all()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -210,24 +240,48 @@ class Batcher:
                     self._cond.wait()
                 if self._stopping:
                     return
-            try:
-                self.step()
-            except Exception as e:     # never let the loop die: fail what is in flight
-                log.error("engine step failed:\n%s", traceback.format_exc())
-                self._abort_all(ERROR, f"{type(e).__name__}: {e}")
+                abort, self._abort = self._abort, None
+            if abort is not None:
+                self._abort_all(ERROR, abort)
+                continue
+            self.step()
 
     def run_until_idle(self) -> None:
         """Step synchronously until nothing is waiting or running (no background thread)."""
         while self._waiting or self.rows:
             self.step()
 
-    @torch.inference_mode()
     def step(self) -> None:
-        """One iteration: admit and prefill newcomers, then one decode step for every row."""
+        """One iteration: admit and prefill newcomers, then one decode step for every row.
+
+        Never raises: a failure of one row (its sampling, its callbacks) finishes that row with
+        "error"; a failure of the step itself (the forward, a read error) finishes every
+        sequence the step touched (the running rows and the newcomers being admitted) with
+        "error" and the cause, and leaves the waiting queue for the next step."""
+        self._admitting = []
+        try:
+            self._step()
+        except Exception as e:
+            log.error("engine step failed:\n%s", traceback.format_exc())
+            self.last_error = _public_error(e)
+            self.last_step_ok = False
+            self.failed_steps += 1
+            touched, self._admitting = self.rows + self._admitting, []
+            self.rows = []
+            self._reset()
+            for s in touched:
+                self._finish(s, ERROR, error=_public_error(e))
+        else:
+            self.last_step_ok = True
+
+    @torch.inference_mode()
+    def _step(self) -> None:
         self._drop_finished()
         new = self._admit()
         if new:
+            self._admitting = new
             self._prefill(new)
+            self._admitting = []
         if self.rows:
             self._decode()
         self._drop_finished()
@@ -252,25 +306,19 @@ class Batcher:
         return out
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        try:
-            for s in seqs:
-                self.hooks.on_request_start(s.id, s.prompt_text, list(s.prompt))
-            ids, valid = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-            padded = not bool(valid.all())
-            cache = self.module.new_cache()
-            self.hooks.begin_step(ids, valid, [s.id for s in seqs])
-            logits = self.module(ids, positions=positions, cache=cache,
-                                 key_valid=valid if padded else None, last_only=True)
-            self.hooks.on_token_end()
-        except Exception as e:
-            log.error("prefill failed:\n%s", traceback.format_exc())
-            for s in seqs:
-                self._finish(s, ERROR, error=f"{type(e).__name__}: {e}")
-            return
+        for s in seqs:
+            self.hooks.on_request_start(s.id, s.prompt_text, list(s.prompt))
+        ids, valid = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        padded = not bool(valid.all())
+        cache = self.module.new_cache()
+        self.hooks.begin_step(ids, valid, [s.id for s in seqs])
+        logits = self.module(ids, positions=positions, cache=cache,
+                             key_valid=valid if padded else None, last_only=True)
+        self.hooks.on_token_end()
         self.prefills += 1
         toks = self._sample(logits[:, -1], seqs)
-        keep = [i for i, (s, t) in enumerate(zip(seqs, toks)) if not self._emit(s, t)]
+        keep = [i for i, (s, t) in enumerate(zip(seqs, toks)) if t is not None and not self._emit(s, t)]
         if not keep:
             return
         next_pos = positions[:, -1] + 1
@@ -328,25 +376,33 @@ class Batcher:
         self.steps += 1
         toks = self._sample(logits[:, -1], self.rows)
         for i, (s, t) in enumerate(zip(self.rows, toks)):
+            if t is None:            # its sampling failed: the row is finished with "error"
+                continue
             self._emit(s, t)
             self._last[i] = t
 
     # -- sampling and finishing ----------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits [B, V] -> one token per row, each row with its own params and generator."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """logits [B, V] -> one token per row, each row with its own params and generator.
+        A row whose sampling fails gets None and is finished with "error": the others go on."""
         greedy = None
-        out = []
+        out: list[int | None] = []
         for i, s in enumerate(seqs):
             p = s.params
-            if p.temperature == 0:
-                if greedy is None:
-                    greedy = logits.argmax(dim=-1).tolist()
-                out.append(int(greedy[i]))
-            else:
-                if s.generator is None:
-                    seed = p.seed if p.seed is not None else random.getrandbits(63)
-                    s.generator = torch.Generator(device=logits.device).manual_seed(int(seed))
-                out.append(int(sample(logits[i:i + 1], p, s.generator)[0]))
+            try:
+                if p.temperature == 0:
+                    if greedy is None:
+                        greedy = logits.argmax(dim=-1).tolist()
+                    out.append(int(greedy[i]))
+                else:
+                    if s.generator is None:
+                        seed = p.seed if p.seed is not None else random.getrandbits(63)
+                        s.generator = torch.Generator(device=logits.device).manual_seed(int(seed))
+                    out.append(int(sample(logits[i:i + 1], p, s.generator)[0]))
+            except Exception as e:
+                log.error("sampling failed for sequence %d:\n%s", s.id, traceback.format_exc())
+                self._finish(s, ERROR, error=f"sampling failed: {_public_error(e)}")
+                out.append(None)
         return out
 
     def _emit(self, s: Sequence, tok: int) -> bool:
@@ -432,6 +488,17 @@ class Batcher:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _public_error(e: BaseException) -> str:
+    """The message a client sees: the error and its causes, one line (no traceback)."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen and len(parts) < 4:
+        seen.add(id(e))
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        parts.append(f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
+        e = e.__cause__ or e.__context__
+    return "; caused by ".join(parts)
+
+
 def _device_of(model, module) -> torch.device:
     dev = getattr(model, "device", None)
     if isinstance(dev, (torch.device, str)):

@@ -7,10 +7,70 @@ would generate alone.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+
+# The smallest positive float32 normal: a temperature or top_p below it cannot be represented
+# in the float32 arithmetic of sampling (it would divide by zero or keep no token).
+MIN_SAMPLING_VALUE = 1.1754943508222875e-38
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)          # what torch.Generator.manual_seed accepts
+
+
+class SamplingError(ValueError):
+    """A sampling value that cannot be sampled; `param` names the field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise SamplingError(name, f"{name} must be a number, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise SamplingError(name, f"{name} must be a finite number, got {v!r}")
+    return f
+
+
+def validate_sampling(max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None) -> None:
+    """The checks every entry point shares (Python API, CLI, server, chat): raises
+    `SamplingError` (a ValueError naming the field) for a value that cannot be sampled."""
+    if not _is_int(max_new_tokens):
+        raise SamplingError("max_new_tokens", f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+    if int(max_new_tokens) < 0:
+        raise SamplingError("max_new_tokens", f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    t = _real("temperature", temperature)
+    if t < 0:
+        raise SamplingError("temperature", f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if 0 < t < MIN_SAMPLING_VALUE:
+        raise SamplingError("temperature", f"temperature must be 0 (greedy) or at least "
+                                           f"{MIN_SAMPLING_VALUE:.3g} (float32 cannot represent it), "
+                                           f"got {temperature}")
+    p = _real("top_p", top_p)
+    if not 0 < p <= 1:
+        raise SamplingError("top_p", f"top_p must be in (0, 1], got {top_p}")
+    if p < MIN_SAMPLING_VALUE:
+        raise SamplingError("top_p", f"top_p must be at least {MIN_SAMPLING_VALUE:.3g} "
+                                     f"(float32 cannot represent it), got {top_p}")
+    if not _is_int(top_k):
+        raise SamplingError("top_k", f"top_k must be an integer, got {top_k!r}")
+    if int(top_k) < 0:
+        raise SamplingError("top_k", f"top_k must be >= 0 (0 = off), got {top_k}")
+    if seed is not None:
+        if not _is_int(seed):
+            raise SamplingError("seed", f"seed must be an integer, got {seed!r}")
+        if not SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1]:
+            raise SamplingError("seed", f"seed must be in [-2**63, 2**64 - 1], got {seed}")
 
 
 @dataclass
@@ -23,14 +83,18 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        validate_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
+        self.max_new_tokens = int(self.max_new_tokens)
+        self.temperature = float(self.temperature)
+        self.top_p = float(self.top_p)
+        self.top_k = int(self.top_k)
+        if self.seed is not None:
+            self.seed = int(self.seed)
+        try:
+            self.eos_ids
+        except (TypeError, ValueError):
+            raise SamplingError("eos_token_id", f"eos_token_id must be an integer or a list of "
+                                                f"integers, got {self.eos_token_id!r}") from None
 
     @property
     def eos_ids(self) -> list[int]:
@@ -41,18 +105,24 @@ class SamplingParams:
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B] (greedy when temperature == 0)."""
+    """logits [B, V] float32 -> token ids [B] (greedy when temperature == 0).
+
+    Scaling works on `logits - max`, so any temperature float32 can represent gives finite
+    probabilities (a tiny one tends to greedy); the most likely token always survives top-p."""
     if p.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / p.temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        probs = sorted_logits.softmax(-1)
+        cum = probs.cumsum(-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= p.top_p
+        drop = (cum - probs) >= p.top_p
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
@@ -71,6 +141,39 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), valid.to(device)
 
 
+def context_length(model) -> int | None:
+    """The model's context (`max_position_embeddings`), or None when it does not say."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, numbers.Integral) and n > 0 else None
+
+
+def check_generate_inputs(model, input_ids, max_new_tokens: int, attention_mask=None) -> None:
+    """Shape, dtype, vocabulary and context checks of a generation request (ValueError)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a 2-D LongTensor [batch, tokens], got "
+                         f"{type(input_ids).__name__}{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.dtype not in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                         f"input_ids {tuple(input_ids.shape)}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, numbers.Integral) and input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+    ctx = context_length(model)
+    if ctx is not None and T + max_new_tokens > ctx:
+        raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) is "
+                         f"{T + max_new_tokens} tokens, beyond the model's context of {ctx} "
+                         "(max_position_embeddings)")
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, params: SamplingParams,
              attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
@@ -80,6 +183,7 @@ def generate(model, input_ids: torch.Tensor, params: SamplingParams,
     -> [B, T + n], n <= max_new_tokens; rows that finished are filled with `pad_token_id`
     (default: the first EOS id, else 0). `on_token(ids [B])` sees every new step.
     `hooks` (the offload runtime) receives token boundaries."""
+    check_generate_inputs(model, input_ids, params.max_new_tokens, attention_mask)
     B, T = input_ids.shape
     device = input_ids.device
     eos = torch.tensor(params.eos_ids, dtype=torch.long, device=device)
