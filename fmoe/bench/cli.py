@@ -2,6 +2,98 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+
+
+def cmd_synth(args) -> int:
+    from ..models.synthetic import synthesize
+    from ..runtime.lm import parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    path = synthesize(args.name, args.dst, layers=args.layers, dtype=dtype, seed=args.seed,
+                      progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .run import bench_from_args
+
+    result = bench_from_args(args)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+
+    profile = calibrate(args.model, dtype=args.dtype, samples=args.samples, out=print)
+    text = json.dumps(profile, indent=2)
+    if args.out:
+        from ..models.synthetic import _write_json
+
+        _write_json(__import__("pathlib").Path(args.out), profile)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def _policy_option(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--policy-option wants KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
 
 def register(sub) -> None:
-    pass
+    from ..models.published import PUBLISHED
+
+    p = sub.add_parser("synth", help="write a random checkpoint of a published model's real shape")
+    p.add_argument("name", choices=sorted(PUBLISHED), help="the published model to imitate")
+    p.add_argument("dst", help="output directory (complete only when the command exits 0)")
+    p.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default: the published count)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("bench", help="batch-1 live generation benchmark (optionally on replayed routing)")
+    p.add_argument("model", help="local checkpoint directory or hub repo id")
+    p.add_argument("--routing-trace", default=None,
+                   help="replay this trace's routing (format v1 .npz) on the model's weights")
+    p.add_argument("--sequences", type=int, default=1, help="sequences to run (default 1)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="random prompt length without a trace")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per sequence without a trace")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="with a trace: replay at most this many tokens of each sequence")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--expert-cache", default=None,
+                   help="fraction, count, byte size or 'auto' (default: every expert resident)")
+    p.add_argument("--policy", default="fmoe")
+    p.add_argument("--policy-option", action="append", type=_policy_option, default=[],
+                   metavar="KEY=VALUE", help="a policy option (repeatable)")
+    p.add_argument("--execution", default="load", help="load (default), host or hybrid")
+    p.add_argument("--prefetch-distance", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("calibrate", help="measure this machine with this model: a hardware profile "
+                                         "for `fmoe simulate --hardware FILE`")
+    p.add_argument("model", help="local checkpoint directory")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--samples", type=int, default=48, help="experts read cold (default 48)")
+    p.add_argument("--out", default=None, help="write the profile JSON here (default: stdout)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..serve.cli import main
+
+    sys.exit(main())

@@ -30,9 +30,10 @@ def _init(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Gene
 
 
 def write_random_checkpoint(path: str | os.PathLike, config: dict, dtype: torch.dtype = torch.bfloat16,
-                            seed: int = 0, shard_bytes: int = 2 * 2**30) -> Path:
+                            seed: int = 0, shard_bytes: int = 2 * 2**30, progress=None) -> Path:
     """Write config.json and random ``*.safetensors`` (per-expert keys) for `config`
-    (an HF config dict with ``model_type``). Returns the directory."""
+    (an HF config dict with ``model_type``). Returns the directory. `progress(nbytes)` is
+    called after each shard with the bytes it holds."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config_cls, model_cls = family_for(config.get("model_type")).load()
@@ -69,6 +70,8 @@ def write_random_checkpoint(path: str | os.PathLike, config: dict, dtype: torch.
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path / fname)
         weight_map.update({n: fname for n in names})
+        if progress is not None:
+            progress(sum(t.nbytes for t in tensors.values()))
         del tensors
     if len(shards) > 1:
         _write_json(path / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
@@ -82,3 +85,120 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+def checkpoint_bytes(config: dict, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the tensors `write_random_checkpoint` writes for `config`."""
+    config_cls, model_cls = family_for(config.get("model_type")).load()
+    cfg = config_cls.from_hf(config)
+    with torch.device("meta"):
+        module = model_cls(cfg)
+    n = sum(p.numel() for name, p in module.named_parameters()
+            if not (name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False)))
+    shp = cfg.experts
+    n += shp.num_layers * shp.num_experts * 3 * shp.hidden * shp.inter
+    return n * dtype.itemsize
+
+
+_TOKENIZER_CORPUS = """\
+A mixture of experts replaces one large feed-forward block with many smaller ones, and a router
+sends every token to a few of them. Offloading keeps attention, norms and embeddings on the
+device and brings the experts in from host memory or disk when the router asks for them.
+The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.
+"""
+
+
+def write_tokenizer(path: str | os.PathLike, vocab_size: int, specials: dict[str, int],
+                    chat_template: str | None = None, max_length: int | None = None) -> None:
+    """A byte-level BPE ``tokenizer.json`` with exactly `vocab_size` ids: the 256 byte symbols,
+    merges learnt from a small corpus, the `specials` {content: id} at their published ids, and
+    unreachable filler tokens for the rest, so that every embedding row has a token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300 + len(specials):
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size - len(specials), 600),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer)
+    data = json.loads(tok.to_str())
+    learnt = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
+    taken = set(specials.values())
+    if any(not 0 <= i < vocab_size for i in taken):
+        raise ValueError(f"special token ids {sorted(taken)} fall outside vocab_size {vocab_size}")
+    free = (i for i in range(vocab_size) if i not in taken)
+    vocab = {}
+    old_to_new = {}
+    for piece, old in learnt:
+        new = next(free)
+        vocab[piece] = new
+        old_to_new[old] = new
+    for i in free:
+        vocab[f"<|fill_{i}|>"] = i
+    data["model"]["vocab"] = vocab
+    data["added_tokens"] = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for c, i in sorted(specials.items(), key=lambda kv: kv[1])]
+    out = Path(path)
+    _write_json(out / "tokenizer.json", data)
+    names = sorted(specials, key=specials.get)
+    conf = {"model_max_length": max_length} if max_length else {}
+    if names:
+        conf["bos_token"] = names[0] if len(names) > 1 else None
+        conf["eos_token"] = names[1] if len(names) > 1 else names[0]
+    if chat_template:
+        conf["chat_template"] = chat_template
+    _write_json(out / "tokenizer_config.json", conf)
+
+
+def synthesize(name: str, dst: str | os.PathLike, layers: int | None = None,
+               dtype: torch.dtype = torch.bfloat16, seed: int = 0, shard_bytes: int = 2 * 2**30,
+               progress: bool = True) -> Path:
+    """`fmoe synth`: `name`'s published config.json (``num_hidden_layers`` = `layers` if given),
+    random weights in the hub layout (sharded, per-expert keys, index) and a tokenizer whose
+    vocabulary matches. Written into a temporary directory beside `dst`, renamed at the end:
+    `dst` exists only when complete. Memory stays bounded by one shard."""
+    import shutil
+    import tempfile
+
+    from .published import PUBLISHED, published_config
+
+    config = published_config(name, layers)
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: already exists and is not empty")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    total = checkpoint_bytes(config, dtype)
+    usage = shutil.disk_usage(dst.parent)
+    if usage.free < total * 1.02:
+        raise OSError(f"{dst.parent}: {usage.free / 2**30:.1f} GiB free, the checkpoint needs "
+                      f"{total / 2**30:.1f} GiB")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    bar = None
+    try:
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"synth {name} ({config['num_hidden_layers']} layers)")
+        write_random_checkpoint(tmp, config, dtype=dtype, seed=seed, shard_bytes=shard_bytes,
+                                progress=bar.update if bar is not None else None)
+        write_tokenizer(tmp, config["vocab_size"], PUBLISHED[name][2],
+                        max_length=config.get("max_position_embeddings"))
+        _write_json(tmp / "generation_config.json",
+                    {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config})
+        os.chmod(tmp, 0o755)      # mkdtemp's 0700 is for the partial directory only
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if dst.exists():
+            dst.rmdir()           # empty, checked above
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return dst

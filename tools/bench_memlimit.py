@@ -1,0 +1,221 @@
+"""Contenders side by side inside a memory limit, like a small machine: each run is a fresh process
+in its own memory cgroup (the limit covers its page cache too), with the model files' cached pages
+dropped first; contenders alternate run by run; medians and ratios at the end.
+
+    # fmoe (default policy, expert_cache=auto) vs fmoe lru vs the page cache (mmap), replayed routing
+    python tools/bench_memlimit.py --model DIR --limits 8,12 --rounds 2 \\
+        --routing-trace ../shared/data/traces/deepseek-v2-lite-puffin-dev.npz --sequences 2 \\
+        --max-tokens 160 --contenders fmoe,fmoe-lru,pagecache --out results.jsonl --plot plot.png
+
+    # the model's own routing against llama.cpp (tools/llama_cpp.py builds it and converts the model)
+    python tools/bench_memlimit.py --model DIR --gguf model.gguf --llama-bench BIN --limits 12 \\
+        --contenders fmoe,llama.cpp --prompt-tokens 64 --new-tokens 32
+
+    # show the cgroup steps without running anything
+    python tools/bench_memlimit.py --model DIR --limits 8 --dry-run
+
+Contenders: fmoe (expert_cache=auto, the default policy), fmoe-lru (auto, lru), pagecache (every
+expert memory-mapped: expert_cache="mmap"), llama.cpp (llama-bench, mmap), llama.cpp-nommap, and
+any `--extra NAME=ARGS` (fmoe bench arguments, e.g. "fmoe-pf=--expert-cache auto --policy-option
+prefetch=true"). Needs root (cgroups). Rows are appended to --out as JSON lines as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from fmoe.bench.cgroup import MemoryCgroup, drop_file_pages
+
+FMOE_CONTENDERS = {
+    "fmoe": ["--expert-cache", "auto"],
+    "fmoe-lru": ["--expert-cache", "auto", "--policy", "lru"],
+    "pagecache": ["--expert-cache", "mmap"],
+}
+LLAMA_CONTENDERS = {"llama.cpp": [], "llama.cpp-nommap": ["-mmp", "0"]}
+
+
+def fmoe_command(args, extra: list[str]) -> list[str]:
+    cmd = [args.python, "-m", "fmoe.serve.cli", "bench", str(args.model), "--json",
+           "--threads", str(args.threads), "--sequences", str(args.sequences), "--seed", str(args.seed)]
+    if args.routing_trace:
+        cmd += ["--routing-trace", str(args.routing_trace)]
+        if args.max_tokens:
+            cmd += ["--max-tokens", str(args.max_tokens)]
+    else:
+        cmd += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    return cmd + extra
+
+
+def llama_command(args, extra: list[str]) -> list[str]:
+    if not args.gguf or not args.llama_bench:
+        raise SystemExit("llama.cpp contenders need --gguf and --llama-bench (see tools/llama_cpp.py)")
+    return [str(args.llama_bench), "-m", str(args.gguf), "-t", str(args.threads), "-p", str(args.prompt_tokens),
+            "-n", str(args.new_tokens), "-r", "1", "-o", "jsonl"] + extra
+
+
+def parse_fmoe(stdout: str) -> dict:
+    lines = [ln for ln in stdout.strip().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def parse_llama(stdout: str) -> dict:
+    out = {}
+    for ln in stdout.strip().splitlines():
+        if not ln.startswith("{"):
+            continue
+        row = json.loads(ln)
+        if row.get("n_gen", 0) > 0:
+            out["tokens_per_s"] = row["avg_ts"]
+            out["tokens"] = row["n_gen"]
+        elif row.get("n_prompt", 0) > 0:
+            out["prefill_tokens_per_s"] = row["avg_ts"]
+            out["ttft_s"] = row["n_prompt"] / row["avg_ts"]
+        out.setdefault("build_commit", row.get("build_commit"))
+    out["routing"] = "model"
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["contender"], r["limit_gib"]), []).append(r)
+    table = []
+    for (name, limit), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        rates = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s")]
+        table.append({
+            "contender": name, "limit_gib": limit, "runs": len(rs),
+            "oom_kills": sum(bool(r.get("oom_killed")) for r in rs),
+            "tokens_per_s": statistics.median(rates) if rates else None,
+            "tokens_per_s_all": rates,
+            "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30,
+            "ttft_s": statistics.median([r["ttft_s"] for r in rs if r.get("ttft_s")] or [float("nan")]),
+            "load_s": statistics.median([r["load_seconds"] for r in rs if r.get("load_seconds")] or [float("nan")]),
+            "hit_rate": statistics.median([r["hit_rate"] for r in rs if r.get("hit_rate") is not None] or [float("nan")]),
+            "policy_share": statistics.median([r["policy_seconds"] / r["wall_seconds"] for r in rs
+                                               if r.get("policy_seconds") is not None and r.get("wall_seconds")]
+                                              or [float("nan")]),
+            "capacity": rs[-1].get("capacity"),
+            "output_sha256": sorted({r.get("output_sha256") for r in rs if r.get("output_sha256")}),
+        })
+    return table
+
+
+def plot(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted({t["contender"] for t in table}):
+        pts = sorted((t["limit_gib"], t["tokens_per_s"]) for t in table
+                     if t["contender"] == name and t["tokens_per_s"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("memory limit (GiB, cgroup incl. page cache)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--limits", default="8,12", help="memory limits in GiB, comma-separated")
+    ap.add_argument("--contenders", default="fmoe,fmoe-lru,pagecache")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
+                    help="an extra fmoe contender: NAME=fmoe bench arguments")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--routing-trace", type=Path, default=None)
+    ap.add_argument("--sequences", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gguf", type=Path, default=None)
+    ap.add_argument("--llama-bench", type=Path, default=None)
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--out", type=Path, default=None, help="append each run as a JSON line here")
+    ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--cgroup-root", type=Path, default=Path("/sys/fs/cgroup"))
+    ap.add_argument("--dry-run", action="store_true", help="print the cgroup steps; run nothing")
+    args = ap.parse_args(argv)
+
+    limits = [float(x) for x in args.limits.split(",") if x]
+    names = [n for n in args.contenders.split(",") if n]
+    extras = {}
+    for spec in args.extra:
+        name, _, rest = spec.partition("=")
+        extras[name] = shlex.split(rest)
+        if name not in names:
+            names.append(name)
+    for n in names:
+        if n not in FMOE_CONTENDERS and n not in LLAMA_CONTENDERS and n not in extras:
+            raise SystemExit(f"unknown contender {n!r}; known: "
+                             f"{', '.join(list(FMOE_CONTENDERS) + list(LLAMA_CONTENDERS))} or --extra NAME=ARGS")
+    files = [args.model] + ([args.gguf] if args.gguf else [])
+    rows = []
+    for rnd in range(args.rounds):
+        for limit in limits:
+            order = names if rnd % 2 == 0 else names[::-1]      # alternate who goes first
+            for name in order:
+                if name in LLAMA_CONTENDERS:
+                    cmd = llama_command(args, LLAMA_CONTENDERS[name])
+                else:
+                    cmd = fmoe_command(args, extras.get(name) or FMOE_CONTENDERS[name])
+                group = MemoryCgroup(f"fmoe-bench-{os.getpid()}-{len(rows)}", int(limit * 2**30),
+                                     root=args.cgroup_root, dry_run=args.dry_run)
+                if args.dry_run:
+                    with group:
+                        group.run(cmd)
+                    print(f"# {name} at {limit:g} GiB (round {rnd + 1})")
+                    print("\n".join(f"  {s}" for s in [f"fadvise DONTNEED {', '.join(map(str, files))}"] + group.steps))
+                    rows.append({})
+                    continue
+                dropped = drop_file_pages(files)
+                print(f"[{time.strftime('%H:%M:%S')}] {name} at {limit:g} GiB, round {rnd + 1} "
+                      f"({dropped / 2**30:.1f} GiB of file pages dropped)", flush=True)
+                with group:
+                    res = group.run(cmd, timeout=args.timeout)
+                parsed = {}
+                try:
+                    parsed = parse_llama(res.stdout) if name in LLAMA_CONTENDERS else parse_fmoe(res.stdout)
+                except (ValueError, KeyError) as e:
+                    parsed = {"parse_error": str(e)}
+                row = {"contender": name, "limit_gib": limit, "round": rnd, "returncode": res.returncode,
+                       "oom_killed": res.oom_killed, "peak_bytes": res.peak_bytes,
+                       "run_wall_seconds": res.wall_seconds, "command": cmd, **parsed}
+                if res.returncode != 0:
+                    row["stderr_tail"] = res.stderr[-2000:]
+                rows.append(row)
+                rate = row.get("tokens_per_s")
+                print(f"  rc {res.returncode}{' OOM-KILLED' if res.oom_killed else ''}, peak "
+                      f"{(res.peak_bytes or 0) / 2**30:.2f} GiB, {rate if rate is not None else 'n/a'} tokens/s, "
+                      f"{res.wall_seconds:.0f} s", flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    if args.dry_run:
+        return 0
+    table = summarise(rows)
+    print(json.dumps(table, indent=1))
+    if args.plot:
+        plot(table, args.plot, f"{args.model.name}: "
+             f"{'routing replayed from ' + args.routing_trace.name if args.routing_trace else 'model routing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
