@@ -100,6 +100,7 @@ class OffloadRuntime:
         if policy == "fmoe":
             opts.setdefault("top_k", self.K)
             opts.setdefault("embed_dim", shp.hidden)     # live: the model's token embedding
+            opts.setdefault("worker", True)              # searches off the forward thread
             if prefetch_distance is not None:
                 opts["prefetch_distance"] = int(prefetch_distance)
         elif prefetch_distance is not None or map_store is not None:
@@ -127,11 +128,9 @@ class OffloadRuntime:
         self.store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, host_bytes, pin=cuda, reader=reader)
         self.link_bandwidth = parse_bandwidth(link_bandwidth)
         self.engine = CopyEngine(self.store, self.w13[:S], self.w2[:S], self.link_bandwidth)
-        self.scheduler = None
-        if self.policy.prefetches:
-            from .scheduler import PrefetchScheduler
-
-            self.scheduler = PrefetchScheduler(self.policy)
+        # the policy's predictor runner, if any (a worker thread when it prefetches); every
+        # policy event below comes from this (the forward) thread
+        self.scheduler = getattr(self.policy, "runner", None)
         self.recorder = None
         if trace_path is not None:
             from .recorder import TraceRecorder
@@ -174,26 +173,17 @@ class OffloadRuntime:
             self.policy.set_token_embedding(emb)
 
     def on_token_end(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.token_end()
-        else:
-            t0 = time.perf_counter()
-            self.policy.on_token_end()
-            self.policy_time += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.policy.on_token_end()
+        self.policy_time += time.perf_counter() - t0
         if self.recorder is not None:
             self.recorder.end_step()
 
     def on_request_start(self, seq_id: int = 0, prompt: str | None = None, token_ids=None) -> None:
-        if self.scheduler is not None:
-            self.scheduler.request_start(seq_id, prompt, token_ids)
-        else:
-            self.policy.on_request_start(seq_id, prompt, token_ids)
+        self.policy.on_request_start(seq_id, prompt, token_ids)
 
     def on_request_end(self, seq_id: int = 0) -> None:
-        if self.scheduler is not None:
-            self.scheduler.request_end(seq_id)
-        else:
-            self.policy.on_request_end(seq_id)
+        self.policy.on_request_end(seq_id)
         if self.recorder is not None:
             self.recorder.end_request(seq_id)
 
@@ -233,13 +223,10 @@ class OffloadRuntime:
     def run_layer(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, router_probs: torch.Tensor | None) -> torch.Tensor:
         """x [N, H], topk_weights [N, K], topk_ids [N, K] expert ids -> [N, H]."""
-        if self.scheduler is not None:
-            self._prefetch(self.scheduler.layer_start(layer))
-        else:
-            t0 = time.perf_counter()
-            orders = self.policy.on_layer_start(layer)
-            self.policy_time += time.perf_counter() - t0
-            self._prefetch(orders)
+        t0 = time.perf_counter()
+        orders = self.policy.on_layer_start(layer)
+        self.policy_time += time.perf_counter() - t0
+        self._prefetch(orders)
         # first-appearance order (for one token: the router's order), as a trace replays it
         experts = list(dict.fromkeys(topk_ids.reshape(-1).tolist()))
         base = layer * self.E
@@ -272,21 +259,19 @@ class OffloadRuntime:
         probs = None
         if self.policy.prefetches or self.policy.wants_probs or self.recorder is not None:
             probs = router_probs.float().cpu().numpy() if router_probs is not None else None
-        if self.scheduler is not None:
-            self.scheduler.routed(layer, np.asarray(experts, dtype=np.int64), probs)
-        else:
-            t0 = time.perf_counter()
-            self.policy.on_routed(layer, np.asarray(experts, dtype=np.int64), probs)
-            self.policy_time += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.policy.on_routed(layer, np.asarray(experts, dtype=np.int64), probs)
+        self.policy_time += time.perf_counter() - t0
         if self.recorder is not None:
             self.recorder.record(layer, topk_ids, probs)
         return out
 
     def close(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.close()
-        if self.map_store is not None:
-            self.policy.save_state(self.map_store)
+        try:
+            if self.map_store is not None:
+                self.policy.save_state(self.map_store)
+        finally:
+            self.policy.close()
         self.engine.close()
         if self.recorder is not None:
             self.recorder.close()

@@ -71,22 +71,14 @@ def _policy_options(items: list[str]) -> dict:
 
 
 def _check_options(policy_class, policies: list[str], options: dict) -> None:
-    import inspect
+    from ..runtime.policies import option_names
 
     for name in policies:
-        accepted: set[str] = set()
-        for cls in policy_class(name).__mro__:
-            init = cls.__dict__.get("__init__")
-            if init is None:
-                continue
-            params = inspect.signature(init).parameters
-            accepted |= {k for k, v in params.items() if v.kind is v.KEYWORD_ONLY or
-                         (v.kind is v.POSITIONAL_OR_KEYWORD and k != "self")}
-            if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
-                break
+        accepted = option_names(policy_class(name))
         unknown = sorted(set(options) - accepted)
         if unknown:
-            raise UsageError(f"policy {name!r} takes no option {', '.join(unknown)}")
+            raise UsageError(f"policy {name!r} takes no option {', '.join(unknown)} (options: "
+                             f"{', '.join(sorted(accepted)) or 'none'})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

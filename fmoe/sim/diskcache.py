@@ -28,18 +28,26 @@ def cache_dir() -> Path | None:
     return Path(base) / "fmoe" / "sim"
 
 
+def hashed_files() -> list[Path]:
+    """The source files a cached result may depend on: every module of the fmoe package (a
+    replay runs the simulator, the slot table, the policies, their eviction rules and
+    predictors, and whatever those import), so any change to the package's code starts a fresh
+    cache."""
+    root = Path(__file__).resolve().parent.parent
+    return sorted(root.rglob("*.py"))
+
+
 @lru_cache(maxsize=None)
 def code_version() -> str:
-    """Hash of the source files whose behaviour cached results depend on."""
-    here = Path(__file__).resolve().parent
-    files = [here / "replay.py", here / "oracle.py", here.parent / "runtime" / "policies.py",
-             here.parent / "runtime" / "slots.py"]
+    """Hash of the package's sources (`hashed_files`: paths and contents)."""
+    root = Path(__file__).resolve().parent.parent
     h = hashlib.blake2b(digest_size=8)
-    for f in files:
+    for f in hashed_files():
+        h.update(str(f.relative_to(root)).encode() + b"\0")
         try:
             h.update(f.read_bytes())
         except OSError:
-            h.update(f.name.encode())
+            h.update(b"?")
     return h.hexdigest()
 
 

@@ -21,12 +21,25 @@ replay must acquire keys in exactly that order (`fmoe.sim.replay` does).
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
-from ..runtime.fmoe_policy import FmoePolicy
 from ..runtime.policies import Policy
+from ..runtime.policies.eviction import best
+from ..runtime.policies.fmoe import FmoeOptions, FmoePolicy
+
+
+@dataclass(frozen=True)
+class OracleOptions:
+    max_orders: int = 16
+    window: int | None = None
+
+
+@dataclass(frozen=True)
+class HorizonOptions(FmoeOptions):
+    tokens: int = 1          # tokens past the running one whose routing is known
 
 
 class BeladyPolicy(Policy):
@@ -146,6 +159,7 @@ class OraclePolicy(BeladyPolicy):
     O(max_orders log n) per layer."""
 
     name = "oracle"
+    Options = OracleOptions
     prefetches = True
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int, *,
@@ -215,23 +229,26 @@ class OraclePolicy(BeladyPolicy):
 
 
 class HorizonPolicy(FmoePolicy):
-    """fmoe's default eviction plus *exact* knowledge of the routing of the rest of the running
-    token and the next `tokens` tokens: experts needed in that window are kept (when one must go,
-    the one needed last), the others are ranked by the reuse model as in `fmoe`.
+    """fmoe's eviction plus *exact* knowledge of the routing of the rest of the running token
+    and the next `tokens` tokens: experts needed in that window are kept (when one must go, the
+    one needed last), the others are ranked by the eviction rule's scores as in `fmoe`.
 
     A bound, not a product: what a perfect predictor of the next `tokens` tokens could add to
     fmoe's eviction. Needs the trace's access sequence (`keys`, `next_use`) and `token_starts`
     [T + 1], the access index at which each token starts."""
 
     name = "horizon"
+    Options = HorizonOptions
+    needs_token_starts = True
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int, *, keys: np.ndarray,
-                 next_use: np.ndarray, token_starts: np.ndarray, tokens: int = 1,
-                 top_k: int | None = None, **options):
-        super().__init__(num_layers, num_experts, capacity, top_k=top_k, **options)
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        self.tokens = int(tokens)
+                 next_use: np.ndarray, token_starts: np.ndarray, options=None, **kwargs):
+        super().__init__(num_layers, num_experts, capacity, options=options, **kwargs)
+        if self.options.tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {self.options.tokens}")
+        # named apart from anything FmoePolicy holds (an attribute called `tokens` once
+        # replaced its token embedder)
+        self.lookahead = int(self.options.tokens)
         self.next_use = np.asarray(next_use)
         self.token_starts = np.asarray(token_starts)
         self.cursor = 0
@@ -256,10 +273,10 @@ class HorizonPolicy(FmoePolicy):
         self.tok += 1
 
     def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
-        end = self.token_starts[min(self.tok + 1 + self.tokens, len(self.token_starts) - 1)]
-        # known-needed keys sort below every reuse score, by next use (exact in float64)
-        score = np.where(self.nu < end, self.nu - 1e12, self._reuse_score())
-        key = self._best(np.where(self._resident, score, -np.inf), pinned)
+        end = self.token_starts[min(self.tok + 1 + self.lookahead, len(self.token_starts) - 1)]
+        # known-needed keys sort below every rule score, by next use (exact in float64)
+        score = np.where(self.nu < end, self.nu - 1e12, self.rule.scores())
+        key = best(np.where(self.rule.resident, score, -np.inf), pinned)
         if key is not None:
             return key
         raise RuntimeError("every resident expert is pinned; cannot evict")

@@ -26,7 +26,6 @@ whenever the pool holds at least one layer's experts).
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import FmoeError
-from ..runtime.policies import Policy
+from ..runtime.policies import Policy, option_names
 from ..runtime.policies import policy_class as runtime_policy_class
 from ..runtime.policies import policy_names as runtime_policy_names
 from ..runtime.slots import SlotTable
@@ -123,23 +122,49 @@ def check_capacity(trace: Trace, capacity: int) -> None:
 
 
 def build_policy(name: str, trace: Trace, capacity: int, *, use_cache: bool = True,
-                 **options) -> Policy:
-    """A policy by name. Sim-only policies ("belady", "oracle") get the trace's future;
-    `options` go to the constructor when it takes them (others are ignored)."""
+                 timing: TimingModel | None = None, **options) -> Policy:
+    """A policy by name. Sim-only policies ("belady", "oracle", "horizon") get the trace's
+    future. `options` go to the policy when its options dataclass has them (others are
+    ignored: a sweep passes one set to every policy); `top_k` and, from `timing`, the hardware
+    profile (`copy_seconds`, `layer_seconds`) are filled in for policies that take them."""
     L, E = trace.num_layers, trace.num_experts
     cls = policy_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    options = dict(options)
+    accepted = option_names(cls)
+    kw = {k: v for k, v in options.items() if v is not None and k in accepted}
+    if "top_k" in accepted:
+        kw.setdefault("top_k", trace.top_k)
+    if timing is not None and "copy_seconds" in accepted:
+        kw.setdefault("copy_seconds", float(timing.copy))
+        kw.setdefault("layer_seconds", timing.layer_seconds(L, trace.top_k))
+    data = {}
     if name in SIM_ONLY:
         keys, nxt = access_sequence(trace, use_cache)
-        options.update(keys=keys, next_use=nxt)
-        if "token_starts" in params:
+        data.update(keys=keys, next_use=nxt)
+        if getattr(cls, "needs_token_starts", False):
             valid = (trace.expert_ids >= 0).reshape(trace.num_tokens, -1).sum(axis=1)
-            options["token_starts"] = np.concatenate([[0], np.cumsum(valid)])
-    options.setdefault("top_k", trace.top_k)
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    kw = {k: v for k, v in options.items() if v is not None and (takes_any or k in params)}
-    return cls(L, E, capacity, **kw)
+            data["token_starts"] = np.concatenate([[0], np.cumsum(valid)])
+    return cls(L, E, capacity, **data, **kw)
+
+
+def takes_profile(name: str) -> bool:
+    """Whether the policy's options take the hardware profile (its decisions may then differ
+    between profiles)."""
+    return "copy_seconds" in option_names(policy_class(name))
+
+
+def prefetching_by_timing(name: str, trace: Trace, capacity: int,
+                          timings: Sequence[TimingModel], *, use_cache: bool = True,
+                          **options) -> list[bool]:
+    """Per timing model, whether the policy built for it prefetches (read from the instance)."""
+    if takes_profile(name):
+        out = []
+        for tm in timings:
+            pol = build_policy(name, trace, capacity, use_cache=use_cache, timing=tm, **options)
+            out.append(bool(pol.prefetches))
+            pol.close()
+        return out
+    pol = build_policy(name, trace, capacity, use_cache=use_cache, **options)
+    return [bool(pol.prefetches)] * len(timings)
 
 
 def _overrides(policy: Policy, method: str) -> bool:
@@ -493,20 +518,27 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
         raise SimError(f"history has {history.num_layers} layers x {history.num_experts} "
                        f"experts; the trace has {L} x {E}")
 
-    def make() -> Policy:
+    def make(tm: TimingModel) -> Policy:
         if isinstance(policy, Policy):
             if policy.num_layers != L or policy.num_experts != E:
                 raise SimError(f"policy built for {policy.num_layers} x {policy.num_experts}, "
                                f"trace is {L} x {E}")
             return policy
-        return build_policy(policy, trace, capacity, use_cache=use_cache,
+        return build_policy(policy, trace, capacity, use_cache=use_cache, timing=tm,
                             **(policy_options or {}))
 
     t0 = time.perf_counter()
-    pol = make()
+    pol = make(timings[0])
     name = pol.name if isinstance(policy, Policy) else policy
     cacheable = not isinstance(policy, Policy) and history is None and not policy_options
-    prefetching = bool(getattr(pol, "prefetches", False))
+    # capabilities are read from instances: a policy that takes the hardware profile may
+    # prefetch under one profile and not under another
+    prefetching = bool(pol.prefetches)
+    if not isinstance(policy, Policy) and len(timings) > 1 and takes_profile(policy):
+        for tm in timings[1:]:
+            other = make(tm)
+            prefetching = prefetching or bool(other.prefetches)
+            other.close()
     if engine == "auto":
         if prefetching:
             engine = "events"
@@ -555,7 +587,8 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
         for i, tm in enumerate(timings):
             t1 = time.perf_counter()
             if i > 0:
-                pol = make()
+                pol.close()
+                pol = make(tm)
             if history is not None:
                 feed_history(pol, history)
             table = SlotTable(capacity, pol)

@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .replay import SimResult, capacity_for, policy_class, simulate
+from .replay import SimResult, capacity_for, prefetching_by_timing, simulate
 from .timing import TimingModel
 from .trace import Trace
 
@@ -42,14 +42,18 @@ def run_sweep(trace: Trace, policies: Sequence[str], fractions: Sequence[float],
     hw = list(timings)
     tasks = []
     for f in fractions:
-        capacity_for(trace, f)  # validates the fraction
+        cap = capacity_for(trace, f)  # validates the fraction
         for p in policies:
             kw = dict(history=history, use_cache=use_cache, policy_options=policy_options)
-            prefetching = bool(getattr(policy_class(p), "prefetches", False))
-            if prefetching:
-                tasks += [(p, f, [h], kw) for h in hw]
-            else:
-                tasks.append((p, f, hw, kw))
+            # read from instances (a policy's options, and the hardware profile it is given,
+            # decide whether it prefetches): the profiles under which it prefetches replay one
+            # by one, the others share one demand-paging replay
+            flags = prefetching_by_timing(p, trace, cap, [timings[h] for h in hw],
+                                          use_cache=use_cache, **(policy_options or {}))
+            tasks += [(p, f, [h], kw) for h, on in zip(hw, flags) if on]
+            rest = [h for h, on in zip(hw, flags) if not on]
+            if rest:
+                tasks.append((p, f, rest, kw))
     # slow jobs first, so the pool ends together
     order = {"oracle": 0, "belady": 2, "lfu": 2, "lru": 9}
     tasks.sort(key=lambda t: (order.get(t[0], 1), -t[1]))

@@ -50,6 +50,13 @@ class TimingModel:
             return np.ascontiguousarray(a)
         return arr(self.attn), arr(self.attn_ctx), arr(self.shared)
 
+    def layer_seconds(self, L: int, top_k: int) -> float:
+        """Compute of one MoE layer at batch one (mean over layers, no context): attention,
+        shared experts and `top_k` routed experts. What a prefetch ordered one layer ahead has
+        to land in."""
+        attn, _, shared = self.per_layer(L)
+        return float(attn.mean() + shared.mean() + top_k * self.expert)
+
     @classmethod
     def from_shape(cls, shape: ModelShape, hw: HardwareProfile) -> "TimingModel":
         b = shape.dtype_bytes

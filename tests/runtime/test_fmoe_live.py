@@ -68,18 +68,79 @@ def test_search_runs_on_worker_thread(resident):
     model = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe",
                                         policy_options={"max_orders": 1})
     seen = set()
-    pol = model.runtime.policy
-    orig = pol.on_routed
+    pred = model.runtime.policy.predictor
+    for name in ("layer_start", "routed", "token_end"):
+        orig = getattr(pred, name)
 
-    def spy(*a, **k):
-        seen.add(threading.current_thread().name)
-        return orig(*a, **k)
-
-    pol.on_routed = spy
+        def spy(*a, _orig=orig, **k):
+            seen.add(threading.current_thread().name)
+            return _orig(*a, **k)
+        setattr(pred, name, spy)
     model.generate(ids, 4, eos_token_id=[])
     model.runtime.scheduler.drain()
     model.close()
     assert seen == {"fmoe-predictor"}
+
+
+_POLICY_EVENTS = ("on_request_start", "on_layer_start", "on_routed", "on_token_end",
+                  "on_request_end", "on_hit", "on_insert", "on_evict", "victim", "admit_prefetch")
+
+
+def test_policy_state_has_one_owner_thread(resident):
+    """Regression (a race): with prefetch on, the worker used to run the policy's own events
+    (on_routed, on_token_end: the reuse model, the running iteration) while the forward thread
+    ran its cache events and victim choice on the same object, unlocked. Every event of the
+    policy object must come from the forward thread; only the map predictor runs on the
+    worker, and it hands back immutable predictions."""
+    path, ids, ref = resident
+    model = fmoe.models.from_pretrained(path, expert_cache=0.25, policy="fmoe",
+                                        policy_options={"max_orders": 4})
+    pol = model.runtime.policy
+    threads: dict[str, set] = {}
+    for name in _POLICY_EVENTS:
+        orig = getattr(pol, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            threads.setdefault(_name, set()).add(threading.current_thread().name)
+            return _orig(*a, **k)
+        setattr(pol, name, spy)
+    try:
+        for _ in range(3):                       # the store fills; searches and victims run
+            assert torch.equal(model.generate(ids, 24, eos_token_id=[]), ref)
+        model.runtime.scheduler.drain()
+    finally:
+        model.close()
+    assert {"on_layer_start", "on_routed", "on_token_end", "victim"} <= set(threads)
+    forward = threading.current_thread().name
+    assert all(t == {forward} for t in threads.values()), threads
+
+
+def test_worker_error_raised_on_next_forward(resident, monkeypatch):
+    """Regression: an exception in the prefetch worker's search used to be stored and never
+    raised (prefetch silently stopped). It must surface on the forward thread, in the next
+    forward, as an exception of the model call."""
+    from fmoe.runtime import predictor as predictor_mod
+
+    path, ids, _ = resident
+    model = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe",
+                                        policy_options={"max_orders": 1})
+    try:
+        model.generate(ids, 4, eos_token_id=[])      # fills the map store: searches start
+        model.runtime.scheduler.drain()
+
+        def broken(self, *a, **k):
+            raise ZeroDivisionError("search failed")
+        monkeypatch.setattr(predictor_mod.TrajectorySearch, "observe", broken)
+        with pytest.raises(Exception) as info:
+            for _ in range(3):
+                model.generate(ids, 4, eos_token_id=[])
+                model.runtime.scheduler.drain()
+        err = info.value
+        chain = [err, err.__cause__]
+        assert any(isinstance(e, ZeroDivisionError) for e in chain), repr(err)
+    finally:
+        monkeypatch.undo()
+        model.close()
 
 
 def test_map_store_persists_across_restarts(resident, tmp_path):
@@ -114,16 +175,17 @@ def test_policy_hand_worked_distance_eviction():
     p = FmoePolicy(2, 4, 3, top_k=1, eviction="distance", prefetch_distance=1)
     for key in (0, 1, 6):
         p.on_insert(key)
-    p.ema[:] = 0.0
-    p.ema[0] = 0.9          # (0,0) used in most iterations
-    p.ema[1] = 0.1
-    p.ema[6] = 0.1
-    p.l_now = 1
-    p.p_cur[:] = 0
-    p.p_cur[6] = 1.0         # predicted for layer 1 now
+    r = p.rule
+    r.ema[:] = 0.0
+    r.ema[0] = 0.9          # (0,0) used in most iterations
+    r.ema[1] = 0.1
+    r.ema[6] = 0.1
+    r.l_now = 1
+    r.p_cur[:] = 0
+    r.p_cur[6] = 1.0         # predicted for layer 1 now
     assert p.victim([0, 1, 6], set()) == 1
     assert p.victim([0, 1, 6], {1}) == 0
-    d = p.expected_distance()
+    d = r.expected_distance()
     assert d[6] == pytest.approx(0.0)            # predicted for the running layer
     assert d[0] == pytest.approx(1 + 2 * (1 / 0.9001 - 1))   # next iteration, used 90% of them
     assert p.admit_prefetch(7, 1) is bool(d[1] > d[7])

@@ -209,7 +209,7 @@ def test_reuse_score_hand_worked_empty_model():
     assert p.victim([0, 1, 2], {1}) == 0
     # a prefetch is admitted when the victim's expected next use (its score) comes later than
     # the layer the prefetch is for: (0, 0) is for layer 0, one layer after the running one
-    p._score = np.array([5.0, 0.5, 3.0, 9.0])
+    p.rule._score = np.array([5.0, 0.5, 3.0, 9.0])
     assert p.admit_prefetch(0, 2) is True        # 3.0 > 1
     assert p.admit_prefetch(0, 1) is False       # 0.5 < 1: the victim is needed sooner
     assert p.admit_prefetch(3, 1) is True        # (1, 1) is for the running layer: 0.5 > 0
@@ -273,4 +273,4 @@ def test_policy_copies_are_independent():
     q = copy.deepcopy(p)
     q.on_routed(1, np.array([2]))
     assert p.reuse._keys == [1] and q.reuse._keys == [1, 6]
-    assert q._reuse_lock is not p._reuse_lock
+    assert q.rule.resident is not p.rule.resident

@@ -1,197 +1,25 @@
-"""Eviction and prefetch policies: plain objects driven by events.
-
-A policy holds no tensors and knows no devices. The live runtime (`fmoe.runtime.offload`) and the
-trace simulator (`fmoe.sim`) drive the very same objects, so a simulator figure is a statement
-about the shipped code.
-
-Keys are flat ints, ``key = layer * num_experts + expert``, where ``layer`` counts MoE layers only
-(0 .. L-1). Event order for one iteration (token step) of one batch:
-
-    on_request_start(seq, prompt, token_ids)      # once per request
-    for each MoE layer l:
-        on_layer_start(l) -> prefetch orders      # before the router of layer l runs
-        SlotTable.acquire(keys of layer l)        # -> on_hit / on_insert / victim / on_evict
-        on_routed(l, experts, probs)              # what layer l routed, with the full softmax
-    on_token_end()
-    on_request_end(seq)
-
-`victim` picks among the resident keys the table offers (pinned keys excluded).
-
-Prefetch orders are advisory. The caller (the runtime's scheduler, or the simulator's copy
-engine) serves demand loads first, then orders by falling priority; the orders returned by the
-latest `on_layer_start` replace any earlier orders whose copy has not started. A prefetch takes
-its slot (`SlotTable.prefetch`, which may evict) when its copy starts, and the table first asks
-`admit_prefetch(key, victim)`, so a policy can refuse a prefetch that would evict something more
-valuable.
-"""
+"""MoE-Infinity's activation-aware policy (request-level expert activation matrices)."""
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
-
-class Policy:
-    """Base policy: demand paging, no prefetch. Subclasses override `victim` and the hooks."""
-
-    name = "base"
-    prefetches = False
-    wants_probs = False   # the runtime computes the router's softmax on the host only if asked
-
-    def __init__(self, num_layers: int, num_experts: int, capacity: int):
-        self.num_layers = num_layers
-        self.num_experts = num_experts
-        self.capacity = capacity
-
-    # -- workload events -------------------------------------------------------------------
-    def on_request_start(self, seq_id: int, prompt: str | None = None,
-                         token_ids: Sequence[int] | None = None) -> None:
-        pass
-
-    def on_layer_start(self, layer: int) -> list[tuple[int, float]]:
-        """Layer `layer` is about to run. Returns prefetch orders ``[(key, priority), ...]``,
-        highest priority first; the caller may drop any of them."""
-        return []
-
-    def on_routed(self, layer: int, experts: np.ndarray, probs: np.ndarray | None = None) -> None:
-        """Layer `layer` routed to `experts` (int array [n], unique) with router softmax `probs`
-        ([E] for one token or [B, E] for a batch) when known."""
-        pass
-
-    def on_token_end(self) -> None:
-        pass
-
-    def on_request_end(self, seq_id: int) -> None:
-        pass
-
-    # -- cache events (driven by SlotTable) ------------------------------------------------
-    def on_hit(self, key: int) -> None:
-        pass
-
-    def on_insert(self, key: int, prefetch: bool = False) -> None:
-        """`key` became resident; `prefetch` when loaded ahead of need (not yet used)."""
-        pass
-
-    def on_evict(self, key: int) -> None:
-        pass
-
-    def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
-        raise NotImplementedError
-
-    def admit_prefetch(self, key: int, victim: int | None) -> bool:
-        """A prefetch of `key` is about to take a slot, evicting `victim` (None: a free slot).
-        Return False to refuse it. Default: admit."""
-        return True
+from .base import Policy, register
 
 
-class LRUPolicy(Policy):
-    """Least recently used. A use is a hit or a demand insert; a prefetch insert counts as a use
-    at load time (the key is placed most recent)."""
-
-    name = "lru"
-
-    def __init__(self, num_layers: int, num_experts: int, capacity: int):
-        super().__init__(num_layers, num_experts, capacity)
-        self._order: OrderedDict[int, None] = OrderedDict()
-
-    def on_hit(self, key: int) -> None:
-        self._order.move_to_end(key)
-
-    def on_insert(self, key: int, prefetch: bool = False) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
-
-    def on_evict(self, key: int) -> None:
-        self._order.pop(key, None)
-
-    def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
-        for key in self._order:
-            if key not in pinned:
-                return key
-        raise RuntimeError("every resident expert is pinned; cannot evict")
+@dataclass(frozen=True)
+class MoEInfinityOptions:
+    store_size: int = 256
+    max_orders: int = 16
+    eps: float = 1e-2
+    prefetch_distance: int | None = None
 
 
-class LFUPolicy(Policy):
-    """Least frequently used. Frequency counts every use (hit or demand load) since the policy
-    was created, kept for experts that were evicted too, so an expert that returns keeps its
-    history. Ties go to the least recently used. Prefetch inserts do not add to the count."""
-
-    name = "lfu"
-
-    def __init__(self, num_layers: int, num_experts: int, capacity: int):
-        super().__init__(num_layers, num_experts, capacity)
-        self._freq = [0] * (num_layers * num_experts)
-        self._clock = 0
-        self._last = {}  # key -> time of last use, resident keys only
-        # min-heap of ints encoding (freq, last_use, key) lexicographically; lazy deletion
-        self._heap: list[int] = []
-        self._kbits = max(1, (num_layers * num_experts - 1).bit_length())
-
-    _TBITS = 48  # time field width (2.8e14 events)
-
-    @property
-    def freq(self) -> np.ndarray:
-        """Use count of every key (a copy), int64 [L * E]."""
-        return np.array(self._freq, dtype=np.int64)
-
-    def _item(self, f: int, t: int, key: int) -> int:
-        return (((f << self._TBITS) | t) << self._kbits) | key
-
-    def _push(self, f: int, t: int, key: int) -> None:
-        heap = self._heap
-        heapq.heappush(heap, (((f << self._TBITS) | t) << self._kbits) | key)
-        if len(heap) > 4 * len(self._last) + 1024:
-            # drop stale entries (same order: one live entry per resident key)
-            fr = self._freq
-            self._heap = [self._item(fr[k], t, k) for k, t in self._last.items()]
-            heapq.heapify(self._heap)
-
-    def _touch(self, key: int) -> None:
-        self._clock += 1
-        f = self._freq[key] + 1
-        self._freq[key] = f
-        self._last[key] = self._clock
-        self._push(f, self._clock, key)
-
-    def on_hit(self, key: int) -> None:
-        self._touch(key)
-
-    def on_insert(self, key: int, prefetch: bool = False) -> None:
-        if prefetch:
-            self._clock += 1
-            self._last[key] = self._clock
-            self._push(self._freq[key], self._clock, key)
-        else:
-            self._touch(key)
-
-    def on_evict(self, key: int) -> None:
-        self._last.pop(key, None)
-
-    def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
-        # an entry is live when its time is the key's last use (times are unique)
-        heap, last = self._heap, self._last
-        kb, kmask, tmask = self._kbits, (1 << self._kbits) - 1, (1 << self._TBITS) - 1
-        skipped = []
-        try:
-            while heap:
-                item = heap[0]
-                key = item & kmask
-                if last.get(key) != (item >> kb) & tmask:
-                    heapq.heappop(heap)  # stale entry
-                    continue
-                if key in pinned:
-                    skipped.append(heapq.heappop(heap))
-                    continue
-                return key
-        finally:
-            for item in skipped:
-                heapq.heappush(heap, item)
-        raise RuntimeError("every resident expert is pinned; cannot evict")
-
-
+@register
 class MoEInfinityPolicy(Policy):
     """MoE-Infinity (Xue et al., arXiv 2401.14361): request-level expert activation tracing.
 
@@ -217,6 +45,7 @@ class MoEInfinityPolicy(Policy):
     """
 
     name = "moe-infinity"
+    Options = MoEInfinityOptions
     prefetches = True
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int, *,
@@ -444,38 +273,3 @@ class MoEInfinityPolicy(Policy):
             for item in skipped:
                 heapq.heappush(heap, item)
         raise RuntimeError("every resident expert is pinned; cannot evict")
-
-
-POLICIES: dict[str, type[Policy]] = {"lru": LRUPolicy, "lfu": LFUPolicy,
-                                     "moe-infinity": MoEInfinityPolicy}
-
-# Policies defined in modules that import this one: resolved (and added to POLICIES) on first use.
-LAZY_POLICIES: dict[str, tuple[str, str]] = {"fmoe": ("fmoe.runtime.fmoe_policy", "FmoePolicy")}
-
-
-def policy_class(name: str) -> type[Policy] | None:
-    """The registered class for `name` (importing a lazily registered one), or None."""
-    cls = POLICIES.get(name)
-    if cls is None and name in LAZY_POLICIES:
-        import importlib
-
-        module, attr = LAZY_POLICIES[name]
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
-            return None
-        POLICIES[name] = cls
-    return cls
-
-
-def policy_names() -> list[str]:
-    """Names `make_policy` accepts (lazily registered ones only when importable)."""
-    return sorted(n for n in set(POLICIES) | set(LAZY_POLICIES) if policy_class(n) is not None)
-
-
-def make_policy(name: str, num_layers: int, num_experts: int, capacity: int, **kwargs) -> Policy:
-    """Build a policy by name (``POLICIES`` holds the registered ones)."""
-    cls = policy_class(name)
-    if cls is None:
-        raise ValueError(f"unknown policy {name!r}; choose one of {policy_names()}")
-    return cls(num_layers, num_experts, capacity, **kwargs)

@@ -1,0 +1,178 @@
+"""The event protocol every policy follows, policy options, and the registry.
+
+A policy holds no tensors and knows no devices. The live runtime (`fmoe.runtime.offload`) and the
+trace simulator (`fmoe.sim`) drive the very same objects, so a simulator figure is a statement
+about the shipped code.
+
+Keys are flat ints, ``key = layer * num_experts + expert``, where ``layer`` counts MoE layers only
+(0 .. L-1). Event order for one iteration (token step) of one batch:
+
+    on_request_start(seq, prompt, token_ids)      # once per request
+    for each MoE layer l:
+        on_layer_start(l) -> prefetch orders      # before the router of layer l runs
+        SlotTable.acquire(keys of layer l)        # -> on_hit / on_insert / victim / on_evict
+        on_routed(l, experts, probs)              # what layer l routed, with the full softmax
+    on_token_end()
+    on_request_end(seq)
+
+Every event comes from one thread (the forward thread, or the simulator's loop): a policy that
+searches on a worker thread keeps that thread's state to itself and hands results back as
+immutable values (`fmoe.runtime.predictor.Prediction`).
+
+`victim` picks among the resident keys the table offers (pinned keys excluded).
+
+Prefetch orders are advisory. The caller (the runtime's copy engine, or the simulator's) serves
+demand loads first, then orders by falling priority; the orders returned by the latest
+`on_layer_start` replace any earlier orders whose copy has not started. A prefetch takes its
+slot (`SlotTable.prefetch`, which may evict) when its copy starts, and the table first asks
+`admit_prefetch(key, victim)`, so a policy can refuse a prefetch that would evict something more
+valuable.
+
+Capabilities are plain attributes read from *instances* (an instance's options decide them):
+
+* ``prefetches``: `on_layer_start` may return orders;
+* ``wants_probs``: `on_routed` reads the router's softmax (the runtime computes it on the host
+  only when asked);
+* ``uses_maps``: the policy keeps expert maps (the runtime then hands it token embeddings).
+
+Options: each policy class names a frozen dataclass, ``Options``; `make_policy` and the simulator
+pass only the fields it has and reject unknown names with the list of accepted ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """Options of a policy that takes none."""
+
+
+class Policy:
+    """Base policy: demand paging, no prefetch. Subclasses override `victim` and the hooks."""
+
+    name = "base"
+    Options: ClassVar[type] = NoOptions
+    # capabilities (defaults; a subclass or an instance may set its own)
+    prefetches = False
+    wants_probs = False
+    uses_maps = False
+
+    def __init__(self, num_layers: int, num_experts: int, capacity: int):
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.capacity = capacity
+
+    # -- workload events -------------------------------------------------------------------
+    def on_request_start(self, seq_id: int, prompt: str | None = None,
+                         token_ids: Sequence[int] | None = None) -> None:
+        pass
+
+    def on_layer_start(self, layer: int) -> list[tuple[int, float]]:
+        """Layer `layer` is about to run. Returns prefetch orders ``[(key, priority), ...]``,
+        highest priority first; the caller may drop any of them."""
+        return []
+
+    def on_routed(self, layer: int, experts: np.ndarray, probs: np.ndarray | None = None) -> None:
+        """Layer `layer` routed to `experts` (int array [n], unique) with router softmax `probs`
+        ([E] for one token or [B, E] for a batch) when known."""
+        pass
+
+    def on_token_end(self) -> None:
+        pass
+
+    def on_request_end(self, seq_id: int) -> None:
+        pass
+
+    # -- cache events (driven by SlotTable) ------------------------------------------------
+    def on_hit(self, key: int) -> None:
+        pass
+
+    def on_insert(self, key: int, prefetch: bool = False) -> None:
+        """`key` became resident; `prefetch` when loaded ahead of need (not yet used)."""
+        pass
+
+    def on_evict(self, key: int) -> None:
+        pass
+
+    def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
+        raise NotImplementedError
+
+    def admit_prefetch(self, key: int, victim: int | None) -> bool:
+        """A prefetch of `key` is about to take a slot, evicting `victim` (None: a free slot).
+        Return False to refuse it. Default: admit."""
+        return True
+
+    # -- life cycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop any worker the policy runs (idempotent)."""
+
+
+# -- options -----------------------------------------------------------------------------------
+
+def option_names(cls: type) -> set[str]:
+    """The option names a policy class accepts."""
+    opts = getattr(cls, "Options", NoOptions)
+    return {f.name for f in dataclasses.fields(opts)}
+
+
+def make_options(cls: type, options: dict[str, Any] | None = None, *, base=None):
+    """`options` (a dict) -> the class's options dataclass (on top of `base`, an instance of
+    it, when given). Unknown names raise ValueError listing the accepted ones."""
+    opts_cls = getattr(cls, "Options", NoOptions)
+    options = dict(options or {})
+    unknown = sorted(set(options) - option_names(cls))
+    if unknown:
+        accepted = ", ".join(sorted(option_names(cls))) or "none"
+        raise ValueError(f"policy {getattr(cls, 'name', cls.__name__)!r} takes no option "
+                         f"{', '.join(unknown)} (options: {accepted})")
+    if base is not None:
+        return dataclasses.replace(base, **options)
+    return opts_cls(**options)
+
+
+# -- registry ----------------------------------------------------------------------------------
+
+POLICIES: dict[str, type[Policy]] = {}
+
+# names resolved on first use (kept for code that registers a policy defined elsewhere)
+LAZY_POLICIES: dict[str, tuple[str, str]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def policy_class(name: str) -> type[Policy] | None:
+    """The registered class for `name` (importing a lazily registered one), or None."""
+    cls = POLICIES.get(name)
+    if cls is None and name in LAZY_POLICIES:
+        import importlib
+
+        module, attr = LAZY_POLICIES[name]
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            return None
+        POLICIES[name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    """Names `make_policy` accepts (lazily registered ones only when importable)."""
+    return sorted(n for n in set(POLICIES) | set(LAZY_POLICIES) if policy_class(n) is not None)
+
+
+def make_policy(name: str, num_layers: int, num_experts: int, capacity: int, **kwargs) -> Policy:
+    """Build a policy by name (``POLICIES`` holds the registered ones). `kwargs` are the
+    policy's options (its ``Options`` dataclass fields); an unknown one raises ValueError."""
+    cls = policy_class(name)
+    if cls is None:
+        raise ValueError(f"unknown policy {name!r}; choose one of {policy_names()}")
+    make_options(cls, kwargs)            # validates names before the constructor runs
+    return cls(num_layers, num_experts, capacity, **kwargs)

@@ -1,0 +1,170 @@
+"""Determinism of the fmoe policy: identical live runs give identical counts (prefetch off), and
+with prefetch on, what is ordered and when is a function of the events alone (the predictor
+driven synchronously). Also the worker's hand-over: stale work dropped, errors re-raised."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import fmoe
+from fmoe.runtime.policies import FmoePolicy, make_policy
+from fmoe.runtime.predictor import Prediction
+from fmoe.runtime.scheduler import PredictorError, PredictorWorker
+from fmoe.runtime.slots import SlotTable
+
+COUNTS = ("capacity", "resident_peak", "hits", "misses", "prefetched", "prefetch_used",
+          "bytes_loaded", "host_computed")
+
+
+def test_five_live_runs_identical_stats(mixtral_ckpt):
+    path, _ = mixtral_ckpt
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (1, int(n)), generator=g) for n in (3, 5, 2)]
+    runs = []
+    for _ in range(5):
+        model = fmoe.models.from_pretrained(path, expert_cache=0.25, policy="fmoe")
+        try:
+            assert not model.runtime.policy.prefetches
+            for p in prompts:
+                model.generate(p, 16, eos_token_id=[])
+            s = model.expert_stats()
+        finally:
+            model.close()
+        runs.append({k: s[k] for k in COUNTS if k in s})
+    assert runs[0]["misses"] > 0 and runs[0]["hits"] > 0
+    assert all(r == runs[0] for r in runs), runs
+
+
+def _drive(policy: FmoePolicy, routes, capacity: int):
+    """Drive `policy` through a SlotTable with `routes` [[token [layer [experts]]]] per
+    sequence, placing every prefetch order at once; returns (orders log, table stats)."""
+    table = SlotTable(capacity, policy)
+    E = policy.num_experts
+    log = []
+    for n, seq in enumerate(routes):
+        policy.on_request_start(n)
+        for tok in seq:
+            for layer, experts in enumerate(tok):
+                orders = policy.on_layer_start(layer)
+                log.append((n, layer, tuple(orders)))
+                for key, _ in orders:
+                    table.prefetch(key)
+                table.acquire_many([layer * E + e for e in experts])
+                policy.on_routed(layer, np.array(experts, dtype=np.int64))
+                table.unpin()
+            policy.on_token_end()
+        policy.on_request_end(n)
+    return log, table.stats
+
+
+def _routes(seed: int, L=3, E=8, K=2, seqs=4, tokens=12):
+    rng = np.random.default_rng(seed)
+    pop = rng.dirichlet(np.full(E, 0.4), size=L)
+    return [[[sorted(rng.choice(E, K, replace=False, p=pop[l]).tolist()) for l in range(L)]
+             for _ in range(tokens)] for _ in range(seqs)]
+
+
+@pytest.mark.parametrize("eviction", ["reuse", "distance", "pfreq", "lru-pred"])
+def test_synchronous_predictor_orders_are_a_function_of_events(eviction):
+    routes = _routes(1)
+    opts = dict(top_k=2, max_orders=3, min_similarity=0.0, eviction=eviction, worker=False)
+    a_log, a_stats = _drive(make_policy("fmoe", 3, 8, 7, **opts), routes, 7)
+    b_log, b_stats = _drive(make_policy("fmoe", 3, 8, 7, **opts), routes, 7)
+    assert a_log == b_log and a_stats == b_stats
+    assert a_stats.prefetched > 0 and sum(len(o) for *_, o in a_log) > 0
+
+
+def _one_map_policy(**opts) -> FmoePolicy:
+    """L = 2, E = 4, top-1; the store holds one map: layer 0 -> expert 1, layer 1 -> expert 2."""
+    p = FmoePolicy(2, 4, 3, top_k=1, prefetch_distance=2, max_orders=4, min_similarity=-1.0,
+                   **opts)
+    p.learn_history(expert_ids=np.array([[[1], [2]]], np.int16), seq_offsets=np.array([0, 1]))
+    return p
+
+
+def test_orders_hand_worked_and_lead_across_tokens():
+    """Layer 0: the semantic neighbour (similarity 0, δ = 1: the whole mass, one expert per
+    row) orders (0, 1) with priority 1 and (1, 2) with 1/2. Layer 1, after layer 0 routed to
+    expert 1: the trajectory neighbour matches exactly (δ = 0: top-1) and orders (1, 2) with
+    priority 1, then, leading across the token boundary, the next token's (0, 1) with 1/2."""
+    p = _one_map_policy()
+    assert p.prefetches and p.predictor is not None and not p.runner.threaded
+    p.on_request_start(0)
+    assert p.on_layer_start(0) == [(1, 1.0), (6, 0.5)]
+    p.on_routed(0, np.array([1]))
+    assert p.on_layer_start(1) == [(6, 1.0), (1, 0.5)]
+    assert p.applied.orders == ((1, 6, 1.0), (2, 1, 0.5))     # (target step, key, priority)
+    q = _one_map_policy(lead=False)
+    q.on_request_start(0)
+    q.on_layer_start(0)
+    q.on_routed(0, np.array([1]))
+    assert q.on_layer_start(1) == [(6, 1.0)]
+
+
+def test_stale_prediction_orders_dropped_at_layer_start():
+    """A prediction is applied at the start of a layer: its orders for steps that have passed
+    are dropped, and an older iteration's prediction does not reach the eviction rule."""
+    p = FmoePolicy(2, 4, 3, top_k=1, max_orders=4, eviction="lru-pred")
+    p.iteration = 1                                   # step of (iteration 1, layer 0) = 2
+    old = Prediction(0, 1, orders=((1, 6, 1.0), (2, 1, 0.5), (3, 7, 0.25)),
+                     window=frozenset({6, 1}))
+    assert p._apply(old, 0) == [(1, 0.5), (7, 0.25)]
+    assert p.rule.window == frozenset()              # made for iteration 0: not applied
+    fresh = Prediction(1, 0, orders=((2, 1, 0.5),), window=frozenset({1}))
+    assert p._apply(fresh, 0) == [(1, 0.5)] and p.rule.window == {1}
+    with pytest.raises(AttributeError):
+        fresh.layer = 3                               # predictions are immutable
+
+
+class _GatedPredictor:
+    """A stand-in predictor whose first layer start blocks until released."""
+
+    def __init__(self):
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.calls = []
+
+    def layer_start(self, iteration, layer):
+        self.calls.append(("layer_start", iteration, layer))
+        if len(self.calls) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        return Prediction(iteration, layer)
+
+    def routed(self, layer, *a):
+        self.calls.append(("routed", layer))
+        if layer < 0:
+            raise ZeroDivisionError("bad layer")
+
+    def token_end(self):
+        self.calls.append(("token_end",))
+
+
+def test_worker_drops_stale_layer_starts_and_reraises_errors():
+    pred = _GatedPredictor()
+    w = PredictorWorker(pred)
+    try:
+        w.post("layer_start", 0, 0)
+        assert pred.entered.wait(30)                 # the worker is inside layer 0's search
+        w.post("routed", 0)
+        w.post("layer_start", 0, 1)                  # stale before the worker gets to it
+        w.post("routed", 1)
+        w.post("layer_start", 0, 2)
+        pred.release.set()
+        w.drain()
+        assert pred.calls == [("layer_start", 0, 0), ("routed", 0), ("routed", 1),
+                              ("layer_start", 0, 2)]
+        assert w.dropped == 1
+        got = w.latest()
+        assert (got.iteration, got.layer) == (0, 2)
+        w.post("routed", -1)                         # fails on the worker ...
+        with pytest.raises(PredictorError) as info:
+            w.drain()                                # ... and is raised on this thread
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+        w.post("token_end")                          # raised once; the worker goes on
+        w.drain()
+    finally:
+        w.close()
