@@ -15,3 +15,8 @@ class CheckpointError(FmoeError):
 
 class ModelNotFoundError(FmoeError):
     """A path that does not exist, or a hub id that cannot be fetched (offline, not cached)."""
+
+
+class ExpertReadError(CheckpointError):
+    """Reading a routed expert failed while serving (I/O error, truncated store, checksum).
+    It fails the requests that needed the expert; the read is retried on the next need."""

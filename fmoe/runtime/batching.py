@@ -494,7 +494,8 @@ def _public_error(e: BaseException) -> str:
     while e is not None and id(e) not in seen and len(parts) < 4:
         seen.add(id(e))
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        parts.append(f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
+        if not parts or msg not in parts[-1]:        # a cause already quoted is not repeated
+            parts.append(f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
         e = e.__cause__ or e.__context__
     return "; caused by ".join(parts)
 

@@ -11,6 +11,7 @@ slots (a long prefill on a tiny cache), the layer runs in chunks of at most S ex
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 import numpy as np
@@ -44,6 +45,15 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
     """`expert_cache` -> number of slots: a float in (0, 1] is a fraction of all routed experts,
     an int >= 1 a count, a string such as "8GiB" a byte budget ("0.25" and "96" also work)."""
     total = num_layers * num_experts
+    if isinstance(expert_cache, str) and expert_cache.strip().lower() == "auto":
+        from .memory import auto_capacity
+
+        slots, line = auto_capacity(expert_bytes, total)
+        print(line, file=sys.stderr, flush=True)
+        if slots < min_capacity(top_k):
+            raise ValueError(f"expert_cache='auto': only {slots} experts fit ({line}); the minimum "
+                             f"is {min_capacity(top_k)} (top-k): free memory or raise the limit")
+        return slots
     if isinstance(expert_cache, bool):
         raise ValueError("expert_cache must be a fraction, a count or a byte size, not a bool")
     if isinstance(expert_cache, str):
@@ -126,6 +136,7 @@ class OffloadRuntime:
         else:
             host_bytes = int(host_cache)
         self.store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, host_bytes, pin=cuda, reader=reader)
+        self._direct_reads(layouts, reader)
         self.link_bandwidth = parse_bandwidth(link_bandwidth)
         self.engine = CopyEngine(self.store, self.w13[:S], self.w2[:S], self.link_bandwidth)
         # the policy's predictor runner, if any (a worker thread when it prefetches); every
@@ -140,6 +151,20 @@ class OffloadRuntime:
         self.reset_stats()
         for layer, block in enumerate(module.moe_blocks()):
             block.experts = OffloadedExperts(self, layer)
+
+    @staticmethod
+    def _direct_reads(layouts, reader) -> None:
+        """Experts of a model larger than half the memory this process may use are read with
+        O_DIRECT: the cache holds them, and a page-cache copy would only be evicted again
+        (and, under a memory cgroup, be reclaimed at the forward's expense)."""
+        from .memory import memory_limit
+
+        files = {s.info.file for row in layouts for lay in row for s in lay.w13 + lay.w2}
+        total = sum(lay.nbytes for row in layouts for lay in row)
+        lim = memory_limit()
+        room = lim.limit if lim.limit is not None else lim.available
+        for f in files:
+            reader.use_direct(f, large=total > room // 2)
 
     # -- stats -----------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -216,8 +241,14 @@ class OffloadRuntime:
                     self.engine.load(key, got.slot, DEMAND)
                 waits.append(got.slot)
             slots.append(got.slot)
-        for slot in waits:
-            self.stall += self.engine.wait(slot)
+        try:
+            for slot in waits:
+                self.stall += self.engine.wait(slot)
+        except BaseException:
+            # a read failed: this step fails; unpin so the slots serve later steps (the failed
+            # expert stays assigned, not ready: its next need reads it again)
+            self.table.unpin(keys)
+            raise
         return slots
 
     def run_layer(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor,

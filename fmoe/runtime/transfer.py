@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import re
 import threading
 import time
@@ -24,7 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ExpertReadError
 from .store import ExpertStore
+
+log = logging.getLogger("fmoe.transfer")
 
 DEMAND = 0
 PREFETCH = 1
@@ -69,7 +73,13 @@ class CopyEngine:
         self._stop = False
         self.bytes_loaded = 0
         self.busy_seconds = 0.0
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None   # the worker thread died (not a read error)
+        # read errors: the failed order of a slot (generation, error) until the next need retries
+        # it; `last_error` is the latest failure not yet followed by a successful read
+        self._failed: dict[int, tuple[int, BaseException]] = {}
+        self.last_error: BaseException | None = None
+        self.last_error_key: int | None = None
+        self.read_errors = 0
         if self.cuda:
             self.stream = torch.cuda.Stream(device=w13.device)
             self.events = [None] * S
@@ -107,6 +117,7 @@ class CopyEngine:
         with self._cv:
             if self.done_gen[slot] == self.gen[slot]:
                 return
+            self._failed.pop(slot, None)         # a failed read is retried on the next need
             if slot in self._pending:
                 self._promote_locked(slot)
             else:
@@ -136,16 +147,25 @@ class CopyEngine:
         """Block until `slot` holds its current occupant. Returns seconds waited."""
         t0 = time.perf_counter()
         with self._cv:
+            self._raise_failed(slot)
             if self.done_gen[slot] != self.gen[slot] and slot not in self._pending:
                 raise RuntimeError(f"slot {slot} has no load queued; call demand() first")
             self._promote_locked(slot)
             while self.done_gen[slot] != self.gen[slot]:
+                self._raise_failed(slot)
                 if self.error is not None:
-                    raise RuntimeError("copy engine failed") from self.error
+                    raise ExpertReadError(f"the copy engine stopped: {type(self.error).__name__}: "
+                                          f"{self.error}") from self.error
                 self._cv.wait(0.05)
         if self.cuda and self.events[slot] is not None:
             self.events[slot].synchronize()
         return time.perf_counter() - t0
+
+    def _raise_failed(self, slot: int) -> None:
+        failed = self._failed.get(slot)
+        if failed is not None and failed[0] == self.gen[slot]:
+            del self._failed[slot]               # the next need queues the read again
+            raise failed[1]
 
     def _promote_locked(self, slot: int) -> None:
         order = self._pending.get(slot)
@@ -179,6 +199,34 @@ class CopyEngine:
             while self._pending and self.error is None:
                 self._cv.wait(0.05)
 
+    def describe(self, key: int) -> str:
+        E = getattr(self.store, "num_experts", 0) or 0
+        return f"expert {key // E}/{key % E} (layer/expert)" if E else f"expert key {key}"
+
+    @property
+    def healthy(self) -> bool:
+        """False after a read error until that expert is read successfully (on its next need,
+        or by `probe`), and when the worker died."""
+        return self.error is None and self.last_error is None
+
+    def probe(self) -> bool:
+        """Re-read the expert whose read failed last into scratch buffers (off the worker);
+        a success clears `last_error`. Returns `healthy`."""
+        with self._cv:
+            key, err = self.last_error_key, self.last_error
+        if err is None or key is None:
+            return self.healthy
+        w13, w2 = self.store.new_staging()
+        try:
+            self.store.read_into(key, w13, w2)
+        except Exception:
+            return False
+        with self._cv:
+            if self.last_error is err:
+                self.last_error = None
+                self.last_error_key = None
+        return self.healthy
+
     def close(self) -> None:
         with self._cv:
             self._stop = True
@@ -198,7 +246,22 @@ class CopyEngine:
                     if order.cancelled or order.gen != self.gen[order.slot]:
                         continue
                 t0 = time.perf_counter()
-                self._copy(order)
+                try:
+                    self._copy(order)
+                except Exception as e:       # this read fails; the worker serves the next order
+                    err = ExpertReadError(f"cannot load {self.describe(order.key)}: "
+                                          f"{type(e).__name__}: {e}")
+                    err.__cause__ = e
+                    log.error("%s", err)
+                    with self._cv:
+                        self.read_errors += 1
+                        self.last_error, self.last_error_key = err, order.key
+                        if self._pending.get(order.slot) is order:
+                            del self._pending[order.slot]
+                        if order.gen == self.gen[order.slot]:
+                            self._failed[order.slot] = (order.gen, err)
+                        self._cv.notify_all()
+                    continue
                 nbytes = self.store.expert_bytes
                 if self.link_bandwidth:
                     # an emulated link: the copy takes at least what the link would need
@@ -212,6 +275,8 @@ class CopyEngine:
                         del self._pending[order.slot]
                     if order.gen == self.gen[order.slot]:
                         self.done_gen[order.slot] = order.gen
+                    if order.key == self.last_error_key:             # the failed read works again
+                        self.last_error = self.last_error_key = None
                     self._cv.notify_all()
         except BaseException as e:  # surfaced to the forward by wait()
             with self._cv:

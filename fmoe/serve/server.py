@@ -18,12 +18,15 @@ sequences at the next token boundary.
 
 import argparse
 import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import hmac
 import json
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -285,6 +288,24 @@ class ServerState:
             e = getattr(cfg, "eos_token_id", None)
             eos = [] if e is None else ([e] if isinstance(e, int) else list(e))
         self.eos_ids = [int(e) for e in eos]
+        # prompts are tokenised and templated here, off the event loop (two at a time at most)
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fmoe-tokenize")
+        # a text longer than this many bytes cannot fit the context: refused before tokenising
+        self.max_prompt_bytes = self.max_model_len * _max_token_bytes(self.tokenizer)
+        self.shutting_down = False
+
+
+def _max_token_bytes(tok) -> int:
+    """An upper bound on the bytes of text one token stands for: its longest vocabulary entry in
+    UTF-8 (byte-level and SentencePiece symbols take at least as many bytes as the text they
+    stand for), at least 16."""
+    inner = getattr(tok, "tok", None)
+    try:
+        vocab = inner.get_vocab(with_added_tokens=True) if inner is not None else {}
+    except Exception:
+        vocab = {}
+    longest = max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=0)
+    return max(16, longest)
 
 
 def _sse(obj) -> str:
@@ -301,7 +322,7 @@ def create_app(state: ServerState):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from ..runtime.batching import QueueFull, Sequence, TextStream
-    from ..runtime.engine import SamplingParams
+    from ..runtime.engine import SamplingError, SamplingParams
 
     S = schemas()
     app = FastAPI(title="fmoe", version=_version(), docs_url=None, redoc_url=None, openapi_url=None)
@@ -323,13 +344,15 @@ def create_app(state: ServerState):
     @app.exception_handler(Exception)
     async def _internal_error(request, exc):
         log.exception("internal error")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+        return error_response(500, "internal server error (the server log has the details)", "internal_error")
 
     def check_auth(request: Request) -> None:
         if state.api_key is None:
             return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {state.api_key}".encode()):
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode("utf-8", "surrogatepass"),
+                                                                 state.api_key.encode("utf-8", "surrogatepass"))
+        if not ok:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            "authentication_error", code="invalid_api_key")
 
@@ -341,10 +364,14 @@ def create_app(state: ServerState):
                 raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
             chunks.append(c)
         raw = b"".join(chunks)
+        del chunks
+        parse = functools.partial(json.loads, raw, parse_constant=_reject_constant)
         try:
-            data = json.loads(raw, parse_constant=_reject_constant)
+            data = parse() if size < (1 << 20) else await off_loop(parse)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise APIError(400, f"malformed JSON body: {e}")
+        finally:
+            del raw
         if not isinstance(data, dict):
             raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
         try:
@@ -371,7 +398,32 @@ def create_app(state: ServerState):
         if len(stops) > MAX_STOP:
             raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stops)}", param="stop")
 
-    def encode_prompts(prompt) -> list[tuple[list[int], str | None]]:
+    async def off_loop(fn, *args):
+        """Run `fn(*args)` in the tokenizer pool: the event loop keeps serving meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(state.tokenize_pool, fn, *args)
+
+    def check_text(text: str, param: str) -> None:
+        """Refuse text that cannot be encoded, or whose byte length alone proves it is over the
+        context, before any tokenisation."""
+        cap = state.max_prompt_bytes
+        if len(text) > cap:         # every character is at least one byte
+            raise too_long_text(len(text), "characters", param)
+        try:
+            n = len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate "
+                                f"{text[e.start]!r} at character {e.start})", param=param) from None
+        if n > cap:
+            raise too_long_text(n, "bytes", param)
+
+    def too_long_text(n: int, unit: str, param: str) -> APIError:
+        return APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. "
+                             f"However, your {param} is {n} {unit} long, more than any text of "
+                             f"{state.max_model_len} tokens can be ({state.max_prompt_bytes} bytes). "
+                             "Please reduce the length of the prompt.",
+                        param=param, code="context_length_exceeded")
+
+    async def encode_prompts(prompt) -> list[tuple[list[int], str | None]]:
         """A completions `prompt` -> [(token ids, text or None)]."""
         err = APIError(400, "prompt must be a string, a list of strings, a list of token ids or a "
                             "list of lists of token ids", param="prompt")
@@ -392,9 +444,13 @@ def create_app(state: ServerState):
         if len(items) > MAX_CHOICES:
             raise APIError(400, f"prompt: at most {MAX_CHOICES} prompts per request", param="prompt")
         out = []
+        texts = [it for it in items if isinstance(it, str)]
+        for t in texts:
+            check_text(t, "prompt")
+        encoded = iter(await off_loop(lambda: [tok.encode(t) for t in texts]) if texts else [])
         for it in items:
             if isinstance(it, str):
-                out.append((tok.encode(it), it))
+                out.append((next(encoded), it))
             else:
                 bad = [t for t in it if not 0 <= t < state.vocab_size]
                 if bad:
@@ -428,10 +484,13 @@ def create_app(state: ServerState):
         seed = req.seed
         if seed is not None and j:
             seed = (seed + j) % (2 ** 63)
-        return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                              top_p=1.0 if req.top_p is None else float(req.top_p),
-                              top_k=max(int(req.top_k or 0), 0),
-                              eos_token_id=[] if req.ignore_eos else state.eos_ids, seed=seed)
+        try:
+            return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                  top_p=1.0 if req.top_p is None else float(req.top_p),
+                                  top_k=max(int(req.top_k or 0), 0),
+                                  eos_token_id=[] if req.ignore_eos else state.eos_ids, seed=seed)
+        except SamplingError as e:        # the checks the CLI and the Python API share
+            raise APIError(400, str(e), param=e.param) from None
 
     # -- the generation bridge ----------------------------------------------------------------
     class Job:
@@ -527,6 +586,12 @@ def create_app(state: ServerState):
                 return s.error or "generation failed"
         return None
 
+    def failed_response(job: Job, err: str, endpoint: str):
+        """A blocking request whose sequences failed: 503 while shutting down, else 500."""
+        if state.shutting_down:
+            return error_response(503, err, "server_unavailable", code="shutting_down")
+        return error_response(500, err, "internal_error")
+
     async def stream_events(job: Job, request: Request, make_chunk, prefix_chunks, include_usage: bool):
         """SSE generator: chunks from `make_chunk(idx, text, finish_reason)`."""
         pending = len(job.seqs)
@@ -566,8 +631,21 @@ def create_app(state: ServerState):
     # -- routes ----------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        """200 {"status": "ok"} while requests can be served; 503 with a message while the
+        server shuts down, after its engine thread stopped, or while expert reads fail (each
+        call re-reads the failed expert off the event loop: a success restores 200)."""
+        def unhealthy(status, message):
+            return JSONResponse({"status": status, "message": message}, status_code=503)
+
+        if state.shutting_down:
+            return unhealthy("shutting_down", "the server is shutting down")
         if not state.batcher.is_alive():
-            return JSONResponse({"status": "error", "message": "the engine thread has stopped"}, status_code=503)
+            return unhealthy("error", "the engine thread has stopped")
+        engine = getattr(getattr(state.model, "runtime", None), "engine", None)
+        if engine is not None and not engine.healthy:
+            if engine.error is not None or not await off_loop(engine.probe):
+                err = engine.error or engine.last_error
+                return unhealthy("error", f"expert reads are failing: {err}")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -613,7 +691,7 @@ def create_app(state: ServerState):
                 raise APIError(400, "suffix is not supported", param="suffix")
             if req.best_of not in (None, 1):
                 raise APIError(400, "best_of is not supported (must be 1 or absent)", param="best_of")
-            prompts = encode_prompts(req.prompt)
+            prompts = await encode_prompts(req.prompt)
             n = req.n or 1
             if len(prompts) * n > MAX_CHOICES:
                 raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
@@ -653,7 +731,7 @@ def create_app(state: ServerState):
             return Response(status_code=499)      # the client has gone: nobody reads this
         err = first_error(job)
         if err:
-            return error_response(500, err, "internal_error")
+            return failed_response(job, err, "completions")
         choices = [{"index": i, "text": echo[i] + t, "logprobs": None, "finish_reason": s.finish_reason}
                    for i, (t, s) in enumerate(zip(texts, job.seqs))]
         return {"id": rid, "object": "text_completion", "created": created, "model": state.name,
@@ -668,6 +746,8 @@ def create_app(state: ServerState):
             check_common(req)
             if req.logprobs:
                 raise APIError(400, "logprobs is not supported", param="logprobs")
+            if req.top_logprobs is not None:
+                raise APIError(400, "top_logprobs is not supported", param="top_logprobs")
             if req.tools:
                 raise APIError(400, "tools are not supported", param="tools")
             if req.response_format and req.response_format.get("type", "text") != "text":
@@ -680,11 +760,22 @@ def create_app(state: ServerState):
                 if isinstance(content, list):
                     content = "\n".join(p.text for p in content)
                 messages.append({"role": m.role, "content": content if content is not None else ""})
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as e:     # jinja TemplateError, a checkpoint without a template
-                raise APIError(400, f"messages: cannot apply the chat template: {e}", param="messages")
-            ids = tok.encode(text, add_special_tokens=False)
+            total = 0
+            for i, m in enumerate(messages):
+                check_text(m["content"], f"messages[{i}].content")
+                total += len(m["content"])
+            if total > state.max_prompt_bytes:
+                raise too_long_text(total, "characters", "messages")
+
+            def render():
+                try:
+                    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+                except Exception as e:     # jinja TemplateError, a checkpoint without a template
+                    raise APIError(400, f"messages: cannot apply the chat template: {e}", param="messages")
+                check_text(text, "messages")
+                return text, tok.encode(text, add_special_tokens=False)
+
+            text, ids = await off_loop(render)
             max_req = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             m = resolve_max_tokens(max_req, len(ids), None, param)
@@ -721,7 +812,7 @@ def create_app(state: ServerState):
             return Response(status_code=499)      # the client has gone: nobody reads this
         err = first_error(job)
         if err:
-            return error_response(500, err, "internal_error")
+            return failed_response(job, err, "chat")
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                     "finish_reason": s.finish_reason} for i, (t, s) in enumerate(zip(texts, job.seqs))]
         return {"id": rid, "object": "chat.completion", "created": created, "model": state.name,
@@ -782,6 +873,18 @@ def _positive(name):
     return parse
 
 
+def _seconds(name):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number of seconds, got {text!r}")
+        if not math.isfinite(v) or v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0 seconds, got {text}")
+        return v
+    return parse
+
+
 def cmd_serve(args) -> int:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -813,17 +916,93 @@ def cmd_serve(args) -> int:
     batcher.start()
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
                             access_log=args.log_level in ("debug", "trace"))
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, state, grace=args.shutdown_grace)
     host, port = sock.getsockname()[:2]
     print(f"fmoe serve: '{state.name}' on http://{host}:{port}/v1 (max batch {args.max_batch}, "
           f"context {ctx}, expert cache {args.expert_cache or 'all resident'})", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:
+        state.shutting_down = True
         batcher.close()
-        model.close()
+        state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        model.close()            # writes the map store and the trace (atomically)
         sock.close()
+    if server.signalled is not None:
+        print(f"fmoe serve: stopped on {signal.Signals(server.signalled).name}"
+              + (f"; the map store is in {args.map_store}" if args.map_store else "")
+              + (f"; the trace is in {args.trace_out}" if getattr(args, "trace_out", None) else ""),
+              file=sys.stderr, flush=True)
     return 0
+
+
+def _uvicorn_server_class():
+    import uvicorn
+
+    return uvicorn.Server
+
+
+class GracefulServer:
+    """uvicorn's server with fmoe's shutdown on SIGTERM and SIGINT alike.
+
+    First signal: /health answers 503, new requests get 503, accepted requests run on for up to
+    `grace` seconds; then whatever still runs is finished with an error (streams get an error
+    event and ``data: [DONE]``), uvicorn closes the connections and `cmd_serve` saves the map
+    store and the trace. A second signal skips what is left of the grace period. The signal is
+    not re-raised, so the process exits 0 after a clean shutdown."""
+
+    def __new__(cls, config, state, grace: float = 20.0):
+        base = _uvicorn_server_class()
+
+        class _Server(base):
+            def __init__(self):
+                super().__init__(config)
+                self.state, self.grace = state, float(grace)
+                self.signalled: int | None = None
+                self._drainer: threading.Thread | None = None
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                sigs = (signal.SIGINT, signal.SIGTERM)
+                old = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+                try:
+                    yield
+                finally:
+                    for sig, h in old.items():
+                        signal.signal(sig, h)
+
+            def handle_exit(self, sig, frame) -> None:
+                if self._drainer is not None:          # a second signal: stop waiting now
+                    self.grace = 0.0
+                    self.state.batcher.abort(f"the server is shutting down ({signal.Signals(sig).name})")
+                    return
+                self.signalled = sig
+                self.state.shutting_down = True
+                self._drainer = threading.Thread(target=self._drain, args=(sig,), name="fmoe-shutdown",
+                                                 daemon=True)
+                self._drainer.start()
+
+            def _drain(self, sig) -> None:
+                name = signal.Signals(sig).name
+                b = self.state.batcher
+                b.stop_admitting()
+                running = b.num_running + b.num_waiting
+                log.warning("%s: shutting down; %d request(s) in flight get up to %.0f s to finish",
+                            name, running, self.grace)
+                t0 = time.monotonic()
+                while not b.wait_idle(0.1):
+                    if time.monotonic() - t0 >= self.grace:
+                        log.warning("%s: grace period over; failing the requests still running", name)
+                        b.abort(f"the server is shutting down ({name}); the request did not finish "
+                                f"within the {self.grace:g} s grace period")
+                        b.wait_idle(10.0)
+                        break
+                self.should_exit = True
+
+        return _Server()
 
 
 def register(subparsers) -> None:
@@ -850,6 +1029,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=_positive("--threads"), default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--shutdown-grace", type=_seconds("--shutdown-grace"), default=20.0,
+                   help="on SIGTERM or SIGINT, seconds running requests get to finish before they are "
+                        "ended with an error (default: 20)")
     p.set_defaults(func=cmd_serve)
 
     from .chat import register as register_chat

@@ -1,0 +1,155 @@
+"""A failed expert read fails the requests that needed it, carries its cause, and is retried on
+the next need: the copy engine keeps serving other orders, `healthy` is False until the failed
+expert reads again, and a repaired store serves as before."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import fmoe
+from fmoe.errors import CheckpointError, ExpertReadError
+from fmoe.models.checkpoint import CheckpointIndex
+from fmoe.models.loading import locate_experts
+from fmoe.models.mixtral import MixtralConfig
+from fmoe.models.synthetic import write_random_checkpoint
+from fmoe.runtime.batching import Batcher, Sequence
+from fmoe.runtime.engine import SamplingParams
+from fmoe.runtime.store import ExpertStore
+from fmoe.runtime.transfer import DEMAND, CopyEngine
+
+CFG = {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 24,
+       "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+       "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 64}
+
+
+class FlakyStore:
+    """An ExpertStore whose reads of `broken` keys raise `error`."""
+
+    def __init__(self, store):
+        self.inner = store
+        self.broken: set[int] = set()
+        self.error = CheckpointError("experts.bin: checksum mismatch in expert 0/3 (the store is damaged)")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def read_into(self, key, w13, w2):
+        if key in self.broken:
+            raise self.error
+        self.inner.read_into(key, w13, w2)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("rd"), CFG, dtype=torch.float32, seed=5)
+
+
+@pytest.fixture
+def store(ckpt):
+    cfg = MixtralConfig.from_hf(CFG)
+    layouts, _ = locate_experts(cfg, CheckpointIndex(ckpt))
+    return FlakyStore(ExpertStore(layouts, 32, 24, torch.float32))
+
+
+def reference(store, key):
+    a, b = store.inner.new_staging()
+    store.inner.read_into(key, a, b)
+    return a, b
+
+
+def test_a_read_error_carries_its_cause_and_the_engine_goes_on(store):
+    w13, w2 = torch.zeros(4, 48, 32), torch.zeros(4, 32, 24)
+    eng = CopyEngine(store, w13, w2)
+    try:
+        store.broken = {3}
+        eng.assign(0)
+        eng.load(3, 0, DEMAND)
+        with pytest.raises(ExpertReadError) as e:
+            eng.wait(0)
+        # the cause reaches the caller: the old engine said only "copy engine failed"
+        assert "checksum mismatch" in str(e.value) and "expert 0/3" in str(e.value)
+        assert not eng.healthy and "checksum mismatch" in str(eng.last_error)
+        # other experts still load: the worker survived the failure
+        eng.assign(1)
+        eng.load(5, 1, DEMAND)
+        eng.wait(1)
+        assert torch.equal(w13[1], reference(store, 5)[0])
+        assert not eng.healthy                # expert 3 has not read again yet
+        # the next need retries the failed read; it works now
+        store.broken = set()
+        eng.demand(3, 0)
+        eng.wait(0)
+        a, b = reference(store, 3)
+        assert torch.equal(w13[0], a) and torch.equal(w2[0], b)
+        assert eng.healthy and eng.last_error is None
+    finally:
+        eng.close()
+
+
+def test_a_still_broken_expert_fails_again_on_its_next_need(store):
+    eng = CopyEngine(store, torch.zeros(2, 48, 32), torch.zeros(2, 32, 24))
+    try:
+        store.broken = {2}
+        eng.assign(0)
+        eng.load(2, 0, DEMAND)
+        for _ in range(3):
+            with pytest.raises(ExpertReadError):
+                eng.wait(0)
+            eng.demand(2, 0)
+        assert eng.read_errors >= 3
+    finally:
+        eng.close()
+
+
+def test_probe_restores_health_without_traffic(store):
+    eng = CopyEngine(store, torch.zeros(2, 48, 32), torch.zeros(2, 32, 24))
+    try:
+        store.broken = {7}
+        eng.assign(1)
+        eng.load(7, 1, DEMAND)
+        with pytest.raises(ExpertReadError):
+            eng.wait(1)
+        assert eng.probe() is False and not eng.healthy
+        store.broken = set()
+        assert eng.probe() is True and eng.healthy
+    finally:
+        eng.close()
+
+
+def test_a_truncated_store_fails_requests_then_recovers(ckpt, tmp_path):
+    """End to end: truncate the checkpoint while serving, then restore it in place."""
+    path = tmp_path / "ck"
+    shutil.copytree(ckpt, path)
+    resident = fmoe.models.from_pretrained(path)
+    model = fmoe.models.from_pretrained(path, expert_cache=2, policy="lru")
+    files = sorted(path.glob("*.safetensors"))
+    saved = {f: f.read_bytes() for f in files}
+    prompt = [5, 6, 7, 8]
+    ref = resident.generate(torch.tensor([prompt]), 6, eos_token_id=[])[0, 4:].tolist()
+    b = Batcher(model, max_batch=4)
+    try:
+        for f in files:      # keep the header (and the resident weights already read): drop the rest
+            with open(f, "r+b") as fh:
+                n = int.from_bytes(saved[f][:8], "little") + 8
+                fh.truncate(n + 64)
+        broken = Sequence(prompt, SamplingParams(max_new_tokens=6, eos_token_id=[]))
+        b.submit(broken)
+        b.run_until_idle()
+        assert broken.finish_reason == "error"
+        assert "end of file" in broken.error, broken.error
+        assert ".safetensors" in broken.error
+        assert not model.runtime.engine.healthy
+        for f in files:      # repaired in place (same inode)
+            with open(f, "r+b") as fh:
+                fh.write(saved[f])
+        ok = Sequence(prompt, SamplingParams(max_new_tokens=6, eos_token_id=[]))
+        b.submit(ok)
+        b.run_until_idle()
+        assert ok.finish_reason == "length" and ok.output == ref
+        assert model.runtime.engine.probe()
+    finally:
+        b.close()
+        model.close()
