@@ -3,10 +3,12 @@ directory or the hub, into fmoe's expert-major store, where one routed expert is
 
 The store format is specified in docs/store-format.md; its reader is `fmoe.models.store_format`.
 Conversion streams: every tensor (and every expert, also out of fused ``[E, 2I, H]`` tensors) is
-copied in chunks of at most `CHUNK_BYTES`, so peak memory does not grow with the model. It writes
-``DST.tmp`` and renames it to DST only when everything, config.json last, is written and synced:
-an interrupted conversion leaves no DST, and its ``DST.tmp`` has no config.json, so it does not
-load (the next conversion removes it).
+copied in chunks of at most `CHUNK_BYTES`, so peak memory does not grow with the model. It writes a
+uniquely named ``.DST.<random>.tmp`` beside DST and renames it to DST only when everything,
+config.json last, is written and synced: an interrupted conversion leaves no DST (a failed one
+removes its own temporary directory; nothing that existed before is touched). ``--force``
+replaces only an fmoe store (a directory with an ``fmoe-store.json`` of this format), never
+anything else.
 
 Tensor dtypes: without ``--dtype`` every tensor keeps its checkpoint dtype. With ``--dtype`` the
 routed experts and every floating tensor that fmoe holds in that dtype are converted; tensors
@@ -22,6 +24,7 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -206,8 +209,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
     real_src, real_dst = root.resolve(), dst.resolve()
     if real_dst == real_src or real_dst in real_src.parents or real_src in real_dst.parents:
         raise ConvertError(f"{dst}: the destination must not contain, or be inside, the source {root}")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise ConvertError(f"{dst}: already exists (use --force to replace it)")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise ConvertError(f"{dst}: already exists (use --force to replace it)")
+        if not _is_fmoe_store(dst):
+            raise ConvertError(f"{dst}: exists and is not an fmoe store (no {sf.INDEX_FILE} of format "
+                               f"{sf.FORMAT!r}); --force only replaces an fmoe store: move it away "
+                               "or choose another destination")
 
     raw = read_config_json(root)
     family = family_for(raw.get("model_type"))
@@ -229,14 +237,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
         raise CheckpointError(f"{root}: routed experts have mixed dtypes; pass --dtype")
     moe_layers = [int(x) for x in getattr(cfg, "moe_layer_ids", range(shp.num_layers))]
 
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists() or tmp.is_symlink():
-        _remove(tmp)                      # a conversion interrupted earlier
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # a directory of our own, unique: nothing that exists is ever touched
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)         # mkdtemp's 0700 would carry over to DST
     total_in = sum(l.nbytes for row in layouts for l in row) + sum(i.nbytes for _, i, _ in plan)
     reader = FileReader()
     bar = _bar(total_in, progress, f"convert {dst.name}")
     try:
-        tmp.mkdir(parents=True)
         copier = _Copier(reader, chunk_bytes, bar)
         store_id = uuid.uuid4().hex
 
@@ -309,7 +319,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
         # 5. into place
         old = None
         if dst.exists() or dst.is_symlink():
-            old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:12]}")
             os.replace(dst, old)
         os.replace(tmp, dst)
         _fsync_dir(dst.parent)
@@ -325,6 +335,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
     return {"path": str(dst), "experts": len(entries), "expert_bytes": blob_size,
             "weight_bytes": weights["size"], "dtype": str(target).replace("torch.", ""),
             "verified": verify, "seconds": time.perf_counter() - t0}
+
+
+def _is_fmoe_store(path: Path) -> bool:
+    """Whether `path` is a directory holding an fmoe store index (the marker --force needs)."""
+    try:
+        raw = json.loads((path / sf.INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return path.is_dir() and isinstance(raw, dict) and raw.get("format") == sf.FORMAT
 
 
 def _writer() -> str:

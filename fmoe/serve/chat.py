@@ -16,8 +16,11 @@ def cmd_chat(args) -> int:
     from ..runtime.engine import SamplingParams
     from .server import load_model
 
+    from .cli import check_sampling_flags
+
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_sampling_flags(args)
     model = load_model(args)
     tok = model.tokenizer
     if tok is None:

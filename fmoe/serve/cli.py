@@ -14,8 +14,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cache", default=None,
                    help="routed experts on the device: fraction (0.25), count (96) or bytes (8GiB); "
                         "default: all resident")
-    p.add_argument("--policy", default="fmoe",
-                   help="cache policy: fmoe, lru, lfu, moe-infinity (default: fmoe)")
+    p.add_argument("--policy", default=None,
+                   help="cache policy: fmoe, lru, lfu, moe-infinity (default: fmoe; needs --expert-cache)")
     p.add_argument("--link-bandwidth", default=None,
                    help="emulate a host->device link on CPU, e.g. 25GB/s (figures are emulated)")
     p.add_argument("--trace-out", default=None,
@@ -27,14 +27,31 @@ def _load(args, map_store=None):
     from ..models import from_pretrained
 
     kwargs = {} if map_store is None else {"map_store": map_store}
+    if args.expert_cache is None:
+        for flag, value in (("--policy", args.policy), ("--link-bandwidth", args.link_bandwidth),
+                            ("--map-store", map_store)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --expert-cache (without it every expert is resident "
+                                 "and there is no cache to manage)")
     if args.expert_cache is not None:
-        kwargs.update(expert_cache=args.expert_cache, policy=args.policy,
+        kwargs.update(expert_cache=args.expert_cache, policy=args.policy or "fmoe",
                       link_bandwidth=args.link_bandwidth)
         if getattr(args, "trace_out", None):
             kwargs["trace_path"] = args.trace_out
     elif getattr(args, "trace_out", None):
         raise ValueError("--trace-out needs --expert-cache (1.0 keeps every expert on the device)")
     return from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
+
+
+def check_sampling_flags(args) -> None:
+    """The shared sampling checks (`fmoe.runtime.engine.validate_sampling`), worded with flags."""
+    from ..runtime.engine import SamplingError, validate_sampling
+
+    try:
+        validate_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    except SamplingError as e:
+        flag = "--" + e.param.replace("_", "-")
+        raise ValueError(str(e).replace(e.param, flag, 1)) from None
 
 
 def cmd_demo(args) -> int:
@@ -47,8 +64,15 @@ def cmd_demo(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    from ..runtime.engine import check_generate_inputs
+
+    # the checks the Python API and the server share, before anything is loaded
+    check_sampling_flags(args)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"--prompt is not valid text (undecodable {args.prompt[e.start]!r} at "
+                         f"character {e.start})") from None
     model = _load(args)
     tok = model.tokenizer
     if tok is None:
@@ -59,6 +83,7 @@ def cmd_generate(args) -> int:
         ids = tok.encode(text, add_special_tokens=False)
     else:
         ids = tok.encode(text)
+    check_generate_inputs(model.module, torch.tensor([ids]), args.max_new_tokens)
     printed = ""
     new: list[int] = []
 

@@ -481,14 +481,13 @@ def test_damaged_store_cli_error_is_one_line(store, capsys):
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_interrupted_conversion_leaves_nothing_that_loads(mixtral_src, tmp_path, monkeypatch, exc):
     dst = tmp_path / "dst"
-    tmp = tmp_path / "dst.tmp"
     real = conv._write_expert
     seen = []
 
     def dying(*a, **k):
         seen.append(1)
         if len(seen) == 5:
-            assert tmp.is_dir()
+            (tmp,) = tmp_path.glob(".dst.*.tmp")
             with pytest.raises(FmoeError):                # what a kill -9 now would leave behind
                 fmoe.models.from_pretrained(tmp)
             raise exc("interrupted")
@@ -497,24 +496,24 @@ def test_interrupted_conversion_leaves_nothing_that_loads(mixtral_src, tmp_path,
     monkeypatch.setattr(conv, "_write_expert", dying)
     with pytest.raises(exc):
         conv.convert(mixtral_src, dst, progress=False)
-    assert not dst.exists() and not tmp.exists()
+    assert not dst.exists() and not list(tmp_path.iterdir())
 
 
-def test_stale_tmp_is_not_loadable_and_is_replaced(mixtral_src, tmp_path, monkeypatch):
-    """A conversion killed before config.json was written: DST.tmp does not load; the next
-    conversion removes it and succeeds."""
+def test_stale_tmp_is_not_loadable(mixtral_src, tmp_path, monkeypatch):
+    """A conversion killed before config.json was written: its temporary directory does not
+    load; the next conversion uses a directory of its own and succeeds."""
     dst = tmp_path / "dst"
     monkeypatch.setattr(conv, "_remove", lambda path: None)         # as if killed: no clean-up
     monkeypatch.setattr(conv, "_write_index", lambda *a: (_ for _ in ()).throw(SystemExit(9)))
     with pytest.raises(SystemExit):
         conv.convert(mixtral_src, dst, progress=False)
     monkeypatch.undo()
-    tmp = tmp_path / "dst.tmp"
+    (tmp,) = tmp_path.glob(".dst.*.tmp")
     assert (tmp / "experts.bin").exists() and (tmp / "model.safetensors").exists() and not dst.exists()
     with pytest.raises(ConfigError, match="config.json: missing"):
         fmoe.models.from_pretrained(tmp)
     conv.convert(mixtral_src, dst, progress=False)
-    assert not tmp.exists() and sf.open_store(dst) is not None
+    assert sf.open_store(dst) is not None
 
 
 def test_refuses_to_overwrite_without_force(mixtral_src, tmp_path, capsys):
@@ -532,7 +531,7 @@ def test_refuses_to_overwrite_without_force(mixtral_src, tmp_path, capsys):
                  "--dtype", "float16"]) == 0
     out = capsys.readouterr().out
     assert "checksums verified" in out and "float16" in out
-    assert _index(dst)["store_id"] != first and not list(tmp_path.glob("dst.*"))
+    assert _index(dst)["store_id"] != first and not list(tmp_path.glob(".dst.*"))
     # never into (or around) the source
     assert main(["convert", str(mixtral_src), str(mixtral_src / "sub"), "--force"]) == 1
     assert "must not contain, or be inside" in capsys.readouterr().err
@@ -594,3 +593,37 @@ def test_convert_memory_is_bounded_1gb(tmp_path):
     r = b.measure_convert_rss(src, tmp_path / "dst")
     assert r["peak_rss_growth"] < 0.25 * size, (r, size)
     conv.verify_store(tmp_path / "dst")
+
+
+def test_force_replaces_only_an_fmoe_store(mixtral_src, tmp_path, capsys):
+    """--force never deletes what fmoe did not write: a folder of the user's, a file, a plain
+    HF checkpoint; an unrelated DST.tmp beside DST is left alone too."""
+    from fmoe.serve.cli import main
+
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("\\section{Intro}")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    hf_copy = Path(shutil.copytree(mixtral_src, tmp_path / "hf"))
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "fmoe-store.json").write_text('{"format": "something-else"}')
+    for victim in (thesis, notes, hf_copy, fake):
+        before = sorted(p.name for p in victim.iterdir()) if victim.is_dir() else victim.read_text()
+        capsys.readouterr()
+        assert main(["convert", str(mixtral_src), str(victim), "--force", "--no-progress"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not an fmoe store" in err[0] and "--force only replaces" in err[0]
+        after = sorted(p.name for p in victim.iterdir()) if victim.is_dir() else victim.read_text()
+        assert after == before
+    # a user's DST.tmp (the old fixed temporary name) is not deleted, with or without --force
+    dst = tmp_path / "dst"
+    mine = tmp_path / "dst.tmp"
+    mine.mkdir()
+    (mine / "data.csv").write_text("1,2,3")
+    assert main(["convert", str(mixtral_src), str(dst), "--no-progress"]) == 0
+    assert main(["convert", str(mixtral_src), str(dst), "--force", "--no-progress"]) == 0
+    assert (mine / "data.csv").read_text() == "1,2,3"
+    assert sf.open_store(dst) is not None
+    assert not list(tmp_path.glob(".dst.*"))
