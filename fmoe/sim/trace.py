@@ -185,23 +185,27 @@ def validate_arrays(arrays: dict, where: str = "trace", *, check_duplicates: boo
         i = int(np.flatnonzero(np.diff(offs) < 0)[0])
         raise TraceError(f"{where}: 'seq_offsets' decreases at index {i + 1}")
 
-    lo, hi = (int(ids.min()), int(ids.max()))
-    if hi >= E:
-        t, l, k = np.argwhere(ids >= E)[0]
-        raise TraceError(f"{where}: expert id {int(ids[t, l, k])} at token {t}, layer {l} is >= "
-                         f"num_experts={E}")
-    if lo < -1:
-        t, l, k = np.argwhere(ids < -1)[0]
-        raise TraceError(f"{where}: expert id {int(ids[t, l, k])} at token {t}, layer {l} is "
-                         "negative (only -1 = not recorded is allowed)")
-    if check_duplicates and K > 1:
-        for i in range(K - 1):
-            a = ids[:, :, i]
-            dup = ((ids[:, :, i + 1:] == a[:, :, None]).any(axis=2)) & (a >= 0)
-            if dup.any():
-                t, l = np.argwhere(dup)[0]
-                raise TraceError(f"{where}: token {t}, layer {l} lists expert {int(a[t, l])} "
-                                 "twice")
+    # streamed over tokens: temporaries stay within a few chunks, whatever T is
+    step = _chunk_rows(L * K)
+    for t0 in range(0, T, step):
+        c = ids[t0:t0 + step]
+        lo, hi = (int(c.min()), int(c.max()))
+        if hi >= E:
+            t, l, k = np.argwhere(c >= E)[0]
+            raise TraceError(f"{where}: expert id {int(c[t, l, k])} at token {t0 + t}, layer {l} is >= "
+                             f"num_experts={E}")
+        if lo < -1:
+            t, l, k = np.argwhere(c < -1)[0]
+            raise TraceError(f"{where}: expert id {int(c[t, l, k])} at token {t0 + t}, layer {l} is "
+                             "negative (only -1 = not recorded is allowed)")
+        if check_duplicates and K > 1:
+            for i in range(K - 1):
+                a = c[:, :, i]
+                dup = ((c[:, :, i + 1:] == a[:, :, None]).any(axis=2)) & (a >= 0)
+                if dup.any():
+                    t, l = np.argwhere(dup)[0]
+                    raise TraceError(f"{where}: token {t0 + t}, layer {l} lists expert {int(a[t, l])} "
+                                     "twice")
 
     opt = {
         "moe_layers": (["int16"], (L,), "[L]"),
@@ -224,8 +228,83 @@ def validate_arrays(arrays: dict, where: str = "trace", *, check_duplicates: boo
                          "1 (generated) are defined")
     for name in ("weights", "gate_probs"):
         a = arrays.get(name)
-        if a is not None and a.size and not np.isfinite(a).all():
-            raise TraceError(f"{where}: '{name}' holds NaN or infinite values")
+        if a is None or not a.size:
+            continue
+        step = _chunk_rows(int(np.prod(a.shape[1:])))
+        for t0 in range(0, a.shape[0], step):
+            if not np.isfinite(a[t0:t0 + step]).all():
+                raise TraceError(f"{where}: '{name}' holds NaN or infinite values")
+
+
+def _chunk_rows(row_elems: int, elems: int = 1 << 22) -> int:
+    """Rows per chunk so that a chunk holds about `elems` elements."""
+    return max(1, elems // max(1, row_elems))
+
+
+# The most bytes a trace's arrays may expand to in memory (a small .npz can declare huge arrays:
+# a zip bomb). FMOE_TRACE_MAX_BYTES or load_trace(max_bytes=) raises it for real, large traces.
+DEFAULT_MAX_BYTES = 8 << 30
+
+
+def _max_bytes(max_bytes: int | None) -> int:
+    if max_bytes is not None:
+        return int(max_bytes)
+    env = os.environ.get("FMOE_TRACE_MAX_BYTES")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise TraceError(f"FMOE_TRACE_MAX_BYTES={env!r}: expected a number of bytes") from None
+    return DEFAULT_MAX_BYTES
+
+
+def _check_members(npz, where: str, load: set[str], max_bytes: int) -> None:
+    """Every member's declared dtype, shape and size, from its .npy header and zip entry, before
+    any data is read: unknown keys, object dtypes, members whose shapes disagree with
+    expert_ids, and a total past `max_bytes` are refused."""
+    headers, total = {}, 0
+    for k in npz.files:
+        if k not in KEYS:
+            continue                      # reported by validate_arrays with the format's keys
+        try:
+            h = _header_only(npz, k)
+            info = npz.zip.getinfo(k + ".npy")
+        except ValueError as e:
+            if "allow_pickle" in str(e) or "Object arrays" in str(e):
+                raise TraceError(f"{where}: key {k!r} holds pickled (object) data; refused "
+                                 "(format v1 stores plain arrays only)") from None
+            raise TraceError(f"{where}: key {k!r} has a corrupt array header ({e})") from None
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise TraceError(f"{where}: cannot read key {k!r} ({type(e).__name__}: {e})") from None
+        if any(int(d) < 0 for d in h.shape):
+            raise TraceError(f"{where}: key {k!r} declares a negative dimension {h.shape}")
+        nbytes = int(np.prod(h.shape, dtype=object)) * h.dtype.itemsize
+        if info.file_size < nbytes:
+            raise TraceError(f"{where}: key {k!r} declares {nbytes} bytes of data ({_shape(h)} "
+                             f"{h.dtype.name}) but its archive member holds {info.file_size}: "
+                             "truncated or forged")
+        headers[k] = h
+        if k in load:
+            total += nbytes
+    if total > max_bytes:
+        raise TraceError(f"{where}: its arrays expand to {total / 2**30:.2f} GiB in memory, more "
+                         f"than the limit of {max_bytes / 2**30:.2f} GiB (set FMOE_TRACE_MAX_BYTES "
+                         "to raise it for a trace you trust)")
+    ids = headers.get("expert_ids")
+    if ids is None or len(ids.shape) != 3:
+        return                            # validate_arrays names the problem
+    T, L, K = ids.shape
+    want = {"weights": ((T, L, K), "[T, L, K]"), "phase": ((T,), "[T]"), "token_ids": ((T,), "[T]"),
+            "moe_layers": ((L,), "[L]")}
+    for k, (shape, desc) in want.items():
+        h = headers.get(k)
+        if h is not None and h.shape != shape:
+            raise TraceError(f"{where}: '{k}' has shape {_shape(h)}, expected {desc} = "
+                             f"[{', '.join(map(str, shape))}]")
+    g = headers.get("gate_probs")
+    if g is not None and (len(g.shape) != 3 or g.shape[:2] != (T, L)):
+        raise TraceError(f"{where}: 'gate_probs' has shape {_shape(g)}, expected [T, L, E] = "
+                         f"[{T}, {L}, E]")
 
 
 def _read_texts(path: Path, n: int, where: str) -> list[str]:
@@ -272,10 +351,13 @@ def _header_only(npz, key: str) -> _HeaderOnly:
 
 
 def load_trace(path: str | os.PathLike, *, texts: bool = True, gate_probs: bool = True,
-               validate: bool = True) -> Trace:
+               validate: bool = True, max_bytes: int | None = None) -> Trace:
     """Read and validate a format-v1 trace (and its ``.texts.jsonl`` sidecar when present).
 
-    `gate_probs=False` skips the (large) router softmax. Pickled content is refused."""
+    `gate_probs=False` skips the (large) router softmax. Pickled content is refused. Every
+    member's declared shape and size are checked before any data is read; arrays that would
+    expand past `max_bytes` (default `FMOE_TRACE_MAX_BYTES`, else 8 GiB) are refused, and the
+    validation streams, so a small file cannot make the loader allocate more than that."""
     p = Path(path)
     where = str(p)
     if not p.exists():
@@ -303,6 +385,12 @@ def load_trace(path: str | os.PathLike, *, texts: bool = True, gate_probs: bool 
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise TraceError(f"{where}: holds a single array, not an .npz archive of trace arrays")
     arrays = {}
+    load = {k for k in npz.files if gate_probs or k != "gate_probs"}
+    try:
+        _check_members(npz, where, load, _max_bytes(max_bytes))
+    except BaseException:
+        npz.close()
+        raise
     try:
         with npz:
             for k in npz.files:

@@ -189,3 +189,83 @@ def test_skipping_gate_probs_still_validates_them(tmp_path):
     p = save(tmp_path / "o.npz", gate_probs=np.array([None] * 3, dtype=object))
     with pytest.raises(TraceError, match="pickled"):
         load_trace(p, gate_probs=False)
+
+
+# -- bounded loading: a small file cannot make the loader allocate much ----------------------
+def _bomb(path, T, L=4, K=2, E=8):
+    """A valid trace whose arrays are mostly zeros: it compresses to almost nothing."""
+    ids = np.zeros((T, L, K), dtype=np.int16)
+    ids[:, :, 1] = 1
+    np.savez_compressed(path, expert_ids=ids, seq_offsets=np.array([0, T], dtype=np.int64),
+                        num_experts=np.array(E, dtype=np.int64), model=np.array("org/m", dtype=np.str_),
+                        gate_probs=np.zeros((T, L, E), dtype=np.float32))
+    return path
+
+
+def _peak(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            fn()
+        except TraceError as e:
+            err = e
+        else:
+            err = None
+        return tracemalloc.get_traced_memory()[1], err
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_zip_bomb_is_refused_before_its_data_is_read(tmp_path, monkeypatch):
+    p = _bomb(tmp_path / "bomb.npz", T=1 << 20)           # 16 MiB ids + 128 MiB probs, ~150 KB on disk
+    assert p.stat().st_size < 1 << 20
+    monkeypatch.setenv("FMOE_TRACE_MAX_BYTES", str(32 << 20))
+    peak, err = _peak(lambda: load_trace(p))
+    assert err is not None and "more than the limit" in str(err) and "FMOE_TRACE_MAX_BYTES" in str(err)
+    assert peak < 4 << 20, peak                           # nothing of the 144 MiB was allocated
+    # without the router softmax the rest fits: loaded
+    assert load_trace(p, gate_probs=False).num_tokens == 1 << 20
+    assert load_trace(p, max_bytes=1 << 30).gate_probs.shape == (1 << 20, 4, 8)
+
+
+def test_a_forged_shape_is_refused_without_allocating(tmp_path):
+    import zipfile
+
+    p = tmp_path / "forged.npz"
+    good = arrays()
+    with zipfile.ZipFile(p, "w") as z:
+        for k, v in good.items():
+            with z.open(k + ".npy", "w") as f:
+                if k == "expert_ids":       # declares 10^9 tokens (about 12 GB), holds a few bytes
+                    np.lib.format.write_array_header_1_0(
+                        f, {"descr": "<i2", "fortran_order": False, "shape": (10 ** 9, L, K)})
+                    f.write(b"\0" * 64)
+                else:
+                    np.lib.format.write_array(f, v)
+    peak, err = _peak(lambda: load_trace(p, max_bytes=1 << 40))
+    assert err is not None and "truncated or forged" in str(err)
+    assert peak < 4 << 20, peak
+
+
+def test_member_shapes_are_checked_against_expert_ids_first(tmp_path):
+    p = save(tmp_path / "t.npz", weights=np.zeros((T + 1, L, K), np.float32))
+    with pytest.raises(TraceError, match="'weights' has shape"):
+        load_trace(p)
+
+
+def test_validation_streams(tmp_path):
+    """Validating a valid trace costs little beyond its own arrays (the old validator made
+    temporaries of several times the ids' size)."""
+    Tn, Ln, Kn, En = 1 << 20, 4, 4, 16
+    t = np.arange(Tn, dtype=np.int64)[:, None, None]
+    ids = ((t + np.arange(Ln)[None, :, None] + 3 * np.arange(Kn)[None, None, :]) % En).astype(np.int16)
+    p = tmp_path / "big.npz"
+    np.savez(p, expert_ids=ids, seq_offsets=np.array([0, Tn], dtype=np.int64),
+             num_experts=np.array(En, dtype=np.int64), model=np.array("org/m", dtype=np.str_))
+    del ids, t
+    peak, err = _peak(lambda: load_trace(p))
+    assert err is None
+    size = Tn * Ln * Kn * 2                                # 32 MiB
+    assert peak < size + (8 << 20), (peak, size)          # 37 MiB here; the old validator: 48
