@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--cgroup-root", type=Path, default=Path("/sys/fs/cgroup"))
     ap.add_argument("--dry-run", action="store_true", help="print the cgroup steps; run nothing")
+    ap.add_argument("--realtime", type=int, default=0, metavar="PRIO",
+                    help="run contenders under SCHED_FIFO at this priority (a shared machine: other "
+                         "work then cannot stall their threads); 0 = off")
     args = ap.parse_args(argv)
 
     limits = [float(x) for x in args.limits.split(",") if x]
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
                                      root=args.cgroup_root, dry_run=args.dry_run)
                 if args.dry_run:
                     with group:
-                        group.run(cmd)
+                        group.run(cmd, realtime=args.realtime)
                     print(f"# {name} at {limit:g} GiB (round {rnd + 1})")
                     print("\n".join(f"  {s}" for s in [f"fadvise DONTNEED {', '.join(map(str, files))}"] + group.steps))
                     rows.append({})
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] {name} at {limit:g} GiB, round {rnd + 1} "
                       f"({dropped / 2**30:.1f} GiB of file pages dropped)", flush=True)
                 with group:
-                    res = group.run(cmd, timeout=args.timeout)
+                    res = group.run(cmd, timeout=args.timeout, realtime=args.realtime)
                 parsed = {}
                 try:
                     parsed = parse_llama(res.stdout) if name in LLAMA_CONTENDERS else parse_fmoe(res.stdout)

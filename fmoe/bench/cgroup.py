@@ -102,16 +102,21 @@ class MemoryCgroup:
                 return int(v)
         return 0
 
-    def run(self, cmd: list[str], timeout: float | None = None, env: dict | None = None) -> RunResult:
-        """Run `cmd` inside the group; wait; report exit code, OOM kill and peak usage."""
+    def run(self, cmd: list[str], timeout: float | None = None, env: dict | None = None,
+            realtime: int = 0) -> RunResult:
+        """Run `cmd` inside the group; wait; report exit code, OOM kill and peak usage.
+        `realtime` > 0 runs it under SCHED_FIFO at that priority: on a shared machine, other
+        work then cannot deschedule its threads mid-computation (which stalls OpenMP)."""
         procs = self.path / "cgroup.procs"
-        self.steps.append(f"exec in {procs}: {' '.join(cmd)}")
+        self.steps.append(f"exec in {procs}{f' (SCHED_FIFO {realtime})' if realtime else ''}: {' '.join(cmd)}")
         if self.dry_run:
             return RunResult(0, False, None, 0.0, "", "")
 
         def join():                         # runs in the child, before exec
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
+            if realtime:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime))
 
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -127,20 +132,11 @@ class MemoryCgroup:
 
 
 def drop_file_pages(paths) -> int:
-    """``posix_fadvise(DONTNEED)`` on every file under `paths` (files or directories): their
-    cached pages are dropped, so the next run starts cold. Returns the bytes covered."""
-    total = 0
-    for p in paths:
-        p = Path(p)
-        files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
-        for f in files:
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                total += os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-    return total
+    """Drop the cached pages of every file under `paths` (files or directories), so the next run
+    starts cold. Returns the bytes covered."""
+    from ..models.checkpoint import drop_cached_pages
+
+    files = []
+    for p in map(Path, paths):
+        files += [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+    return drop_cached_pages(files)

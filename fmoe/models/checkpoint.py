@@ -134,6 +134,25 @@ class CheckpointIndex:
         return max(counts, key=counts.get) if counts else torch.float32
 
 
+def drop_cached_pages(files) -> int:
+    """``posix_fadvise(DONTNEED)`` on `files`: their cached pages leave the page cache (the next
+    read is cold). Returns the bytes covered; unreadable files are skipped."""
+    total = 0
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return total
+
+
 ALIGN = 4096   # O_DIRECT alignment of file offsets, lengths and memory addresses
 BOUNCE_BYTES = 64 << 20   # per-thread bounce buffer for O_DIRECT reads into unaligned buffers
 
@@ -196,14 +215,18 @@ class FileReader:
         return fd
 
     # -- O_DIRECT ---------------------------------------------------------------------------
-    def use_direct(self, file: str | os.PathLike) -> bool:
+    def use_direct(self, file: str | os.PathLike, large: bool | None = None) -> bool:
         """Read `file` with O_DIRECT from now on, where supported. Returns whether it will try.
-        ``FMOE_DIRECT_IO``: "1" where supported, "0" never, "auto" (default) only for a file
-        larger than half the machine's memory (one the page cache could not keep anyway)."""
+        ``FMOE_DIRECT_IO``: "1" where supported, "0" never, "auto" (default) only for data the
+        page cache could not keep anyway: `large` says so when the caller knows (the experts of
+        a model larger than the memory it may use), else the file must exceed half the RAM."""
         mode = os.environ.get("FMOE_DIRECT_IO", "auto").lower()
         if not hasattr(os, "O_DIRECT") or mode in ("0", "false", "no", "off"):
             return False
-        if mode == "auto":
+        if mode == "auto" and large is not None:
+            if not large:
+                return False
+        elif mode == "auto":
             try:
                 ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                 if os.stat(file).st_size <= ram // 2:

@@ -195,6 +195,7 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
     used = set(expert_names)
     missing = []
     params = dict(model.named_parameters())
+    jobs = []
     for name, param in params.items():
         if name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False):
             continue
@@ -204,9 +205,9 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
             continue
         info = index[key]
         _check_shape(info, tuple(param.shape))
-        with torch.no_grad():
-            param.copy_(reader.read(info))
+        jobs.append((param, info))
         used.add(key)
+    _read_params(reader, jobs)
     if getattr(cfg, "tie_word_embeddings", False):
         if "lm_head.weight" in index:
             used.add("lm_head.weight")
@@ -220,6 +221,25 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
         raise CheckpointError(_name_list(f"{root}: unexpected tensors", unexpected))
     model.eval()
     return cfg, model, index, layouts, dtype, reader
+
+
+def _read_params(reader: FileReader, jobs) -> None:
+    """Read every (parameter, tensor) pair, a few at a time: a cold disk serves several reads
+    at once faster than one after the other. A CPU parameter of the checkpoint's dtype is read
+    straight into its memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job):
+        param, info = job
+        with torch.no_grad():
+            if param.device.type == "cpu" and param.dtype == info.dtype and param.is_contiguous():
+                reader.read_into(info, param.data)
+            else:
+                param.copy_(reader.read(info))
+
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fmoe-load") as pool:
+        for _ in pool.map(one, jobs):
+            pass
 
 
 def _find(name: str, index: CheckpointIndex, renames) -> str | None:

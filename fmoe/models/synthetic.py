@@ -138,6 +138,7 @@ def write_tokenizer(path: str | os.PathLike, vocab_size: int, specials: dict[str
         old_to_new[old] = new
     for i in free:
         vocab[f"<|fill_{i}|>"] = i
+    vocab.update(specials)         # in the model's vocabulary too, or loading renumbers them
     data["model"]["vocab"] = vocab
     data["added_tokens"] = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
                              "normalized": False, "special": True} for c, i in sorted(specials.items(), key=lambda kv: kv[1])]
@@ -155,17 +156,19 @@ def write_tokenizer(path: str | os.PathLike, vocab_size: int, specials: dict[str
 
 def synthesize(name: str, dst: str | os.PathLike, layers: int | None = None,
                dtype: torch.dtype = torch.bfloat16, seed: int = 0, shard_bytes: int = 2 * 2**30,
-               progress: bool = True) -> Path:
+               progress: bool = True, overrides: dict | None = None) -> Path:
     """`fmoe synth`: `name`'s published config.json (``num_hidden_layers`` = `layers` if given),
     random weights in the hub layout (sharded, per-expert keys, index) and a tokenizer whose
     vocabulary matches. Written into a temporary directory beside `dst`, renamed at the end:
-    `dst` exists only when complete. Memory stays bounded by one shard."""
+    `dst` exists only when complete. Memory stays bounded by one shard. `overrides` replaces
+    config fields (tests shrink the shape with it)."""
     import shutil
     import tempfile
 
     from .published import PUBLISHED, published_config
 
     config = published_config(name, layers)
+    config.update(overrides or {})
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst}: already exists and is not empty")
@@ -185,8 +188,12 @@ def synthesize(name: str, dst: str | os.PathLike, layers: int | None = None,
                        desc=f"synth {name} ({config['num_hidden_layers']} layers)")
         write_random_checkpoint(tmp, config, dtype=dtype, seed=seed, shard_bytes=shard_bytes,
                                 progress=bar.update if bar is not None else None)
-        write_tokenizer(tmp, config["vocab_size"], PUBLISHED[name][2],
-                        max_length=config.get("max_position_embeddings"))
+        vocab = config["vocab_size"]
+        specials = {c: i for c, i in PUBLISHED[name][2].items() if i < vocab}
+        if not specials:          # a shrunk vocabulary (tests): the config's own bos / eos ids
+            specials = {t: config[k] for t, k in (("<s>", "bos_token_id"), ("</s>", "eos_token_id"))
+                        if isinstance(config.get(k), int) and config[k] < vocab}
+        write_tokenizer(tmp, vocab, specials, max_length=config.get("max_position_embeddings"))
         _write_json(tmp / "generation_config.json",
                     {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config})
         os.chmod(tmp, 0o755)      # mkdtemp's 0700 is for the partial directory only

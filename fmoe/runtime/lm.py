@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..models.checkpoint import drop_cached_pages
 from ..models.loading import build_model, install_resident_experts, resolve
 from .engine import SamplingParams, generate
 
@@ -103,10 +105,33 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
     dtype = parse_dtype(dtype)
     cfg, module, index, layouts, dtype, reader = build_model(root, device, dtype)
     runtime = None
-    if expert_cache is None:
+    mapped = isinstance(expert_cache, str) and expert_cache.strip().lower() == "mmap"
+    if expert_cache is None or mapped:
         if kwargs:
             raise ValueError(f"{', '.join(sorted(kwargs))} need an expert cache (expert_cache=...)")
-        install_resident_experts(module, cfg, layouts, reader, device, dtype)
+        if not mapped and device.type == "cpu":
+            from .memory import memory_limit
+            from ..models.mapped import experts_fit
+
+            # a model larger than memory runs from the page cache instead of being OOM-killed
+            free = memory_limit().available
+            mapped = not experts_fit(layouts, dtype, free)
+            if mapped:
+                print(f"fmoe: the routed experts do not fit in the {free / 2**30:.1f} GiB this process "
+                      f"may use: memory-mapping them (the page cache decides what stays); "
+                      f"expert_cache='auto' keeps a managed cache instead", file=sys.stderr, flush=True)
+        if mapped:
+            if device.type != "cpu":
+                raise ValueError(f"expert_cache='mmap' runs on the CPU only, not {device}")
+            if any(lay.dtype != dtype for row in layouts for lay in row):
+                raise ValueError(f"memory-mapped experts compute in the checkpoint's dtype "
+                                 f"({layouts[0][0].dtype}); pass dtype=None or that dtype, or use "
+                                 f"expert_cache='auto'")
+            from ..models.mapped import install_mapped_experts
+
+            install_mapped_experts(module, cfg, layouts)
+        else:
+            install_resident_experts(module, cfg, layouts, reader, device, dtype)
         reader.close()
     else:
         from .offload import OffloadRuntime
@@ -115,9 +140,14 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
                                  expert_cache=expert_cache, policy=policy, **kwargs)
         if runtime.recorder is not None:
             runtime.recorder.model = str(name_or_path)   # the hub id (or path) the user gave
+    if not mapped:
+        # the weights now live in the model's own memory: their cached file pages would only
+        # crowd out the expert cache (and count against a memory cgroup until reclaimed)
+        drop_cached_pages({info.file for info in index.tensors.values()})
     tokenizer = None
     if (root / "tokenizer.json").exists():
         from .tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(root)
     return MoEModel(module, cfg, root, device, dtype, runtime, tokenizer)
+

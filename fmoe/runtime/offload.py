@@ -83,6 +83,26 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
     return min(slots, total)
 
 
+def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor for the cache slots. On CPU: anonymous memory, zero-filled by the kernel on
+    first touch and backed by huge pages where allowed, so that loading does not spend seconds
+    zeroing gigabytes the reads will overwrite, and every slot starts page-aligned (O_DIRECT
+    reads can land in it directly)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    import math
+    import mmap
+
+    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError, ValueError):   # no THP here: 4 KiB pages work the same
+        pass
+    # the tensor keeps `buf` alive through the buffer protocol
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+
 class OffloadedExperts(Experts):
     """The experts module of one MoE layer when experts are offloaded."""
 
@@ -126,8 +146,8 @@ class OffloadRuntime:
         S = self.capacity
         # one spare slot past the table's S, all zeros and never assigned: in a chunked layer the
         # pairs of other chunks point there and add exact zeros (see run_layer)
-        self.w13 = torch.zeros(S + 1, 2 * shp.inter, shp.hidden, device=device, dtype=dtype)
-        self.w2 = torch.zeros(S + 1, shp.hidden, shp.inter, device=device, dtype=dtype)
+        self.w13 = _zeros((S + 1, 2 * shp.inter, shp.hidden), device, dtype)
+        self.w2 = _zeros((S + 1, shp.hidden, shp.inter), device, dtype)
         cuda = device.type == "cuda"
         if host_cache is None:
             host_bytes = 0

@@ -58,7 +58,7 @@ class _Order:
 
 class CopyEngine:
     def __init__(self, store: ExpertStore, w13: torch.Tensor, w2: torch.Tensor,
-                 link_bandwidth: float | None = None):
+                 link_bandwidth: float | None = None, readers: int | None = None):
         self.store = store
         self.w13, self.w2 = w13, w2           # device cache buffers [S, 2I, H], [S, H, I]
         self.cuda = w13.device.type == "cuda"
@@ -87,8 +87,18 @@ class CopyEngine:
             self._staging = [store.new_staging() for _ in range(2)]
             self._staging_events = [None, None]
             self._turn = 0
-        self._worker = threading.Thread(target=self._run, name="fmoe-copy", daemon=True)
-        self._worker.start()
+        # On CPU the "copy" is a disk read straight into the slot, and an SSD serves two reads
+        # at once faster than one after the other; on CUDA one worker keeps the staging pair
+        # and the copy stream in order, and an emulated link is one link.
+        if readers is None:
+            readers = 1 if (self.cuda or link_bandwidth) else 2
+        if self.cuda and readers != 1:
+            raise ValueError("the CUDA copy engine runs one reader")
+        self._busy: set[int] = set()           # slots a worker is writing right now
+        self._workers = [threading.Thread(target=self._run, name=f"fmoe-copy-{i}", daemon=True)
+                         for i in range(max(1, int(readers)))]
+        for w in self._workers:
+            w.start()
 
     # -- orders ----------------------------------------------------------------------------
     def assign(self, slot: int) -> int:
@@ -231,24 +241,53 @@ class CopyEngine:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._worker.join(timeout=5)
+        for w in self._workers:
+            w.join(timeout=5)
+
+    def _next_locked(self) -> _Order | None:
+        """The most urgent live order whose slot no other worker is writing (a stale write
+        still in flight must finish before the slot's next occupant is read in)."""
+        held = []
+        found = None
+        while self._queue:
+            order = heapq.heappop(self._queue)
+            if order.cancelled or order.gen != self.gen[order.slot]:
+                continue
+            if self.done_gen[order.slot] == order.gen:
+                # already read in (a prefetch promoted to demand while in flight): no second read
+                if self._pending.get(order.slot) is order:
+                    del self._pending[order.slot]
+                self._cv.notify_all()
+                continue
+            if order.slot in self._busy:
+                held.append(order)
+                continue
+            found = order
+            break
+        for order in held:
+            heapq.heappush(self._queue, order)
+        return found
 
     # -- worker ----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self._queue:
+                    order = None
+                    while not self._stop:
+                        order = self._next_locked()
+                        if order is not None:
+                            break
                         self._cv.wait()
                     if self._stop:
                         return
-                    order = heapq.heappop(self._queue)
-                    if order.cancelled or order.gen != self.gen[order.slot]:
-                        continue
+                    self._busy.add(order.slot)
                 t0 = time.perf_counter()
                 try:
                     self._copy(order)
                 except Exception as e:       # this read fails; the worker serves the next order
+                    with self._cv:
+                        self._busy.discard(order.slot)
                     err = ExpertReadError(f"cannot load {self.describe(order.key)}: "
                                           f"{type(e).__name__}: {e}")
                     err.__cause__ = e
@@ -269,6 +308,7 @@ class CopyEngine:
                     if rest > 0:
                         time.sleep(rest)
                 with self._cv:
+                    self._busy.discard(order.slot)
                     self.busy_seconds += time.perf_counter() - t0
                     self.bytes_loaded += nbytes
                     if self._pending.get(order.slot) is order:

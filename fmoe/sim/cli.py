@@ -229,7 +229,9 @@ def _run(args) -> int:
     shape = _resolve_shape(args, trace)
     from .timing import TimingModel
 
-    timings = {h.name: TimingModel.from_shape(shape, h) for h in hws}
+    # a calibrated profile carries its own measured timing (it replaces the built-in shape's)
+    timings = {h.name: (h.timing_model() if hasattr(h, "timing_model") else TimingModel.from_shape(shape, h))
+               for h in hws}
     options = dict(_policy_options(args.policy_option))
     if args.prefetch_distance:
         options["prefetch_distance"] = args.prefetch_distance

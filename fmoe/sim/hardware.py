@@ -7,7 +7,9 @@ roofline: every weight (or KV) read costs ``max(bytes / mem_bw, flops / matmul)`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import FmoeError
 
@@ -43,9 +45,62 @@ class UnknownHardwareError(FmoeError, ValueError):
     pass
 
 
-def get_hardware(name: str) -> HardwareProfile:
+@dataclass(frozen=True)
+class CalibratedProfile(HardwareProfile):
+    """A profile measured by `fmoe calibrate` on one machine with one model: it carries the
+    measured per-part compute and read time, which replace the roofline of a built-in shape."""
+
+    timing: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+    def timing_model(self):
+        from .timing import TimingModel
+
+        t = self.timing
+        return TimingModel(attn=_floats(t["attn"]), shared=_floats(t.get("shared", 0.0)),
+                           expert=float(t["expert"]), copy=float(t["copy"]),
+                           attn_ctx=_floats(t.get("attn_ctx", 0.0)),
+                           token_pre=float(t.get("token_pre", 0.0)),
+                           token_pre_ctx=float(t.get("token_pre_ctx", 0.0)),
+                           token_post=float(t.get("token_post", 0.0)),
+                           expert_bytes=int(t["expert_bytes"]), name=self.name,
+                           details={"hardware": self.name, "calibrated": True, **self.model,
+                                    "copy_ms": float(t["copy"]) * 1e3})
+
+
+def _floats(x):
+    import numpy as np
+
+    return np.asarray(x, dtype=np.float64) if isinstance(x, list) else float(x)
+
+
+def load_profile(path: str | Path) -> CalibratedProfile:
+    """Read a profile written by `fmoe calibrate`."""
+    p = Path(path)
     try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise UnknownHardwareError(f"{p}: cannot read the hardware profile ({e.strerror})") from None
+    except ValueError as e:
+        raise UnknownHardwareError(f"{p}: not a JSON hardware profile ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != "fmoe-hardware-profile":
+        raise UnknownHardwareError(f"{p}: not an fmoe hardware profile (written by fmoe calibrate)")
+    t = data.get("timing")
+    need = ("attn", "expert", "copy", "expert_bytes")
+    if not isinstance(t, dict) or any(k not in t for k in need):
+        raise UnknownHardwareError(f"{p}: the profile lacks timing fields ({', '.join(need)})")
+    return CalibratedProfile(name=str(data.get("name", p.stem)), link_bw=float(data.get("link_bw", 0.0)),
+                             mem_bw=0.0, matmul_flops=0.0, memory_gib=0.0,
+                             description=str(data.get("description", "")), timing=t,
+                             model=dict(data.get("model") or {}))
+
+
+def get_hardware(name: str) -> HardwareProfile:
+    """A built-in profile by name, or a calibrated one from a JSON file path."""
+    if name in HARDWARE:
         return HARDWARE[name]
-    except KeyError:
-        raise UnknownHardwareError(
-            f"unknown hardware profile {name!r}; choose one of {', '.join(HARDWARE)}") from None
+    if name.endswith(".json") or Path(name).is_file():
+        return load_profile(name)
+    raise UnknownHardwareError(
+        f"unknown hardware profile {name!r}; choose one of {', '.join(HARDWARE)} or a profile "
+        f"file from `fmoe calibrate`")

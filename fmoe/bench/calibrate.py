@@ -1,0 +1,236 @@
+"""`fmoe calibrate`: this machine's profile with this model, for `fmoe simulate --hardware FILE`.
+
+Measured, not modelled:
+
+- **reads**: cold reads of randomly chosen experts through the store's own read path (the same
+  `ExpertStore` and `FileReader` settings, O_DIRECT included, that an offloaded run uses), the
+  files' cached pages dropped first. Their median is the profile's copy time per expert.
+- **compute**: decode steps with the same K experts resident in every MoE layer (so nothing
+  loads), timed per part with forward pre-hooks: before the first MoE layer (embedding, dense
+  layers), each MoE layer, after the last (final norm, lm_head). The same steps with the routed
+  experts skipped give the per-layer resident part; the difference, per routed expert, is the
+  expert compute.
+- **host-to-device bandwidth** on CUDA (a pinned copy of one expert).
+
+On CPU an offloaded layer waits for its missed experts before it computes its shared experts,
+so the profile folds the shared experts into the layer's resident part (``shared`` = 0).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..models.experts import Experts
+
+
+class _FixedExperts(Experts):
+    """Routes every token of the layer to the same K experts (slots 0..K-1 of `inner`), or
+    skips the routed experts altogether (`skip`)."""
+
+    def __init__(self, inner: Experts, ids: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.moe_layer = inner.moe_layer
+        self.ids = ids
+        self.skip = False
+
+    def forward(self, x, topk_weights, topk_ids, router_probs=None):
+        if self.skip:
+            return torch.zeros_like(x)
+        ids = self.ids.expand(x.shape[0], -1)
+        return self.inner(x, topk_weights, ids, None)
+
+
+def _time_steps(model, steps: int, marks: list) -> list[list[float]]:
+    """Run `steps` decode steps; returns per-step lists of time stamps taken at `marks`."""
+    cache = model.new_cache()
+    out = []
+    tok = torch.tensor([[1]], device=model.device)
+    with torch.inference_mode():
+        model.module(torch.tensor([[1, 2, 3, 4]], device=model.device), cache=cache, last_only=True)
+        for _ in range(steps):
+            marks.clear()
+            t0 = time.perf_counter()
+            model.module(tok, cache=cache, last_only=True)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            out.append([t0] + list(marks) + [time.perf_counter()])
+    return out
+
+
+def measure_compute(model, steps: int = 6) -> dict:
+    """Per-part decode compute of a loaded `MoEModel` (experts resident or cached)."""
+    module = model.module
+    shp = model.config.experts
+    K = shp.top_k
+    blocks = module.moe_blocks()
+    ids = torch.arange(K, device=model.device).view(1, K)
+    wrappers = []
+    for b in blocks:
+        w = _FixedExperts(b.experts, ids)
+        b.experts = w
+        wrappers.append(w)
+    marks: list[float] = []
+    layers = list(module.model.layers)
+    moe_ids = [i for i, layer in enumerate(layers) if any(layer.mlp is b for b in blocks)]
+    hooks = [layers[i].register_forward_pre_hook(lambda m, a: marks.append(time.perf_counter()))
+             for i in moe_ids]
+    hooks.append(module.model.norm.register_forward_pre_hook(lambda m, a: marks.append(time.perf_counter())))
+    try:
+        full = _time_steps(model, steps, marks)
+        for w in wrappers:
+            w.skip = True
+        bare = _time_steps(model, steps, marks)
+    finally:
+        for h in hooks:
+            h.remove()
+        for b, w in zip(blocks, wrappers):
+            b.experts = w.inner
+
+    def parts(rows):
+        # rows: [t0, start of MoE layer 0..L-1, start of norm, end]
+        pre = statistics.median(r[1] - r[0] for r in rows[1:])
+        layer = [statistics.median(r[i + 2] - r[i + 1] for r in rows[1:]) for i in range(len(moe_ids))]
+        post = statistics.median(r[-1] - r[-2] for r in rows[1:])
+        total = statistics.median(r[-1] - r[0] for r in rows[1:])
+        return pre, layer, post, total
+
+    pre, layer_full, post, total_full = parts(full)
+    _, layer_bare, _, total_bare = parts(bare)
+    n = len(moe_ids)
+    expert = max(0.0, (sum(layer_full) - sum(layer_bare)) / (n * K))
+    return {"token_pre": pre, "attn": layer_bare, "expert": expert, "token_post": post,
+            "token_seconds": total_full, "token_seconds_no_routed": total_bare}
+
+
+def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None) -> dict:
+    """Cold reads of random experts through the store's read path: seconds per read."""
+    from ..bench.cgroup import drop_file_pages
+    from ..models.checkpoint import FileReader
+    from ..runtime.offload import OffloadRuntime
+    from ..runtime.store import ExpertStore
+
+    cfg, layouts, dtype = _layouts_only(Path(model_path), dtype)
+    shp = cfg.experts
+    reader = FileReader()
+    OffloadRuntime._direct_reads(layouts, reader)
+    store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, 0, pin=False, reader=reader)
+    w13, w2 = store.new_staging()
+    files = sorted({s.info.file for row in layouts for lay in row for s in lay.w13 + lay.w2})
+    drop_file_pages(files)
+    rng = random.Random(seed)
+    keys = rng.sample(range(shp.num_layers * shp.num_experts), min(samples, shp.num_layers * shp.num_experts))
+    times = []
+    for key in keys:
+        t0 = time.perf_counter()
+        store.read_into(key, w13, w2)
+        times.append(time.perf_counter() - t0)
+    direct = any(reader.is_direct(f) for f in files)
+    reader.close()
+    med = statistics.median(times)
+    return {"read_seconds": med, "read_seconds_mean": statistics.mean(times),
+            "read_seconds_p90": sorted(times)[int(0.9 * (len(times) - 1))],
+            "expert_bytes": store.expert_bytes, "read_GBps": store.expert_bytes / med / 1e9,
+            "samples": len(times), "o_direct": direct}
+
+
+def _layouts_only(root: Path, dtype):
+    """Config, expert layouts and dtype of a checkpoint, without loading any weight."""
+    from ..models.checkpoint import CheckpointIndex
+    from ..models.config import read_config_json
+    from ..models.loading import locate_experts
+    from ..models.registry import family_for
+    from ..models.store_format import open_store
+
+    raw = read_config_json(root)
+    config_cls, _ = family_for(raw.get("model_type")).load()
+    cfg = config_cls.from_hf(raw)
+    index = CheckpointIndex(root)
+    store = open_store(root)
+    dtype = dtype or (store.dtype if store is not None else index.dtype)
+    layouts, _ = store.layouts(cfg) if store is not None else locate_experts(cfg, index)
+    return cfg, layouts, dtype
+
+
+def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device: str = "cpu",
+              out=print) -> dict:
+    """The profile dict (see the module docstring); `out` gets progress lines."""
+    from ..models import from_pretrained
+    from ..runtime.lm import parse_dtype
+    from ..sim.shapes import shape_from_config
+
+    dtype = parse_dtype(dtype)
+    path = Path(model_path)
+    out(f"calibrate: cold reads of {samples} experts ...")
+    reads = measure_reads(path, samples, dtype=dtype)
+    out(f"calibrate: read {reads['expert_bytes'] / 2**20:.1f} MiB per expert in "
+        f"{reads['read_seconds'] * 1e3:.1f} ms (median; {reads['read_GBps']:.2f} GB/s, "
+        f"O_DIRECT {reads['o_direct']})")
+    out("calibrate: decode compute ...")
+    probe = from_pretrained(path, device=device, dtype=dtype, expert_cache=_probe_cache(path), policy="lru")
+    try:
+        comp = measure_compute(probe, steps)
+        shp = probe.config.experts
+        model_dtype = probe.dtype
+    finally:
+        probe.close()
+    out(f"calibrate: {comp['token_seconds'] * 1e3:.0f} ms per token with {shp.top_k} experts per layer "
+        f"resident; {comp['expert'] * 1e3:.2f} ms per routed expert")
+    import json
+
+    raw = json.loads((path / "config.json").read_text())
+    shape = shape_from_config(raw, name=raw.get("_name_or_path") or path.name)
+    h2d = _h2d_bandwidth(reads["expert_bytes"]) if torch.device(device).type == "cuda" else None
+    profile = {
+        "format": "fmoe-hardware-profile", "version": 1,
+        "name": f"calibrated:{platform.node() or 'host'}:{path.name}",
+        "description": f"measured by fmoe calibrate on {platform.node()} ({os.cpu_count()} CPUs, "
+                       f"torch threads {torch.get_num_threads()}), device {device}, {model_dtype}",
+        "device": device,
+        "model": {"path": str(path), "model_type": raw.get("model_type"), "num_layers": shp.num_layers,
+                  "num_experts": shp.num_experts, "top_k": shp.top_k, "hidden": shp.hidden,
+                  "inter": shp.inter, "dtype": str(model_dtype).replace("torch.", "")},
+        "link_bw": reads["expert_bytes"] / reads["read_seconds"],
+        "timing": {"attn": comp["attn"], "shared": 0.0, "expert": comp["expert"],
+                   "copy": reads["read_seconds"], "attn_ctx": 0.0, "token_pre": comp["token_pre"],
+                   "token_pre_ctx": 0.0, "token_post": comp["token_post"],
+                   "expert_bytes": reads["expert_bytes"]},
+        "measured": {"reads": reads, "token_seconds": comp["token_seconds"],
+                     "token_seconds_no_routed": comp["token_seconds_no_routed"],
+                     "h2d_bytes_per_s": h2d},
+        "shape": shape.name if shape is not None else None,
+    }
+    return profile
+
+
+def _h2d_bandwidth(nbytes: int, repeats: int = 20) -> float:  # pragma: no cover (CUDA only)
+    """Pinned host -> device copy rate of one expert, bytes/s (median)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times[2:])
+
+
+def _probe_cache(path: Path) -> int:
+    """Slots for K experts in every MoE layer (nothing loads after the first step)."""
+    from ..models.config import read_config_json
+    from ..models.registry import family_for
+
+    raw = read_config_json(path)
+    config_cls, _ = family_for(raw.get("model_type")).load()
+    shp = config_cls.from_hf(raw).experts
+    return shp.num_layers * shp.top_k

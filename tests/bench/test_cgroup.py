@@ -1,0 +1,66 @@
+"""The memory-limited harness: cgroup set-up in dry-run mode, v1 and v2, and the tool's plan."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from fmoe.bench.cgroup import MemoryCgroup
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_v1_steps(tmp_path):
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")
+    g = MemoryCgroup("job", 8 * 2**30, root=tmp_path, dry_run=True)
+    with g:
+        g.run(["python", "-c", "pass"], realtime=10)
+    assert g.steps == [
+        f"mkdir {tmp_path}/memory/job",
+        f"write {tmp_path}/memory/job/memory.limit_in_bytes {8 * 2**30}",
+        f"write {tmp_path}/memory/job/memory.memsw.limit_in_bytes {8 * 2**30}",
+        f"exec in {tmp_path}/memory/job/cgroup.procs (SCHED_FIFO 10): python -c pass",
+        f"rmdir {tmp_path}/memory/job",
+    ]
+    assert not (tmp_path / "memory" / "job").exists()       # a dry run touches nothing
+
+
+def test_v2_steps(tmp_path):
+    g = MemoryCgroup("job", 2**30, root=tmp_path, dry_run=True)
+    with g:
+        g.run(["true"])
+    assert g.steps[:3] == [f"mkdir {tmp_path}/job", f"write {tmp_path}/job/memory.max {2**30}",
+                           f"write {tmp_path}/job/memory.swap.max 0"]
+
+
+def test_real_group_in_a_fake_tree(tmp_path):
+    """Against a writable tree the group is created, limited, read back and removed."""
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("0")
+    g = MemoryCgroup("job", 123, root=tmp_path)
+    with g:
+        assert (tmp_path / "memory/job/memory.limit_in_bytes").read_text() == "123"
+        (tmp_path / "memory/job/memory.max_usage_in_bytes").write_text("77\n")
+        (tmp_path / "memory/job/memory.oom_control").write_text("oom_kill_disable 0\noom_kill 1\n")
+        assert g.peak() == 77 and g.oom_kills() == 1
+        for f in (tmp_path / "memory/job").iterdir():
+            f.unlink()                                     # a kernel tree empties itself
+    assert not (tmp_path / "memory/job").exists()
+
+
+def test_tool_dry_run(tmp_path):
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("0")
+    out = subprocess.run([sys.executable, str(ROOT / "tools/bench_memlimit.py"), "--model", str(tmp_path),
+                          "--limits", "8,12", "--contenders", "fmoe,pagecache", "--rounds", "2",
+                          "--cgroup-root", str(tmp_path), "--dry-run"],
+                         capture_output=True, text=True, check=True).stdout
+    runs = [ln for ln in out.splitlines() if ln.startswith("# ")]
+    assert runs == ["# fmoe at 8 GiB (round 1)", "# pagecache at 8 GiB (round 1)",
+                    "# fmoe at 12 GiB (round 1)", "# pagecache at 12 GiB (round 1)",
+                    "# pagecache at 8 GiB (round 2)", "# fmoe at 8 GiB (round 2)",
+                    "# pagecache at 12 GiB (round 2)", "# fmoe at 12 GiB (round 2)"]
+    assert f"write {tmp_path}/memory/" in out and "--expert-cache mmap" in out
+    assert "fadvise DONTNEED" in out

@@ -1,0 +1,92 @@
+"""`fmoe synth`: published configs, the hub layout, a tokenizer of the config's vocabulary size,
+atomic output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fmoe.models.published import PUBLISHED, published_config
+from fmoe.models.synthetic import checkpoint_bytes, synthesize, write_tokenizer
+from fmoe.serve.cli import main
+
+# parameters of the published models (public model cards): total ~15.7B, 14.3B, 30.5B, 46.7B
+EXPECTED_GB = {"deepseek-v2-lite": 31.41, "qwen1.5-moe-a2.7b": 28.63, "qwen3-30b-a3b": 61.06,
+               "mixtral-8x7b": 93.41}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_sizes(name):
+    assert checkpoint_bytes(published_config(name)) / 1e9 == pytest.approx(EXPECTED_GB[name], abs=0.01)
+
+
+def test_layers_shrinks_and_refuses_too_few():
+    assert published_config("deepseek-v2-lite", 8)["num_hidden_layers"] == 8
+    assert published_config("deepseek-v2-lite")["num_hidden_layers"] == 27
+    with pytest.raises(ValueError, match="at least 2"):
+        published_config("deepseek-v2-lite", 1)
+    with pytest.raises(ValueError, match="unknown model"):
+        published_config("llama-moe")
+
+
+def test_tokenizer_matches_vocab_and_specials(tmp_path):
+    from tokenizers import Tokenizer
+
+    write_tokenizer(tmp_path, 102400, PUBLISHED["deepseek-v2-lite"][2])
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.get_vocab_size(with_added_tokens=True) == 102400
+    assert tok.token_to_id("<｜begin▁of▁sentence｜>") == 100000
+    assert tok.token_to_id("<｜end▁of▁sentence｜>") == 100001
+    text = "Offloading keeps attention resident. 123"
+    assert tok.decode(tok.encode(text).ids) == text
+
+
+def test_synth_layout(tiny_synth):
+    cfg = json.loads((tiny_synth / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v2" and cfg["kv_lora_rank"] == 16
+    assert cfg["architectures"] == ["DeepseekV2ForCausalLM"] and cfg["topk_method"] == "greedy"
+    index = json.loads((tiny_synth / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 1 and all((tiny_synth / s).exists() for s in shards)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in index        # per-expert keys
+    assert "model.layers.0.mlp.gate_proj.weight" in index                  # the dense first layer
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(tiny_synth / "tokenizer.json")).get_vocab_size() == cfg["vocab_size"]
+    assert not list(tiny_synth.parent.glob(".*partial*"))
+
+
+def test_synth_loads_and_generates(tiny_synth):
+    import fmoe
+
+    m = fmoe.models.from_pretrained(tiny_synth)
+    ids = torch.tensor([m.tokenizer.encode("hello experts")])
+    out = m.generate(ids, max_new_tokens=4, eos_token_id=[])
+    assert out.shape == (1, ids.shape[1] + 4)
+
+
+def test_synth_is_atomic(tmp_path, monkeypatch):
+    import fmoe.models.synthetic as synthetic
+    from bench_helpers import TINY_DEEPSEEK
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(synthetic, "write_tokenizer", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        synthesize("deepseek-v2-lite", tmp_path / "out", dtype=torch.float32, progress=False,
+                   overrides=TINY_DEEPSEEK)
+    assert list(tmp_path.iterdir()) == []          # neither the target nor a partial directory
+
+
+def test_cli_refuses_existing_and_unknown(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert main(["synth", "deepseek-v2-lite", str(tmp_path / "taken"), "--quiet"]) != 0
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit) as e:
+        main(["synth", "gpt-moe", str(tmp_path / "x")])
+    assert e.value.code == 2
