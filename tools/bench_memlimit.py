@@ -38,7 +38,7 @@ FMOE_CONTENDERS = {
     "fmoe-lru": ["--expert-cache", "auto", "--policy", "lru"],
     "pagecache": ["--expert-cache", "mmap"],
 }
-LLAMA_CONTENDERS = {"llama.cpp": [], "llama.cpp-nommap": ["-mmp", "0"]}
+LLAMA_CONTENDERS = {"llama.cpp": ["-lm", "mmap"], "llama.cpp-nommap": ["-lm", "none"]}
 
 
 def fmoe_command(args, extra: list[str]) -> list[str]:

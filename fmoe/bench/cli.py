@@ -79,6 +79,8 @@ def register(sub) -> None:
                    metavar="KEY=VALUE", help="a policy option (repeatable)")
     p.add_argument("--execution", default="load", help="load (default), host or hybrid")
     p.add_argument("--prefetch-distance", type=int, default=None)
+    p.add_argument("--hardware-profile", default=None, metavar="FILE.json",
+                   help="a profile from `fmoe calibrate`: the fmoe policy decides prefetch from it")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")

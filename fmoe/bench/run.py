@@ -153,8 +153,10 @@ def bench_from_args(args) -> dict:
             kwargs["policy_options"] = _parse_options(args.policy_option)
         if args.prefetch_distance is not None:
             kwargs["prefetch_distance"] = args.prefetch_distance
-    elif args.policy_option or args.prefetch_distance is not None:
-        raise ValueError("--policy-option and --prefetch-distance need --expert-cache")
+        if args.hardware_profile is not None and args.policy == "fmoe":
+            kwargs["hardware_profile"] = args.hardware_profile
+    elif args.policy_option or args.prefetch_distance is not None or args.hardware_profile:
+        raise ValueError("--policy-option, --prefetch-distance and --hardware-profile need --expert-cache")
     if args.execution != "load":
         kwargs["execution"] = args.execution
     t0 = time.perf_counter()

@@ -83,6 +83,19 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
     return min(slots, total)
 
 
+def profile_seconds(profile, top_k: int) -> tuple[float, float]:
+    """(one expert copy, one MoE layer's compute) in seconds from a calibrated profile (a path
+    or its dict): the ratio prefetch is decided by."""
+    import json
+    from pathlib import Path
+
+    data = profile if isinstance(profile, dict) else json.loads(Path(profile).read_text())
+    t = data["timing"]
+    attn = t["attn"]
+    attn = sum(attn) / len(attn) if isinstance(attn, list) else float(attn)
+    return float(t["copy"]), attn + float(t.get("shared", 0.0)) + top_k * float(t["expert"])
+
+
 def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor for the cache slots. On CPU: anonymous memory, zero-filled by the kernel on
     first touch and backed by huge pages where allowed, so that loading does not spend seconds
@@ -119,7 +132,7 @@ class OffloadRuntime:
     def __init__(self, module, cfg, layouts, reader, *, device: torch.device, dtype: torch.dtype,
                  expert_cache, policy: str = "fmoe", link_bandwidth=None, host_cache=None,
                  trace_path=None, policy_options: dict | None = None, prefetch_distance=None,
-                 map_store=None):
+                 map_store=None, hardware_profile=None):
         shp = cfg.experts
         self.shape = shp
         self.L, self.E, self.K = shp.num_layers, shp.num_experts, shp.top_k
@@ -133,6 +146,12 @@ class OffloadRuntime:
             opts.setdefault("worker", True)              # searches off the forward thread
             if prefetch_distance is not None:
                 opts["prefetch_distance"] = int(prefetch_distance)
+            if hardware_profile is not None:
+                # a calibrated profile (fmoe calibrate): copy vs. per-layer compute decides
+                # whether and how far ahead the policy prefetches
+                copy_s, layer_s = profile_seconds(hardware_profile, self.K)
+                opts.setdefault("copy_seconds", copy_s)
+                opts.setdefault("layer_seconds", layer_s)
         elif prefetch_distance is not None or map_store is not None:
             raise ValueError(f"prefetch_distance and map_store need policy='fmoe', not {policy!r}")
         self.policy = make_policy(policy, self.L, self.E, self.capacity, **opts)

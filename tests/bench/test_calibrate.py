@@ -1,0 +1,63 @@
+"""`fmoe calibrate` on a tiny model: a profile `fmoe simulate --hardware FILE` accepts, whose
+timing is the measured one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench_helpers import random_trace
+from fmoe.bench.calibrate import calibrate
+from fmoe.serve.cli import main
+from fmoe.sim.hardware import UnknownHardwareError, get_hardware
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_synth, tmp_path_factory):
+    prof = calibrate(tiny_synth, samples=6, steps=3, out=lambda s: None)
+    path = tmp_path_factory.mktemp("prof") / "machine.json"
+    path.write_text(json.dumps(prof))
+    return path, prof
+
+
+def test_profile_fields(profile):
+    _, prof = profile
+    t = prof["timing"]
+    assert len(t["attn"]) == 2 and all(a > 0 for a in t["attn"])      # one per MoE layer
+    assert t["copy"] > 0 and t["expert"] >= 0 and t["token_post"] > 0
+    assert t["expert_bytes"] == 3 * 64 * 32 * 4                       # float32 expert of the tiny shape
+    assert prof["model"]["num_experts"] == 8 and prof["model"]["top_k"] == 2
+    assert prof["measured"]["reads"]["samples"] == 6
+
+
+def test_simulate_takes_the_profile(profile, tiny_synth, tmp_path, capsys):
+    path, prof = profile
+    tm = get_hardware(str(path)).timing_model()
+    assert tm.copy == prof["timing"]["copy"] and tm.expert_bytes == prof["timing"]["expert_bytes"]
+    random_trace(tmp_path / "t.npz", tokens=(20, 20), layers=2)
+    rc = main(["simulate", "--trace", str(tmp_path / "t.npz"), "--policy", "lru", "--cache-fraction", "0.5",
+               "--hardware", str(path), "--model-config", str(tiny_synth / "config.json"), "--json",
+               "--no-cache"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    resident = sum(prof["timing"]["attn"]) + prof["timing"]["token_pre"] + prof["timing"]["token_post"] \
+        + 2 * 2 * prof["timing"]["expert"]
+    # every token costs at least its measured compute; misses add copies
+    assert res["tpot_ms"] >= 1e3 * resident * 0.999
+
+
+def test_bad_profile_files(tmp_path):
+    (tmp_path / "x.json").write_text("{\"format\": \"other\"}")
+    with pytest.raises(UnknownHardwareError, match="not an fmoe hardware profile"):
+        get_hardware(str(tmp_path / "x.json"))
+    with pytest.raises(UnknownHardwareError, match="cannot read"):
+        get_hardware(str(tmp_path / "missing.json"))
+    with pytest.raises(UnknownHardwareError, match="unknown hardware profile"):
+        get_hardware("rtx9090")
+
+
+def test_cli_writes_profile(tiny_synth, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["calibrate", str(tiny_synth), "--samples", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["format"] == "fmoe-hardware-profile"
