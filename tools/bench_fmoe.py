@@ -77,7 +77,9 @@ def prediction_quality(policy: FmoePolicy, rep: Trace) -> dict:
     """Precision / recall of the experts selected for the layer d ahead, split by the search
     that produced them (semantic: targets 0..d-1, trajectory: the rest)."""
     p = copy.deepcopy(policy)
-    p.max_orders, p.min_similarity = 10**9, -1.0     # every selected expert becomes an order
+    p.max_orders = p.predictor.max_orders = 10**9    # every selected expert becomes an order
+    p.predictor.min_similarity = -1.0
+    p.predictor.lead = False                         # this iteration's layers only
     L, E, d = rep.num_layers, rep.num_experts, p.d
     acc = {"semantic": [0, 0, 0], "trajectory": [0, 0, 0]}   # hits, predicted, truth
     ids = rep.expert_ids
@@ -224,8 +226,8 @@ def main(argv=None) -> int:
         if key not in bases:
             bases[key] = learned(hist, L, E, K, cap, **opts)
         p = copy.deepcopy(bases[key])
-        for k, v in attrs.items():
-            setattr(p, k, v)
+        for k, v in attrs.items():      # search switches live on the map predictor
+            setattr(p.predictor if hasattr(p.predictor, k) else p, k, v)
         run(name, p)
     if not args.no_distances:
         for d in DISTANCES:

@@ -4,9 +4,11 @@
 
 Three measurements:
 
-1. Policy cost per token: the policy object alone, driven with the events of a DeepSeek-V2-Lite
-   shaped model (26 MoE layers x 64 experts, top-6) and random routing, with every expert
-   resident (no evictions) and at a 25% cache (evictions scored). Microseconds per token.
+1. Policy cost per token: the policy and the slot table (what `expert_stats()["policy_seconds"]`
+   covers), driven with the events of a DeepSeek-V2-Lite shaped model (26 MoE layers x 64
+   experts, top-6) and skewed random routing, with every expert resident (no evictions) and at
+   a 25% cache (a victim at nearly every layer). CPU microseconds per token of the driving
+   thread, median of three runs after a warm-up (`--parts cost` for this part alone).
 2. Forward time per token with every expert resident (expert_cache=1.0): two instances per
    policy, run in rotating rounds, so drift in the machine's load and the luck of where an
    instance's buffers land hit both alike; the ratio is the median over rounds.
@@ -67,28 +69,35 @@ def tiny_deepseek() -> Path:
     return target
 
 
-def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, **opts) -> float:
-    """Microseconds per token spent in the policy and slot table for random top-K routing."""
+def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, repeats: int = 3,
+                **opts) -> float:
+    """Microseconds per token spent in the policy and the slot table (what the runtime's
+    `policy_seconds` covers) for skewed random top-K routing: the median of `repeats` runs, each
+    on a fresh policy after a warm-up of `tokens` tokens. CPU time of this thread, so that other
+    jobs on the machine inflate it less than wall time."""
     rng = np.random.default_rng(0)
-    pol = make_policy(name, L, E, capacity, **opts)
-    table = SlotTable(capacity, pol)
-    # a skewed popularity, as real routers have
-    pop = rng.dirichlet(np.full(E, 0.3), size=L)
-    routes = [[rng.choice(E, K, replace=False, p=pop[l]) for l in range(L)] for _ in range(tokens)]
-    probs = [None] * L
-    if pol.wants_probs:
-        probs = [pop[l].astype(np.float32) for l in range(L)]
-    pol.on_request_start(0)
-    t0 = time.perf_counter()
-    for t in range(tokens):
-        for l in range(L):
-            pol.on_layer_start(l)
-            keys = [l * E + int(e) for e in routes[t][l]]
-            table.acquire_many(keys)
-            pol.on_routed(l, routes[t][l], probs[l])
-            table.pinned.clear()
-        pol.on_token_end()
-    return (time.perf_counter() - t0) / tokens * 1e6
+    pop = rng.dirichlet(np.full(E, 0.3), size=L)      # a skewed popularity, as real routers have
+    routes = [[rng.choice(E, K, replace=False, p=pop[l]) for l in range(L)] for _ in range(2 * tokens)]
+    keys = [[[l * E + int(e) for e in routes[t][l]] for l in range(L)] for t in range(2 * tokens)]
+    out = []
+    for _ in range(repeats):
+        pol = make_policy(name, L, E, capacity, **opts)
+        table = SlotTable(capacity, pol)
+        probs = [pop[l].astype(np.float32) if pol.wants_probs else None for l in range(L)]
+        pol.on_request_start(0)
+        t0 = 0
+        for t in range(2 * tokens):
+            if t == tokens:                          # warm-up done: the cache is full
+                t0 = time.thread_time_ns()
+            for l in range(L):
+                pol.on_layer_start(l)
+                table.acquire_many(keys[t][l])
+                pol.on_routed(l, routes[t][l], probs[l])
+                table.pinned.clear()
+            pol.on_token_end()
+        out.append((time.thread_time_ns() - t0) / tokens / 1e3)
+        pol.close()
+    return statistics.median(out)
 
 
 def decode_ms(model, ids, n: int) -> float:
@@ -105,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--link", default="25GB/s")
     ap.add_argument("--prompts", type=int, default=12, help="prompts for the stall measurement")
+    ap.add_argument("--cost-tokens", type=int, default=200, help="tokens per policy-cost run")
     ap.add_argument("--parts", default="cost,resident,stall",
                     help="comma-separated subset of cost, resident, stall")
     ap.add_argument("--json", type=Path, default=None)
@@ -123,8 +133,8 @@ def main(argv=None) -> int:
                        ("fmoe", {"top_k": K, "eviction": "distance"}),
                        ("fmoe", {"top_k": K, "max_orders": 1})]:
         label = name + "".join(f" {k}={v}" for k, v in opts.items() if k != "top_k")
-        full = policy_cost(name, L, E, K, L * E, 200, **opts)
-        quarter = policy_cost(name, L, E, K, L * E // 4, 200, **opts)
+        full = policy_cost(name, L, E, K, L * E, args.cost_tokens, **opts)
+        quarter = policy_cost(name, L, E, K, L * E // 4, args.cost_tokens, **opts)
         out["policy_cost_us"][label] = [full, quarter]
         print(f"| {label} | {full:.0f} | {quarter:.0f} |", flush=True)
 

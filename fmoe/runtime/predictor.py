@@ -246,8 +246,10 @@ _GAP_LUT = np.concatenate([[NG - 1], np.searchsorted(_GAP_EDGES, np.arange(1, 66
 _COUNT_LUT = np.searchsorted(_COUNT_EDGES, np.arange(19), side="left")
 NP = 8     # popularity classes: octiles of the long-run use counts
 NQ = len(_NEXT_EDGES) + 2
-TRANSITION_REFRESH = 32   # passes between refreshes of the transition probabilities
-FLUSH_PASSES = 32         # online counting runs in batches of this many passes
+TRANSITION_REFRESH = 64   # passes between refreshes of the transition probabilities
+FLUSH_PASSES = 64         # online counting runs in batches of this many passes
+POP_REFRESH = 64          # passes between refreshes of the popularity classes
+WAIT_REFRESH = 1.1        # rebuild the wait table once the samples grew by this factor
 _NONE = -(1 << 40)        # "no use yet" as a pass index
 
 
@@ -315,6 +317,14 @@ class ReuseModel:
         self._synced = 0                         # of them, applied to last / count / uses
         self._blk: tuple | None = None           # stream state before self._buf[0]
         self._pop: np.ndarray | None = None
+        self._pop_age = 0
+        self._wait_tab: np.ndarray | None = None # expected wait of every cell (back-offs folded)
+        self._tab_seen = 1.0                     # samples counted when it was built
+        self._backoff_dirty = False
+        self.samples = 0                         # (cell, label) samples counted
+        self._pop_base: tuple | None = None
+        self._coarse_of: np.ndarray | None = None
+        self._vectors: tuple | None = None       # per pass: (now, after unused, after used)
         self._now: np.ndarray | None = None      # per pass: score of keys whose pass is to come
         self._after: np.ndarray | None = None    # per pass: score of keys whose pass is done
 
@@ -322,7 +332,8 @@ class ReuseModel:
     def _pop_class(self) -> np.ndarray:
         """[L * E] popularity class 0 .. NP-1: the key's rank by long-run uses, in NP equal
         groups (equal counts share the lower class)."""
-        if self._pop is None:
+        if self._pop is None or self._pop_age >= POP_REFRESH:
+            self._pop_age = 0
             n = len(self.uses)
             rank = np.searchsorted(np.sort(self.uses), self.uses, side="left")
             self._pop = rank * NP // n
@@ -373,6 +384,7 @@ class ReuseModel:
         `min_count` times backs off to its (gap, count, next-pass) rate, then to its gap
         bucket's."""
         cells, coarse, g = cells
+        self._backoffs()
         seen = self.seen[cells]
         g_rate = np.where(self.g_seen > 0, self.g_reused / np.maximum(self.g_seen, 1),
                           1.0 / (2.0 + np.arange(NG)))    # nothing seen yet: recency order
@@ -408,7 +420,7 @@ class ReuseModel:
         self._keys = []
         self._prev = []
         self._used = self._prev_row = None
-        self._now = self._after = None
+        self._now = self._after = self._vectors = None
 
     def observe(self, keys) -> None:
         """Keys (ints) used by the current pass (token), any number of calls per pass; a key is
@@ -416,7 +428,9 @@ class ReuseModel:
         self._keys.extend(keys)
         self._used = None
         if self._after is not None and len(keys):
-            self._score_after(np.unique(np.asarray(keys, dtype=np.int64) // self.E))
+            E = self.E
+            layers = {k // E for k in keys}
+            self._score_after(sorted(layers))
 
     def end_pass(self) -> None:
         """The token is done: roll the stream on. Pure Python: the arrays (last use, counts)
@@ -429,7 +443,7 @@ class ReuseModel:
         self._keys = []
         self.pos += 1
         self.tokens += 1
-        self._used = self._prev_row = self._now = self._after = None
+        self._used = self._prev_row = self._now = self._after = self._vectors = None
         if len(self._buf) >= FLUSH_PASSES + self.horizon - 1:
             self._flush(final=False)
 
@@ -445,8 +459,8 @@ class ReuseModel:
         n = len(self.count)
         self.count += np.bincount(keys, minlength=n)
         self.uses += np.bincount(keys, minlength=n)
+        self._pop_age += len(todo)
         self._synced = len(self._buf)
-        self._pop = None
 
     def _flush(self, final: bool) -> None:
         """Count the buffered passes whose labels are complete (all of them when `final`)."""
@@ -512,32 +526,49 @@ class ReuseModel:
                           self.next_class(self.prev_row))
 
     def _count(self, cells: tuple[np.ndarray, np.ndarray, np.ndarray], reused: np.ndarray) -> None:
-        cells, coarse, g = cells
+        """Add samples: one bincount over (cell, label); the back-off counts (sums of the full
+        ones over layers and popularity classes) follow lazily (`_backoffs`)."""
         n = len(self.seen)
-        self.seen += np.bincount(cells, minlength=n)
-        self.reused += np.bincount(cells, weights=reused, minlength=n)
-        self.c_seen += np.bincount(coarse, minlength=len(self.c_seen))
-        self.c_reused += np.bincount(coarse, weights=reused, minlength=len(self.c_seen))
-        self.g_seen += np.bincount(g, minlength=NG)
-        self.g_reused += np.bincount(g, weights=reused, minlength=NG)
+        both = np.bincount(cells[0] * 2 + reused.astype(np.int64), minlength=2 * n).reshape(n, 2)
+        self.seen += both.sum(axis=1)
+        self.reused += both[:, 1]
+        self.samples += len(reused)
+        self._backoff_dirty = True
+
+    def _backoffs(self) -> None:
+        """Back-off counts from the full ones: (gap, count, next-pass) over layers and
+        popularity classes, and the gap bucket alone."""
+        if not self._backoff_dirty:
+            return
+        shape = (self.L, NG, NC, NP, NQ)
+        self.c_seen = self.seen.reshape(shape).sum(axis=(0, 3)).reshape(-1)
+        self.c_reused = self.reused.reshape(shape).sum(axis=(0, 3)).reshape(-1)
+        self.g_seen = self.c_seen.reshape(NG, -1).sum(axis=1)
+        self.g_reused = self.c_reused.reshape(NG, -1).sum(axis=1)
+        self._backoff_dirty = False
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _score_after(self, layers: np.ndarray) -> None:
-        """Scores, for the next pass, of the keys of `layers` (routed in this pass). Runs once
-        per routed layer while evictions happen: a few operations on E values each."""
+    def _score_after(self, layers) -> None:
+        """Scores, for the next pass, of the keys of `layers` (routed in this pass): the cell a
+        key moves to (gap and count after this pass) with the next-pass class from this pass's
+        row. Runs once per routed layer while evictions happen: a few operations on E values."""
         L, E = self.L, self.E
+        tab = self.wait_table()
+        c_after0, c_used0 = self._after_cells
+        edges = _NEXT_EDGES * (self.K / self.E)
+        tp = self.transition()
         cur = self.used.reshape(L, E)
-        for l in layers.tolist():
+        for l in layers:
             sl = slice(l * E, (l + 1) * E)
-            used = cur[l]
-            experts = np.flatnonzero(used)
-            q = self.transition()[l][experts].sum(axis=0) / max(1, len(experts))
-            nxt = self._next_classes(q, len(experts) > 0)
-            last = np.where(used, self.pos, self.last[sl])
-            gap = np.where(last >= 0, self.pos + 1 - last, 0)
-            cells = self.cells(gap, self.count[sl] + used, self._pop_class()[sl], nxt,
-                               base=self.cell_base[sl])
-            self._after[sl] = self._wait(self.probability(cells)) + l + L
+            experts = np.flatnonzero(cur[l])
+            k = len(experts)
+            if k:
+                nxt = np.searchsorted(edges * k, tp[l][experts].sum(axis=0), side="right")
+                c = c_after0[sl] + nxt
+                c[experts] = c_used0[sl][experts] + nxt[experts]
+            else:
+                c = c_after0[sl] + (NQ - 1)
+            self._after[sl] = tab[c] + (l + L)
 
     def _wait(self, p: np.ndarray) -> np.ndarray:
         """P(reuse within `horizon` passes) -> expected layers of waiting beyond the next pass,
@@ -552,21 +583,98 @@ class ReuseModel:
         with the next token); the others have theirs still to come."""
         L = self.L
         if self._now is None:
-            self._sync()
-            self._now = self._wait(self.probability(self._cells_now())) + self.layer_of
-            self._after = np.empty(L * self.E)
+            now, after, _ = self.pass_vectors()
+            self._now = now
             # layers not routed yet this pass keep a no-row estimate until they are
-            seen = self.last >= 0
-            cells = self.cells(np.where(seen, self.pos + 1 - self.last, 0), self.count,
-                               self._pop_class(), np.full(L * self.E, NQ - 1))
-            self._after[:] = self._wait(self.probability(cells)) + self.layer_of + L
+            self._after = after.copy()
             routed = np.flatnonzero(self.used.reshape(L, self.E).any(axis=1))
             if len(routed):
-                self._score_after(routed)
+                self._score_after(routed.tolist())
         done = (self.layer_of < l_now) | self.used
         score = np.where(done, self._after, self._now)
         score -= l_now
         return score
+
+    # -- per-pass score vectors (the eviction rule's hot path) ---------------------------------
+    def wait_table(self) -> np.ndarray:
+        """[cells] the expected wait (`_wait` of `probability`, back-offs folded in) of every
+        cell; rebuilt once the counted samples have grown by WAIT_REFRESH (often while a model
+        learns from an empty start, rarely once it holds a long history)."""
+        total = self.samples
+        if self._wait_tab is None or total > self._tab_seen * WAIT_REFRESH:
+            self._backoffs()
+            # back-off rates per (gap, count, next-pass) cell, then spread over every cell
+            coarse = np.arange(NG * NC * NQ)
+            g = coarse // (NC * NQ)
+            g_rate = np.where(self.g_seen > 0, self.g_reused / np.maximum(self.g_seen, 1),
+                              1.0 / (2.0 + np.arange(NG)))    # nothing seen yet: recency order
+            rate = np.where(self.c_seen >= self.min_count,
+                            self.c_reused / np.maximum(self.c_seen, 1), g_rate[g])
+            if self._coarse_of is None:
+                rest = np.arange(len(self.seen)) % (NG * NC * NP * NQ)
+                self._coarse_of = (rest // (NP * NQ)) * NQ + rest % NQ
+            p = np.where(self.seen >= self.min_count, self.reused / np.maximum(self.seen, 1),
+                         rate[self._coarse_of])
+            self._wait_tab = self._wait(p)
+            self._tab_seen = max(total, 1.0)
+        return self._wait_tab
+
+    def pass_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Three [L * E] estimates, in layers from the start of the current pass, of when each
+        key is next used (larger = later), computed once per pass:
+
+        * ``now``: its layer has its pass still to come: layer + the wait from its cell now
+          (next-pass class from the previous pass's row);
+        * ``after``: its layer has had this pass without it: layer + L + the wait from the
+          cell it moves to (gap + 1; next-pass class unknown until the next pass);
+        * ``after_used``: its layer has had this pass and used it (gap 1, count + 1).
+        """
+        if self._vectors is None:
+            L = self.L
+            self._sync()
+            tab = self.wait_table()
+            pop = self._pop_class()
+            if self._pop_base is None or self._pop_base[0] is not pop:
+                self._pop_base = (pop, self.cell_base + pop * NQ, self.layer_of.astype(np.float64))
+            _, pb, lay = self._pop_base
+            S = NP * NQ
+            seen = self.last >= 0
+            gap = np.where(seen, self.pos - self.last, 0)
+            cb = _COUNT_LUT[np.minimum(self.count, 18)]
+            cb1 = _COUNT_LUT[np.minimum(self.count + 1, 18)]
+            g_now = _GAP_LUT[np.minimum(gap, 65)]
+            g_after = _GAP_LUT[np.minimum(np.where(seen, gap + 1, 0), 65)]
+            c_after0 = pb + (g_after * NC + cb) * S
+            c_used0 = pb + (int(_GAP_LUT[1]) * NC + cb1) * S
+            self._after_cells = (c_after0, c_used0)
+            c_now = pb + (g_now * NC + cb) * S + self._next_from_prev()
+            c_after = c_after0 + (NQ - 1)
+            c_used = c_used0 + (NQ - 1)
+            self._vectors = (tab[c_now] + lay, tab[c_after] + (lay + L), tab[c_used] + (lay + L))
+        return self._vectors
+
+    def _next_from_prev(self) -> np.ndarray:
+        """[L * E] next-pass class of every key from the previous pass's experts (the sparse
+        form of `next_class(prev_row)`)."""
+        L, E = self.L, self.E
+        if not self._prev:
+            return np.full(L * E, NQ - 1)
+        keys = np.sort(np.asarray(self._prev, dtype=np.int64))
+        rows = self.transition().reshape(L * E, E)[keys]
+        edges = _NEXT_EDGES * (self.K / self.E)
+        n = len(keys)
+        if n % L == 0 and np.array_equal(keys[:: n // L] // E, np.arange(L)) \
+                and np.array_equal(keys[n // L - 1:: n // L] // E, np.arange(L)):
+            # the usual pass: the same number of experts at every layer
+            q = rows.reshape(L, n // L, E).sum(axis=1) * (L / n)
+            return np.searchsorted(edges, q, side="right").reshape(-1)
+        lay = keys // E
+        starts = np.flatnonzero(np.concatenate(([True], lay[1:] != lay[:-1])))
+        q = np.zeros((L, E))
+        q[lay[starts]] = np.add.reduceat(rows, starts, axis=0)
+        k = np.bincount(lay, minlength=L)[:, None]
+        c = np.searchsorted(edges, q / np.maximum(k, 1), side="right")
+        return np.where(k > 0, c, NQ - 1).reshape(-1)
 
     # -- history ---------------------------------------------------------------------------------
     def learn(self, used: np.ndarray, seq_offsets: np.ndarray) -> None:
@@ -579,7 +687,7 @@ class ReuseModel:
         for a, b in spans:
             u = used[a:b].reshape(b - a, L, E)
             self._count_transitions(u[:-1], u[1:])
-        self._pop = self._tprob = None
+        self._pop = self._tprob = self._wait_tab = self._vectors = None
         pop = self._pop_class()
         tp = self.transition()
         n = used.shape[1]
@@ -591,6 +699,7 @@ class ReuseModel:
     def state(self) -> dict[str, np.ndarray]:
         """The learned counts, for saving next to the map store."""
         self._sync()
+        self._backoffs()
         return {"reuse_seen": self.seen, "reuse_reused": self.reused, "reuse_uses": self.uses,
                 "reuse_tokens": np.array(self.tokens, np.int64), "reuse_trans": self.trans,
                 "reuse_trans_from": self.trans_from, "reuse_g_seen": self.g_seen,
@@ -618,7 +727,10 @@ class ReuseModel:
         for a, v in new.items():
             setattr(self, a, v)
         self.tokens = tokens
+        self.samples = int(self.seen.sum())
+        self._backoff_dirty = False
         self._pop = self._tprob = self._now = self._after = None
+        self._wait_tab = self._vectors = None
         return True
 
 

@@ -12,7 +12,8 @@ from fmoe.sim.timing import TimingModel
 from fmoe.sim.trace import load_trace
 
 
-@pytest.mark.parametrize("policy,cache", [("lru", 4), ("lru", 6), ("lfu", 5), ("lfu", 8)])
+@pytest.mark.parametrize("policy,cache", [("lru", 4), ("lru", 6), ("lfu", 5), ("lfu", 8),
+                                          ("fmoe", 4), ("fmoe", 6)])
 def test_recorded_trace_replays_to_same_counts(tmp_path, mixtral_ckpt, policy, cache):
     path, _ = mixtral_ckpt
     trace_path = tmp_path / "live.npz"
@@ -34,4 +35,6 @@ def test_recorded_trace_replays_to_same_counts(tmp_path, mixtral_ckpt, policy, c
     timing = TimingModel(attn=1e-4, shared=0.0, expert=1e-5, copy=1e-3)
     sim = simulate(trace, policy, timing, capacity=cache)
     assert (sim.hits, sim.misses) == (live["hits"], live["misses"])
+    if policy == "fmoe":            # the default: the learned reuse eviction, no prefetch
+        assert sim.prefetched == live["prefetched"] == 0
     assert live["misses"] > 0 and live["hits"] > 0

@@ -120,6 +120,10 @@ class FmoePolicy(Policy):
         self.reuse = ReuseModel(L, E, opts.top_k or 1, horizon=opts.reuse_horizon,
                                 min_count=opts.reuse_min_count)
         self.rule: EvictionRule = make_rule(opts.eviction, L, E, reuse=self.reuse, decay=opts.decay)
+        # the cache events go straight to the rule (the hottest calls: one per expert use)
+        for name in ("on_hit", "on_evict"):
+            if getattr(type(self), name) is getattr(FmoePolicy, name):
+                setattr(self, name, getattr(self.rule, name))
         self.prefetches = self.max_orders > 0
         self._keep_maps = False
         self.predictor: MapPredictor | None = None
