@@ -235,14 +235,28 @@ class MLAttention(nn.Module):
         heads: score = (q_nope W_uk) . latent + q_pe . k_pe; out = (p @ latent) W_uv^T."""
         B, T, heads, _ = q_nope.shape
         S = latent.shape[1]
-        w = self.kv_b_proj.weight.view(heads, self.nope + self.v_dim, self.rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]               # [h, nope, r], [h, v, r]
-        q = torch.cat((torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe), dim=-1)
+        w_uk, w_uv_t = self._absorbed()                                # [h, nope, r], [h, r, v]
+        q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(heads, B * T, self.nope), w_uk)
+        q_lat = q_lat.view(heads, B, T, self.rank).permute(1, 2, 0, 3)  # [B, T, h, r]
+        q = torch.cat((q_lat, q_pe), dim=-1)
         q = q.reshape(B, 1, T * heads, self.rank + self.rope)         # heads as extra query rows
         k = torch.cat((latent, k_pe), dim=-1)[:, None]                 # [B, 1, S, r + rope]
         mask = mask[:, :, :, None, :].expand(-1, -1, T, heads, S).reshape(mask.shape[0], 1, T * heads, S)
         ctx = F.scaled_dot_product_attention(q, k, latent[:, None], attn_mask=mask, scale=self.scale)
-        return torch.einsum("bthr,hvr->bthv", ctx.view(B, T, heads, self.rank), w_uv)
+        ctx = ctx.view(B, T, heads, self.rank).permute(2, 0, 1, 3).reshape(heads, B * T, self.rank)
+        return torch.matmul(ctx, w_uv_t).view(heads, B, T, self.v_dim).permute(1, 2, 0, 3)
+
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split for decoding, made contiguous once (not copied every step):
+        W_uk [h, nope, r] and W_uv^T [h, r, v]."""
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w._version)
+        cached = self.__dict__.get("_absorb")
+        if cached is None or cached[0] != key:
+            w3 = w.detach().view(self.heads, self.nope + self.v_dim, self.rank)
+            cached = (key, w3[:, : self.nope].contiguous(), w3[:, self.nope:].transpose(1, 2).contiguous())
+            self.__dict__["_absorb"] = cached
+        return cached[1], cached[2]
 
 
 class Router(nn.Module):
