@@ -63,6 +63,15 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _refuse_overlaps(file: Path, ranges: list[tuple[int, int, str]]) -> None:
+    """Two tensors of one file whose byte ranges overlap: a corrupt or forged header."""
+    ranges.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{file}: tensors {n0!r} (bytes [{b0}, {e0})) and {n1!r} (bytes "
+                                  f"[{b1}, {e1})) overlap: the header is corrupt")
+
+
 class CheckpointIndex:
     """Every tensor of a safetensors checkpoint directory, by name."""
 
@@ -114,6 +123,8 @@ class CheckpointIndex:
                     f"{file}: tensor {name!r} byte range [{begin}, {end}) does not match its "
                     f"shape {list(shape)} or the file size")
             self.tensors[name] = TensorInfo(name, file, dtype, shape, data_start + begin, nbytes)
+        _refuse_overlaps(file, [(t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values()
+                                if t.file == file and t.nbytes])
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -35,7 +35,7 @@ import torch
 from ..errors import CheckpointError, FmoeError
 from . import store_format as sf
 from .checkpoint import DTYPE_NAMES, CheckpointIndex, FileReader, TensorInfo, byte_view
-from .config import read_config_json
+from .config import build_config, read_config_json
 from .loading import _check_shape, _find, _name_list, locate_experts, resolve
 from .registry import family_for
 
@@ -220,7 +220,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
     raw = read_config_json(root)
     family = family_for(raw.get("model_type"))
     config_cls, model_cls = family.load()
-    cfg = config_cls.from_hf(raw)
+    cfg = build_config(config_cls, raw, str(root / 'config.json'))
     index = CheckpointIndex(root)
     src_store = sf.open_store(root)
     if src_store is not None:

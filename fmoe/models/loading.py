@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, ModelNotFoundError
 from .checkpoint import CheckpointIndex, FileReader, TensorInfo
-from .config import read_config_json
+from .config import build_config, read_config_json
 from .registry import family_for
 from .store_format import open_store
 
@@ -175,7 +175,7 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
     raw = read_config_json(root)
     family = family_for(raw.get("model_type"))
     config_cls, model_cls = family.load()
-    cfg = config_cls.from_hf(raw)
+    cfg = build_config(config_cls, raw, str(root / 'config.json'))
     index = CheckpointIndex(root)
     store = open_store(root)     # fmoe's expert-major store (`fmoe convert`), or None for HF files
     dtype = dtype or (store.dtype if store is not None else index.dtype)

@@ -149,3 +149,53 @@ def test_hub_id_offline_not_cached(tmp_path):
                 os.environ[k] = v
     r = cli("generate", "someone/not-a-cached-model", "--prompt", "x", env=env)
     assert r.returncode != 0 and "someone/not-a-cached-model" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- config.json values: checked at load, the error names the file and the field ------------------
+BAD_VALUES = [
+    ("num_experts_per_tok", 0), ("hidden_size", "256"), ("rms_norm_eps", None),
+    ("rope_theta", "big"), ("max_position_embeddings", 0), ("num_hidden_layers", True),
+    ("vocab_size", -5), ("num_attention_heads", 2.5), ("rms_norm_eps", float("nan")),
+    ("rms_norm_eps", -1e-5), ("num_local_experts", "8"), ("num_experts_per_tok", 9),
+    ("num_key_value_heads", 3), ("tie_word_embeddings", "yes"), ("eos_token_id", -2),
+    ("rope_scaling", "linear"), ("intermediate_size", None), ("head_dim", 0),
+]
+
+
+@pytest.mark.parametrize("field, value", BAD_VALUES, ids=[f"{f}={v!r}" for f, v in BAD_VALUES])
+def test_bad_config_values_name_file_and_field(ckpt, field, value):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg[field] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))      # NaN is written as the JSON extension NaN
+    with pytest.raises(ConfigError) as e:
+        fmoe.models.from_pretrained(ckpt)
+    msg = str(e.value)
+    assert str(ckpt / "config.json") in msg
+    named = {"num_local_experts": "num_local_experts", "num_key_value_heads": "num_attention_heads"}
+    assert repr(named.get(field, field)) in msg or field in msg, msg
+    assert "\n" not in msg
+
+
+def test_bad_config_value_from_the_cli(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 0
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert_cli_error(ckpt, "config.json", "num_experts_per_tok")
+
+
+def test_overlapping_tensor_byte_ranges_are_refused(ckpt):
+    """Two tensors that share bytes: a forged or corrupt header that used to load silently."""
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    names = [k for k, v in header.items() if k != "__metadata__" and v["shape"] == [64, 64]][:2]
+    a, b = header[names[0]], header[names[1]]
+    b["data_offsets"] = list(a["data_offsets"])                # same bytes, same size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (n - len(raw)) if len(raw) <= n else b""
+    assert len(raw) == n
+    f.write_bytes(data[:8] + raw + data[8 + n:])
+    with pytest.raises(CheckpointError, match="overlap"):
+        fmoe.models.from_pretrained(ckpt)
+    assert_cli_error(ckpt, "model.safetensors", "overlap")
