@@ -38,6 +38,15 @@ sys.path.insert(0, str(ROOT))
 
 DATA = ROOT.parent / "shared" / "data"
 
+# The data is not shipped with fmoe: where to get it.
+TRACE_HOW = ("The arrival trace is AzureLLMInferenceTrace_conv_2023.csv (columns TIMESTAMP, "
+             "ContextTokens, GeneratedTokens) from the Azure public dataset "
+             "(https://github.com/Azure/AzurePublicDataset, AzureLLMInferenceDataset2023); "
+             "download it and pass --trace PATH.")
+PROMPTS_HOW = ("The prompts are a ShareGPT-format JSON list ([{\"conversations\": [{\"from\": "
+               "\"human\", \"value\": ...}]}]), e.g. ShareGPT_V3_unfiltered_cleaned_split.json "
+               "from the hub dataset anon8231489123/ShareGPT_Vicuna_unfiltered; pass --prompts PATH.")
+
 
 def read_trace(path: Path, skip: int, n: int) -> list[tuple[float, int, int]]:
     """-> [(seconds since the first replayed row, context tokens, generated tokens)]."""
@@ -183,6 +192,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.rate, args.max_output = 20, 2.0, 16
+    for flag, path, how in (("--trace", args.trace, TRACE_HOW), ("--prompts", args.prompts, PROMPTS_HOW)):
+        if not path.is_file():
+            print(f"bench_serve: error: {flag} {path}: no such file. {how}", file=sys.stderr)
+            return 2
 
     from fmoe.runtime.tokenizer import Tokenizer
     from fmoe.serve.demo import demo_checkpoint

@@ -446,6 +446,8 @@ def create_app(state: ServerState):
         out = []
         texts = [it for it in items if isinstance(it, str)]
         for t in texts:
+            if not t:
+                raise APIError(400, "prompt: the prompt is empty", param="prompt")
             check_text(t, "prompt")
         encoded = iter(await off_loop(lambda: [tok.encode(t) for t in texts]) if texts else [])
         for it in items:
