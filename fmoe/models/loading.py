@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,9 +238,31 @@ def _read_params(reader: FileReader, jobs) -> None:
             else:
                 param.copy_(reader.read(info))
 
+    bar = load_bar(sum(info.nbytes for _, info in jobs), "load weights")
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fmoe-load") as pool:
-        for _ in pool.map(one, jobs):
-            pass
+        for (_, info), _ in zip(jobs, pool.map(one, jobs)):
+            if bar is not None:
+                bar.update(info.nbytes)
+    if bar is not None:
+        bar.close()
+
+
+# Loads of at least this many bytes show a progress bar on a terminal (FMOE_PROGRESS=0 hides
+# it, FMOE_PROGRESS=1 shows it whatever the size and the terminal).
+PROGRESS_BYTES = 1 << 30
+
+
+def load_bar(total: int, desc: str):
+    """A tqdm bar over `total` bytes on stderr, or None (small load, no terminal, no tqdm)."""
+    mode = os.environ.get("FMOE_PROGRESS", "auto").lower()
+    if mode in ("0", "false", "no", "off") or (mode == "auto" and total < PROGRESS_BYTES):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                disable=None if mode == "auto" else False, file=sys.stderr)
 
 
 def _find(name: str, index: CheckpointIndex, renames) -> str | None:
@@ -258,11 +281,16 @@ def install_resident_experts(model: nn.Module, cfg, layouts, reader: FileReader,
     from .experts import ResidentExperts
 
     shp = cfg.experts
+    bar = load_bar(sum(l.nbytes for row in layouts for l in row), "load experts")
     for layer, block in enumerate(model.moe_blocks()):
         src_dtype = layouts[layer][0].dtype
         w13 = torch.empty(shp.num_experts, 2 * shp.inter, shp.hidden, dtype=src_dtype)
         w2 = torch.empty(shp.num_experts, shp.hidden, shp.inter, dtype=src_dtype)
         for e, lay in enumerate(layouts[layer]):
             read_expert(reader, lay, w13[e], w2[e])
+            if bar is not None:
+                bar.update(lay.nbytes)
         block.experts = ResidentExperts(layer, w13.to(device=device, dtype=dtype),
                                         w2.to(device=device, dtype=dtype))
+    if bar is not None:
+        bar.close()
