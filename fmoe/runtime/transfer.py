@@ -57,6 +57,8 @@ class _Order:
 
 
 class CopyEngine:
+    cpu_readers = 2          # reader threads on CPU (disk reads); CUDA runs one (see __init__)
+
     def __init__(self, store: ExpertStore, w13: torch.Tensor, w2: torch.Tensor,
                  link_bandwidth: float | None = None, readers: int | None = None):
         self.store = store
@@ -91,7 +93,7 @@ class CopyEngine:
         # at once faster than one after the other; on CUDA one worker keeps the staging pair
         # and the copy stream in order, and an emulated link is one link.
         if readers is None:
-            readers = 1 if (self.cuda or link_bandwidth) else 2
+            readers = 1 if (self.cuda or link_bandwidth) else self.cpu_readers
         if self.cuda and readers != 1:
             raise ValueError("the CUDA copy engine runs one reader")
         self._busy: set[int] = set()           # slots a worker is writing right now
