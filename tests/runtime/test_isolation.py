@@ -203,3 +203,44 @@ def test_the_engine_thread_answers_everyone(model):
         assert [s.finish_reason for s in poisoned] == ["error"] * 2
     finally:
         b.close()
+
+
+# -- graceful shutdown (the server's SIGTERM path) -----------------------------------------------
+def test_stop_admitting_lets_accepted_sequences_finish(model):
+    b = Batcher(model, max_batch=2).start()
+    try:
+        seqs = [Sequence([5 + i, 6], SamplingParams(max_new_tokens=3, eos_token_id=[])) for i in range(3)]
+        b.submit(seqs)
+        b.stop_admitting()
+        with pytest.raises(RuntimeError, match="shutting down"):
+            b.submit(Sequence([7], SamplingParams(max_new_tokens=3)))
+        assert b.wait_idle(120)
+        assert [s.finish_reason for s in seqs] == ["length"] * 3
+    finally:
+        b.close()
+
+
+def test_abort_ends_running_and_waiting_sequences_with_an_error(model):
+    import threading
+
+    first, gate = threading.Event(), threading.Event()
+
+    def hold(seq, tok):                     # the running row stops at its second token until told
+        if len(seq.output) == 2:
+            first.set()
+            gate.wait(120)
+
+    b = Batcher(model, max_batch=1).start()
+    try:
+        run = Sequence([5, 6], SamplingParams(max_new_tokens=50, eos_token_id=[]), on_token=hold)
+        wait = Sequence([7, 8], SamplingParams(max_new_tokens=50, eos_token_id=[]))
+        b.submit([run, wait])
+        assert first.wait(120)
+        b.abort("the server is shutting down (SIGTERM)")
+        gate.set()
+        for s in (run, wait):
+            assert s.done.wait(120)
+            assert s.finish_reason == "error" and "shutting down" in s.error
+        assert len(run.output) == 2 and wait.output == []
+    finally:
+        b.close()

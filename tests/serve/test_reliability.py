@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -186,7 +187,13 @@ def read_stream(url, body, out: list, started: threading.Event):
     out.append(lines)
 
 
-def test_sigterm_during_streams(ckpt, env, tmp_path):
+def running(srv) -> int:
+    text = httpx.get(srv.url + "/metrics", timeout=30).text
+    return int(float(re.search(r"^fmoe_num_requests_running (\S+)$", text, re.M).group(1)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_streams(ckpt, env, tmp_path, sig):
     maps, trace = tmp_path / "maps.npz", tmp_path / "trace.npz"
     # a slow emulated link: these streams cannot finish before the signal, whatever the machine
     srv = ServerProcess(ckpt, "--expert-cache", "0.25", "--link-bandwidth", "20MB/s",
@@ -211,8 +218,17 @@ def test_sigterm_during_streams(ckpt, env, tmp_path):
             assert started.wait(120), "a stream never started"
             threads.append(t)
             outs.append(out)
-        srv.proc.send_signal(signal.SIGTERM)
-        for t in threads:
+        blocking: list = []
+        tb = threading.Thread(target=lambda: blocking.append(httpx.post(
+            srv.base_url + "/completions", headers=AUTH, timeout=120,
+            json={"model": "demo", "prompt": "a blocking one", "max_tokens": 900, "ignore_eos": True})))
+        tb.start()
+        deadline = time.monotonic() + 120
+        while running(srv) < 4:                  # the blocking request is in the batch too
+            assert time.monotonic() < deadline and tb.is_alive()
+            time.sleep(0.1)
+        srv.proc.send_signal(sig)
+        for t in threads + [tb]:
             t.join(120)
         rc = srv.proc.wait(60)
         log = srv.output()
@@ -224,9 +240,11 @@ def test_sigterm_during_streams(ckpt, env, tmp_path):
         assert lines[-1] == "[DONE]", lines[-3:]
         errors = [json.loads(x)["error"] for x in lines[:-1] if "error" in json.loads(x)]
         assert len(errors) == 1 and "shutting down" in errors[0]["message"], lines[-3:]
+    r = blocking[0]                              # JSON, not a plain-text 500
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
     assert maps.exists() and trace.exists(), log[-3000:]
     import numpy as np
 
     with np.load(trace, allow_pickle=False) as z:      # the streams' routing was recorded
         assert int(z["seq_offsets"][-1]) > 0
-    assert "SIGTERM" in log
+    assert signal.Signals(sig).name in log
