@@ -323,6 +323,9 @@ class ReuseModel:
         self._backoff_dirty = False
         self.samples = 0                         # (cell, label) samples counted
         self._pop_base: tuple | None = None
+        self._observed: set[int] = set()         # layers reported in this pass
+        self._cur: np.ndarray | None = None      # per pass: the running scores
+        self._cur_upto = 0
         self._coarse_of: np.ndarray | None = None
         self._vectors: tuple | None = None       # per pass: (now, after unused, after used)
         self._now: np.ndarray | None = None      # per pass: score of keys whose pass is to come
@@ -421,16 +424,24 @@ class ReuseModel:
         self._prev = []
         self._used = self._prev_row = None
         self._now = self._after = self._vectors = None
+        self._observed = set()
 
     def observe(self, keys) -> None:
         """Keys (ints) used by the current pass (token), any number of calls per pass; a key is
         reported at most once per pass."""
         self._keys.extend(keys)
         self._used = None
-        if self._after is not None and len(keys):
-            E = self.E
-            layers = {k // E for k in keys}
-            self._score_after(sorted(layers))
+        if not len(keys):
+            return
+        E = self.E
+        layers = {k // E for k in keys}
+        if self._after is not None:
+            if len(layers) == 1 and not (layers & self._observed):
+                (l,) = layers
+                self._score_after([l], np.asarray(keys, dtype=np.int64) - l * E)
+            else:                       # a layer reported in parts: from all its keys
+                self._score_after(sorted(layers))
+        self._observed |= layers
 
     def end_pass(self) -> None:
         """The token is done: roll the stream on. Pure Python: the arrays (last use, counts)
@@ -444,6 +455,7 @@ class ReuseModel:
         self.pos += 1
         self.tokens += 1
         self._used = self._prev_row = self._now = self._after = self._vectors = None
+        self._observed = set()
         if len(self._buf) >= FLUSH_PASSES + self.horizon - 1:
             self._flush(final=False)
 
@@ -548,27 +560,39 @@ class ReuseModel:
         self._backoff_dirty = False
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _score_after(self, layers) -> None:
+    def _score_after(self, layers, experts=None) -> None:
         """Scores, for the next pass, of the keys of `layers` (routed in this pass): the cell a
         key moves to (gap and count after this pass) with the next-pass class from this pass's
-        row. Runs once per routed layer while evictions happen: a few operations on E values."""
+        row. Runs once per routed layer while evictions happen: a few operations on E values.
+        `experts`: the routed experts when `layers` is one layer reported in one call."""
         L, E = self.L, self.E
         tab = self.wait_table()
         c_after0, c_used0 = self._after_cells
         edges = _NEXT_EDGES * (self.K / self.E)
         tp = self.transition()
-        cur = self.used.reshape(L, E)
+        cur = None
         for l in layers:
             sl = slice(l * E, (l + 1) * E)
-            experts = np.flatnonzero(cur[l])
-            k = len(experts)
+            if experts is None:
+                if cur is None:
+                    cur = self.used.reshape(L, E)
+                ex = np.flatnonzero(cur[l])
+            else:
+                ex = experts
+            k = len(ex)
             if k:
-                nxt = np.searchsorted(edges * k, tp[l][experts].sum(axis=0), side="right")
+                nxt = np.searchsorted(edges * k, tp[l][ex].sum(axis=0), side="right")
                 c = c_after0[sl] + nxt
-                c[experts] = c_used0[sl][experts] + nxt[experts]
+                c[ex] = c_used0[sl][ex] + nxt[ex]
             else:
                 c = c_after0[sl] + (NQ - 1)
-            self._after[sl] = tab[c] + (l + L)
+            after = self._after[sl] = tab[c] + (l + L)
+            # the running score: a routed layer's used keys are done now, its others once
+            # the next layer starts (`next_use_score`)
+            if l < self._cur_upto:
+                self._cur[sl] = after
+            elif k:
+                self._cur[sl][ex] = after[ex]
 
     def _wait(self, p: np.ndarray) -> np.ndarray:
         """P(reuse within `horizon` passes) -> expected layers of waiting beyond the next pass,
@@ -581,19 +605,21 @@ class ReuseModel:
         layers until the key's next pass + the expected wait `_wait` beyond it. During
         layer `l_now` of a token, the keys of routed layers have had their pass (their next comes
         with the next token); the others have theirs still to come."""
-        L = self.L
+        L, E = self.L, self.E
         if self._now is None:
             now, after, _ = self.pass_vectors()
             self._now = now
             # layers not routed yet this pass keep a no-row estimate until they are
             self._after = after.copy()
-            routed = np.flatnonzero(self.used.reshape(L, self.E).any(axis=1))
+            self._cur = now.copy()          # after for done keys, now for the others
+            self._cur_upto = 0
+            routed = np.flatnonzero(self.used.reshape(L, E).any(axis=1))
             if len(routed):
                 self._score_after(routed.tolist())
-        done = (self.layer_of < l_now) | self.used
-        score = np.where(done, self._after, self._now)
-        score -= l_now
-        return score
+        if l_now > self._cur_upto:          # the layers before l_now have had their pass
+            self._cur[self._cur_upto * E: l_now * E] = self._after[self._cur_upto * E: l_now * E]
+            self._cur_upto = l_now
+        return self._cur - l_now
 
     # -- per-pass score vectors (the eviction rule's hot path) ---------------------------------
     def wait_table(self) -> np.ndarray:
