@@ -645,7 +645,7 @@ def create_app(state: ServerState):
             return unhealthy("error", "the engine thread has stopped")
         engine = getattr(getattr(state.model, "runtime", None), "engine", None)
         if engine is not None and not engine.healthy:
-            if engine.error is not None or not await off_loop(engine.probe):
+            if engine.error is not None or not await asyncio.to_thread(engine.probe):
                 err = engine.error or engine.last_error
                 return unhealthy("error", f"expert reads are failing: {err}")
         return {"status": "ok"}

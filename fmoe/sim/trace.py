@@ -16,6 +16,8 @@ weights    float32 [T, L, K]     optional: gate weights of the chosen experts
 gate_probs float16/32 [T, L, E]  optional: full router softmax
 phase      uint8 [T]             optional: 0 prompt token, 1 generated token
 token_ids  int32 [T]             optional: input token ids
+model_config unicode scalar      optional: the producing model's config.json (a JSON object), so
+                                 a trace of a local checkpoint replays without ``--model-config``
 ========== ===================== =================================================================
 
 Every problem is reported as a `TraceError` whose message names the file and the problem.
@@ -37,7 +39,7 @@ from ..errors import FmoeError
 
 FORMAT_VERSION = 1
 REQUIRED = ("expert_ids", "seq_offsets", "num_experts", "model")
-OPTIONAL = ("moe_layers", "weights", "gate_probs", "phase", "token_ids")
+OPTIONAL = ("moe_layers", "weights", "gate_probs", "phase", "token_ids", "model_config")
 KEYS = REQUIRED + OPTIONAL
 
 
@@ -60,6 +62,7 @@ class Trace:
     token_ids: np.ndarray | None = None
     texts: list[str] | None = None
     path: Path | None = None
+    model_config: dict | None = None     # the producing model's config.json, when recorded
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
@@ -111,7 +114,7 @@ class Trace:
         return Trace(self.expert_ids[:max_tokens], new_offs, self.num_experts, self.model,
                      self.moe_layers, cut(self.weights), cut(self.gate_probs), cut(self.phase),
                      cut(self.token_ids), None if self.texts is None else self.texts[:nseq],
-                     self.path)
+                     self.path, self.model_config)
 
 
 def texts_path(path: str | os.PathLike) -> Path:
@@ -222,6 +225,9 @@ def validate_arrays(arrays: dict, where: str = "trace", *, check_duplicates: boo
         if a.shape != shape:
             raise TraceError(f"{where}: '{name}' has shape {_shape(a)}, expected {desc} = "
                              f"[{', '.join(map(str, shape))}]")
+    mc = arrays.get("model_config")
+    if mc is not None:
+        _parse_model_config(mc, where)
     ph = arrays.get("phase")
     if ph is not None and ph.size and ph.max() > 1:
         raise TraceError(f"{where}: 'phase' holds {int(ph.max())}; only 0 (prompt) and "
@@ -234,6 +240,18 @@ def validate_arrays(arrays: dict, where: str = "trace", *, check_duplicates: boo
         for t0 in range(0, a.shape[0], step):
             if not np.isfinite(a[t0:t0 + step]).all():
                 raise TraceError(f"{where}: '{name}' holds NaN or infinite values")
+
+
+def _parse_model_config(a, where: str) -> dict:
+    if getattr(a, "dtype", None) is None or a.dtype.kind != "U" or a.ndim != 0:
+        raise TraceError(f"{where}: 'model_config' must be a unicode scalar holding a JSON object")
+    try:
+        cfg = json.loads(str(a))
+    except ValueError as e:
+        raise TraceError(f"{where}: 'model_config' is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise TraceError(f"{where}: 'model_config' is not a JSON object")
+    return cfg
 
 
 def _chunk_rows(row_elems: int, elems: int = 1 << 22) -> int:
@@ -424,6 +442,8 @@ def load_trace(path: str | os.PathLike, *, texts: bool = True, gate_probs: bool 
         phase=arrays.get("phase"),
         token_ids=arrays.get("token_ids"),
         path=p,
+        model_config=(_parse_model_config(arrays["model_config"], where)
+                      if "model_config" in arrays else None),
     )
     tp = texts_path(p)
     if texts and tp.exists():
@@ -465,9 +485,25 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _public_model(model, model_config):
+    """A trace names its model, never a local path: a checkpoint directory becomes its name, and
+    its config.json goes into `model_config` (so the trace replays anywhere)."""
+    model = str(model)
+    local = Path(model).expanduser()
+    if os.path.isabs(model) or model.startswith((".", "~")) or local.is_dir():
+        if model_config is None and (local / "config.json").is_file():
+            try:
+                model_config = json.loads((local / "config.json").read_text())
+            except (OSError, ValueError):
+                model_config = None
+        model = local.resolve().name if local.name in ("", ".", "..") else local.name
+    return model, model_config
+
+
 def write_trace(path: str | os.PathLike, *, expert_ids, seq_offsets, num_experts: int, model: str,
                 moe_layers=None, weights=None, gate_probs=None, phase=None, token_ids=None,
-                texts: Sequence[str] | None = None, compress: bool = True) -> Path:
+                texts: Sequence[str] | None = None, compress: bool = True,
+                model_config: dict | str | None = None) -> Path:
     """Write a format-v1 trace atomically (temp file in the same directory, then `os.replace`).
 
     Arrays are converted to the format's dtypes (values must fit); the result is validated
@@ -476,6 +512,7 @@ def write_trace(path: str | os.PathLike, *, expert_ids, seq_offsets, num_experts
     p = Path(path)
     if not p.name.endswith(".npz"):
         raise TraceError(f"write_trace: {p} must end with .npz")
+    model, model_config = _public_model(model, model_config)
     ids = np.asarray(expert_ids)
     if ids.ndim != 3:
         raise TraceError(f"write_trace: 'expert_ids' has shape {_shape(ids)}, expected [T, L, K]")
@@ -497,6 +534,9 @@ def write_trace(path: str | os.PathLike, *, expert_ids, seq_offsets, num_experts
         arrays["phase"] = _as(phase, np.uint8, "phase")
     if token_ids is not None:
         arrays["token_ids"] = _as(token_ids, np.int32, "token_ids")
+    if model_config is not None:
+        text = model_config if isinstance(model_config, str) else json.dumps(model_config, sort_keys=True)
+        arrays["model_config"] = np.array(text, dtype=np.str_)
     validate_arrays(arrays, f"write_trace({p})")
     n = len(arrays["seq_offsets"]) - 1
     if texts is not None:

@@ -269,3 +269,50 @@ def test_validation_streams(tmp_path):
     assert err is None
     size = Tn * Ln * Kn * 2                                # 32 MiB
     assert peak < size + (8 << 20), (peak, size)          # 37 MiB here; the old validator: 48
+
+
+# -- a trace names its model, never a local path ----------------------------------------------------
+def test_a_local_checkpoint_path_is_not_stored(tmp_path):
+    ck = tmp_path / "secret" / "My-MoE-1B"
+    ck.mkdir(parents=True)
+    cfg = {"model_type": "mixtral", "num_hidden_layers": L, "num_local_experts": E}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    p = write_trace(tmp_path / "t.npz", expert_ids=synthetic_ids(T, L, E, K, seed=2),
+                    seq_offsets=[0, T], num_experts=E, model=str(ck))
+    t = load_trace(p)
+    assert t.model == "My-MoE-1B" and t.model_config == cfg
+    import zipfile
+
+    with zipfile.ZipFile(p) as z:                          # no member holds the local path
+        blob = b"".join(z.read(n) for n in z.namelist())
+    assert str(tmp_path).encode() not in blob and "secret".encode("utf-32-le") not in blob
+    assert load_trace(p).head(3).model_config == cfg
+
+
+def test_hub_ids_stay_and_model_config_is_validated(tmp_path):
+    p = write_trace(tmp_path / "t.npz", expert_ids=synthetic_ids(T, L, E, K, seed=2),
+                    seq_offsets=[0, T], num_experts=E, model="org/some-moe", model_config={"a": 1})
+    t = load_trace(p)
+    assert t.model == "org/some-moe" and t.model_config == {"a": 1}
+    bad = save(tmp_path / "bad.npz", model_config=np.array("[1, 2]", dtype=np.str_))
+    with pytest.raises(TraceError, match="'model_config' is not a JSON object"):
+        load_trace(bad)
+
+
+def test_a_live_recording_carries_the_config_not_the_path(tmp_path):
+    import torch
+
+    import fmoe
+    from fmoe.models.synthetic import write_random_checkpoint
+
+    cfg = {"model_type": "mixtral", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 8,
+           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64}
+    ck = write_random_checkpoint(tmp_path / "local-moe", cfg, dtype=torch.float32, seed=0)
+    out = tmp_path / "rec.npz"
+    m = fmoe.models.from_pretrained(ck, expert_cache=1.0, policy="lru", trace_path=out)
+    m.generate(torch.tensor([[3, 4, 5]]), 4)
+    m.close()
+    t = load_trace(out)
+    assert t.model == "local-moe" and str(tmp_path) not in t.model
+    assert t.model_config["num_local_experts"] == 4 and t.model_config["model_type"] == "mixtral"
