@@ -85,12 +85,14 @@ def parse_llama(stdout: str) -> dict:
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["contender"], r["limit_gib"]), []).append(r)
+        groups.setdefault((r["contender"], r["limit_gib"], r.get("routing", "")), []).append(r)
     table = []
-    for (name, limit), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (name, limit, routing), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         rates = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s")]
         table.append({
-            "contender": name, "limit_gib": limit, "runs": len(rs),
+            "contender": name, "limit_gib": limit, "routing": routing, "runs": len(rs),
+            "tokens": statistics.median([r["tokens"] for r in rs if r.get("tokens")] or [0]),
+            "peak_rss_gib": max((r.get("peak_rss_bytes") or 0) for r in rs) / 2**30,
             "oom_kills": sum(bool(r.get("oom_killed")) for r in rs),
             "tokens_per_s": statistics.median(rates) if rates else None,
             "tokens_per_s_all": rates,
@@ -107,18 +109,35 @@ def summarise(rows: list[dict]) -> list[dict]:
     return table
 
 
+def markdown(table: list[dict]) -> str:
+    """The summary as a Markdown table (medians over runs)."""
+    lines = ["| limit | contender | routing | runs | decode tokens/s (runs) | TTFT s | load s | hit rate | "
+             "policy share | peak GiB | OOM kills | output sha256 |", "|" + "---|" * 12]
+    for t in table:
+        rates = ", ".join(f"{r:.3f}" for r in t["tokens_per_s_all"])
+        def f(x, fmt):
+            return "n/a" if x is None or x != x else format(x, fmt)
+        lines.append(f"| {t['limit_gib']:g} GiB | {t['contender']} | {t.get('routing', '')} | {t['runs']} | "
+                     f"{f(t['tokens_per_s'], '.3f')} ({rates}) | {f(t['ttft_s'], '.2f')} | {f(t['load_s'], '.1f')} | "
+                     f"{f(t['hit_rate'], '.3f')} | {f(t['policy_share'] * 100 if t['policy_share'] == t['policy_share'] else None, '.2f')}% | "
+                     f"{t['peak_gib']:.2f} | {t['oom_kills']} | {', '.join(h[:12] for h in t['output_sha256'])} |")
+    return "\n".join(lines)
+
+
 def plot(table: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in sorted({t["contender"] for t in table}):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, routing in sorted({(t["contender"], t.get("routing", "")) for t in table}):
         pts = sorted((t["limit_gib"], t["tokens_per_s"]) for t in table
-                     if t["contender"] == name and t["tokens_per_s"])
+                     if t["contender"] == name and t.get("routing", "") == routing and t["tokens_per_s"])
+        label = name + (" (model routing)" if routing == "model" else "")
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                    linestyle="--" if routing == "model" else "-")
     ax.set_xlabel("memory limit (GiB, cgroup incl. page cache)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(title, fontsize=9)
@@ -130,7 +149,9 @@ def plot(table: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="ROWS.jsonl",
+                    help="run nothing: summarise (and --plot) rows written by earlier runs")
     ap.add_argument("--limits", default="8,12", help="memory limits in GiB, comma-separated")
     ap.add_argument("--contenders", default="fmoe,fmoe-lru,pagecache")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
@@ -156,6 +177,15 @@ def main(argv=None) -> int:
                          "work then cannot stall their threads); 0 = off")
     args = ap.parse_args(argv)
 
+    if args.report:
+        rows = [json.loads(ln) for f in args.report for ln in f.read_text().splitlines() if ln.strip()]
+        table = summarise(rows)
+        print(markdown(table))
+        if args.plot:
+            plot(table, args.plot, "decode tokens/s inside a memory cgroup")
+        return 0
+    if args.model is None:
+        raise SystemExit("--model is required (or --report)")
     limits = [float(x) for x in args.limits.split(",") if x]
     names = [n for n in args.contenders.split(",") if n]
     extras = {}

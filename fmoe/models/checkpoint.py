@@ -178,6 +178,15 @@ def byte_view(buf) -> memoryview:
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
+def _copy_bytes(dst: memoryview, src: memoryview) -> None:
+    """dst[:] = src, large copies through torch, which releases the GIL while it copies (a
+    reader thread's memcpy of an expert would otherwise hold up the forward thread)."""
+    if dst.nbytes < (1 << 20):
+        dst[:] = src
+        return
+    torch.frombuffer(dst, dtype=torch.uint8).copy_(torch.frombuffer(src, dtype=torch.uint8))
+
+
 def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.nbytes else 0
 
@@ -316,7 +325,7 @@ class FileReader:
             while k < data.nbytes:
                 v = views[vi]
                 take = min(v.nbytes - vpos, data.nbytes - k)
-                v[vpos:vpos + take] = data[k:k + take]
+                _copy_bytes(v[vpos:vpos + take], data[k:k + take])
                 k += take
                 vpos += take
                 if vpos == v.nbytes:
