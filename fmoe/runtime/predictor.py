@@ -431,16 +431,15 @@ class ReuseModel:
         reported at most once per pass."""
         self._keys.extend(keys)
         self._used = None
-        if not len(keys):
-            return
+        if self._after is None or not len(keys):
+            return                      # no scores this pass yet: nothing to keep current
         E = self.E
         layers = {k // E for k in keys}
-        if self._after is not None:
-            if len(layers) == 1 and not (layers & self._observed):
-                (l,) = layers
-                self._score_after([l], np.asarray(keys, dtype=np.int64) - l * E)
-            else:                       # a layer reported in parts: from all its keys
-                self._score_after(sorted(layers))
+        if len(layers) == 1 and not (layers & self._observed):
+            (l,) = layers
+            self._score_after([l], np.asarray(keys, dtype=np.int64) - l * E)
+        else:                           # a layer reported in parts: from all its keys
+            self._score_after(sorted(layers))
         self._observed |= layers
 
     def end_pass(self) -> None:
@@ -613,9 +612,10 @@ class ReuseModel:
             self._after = after.copy()
             self._cur = now.copy()          # after for done keys, now for the others
             self._cur_upto = 0
-            routed = np.flatnonzero(self.used.reshape(L, E).any(axis=1))
-            if len(routed):
-                self._score_after(routed.tolist())
+            routed = np.flatnonzero(self.used.reshape(L, E).any(axis=1)).tolist()
+            self._observed = set(routed)    # layers reported before the scores existed
+            if routed:
+                self._score_after(routed)
         if l_now > self._cur_upto:          # the layers before l_now have had their pass
             self._cur[self._cur_upto * E: l_now * E] = self._after[self._cur_upto * E: l_now * E]
             self._cur_upto = l_now

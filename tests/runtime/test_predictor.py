@@ -274,3 +274,55 @@ def test_policy_copies_are_independent():
     q.on_routed(1, np.array([2]))
     assert p.reuse._keys == [1] and q.reuse._keys == [1, 6]
     assert q.rule.resident is not p.rule.resident
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_incremental_scores_equal_direct_formula(seed):
+    """The reuse model's per-pass vectors, wait table and running scores give the scores of the
+    direct formula (cells -> probability -> wait, with the routed layers' next-pass classes
+    from this pass's row), layer by layer, also when a layer is reported in parts."""
+    from fmoe.runtime.predictor import NQ, ReuseModel
+
+    L, E = 4, 8
+    rng = np.random.default_rng(seed)
+    used = np.zeros((300, L * E), bool)
+    for t in range(300):
+        for layer in range(L):
+            used[t, layer * E + rng.choice(E, 2, replace=False)] = True
+    m = ReuseModel(L, E, 2, min_count=3)
+    m.learn(used, np.array([0, 150, 300]))
+    m.reset_stream()
+
+    def direct(l_now):
+        pop, seen = m._pop_class(), m.last >= 0
+        now = m._wait(m.probability(m.cells(np.where(seen, m.pos - m.last, 0), m.count, pop,
+                                            m.next_class(m.prev_row)))) + m.layer_of
+        after = m._wait(m.probability(m.cells(np.where(seen, m.pos + 1 - m.last, 0), m.count, pop,
+                                              np.full(L * E, NQ - 1)))) + m.layer_of + L
+        cur, tp = m.used.reshape(L, E), m.transition()
+        for layer in np.flatnonzero(cur.any(1)):
+            sl, u = slice(layer * E, (layer + 1) * E), cur[layer]
+            ex = np.flatnonzero(u)
+            nxt = m._next_classes(tp[layer][ex].sum(0) / len(ex), True)
+            last = np.where(u, m.pos, m.last[sl])
+            c = m.cells(np.where(last >= 0, m.pos + 1 - last, 0), m.count[sl] + u, pop[sl], nxt,
+                        base=m.cell_base[sl])
+            after[sl] = m._wait(m.probability(c)) + layer + L
+        done = (m.layer_of < l_now) | m.used
+        return np.where(done, after, now) - l_now
+
+    for t in range(12):
+        rows = [np.flatnonzero(used[t, l * E:(l + 1) * E]) for l in range(L)]
+        for layer in range(L):
+            if t % 3 == 1 and layer == 1:            # scores asked before the layer reports
+                np.testing.assert_allclose(m.next_use_score(layer), direct(layer))
+            keys = (layer * E + rows[layer]).tolist()
+            if t % 4 == 2 and layer == 2:            # a layer reported in two parts
+                m.observe(keys[:1])
+                np.testing.assert_allclose(m.next_use_score(layer), direct(layer))
+                m.observe(keys[1:])
+            else:
+                m.observe(keys)
+            if t % 2 == 0:
+                np.testing.assert_allclose(m.next_use_score(layer), direct(layer))
+        m.end_pass()
