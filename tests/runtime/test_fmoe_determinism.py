@@ -80,8 +80,8 @@ def test_synchronous_predictor_orders_are_a_function_of_events(eviction):
 
 def _one_map_policy(**opts) -> FmoePolicy:
     """L = 2, E = 4, top-1; the store holds one map: layer 0 -> expert 1, layer 1 -> expert 2."""
-    p = FmoePolicy(2, 4, 3, top_k=1, prefetch_distance=2, max_orders=4, min_similarity=-1.0,
-                   **opts)
+    opts = {"prefetch_distance": 2, "max_orders": 4, **opts}
+    p = FmoePolicy(2, 4, 3, top_k=1, min_similarity=-1.0, **opts)
     p.learn_history(expert_ids=np.array([[[1], [2]]], np.int16), seq_offsets=np.array([0, 1]))
     return p
 
@@ -168,3 +168,38 @@ def test_worker_drops_stale_layer_starts_and_reraises_errors():
         w.drain()
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("copy,layer,want", [
+    (0.692e-3, 0.178e-3, (False, 4, 1)),    # PCIe 4.0 GPU: a copy takes 3.9 layers
+    (0.038e-3, 0.042e-3, (True, 1, 1)),     # NVLink-C2C: a copy fits in one layer
+    (0.010, 0.025, (True, 1, 2)),           # a copy in 0.4 layers: two orders per layer
+    (0.018, 0.010, (True, 2, 1)),           # 1.8 layers: d = 2
+    (None, 0.010, (False, 3, 1)),           # no profile: off
+])
+def test_prefetch_plan(copy, layer, want):
+    from fmoe.runtime.policies import prefetch_plan
+
+    assert prefetch_plan(copy, layer) == want
+
+
+def test_auto_prefetch_follows_profile_and_link_slack():
+    """prefetch="auto" with a profile where a copy fits in one layer: on, d = 1, one order per
+    layer; orders go out only while the running mean of demand loads per layer keeps the link
+    less than half busy (it starts as if every use missed)."""
+    p = _one_map_policy(copy_seconds=1.0, layer_seconds=1.0, max_orders=None,
+                        prefetch_distance=None)
+    assert p.prefetches and p.gated and (p.d, p.max_orders) == (1, 1)
+    assert not _one_map_policy(prefetch=False).prefetches
+    slow = FmoePolicy(2, 4, 3, top_k=1, copy_seconds=4.0, layer_seconds=1.0)
+    assert not slow.prefetches and slow.predictor is None
+    p.on_request_start(0)
+    assert p.on_layer_start(0) == []             # closed: 1 demand load per layer x 1 s > 0.5 s
+    p.demand_per_layer = 0.0
+    p.on_routed(0, np.array([1]))
+    assert p.on_layer_start(1) == [(6, 1.0)]     # open: layer 1's expert, one layer ahead
+    p.on_routed(1, np.array([2]))
+    p.on_token_end()
+    for key in range(30):
+        p.on_insert(key % 8)                     # 30 demand loads in one layer
+    assert p.on_layer_start(0) == []             # the mean: 0.02 x 30 = 0.6 loads x 1 s > 0.5 s

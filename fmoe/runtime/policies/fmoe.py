@@ -16,7 +16,10 @@ events, like every policy; every event comes from one thread.
 Prefetch is decided from the hardware: with `copy_seconds` (one expert copy) and `layer_seconds`
 (one MoE layer's compute) given, `prefetch="auto"` turns it on only when a copy is covered by
 at most `PREFETCH_MAX_RATIO` layers of compute, and the prefetch distance d is the number of
-layers whose compute covers one copy (`prefetch_plan`). Without a profile, auto means off.
+layers whose compute covers one copy (`prefetch_plan`); and while it is on, orders go out only
+while the demand loads of recent layers keep the link less than half busy (`LINK_SLACK`: a
+link saturated by demand loads only delays a prefetch behind them, and a wrong one costs a
+copy). Without a profile, auto means off.
 Prefetch orders lead across the token boundary (`lead=True`): near the end of a token, the
 next token's first layers are predicted from the neighbour map's first rows.
 
@@ -40,6 +43,8 @@ from .eviction import EVICTIONS, MAP_EVICTIONS, EvictionRule, make_rule
 DEFAULT_DISTANCE = 3        # prefetch distance without a hardware profile
 PREFETCH_MAX_RATIO = 2.0    # prefetch only where <= this many layers of compute cover a copy
 MAX_AUTO_ORDERS = 4
+LINK_SLACK = 0.5            # ... and only while demand loads leave the link this idle
+DEMAND_DECAY = 0.98         # per layer: the running mean of demand loads per layer
 
 
 def prefetch_plan(copy_seconds: float | None, layer_seconds: float | None) -> tuple[bool, int, int]:
@@ -133,6 +138,13 @@ class FmoePolicy(Policy):
         self.l_now = 0
         self._seen_k = 0
         self.applied = None         # the prediction applied at the running layer
+        # the link-slack gate of prefetch="auto": orders only while the demand loads of recent
+        # layers (a running mean, from this policy's own cache events) keep the link less
+        # than LINK_SLACK busy; it starts closed (as if every use missed)
+        self.gated = opts.prefetch == "auto" and opts.max_orders is None and self.prefetches
+        self._copy_s, self._layer_s = opts.copy_seconds or 0.0, opts.layer_seconds or 0.0
+        self.demand_per_layer = float(opts.top_k or 1)
+        self._demand = 0
         self._update_caps()
 
     # -- capabilities ---------------------------------------------------------------------------
@@ -233,7 +245,14 @@ class FmoePolicy(Policy):
         if self.runner is None:
             return []
         self.runner.post("layer_start", self.iteration, layer)
-        return self._apply(self.runner.latest(), layer)
+        orders = self._apply(self.runner.latest(), layer)
+        if self.gated:
+            self.demand_per_layer = (DEMAND_DECAY * self.demand_per_layer
+                                     + (1 - DEMAND_DECAY) * self._demand)
+            self._demand = 0
+            if self.demand_per_layer * self._copy_s > LINK_SLACK * self._layer_s:
+                return []           # the link is busy with demand loads: no room to prefetch
+        return orders
 
     def _apply(self, pred, layer: int) -> list[tuple[int, float]]:
         """Apply the latest prediction at the start of `layer`: the eviction rule takes it when
@@ -271,6 +290,8 @@ class FmoePolicy(Policy):
         self.rule.on_hit(key)
 
     def on_insert(self, key: int, prefetch: bool = False) -> None:
+        if not prefetch:
+            self._demand += 1
         self.rule.on_insert(key, prefetch)
 
     def on_evict(self, key: int) -> None:
