@@ -844,9 +844,9 @@ def load_model(args):
     if map_store is not None:
         check_map_store(map_store)
     model = _load(args, map_store=map_store)
-    if map_store is not None:
+    shp = getattr(getattr(model, "config", None), "experts", None)
+    if map_store is not None and shp is not None:
         try:
-            shp = model.config.experts
             check_map_store(map_store, (shp.num_layers, shp.num_experts))
         except BaseException:
             rt = getattr(model, "runtime", None)

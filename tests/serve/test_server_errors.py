@@ -322,5 +322,5 @@ def test_map_store_flag_reaches_from_pretrained(monkeypatch, tmp_path):
     monkeypatch.setattr(fmoe.models, "from_pretrained", real)
     monkeypatch.setenv("FMOE_CACHE", str(tmp_path / "cache"))
     args = parser.parse_args(["serve", str(demo_checkpoint()), "--map-store", str(tmp_path / "maps")])
-    with pytest.raises(ValueError, match="map_store"):
+    with pytest.raises(ValueError, match="--map-store needs --expert-cache"):
         load_model(args)
