@@ -143,7 +143,10 @@ class OffloadRuntime:
         if policy == "fmoe":
             opts.setdefault("top_k", self.K)
             opts.setdefault("embed_dim", shp.hidden)     # live: the model's token embedding
-            opts.setdefault("worker", True)              # searches off the forward thread
+            # searches off the forward thread only where it runs ahead of the device (CUDA);
+            # on CPU the forward thread is the compute, and a worker's predictions (slowed by
+            # the GIL) arrived after the layers they were for: no order was ever issued
+            opts.setdefault("worker", device.type == "cuda")
             if prefetch_distance is not None:
                 opts["prefetch_distance"] = int(prefetch_distance)
             if hardware_profile is not None:

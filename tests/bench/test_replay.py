@@ -66,6 +66,7 @@ def test_output_equal_across_policies(replay_outputs):
     hashes = {k: r["output_sha256"] for k, r in replay_outputs.items()}
     assert len(set(hashes.values())) == 1, hashes
     assert replay_outputs["lru"]["misses"] > 0
+    assert replay_outputs["fmoe-prefetch"]["prefetched"] > 0      # live orders reach the copy engine
 
 
 def test_replay_differs_from_model_routing(tiny_synth, tmp_path):

@@ -65,8 +65,12 @@ def test_search_runs_on_worker_thread(resident):
     assert default.runtime.policy.max_orders == 0          # the default: no prefetch ...
     assert default.runtime.scheduler is None               # ... so no worker thread
     default.close()
+    cpu = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe",
+                                      policy_options={"max_orders": 1})
+    assert not cpu.runtime.scheduler.threaded              # on CPU predictions are synchronous
+    cpu.close()
     model = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe",
-                                        policy_options={"max_orders": 1})
+                                        policy_options={"max_orders": 1, "worker": True})
     seen = set()
     pred = model.runtime.policy.predictor
     for name in ("layer_start", "routed", "token_end"):
