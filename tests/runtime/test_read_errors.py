@@ -153,3 +153,37 @@ def test_a_truncated_store_fails_requests_then_recovers(ckpt, tmp_path):
     finally:
         b.close()
         model.close()
+
+
+def test_a_checksum_mismatch_reaches_the_request_with_its_cause(ckpt, tmp_path, monkeypatch):
+    """FMOE_VERIFY_READS=1 on a converted store with one damaged expert: the request that needs
+    it fails naming the checksum mismatch (the old engine said only "copy engine failed")."""
+    import json
+
+    from fmoe.models.convert import convert
+
+    store = tmp_path / "store"
+    convert(ckpt, store, progress=False)
+    index = json.loads((store / "fmoe-store.json").read_text())
+    entry = next(e for e in index["entries"] if e["moe_layer"] == 0 and e["expert"] == 3)
+    blob = store / "experts.bin"
+    with open(blob, "r+b") as f:                       # flip one byte of expert 0/3
+        f.seek(entry["offset"] + 5)
+        b = f.read(1)
+        f.seek(entry["offset"] + 5)
+        f.write(bytes([b[0] ^ 0xFF]))
+    monkeypatch.setenv("FMOE_VERIFY_READS", "1")
+    model = fmoe.models.from_pretrained(store, expert_cache=CFG["num_local_experts"], policy="lru")
+    b = Batcher(model, max_batch=4)
+    try:
+        seqs = [Sequence([t, t + 1, t + 2], SamplingParams(max_new_tokens=8, eos_token_id=[]))
+                for t in range(3, 40, 4)]
+        b.submit(seqs)                                  # enough routing to need expert 0/3
+        b.run_until_idle()
+        failed = [s for s in seqs if s.finish_reason == "error"]
+        assert failed, "no request needed the damaged expert"
+        assert all("checksum mismatch" in s.error and "expert 0/3" in s.error for s in failed)
+        assert "checksum mismatch" in str(model.runtime.engine.last_error)
+    finally:
+        b.close()
+        model.close()
