@@ -71,7 +71,7 @@ def _policy_options(items: list[str]) -> dict:
 
 
 def _check_options(policy_class, policies: list[str], options: dict) -> None:
-    from ..runtime.policies import option_names
+    from ..runtime.policies import check_option_types, option_names
 
     for name in policies:
         accepted = option_names(policy_class(name))
@@ -79,6 +79,10 @@ def _check_options(policy_class, policies: list[str], options: dict) -> None:
         if unknown:
             raise UsageError(f"policy {name!r} takes no option {', '.join(unknown)} (options: "
                              f"{', '.join(sorted(accepted)) or 'none'})")
+        try:
+            check_option_types(policy_class(name), options)
+        except ValueError as e:
+            raise UsageError(f"--policy-option: {e}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

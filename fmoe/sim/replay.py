@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import FmoeError
-from ..runtime.policies import Policy, option_names
+from ..runtime.policies import Policy, check_option_types, option_names
 from ..runtime.policies import policy_class as runtime_policy_class
 from ..runtime.policies import policy_names as runtime_policy_names
 from ..runtime.slots import SlotTable
@@ -131,6 +131,7 @@ def build_policy(name: str, trace: Trace, capacity: int, *, use_cache: bool = Tr
     cls = policy_class(name)
     accepted = option_names(cls)
     kw = {k: v for k, v in options.items() if v is not None and k in accepted}
+    check_option_types(cls, kw)      # one check for the runtime, the simulator and the CLIs
     if "top_k" in accepted:
         kw.setdefault("top_k", trace.top_k)
     if timing is not None and "copy_seconds" in accepted:

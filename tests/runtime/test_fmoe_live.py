@@ -193,3 +193,16 @@ def test_policy_hand_worked_distance_eviction():
     assert d[6] == pytest.approx(0.0)            # predicted for the running layer
     assert d[0] == pytest.approx(1 + 2 * (1 / 0.9001 - 1))   # next iteration, used 90% of them
     assert p.admit_prefetch(7, 1) is bool(d[1] > d[7])
+
+
+def test_policy_option_of_wrong_type_names_it(resident):
+    """Regression (issue 18): policy_options={"max_orders": "abc"} failed in the policy's
+    constructor with a raw TypeError; the API checks it like the CLIs (one check, in
+    `make_options`) and names the option and the expected type."""
+    path, _, _ = resident
+    with pytest.raises(ValueError, match=r"policy 'fmoe' option max_orders must be an integer"):
+        fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe",
+                                    policy_options={"max_orders": "abc"})
+    with pytest.raises(ValueError, match=r"policy 'fmoe' option lead must be a boolean"):
+        fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe",
+                                    policy_options={"lead": "yes"})

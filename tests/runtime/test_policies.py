@@ -74,3 +74,37 @@ def test_prefetch_counts_used():
     t.acquire(7)
     t.unpin()
     assert t.stats.prefetched == 1 and t.stats.prefetch_used == 1 and t.stats.hits == 1
+
+
+@pytest.mark.parametrize("name,options,expected", [
+    ("fmoe", {"max_orders": "abc"}, "max_orders must be an integer or null"),
+    ("fmoe", {"max_orders": 1.5}, "max_orders must be an integer or null"),
+    ("fmoe", {"max_orders": True}, "max_orders must be an integer or null"),
+    ("fmoe", {"lead": 3}, "lead must be a boolean"),
+    ("fmoe", {"min_similarity": "high"}, "min_similarity must be a number"),
+    ("fmoe", {"eviction": 1}, "eviction must be a string"),
+    ("moe-infinity", {"max_orders": "abc"}, "max_orders must be an integer, got 'abc' (str)"),
+])
+def test_option_types_checked(name, options, expected):
+    """Regression (issue 18): an option of the wrong type reached the constructor and failed
+    there with a raw TypeError; `make_options` checks each value against its dataclass field's
+    type and names the policy, the option and the expected type."""
+    from fmoe.runtime.policies import make_options, policy_class
+
+    with pytest.raises(ValueError, match=f"policy {name!r} option {expected}".replace(
+            "(", r"\(").replace(")", r"\)")):
+        make_options(policy_class(name), options)
+    with pytest.raises(ValueError, match=expected.split(",")[0]):
+        make_policy(name, 2, 8, 4, **options)
+
+
+def test_option_types_accept_what_the_fields_say():
+    from fmoe.runtime.policies import make_options, policy_class
+
+    opts = make_options(policy_class("fmoe"), {"max_orders": None, "min_similarity": 1,
+                                               "lead": False, "prefetch": True,
+                                               "prompt_encoder": object(), "decay": 0.5})
+    assert opts.max_orders is None and opts.min_similarity == 1 and opts.lead is False
+    import numpy as np
+
+    assert make_options(policy_class("fmoe"), {"max_orders": np.int64(2)}).max_orders == 2

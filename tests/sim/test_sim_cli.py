@@ -193,3 +193,32 @@ def test_policy_options(capsys, trace_path, tiny_config):
     assert code == 2 and "KEY=VALUE" in err
     code, out, err = run_cli(capsys, *base, "--policy", "fmoe", "--policy-option", "eviction=nope")
     assert code != 0 and "unknown fmoe eviction rule" in err
+
+
+@pytest.mark.parametrize("policy", ["fmoe", "oracle", "moe-infinity", "horizon"])
+def test_policy_option_of_wrong_type(capsys, trace_path, tiny_config, policy):
+    """Regression (issue 18): `--policy-option max_orders=abc` gave a raw TypeError (fmoe) or an
+    int() message naming no option (oracle, moe-infinity): one line naming the option and the
+    expected type, exit code 2, before the trace is replayed."""
+    code, out, err = run_cli(capsys, "simulate", "--trace", trace_path, "--policy", policy,
+                             "--cache-fraction", "0.25", "--model-config", tiny_config,
+                             "--policy-option", "max_orders=abc", "--json")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"policy {policy!r} option max_orders must be an integer" in err
+    assert "got 'abc' (str)" in err
+
+
+def test_policy_option_types_in_the_python_simulator(trace_path, tiny_config):
+    from fmoe.sim.hardware import get_hardware
+    from fmoe.sim.replay import simulate
+    from fmoe.sim.shapes import load_config_shape
+    from fmoe.sim.timing import TimingModel
+    from fmoe.sim.trace import load_trace
+
+    tm = TimingModel.from_shape(load_config_shape(tiny_config), get_hardware("rtx3090-pcie4"))
+    trace = load_trace(trace_path)
+    with pytest.raises(ValueError, match="option max_orders must be an integer"):
+        simulate(trace, "oracle", tm, cache_fraction=0.25, policy_options={"max_orders": "abc"})
+    r = simulate(trace, "oracle", tm, cache_fraction=0.25, policy_options={"max_orders": 2})
+    assert r.tokens == 120

@@ -6,12 +6,12 @@
 * `fmoe`: the fMoE policy, an eviction rule (`eviction`) plus a map predictor.
 """
 
-from .base import (LAZY_POLICIES, POLICIES, NoOptions, Policy, make_options, make_policy,  # noqa: F401
-                   option_names, policy_class, policy_names, register)
+from .base import (LAZY_POLICIES, POLICIES, NoOptions, Policy, check_option_types,  # noqa: F401
+                   make_options, make_policy, option_names, policy_class, policy_names, register)
 from .classic import LFUPolicy, LRUPolicy  # noqa: F401
 from .moe_infinity import MoEInfinityOptions, MoEInfinityPolicy  # noqa: F401
 from .fmoe import FmoeOptions, FmoePolicy, prefetch_plan  # noqa: F401,E402
 
 __all__ = ["Policy", "NoOptions", "POLICIES", "LAZY_POLICIES", "make_policy", "make_options",
-           "option_names", "policy_class", "policy_names", "register", "LRUPolicy", "LFUPolicy",
+           "check_option_types", "option_names", "policy_class", "policy_names", "register", "LRUPolicy", "LFUPolicy",
            "MoEInfinityPolicy", "MoEInfinityOptions", "FmoePolicy", "FmoeOptions", "prefetch_plan"]

@@ -42,6 +42,9 @@ pass only the fields it has and reject unknown names with the list of accepted o
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
+import typing
 from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
@@ -130,9 +133,60 @@ def make_options(cls: type, options: dict[str, Any] | None = None, *, base=None)
         accepted = ", ".join(sorted(option_names(cls))) or "none"
         raise ValueError(f"policy {getattr(cls, 'name', cls.__name__)!r} takes no option "
                          f"{', '.join(unknown)} (options: {accepted})")
+    check_option_types(cls, options)
     if base is not None:
         return dataclasses.replace(base, **options)
     return opts_cls(**options)
+
+
+def _type_text(tp) -> str:
+    if tp is type(None):
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _accepts(tp, value) -> bool | None:
+    """Whether `value` fits the annotation `tp` (None: an annotation this check cannot read,
+    so the value is let through)."""
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        seen = [_accepts(a, value) for a in args]
+        return True if any(seen) else (None if None in seen else False)
+    if tp is bool:
+        return isinstance(value, (bool, np.bool_))
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return None
+
+
+def check_option_types(cls: type, options: dict[str, Any]) -> None:
+    """Check each option's value against the type its ``Options`` dataclass field declares
+    (``int``, ``float``, ``bool``, ``str``, ``X | None``, ``Any``); a wrong one raises ValueError
+    naming the policy, the option and the expected type. The runtime, the simulator and the
+    command lines all pass their options through here."""
+    opts_cls = getattr(cls, "Options", NoOptions)
+    try:
+        hints = typing.get_type_hints(opts_cls)
+    except Exception:    # an annotation this module cannot resolve: no type check
+        return
+    for name, value in options.items():
+        tp = hints.get(name)
+        if tp is None or _accepts(tp, value) is not False:
+            continue
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) \
+            else (tp,)
+        expected = " or ".join(_type_text(a) for a in args)
+        raise ValueError(f"policy {getattr(cls, 'name', cls.__name__)!r} option {name} must be "
+                         f"{expected}, got {value!r} ({type(value).__name__})")
 
 
 # -- registry ----------------------------------------------------------------------------------
