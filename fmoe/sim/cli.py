@@ -154,7 +154,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 # -- the command --------------------------------------------------------------------------
 
 def _resolve_shape(args, trace):
-    from .shapes import get_shape, guess_shape, load_config_shape
+    from .shapes import get_shape, guess_shape, load_config_shape, shape_from_config
 
     if args.model_config and args.model:
         raise UsageError("give --model or --model-config, not both")
@@ -162,13 +162,19 @@ def _resolve_shape(args, trace):
         shape = load_config_shape(args.model_config)
     elif args.model:
         shape = get_shape(args.model)
+    elif guess_shape(trace.model) is not None:
+        shape = get_shape(guess_shape(trace.model))
+    elif trace.model_config:
+        # a recorded trace carries its model's config.json (fmoe.runtime.recorder)
+        try:
+            shape = shape_from_config(trace.model_config, name=trace.model or None)
+        except (FmoeError, KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{args.trace}: the trace's model_config gives no model shape "
+                             f"({e}); pass --model NAME or --model-config config.json") from None
     else:
-        name = guess_shape(trace.model)
-        if name is None:
-            raise UsageError(f"cannot tell the model shape of trace model {trace.model!r}; pass "
-                             "--model NAME (deepseek-v2-lite, mixtral-8x7b, qwen1.5-moe-a2.7b, "
-                             "qwen3-30b-a3b) or --model-config config.json")
-        shape = get_shape(name)
+        raise UsageError(f"cannot tell the model shape of trace model {trace.model!r}; pass "
+                         "--model NAME (deepseek-v2-lite, mixtral-8x7b, qwen1.5-moe-a2.7b, "
+                         "qwen3-30b-a3b) or --model-config config.json")
     shape = shape.with_dtype(args.dtype)
     if (shape.num_moe_layers, shape.num_experts) != (trace.num_layers, trace.num_experts):
         raise UsageError(f"trace has {trace.num_layers} MoE layers x {trace.num_experts} experts "

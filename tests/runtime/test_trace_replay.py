@@ -38,3 +38,34 @@ def test_recorded_trace_replays_to_same_counts(tmp_path, mixtral_ckpt, policy, c
     if policy == "fmoe":            # the default: the learned reuse eviction, no prefetch
         assert sim.prefetched == live["prefetched"] == 0
     assert live["misses"] > 0 and live["hits"] > 0
+
+
+def test_recorded_trace_simulates_without_model_config(tmp_path, mixtral_ckpt):
+    """Regression (issue 18): a trace recorded from a local checkpoint names the directory, not a
+    known model, and could be simulated only with --model-config. It carries the model's
+    config.json (`model_config`), and `fmoe simulate` takes the shape from it."""
+    import json
+
+    from fmoe.sim.__main__ import main
+
+    path, _ = mixtral_ckpt
+    trace_path = tmp_path / "live.npz"
+    model = fmoe.models.from_pretrained(path, expert_cache=4, policy="lru", trace_path=trace_path)
+    model.generate(torch.randint(3, 128, (1, 2), generator=torch.Generator().manual_seed(3)),
+                   max_new_tokens=6, eos_token_id=[])
+    model.close()
+    trace = load_trace(trace_path)
+    assert trace.model == path.name and str(path) not in trace.model     # no local path
+    assert trace.model_config["num_local_experts"] == 8
+
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["simulate", "--trace", str(trace_path), "--policy", "lru",
+                     "--cache-fraction", "0.5", "--json", "--no-cache"])
+    assert code == 0, err.getvalue()
+    d = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert d["tokens"] == trace.num_tokens and d["capacity"] == 8 and d["model"] == path.name
+    assert d["expert_bytes"] == 3 * 64 * 48 * 4          # the config's hidden x inter, float32
