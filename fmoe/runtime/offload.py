@@ -128,6 +128,42 @@ class OffloadedExperts(Experts):
         return self._runtime[0].run_layer(self.moe_layer, x, topk_weights, topk_ids, router_probs)
 
 
+def check_map_store(path, shape: tuple[int, int] | None = None, *, flag: str = "map_store",
+                    parent_must_exist: bool = False) -> None:
+    """Refuse (ValueError) a map-store path holding anything but an fmoe expert-map store (of a
+    model with `shape` = (MoE layers, experts) when given): fmoe never overwrites a file it did
+    not write. A missing file is fine (its directory is made at save, unless
+    `parent_must_exist`). `flag` names the setting in the message (``--map-store`` on the
+    command line). The server, the CLIs and `from_pretrained(map_store=...)` share this check."""
+    from pathlib import Path
+
+    from .predictor import STORE_FORMAT
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {p}: is a directory; give a file path (e.g. {p / 'maps.npz'})")
+    if not p.exists():
+        if parent_must_exist and not p.parent.is_dir():
+            raise ValueError(f"{flag} {p}: the directory {p.parent} does not exist")
+        return
+    refuse = (f"{flag} {p}: the file exists but is not {{}}; fmoe would overwrite it at exit, "
+              "so it refuses: move the file away or choose another path")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files") or "format" not in z.files or "shape" not in z.files:
+                raise ValueError("no format marker")
+            fmt = int(z["format"])
+            got = tuple(int(x) for x in np.asarray(z["shape"]).reshape(-1)[:2])
+    except Exception:
+        raise ValueError(refuse.format("an fmoe expert-map store")) from None
+    if fmt != STORE_FORMAT:
+        raise ValueError(refuse.format(f"an expert-map store this fmoe reads (format {fmt}, "
+                                       f"expected {STORE_FORMAT})"))
+    if shape is not None and got != tuple(shape):
+        raise ValueError(refuse.format(f"a store of this model (it holds maps of {got[0]} MoE layers x "
+                                       f"{got[1]} experts; this model has {shape[0]} x {shape[1]})"))
+
+
 class OffloadRuntime:
     def __init__(self, module, cfg, layouts, reader, *, device: torch.device, dtype: torch.dtype,
                  expert_cache, policy: str = "fmoe", link_bandwidth=None, host_cache=None,
@@ -157,12 +193,14 @@ class OffloadRuntime:
                 opts.setdefault("layer_seconds", layer_s)
         elif prefetch_distance is not None or map_store is not None:
             raise ValueError(f"prefetch_distance and map_store need policy='fmoe', not {policy!r}")
+        if map_store is not None:
+            check_map_store(map_store, (self.L, self.E))    # before anything is built
         self.policy = make_policy(policy, self.L, self.E, self.capacity, **opts)
         self.map_store = map_store
         if map_store is not None:
             # a store that persists should fill even when no decision reads its maps
             self.policy.keep_maps = True
-            self.policy.load_state(map_store)   # a missing or bad file is reported and ignored
+            self.policy.load_state(map_store)   # checked above: missing, or a store of this model
         self._embed = getattr(getattr(module, "model", None), "embed_tokens", None)
         self.table = SlotTable(self.capacity, self.policy)
         S = self.capacity

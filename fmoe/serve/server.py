@@ -859,34 +859,11 @@ def load_model(args):
 
 def check_map_store(path, shape: tuple[int, int] | None = None) -> None:
     """Refuse (ValueError) a `--map-store` path holding anything but an fmoe expert-map store
-    (of a model with `shape` = (MoE layers, experts) when given). A missing file is fine."""
-    import numpy as np
+    (of a model with `shape` = (MoE layers, experts) when given). A missing file is fine.
+    The check is the runtime's (`fmoe.runtime.offload.check_map_store`), shared with the API."""
+    from ..runtime.offload import check_map_store as check
 
-    from ..runtime.predictor import STORE_FORMAT
-
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"--map-store {p}: is a directory; give a file path (e.g. {p / 'maps.npz'})")
-    if not p.exists():
-        if not p.parent.is_dir():
-            raise ValueError(f"--map-store {p}: the directory {p.parent} does not exist")
-        return
-    refuse = (f"--map-store {p}: the file exists but is not {{}}; fmoe would overwrite it at exit, "
-              "so it refuses: move the file away or choose another path")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            if not hasattr(z, "files") or "format" not in z.files or "shape" not in z.files:
-                raise ValueError("no format marker")
-            fmt = int(z["format"])
-            got = tuple(int(x) for x in np.asarray(z["shape"]).reshape(-1)[:2])
-    except Exception:
-        raise ValueError(refuse.format("an fmoe expert-map store")) from None
-    if fmt != STORE_FORMAT:
-        raise ValueError(refuse.format(f"an expert-map store this fmoe reads (format {fmt}, "
-                                       f"expected {STORE_FORMAT})"))
-    if shape is not None and got != tuple(shape):
-        raise ValueError(refuse.format(f"a store of this model (it holds maps of {got[0]} MoE layers x "
-                                       f"{got[1]} experts; this model has {shape[0]} x {shape[1]})"))
+    check(path, shape, flag="--map-store", parent_must_exist=True)
 
 
 def served_name(args) -> str:

@@ -161,10 +161,32 @@ def test_map_store_persists_across_restarts(resident, tmp_path):
     assert np.array_equal(m2.runtime.policy.reuse.seen, counts)   # ... reuse counts too
     assert torch.equal(m2.generate(ids, 24, eos_token_id=[]), ref)
     m2.close()
-    store.write_bytes(b"garbage")                   # a corrupt file is reported and ignored
-    m3 = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=store)
-    assert m3.runtime.policy.store.size == 0
-    m3.close()
+    store.write_bytes(b"garbage")                   # not a store: refused, left as it is
+    with pytest.raises(ValueError, match="not an fmoe expert-map store"):
+        fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=store)
+    assert store.read_bytes() == b"garbage"
+
+
+def test_map_store_refuses_what_fmoe_did_not_write(resident, tmp_path):
+    """Regression (issue 18): from_pretrained(map_store=PATH) read a user's file as a "bad
+    store", ignored it and overwrote it at close. Like `--map-store` (the same check), it refuses
+    a file that is not an fmoe expert-map store, or is another model's, and leaves it untouched."""
+    path = resident[0]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my thesis notes\n")
+    with pytest.raises(ValueError, match=r"map_store .*notes.txt: the file exists but is not an "
+                                         r"fmoe expert-map store"):
+        fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=notes)
+    assert notes.read_text() == "my thesis notes\n"
+    other = tmp_path / "other.npz"
+    np.savez(other, format=np.int64(1), shape=np.array([26, 64, 2048]), maps=np.zeros((0, 26, 64)),
+             sem=np.zeros((0, 2048)))
+    before = other.read_bytes()
+    with pytest.raises(ValueError, match="26 MoE layers x 64 experts; this model has 2 x 8"):
+        fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=other)
+    assert other.read_bytes() == before
+    with pytest.raises(ValueError, match="is a directory"):
+        fmoe.models.from_pretrained(path, expert_cache=0.5, policy="fmoe", map_store=tmp_path)
 
 
 def test_map_store_needs_fmoe(resident, tmp_path):
