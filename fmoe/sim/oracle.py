@@ -13,7 +13,10 @@ replay must acquire keys in exactly that order (`fmoe.sim.replay` does).
   other policy is compared with.
 * `OraclePolicy` ("oracle"): Belady's eviction plus perfect prefetch: at every layer it orders
   the next experts needed (in order of need) that are not resident, and admits a prefetch only
-  when the expert it would evict is needed later than the one it fetches.
+  when the expert it would evict is needed later than the one it fetches. A prefetch holds the
+  link, so on a short trace it can delay a demand load more than it saves: `fmoe.sim.replay.
+  simulate` reports for "oracle" the lower TPOT of this schedule and Belady demand paging
+  (``schedule``: "prefetch" or "demand"), so the oracle is a bound, never worse than belady.
 * `HorizonPolicy` ("horizon"): fmoe's reuse eviction told the exact routing of the next
   `tokens` tokens: how much a perfect short-range predictor could add.
 """

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -602,7 +602,24 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
                         prefetch_used=st.prefetch_used, stall=stall)
             results.append(_result(trace, name, capacity, tm, c, engine,
                                    time.perf_counter() - (t0 if i == 0 else t1), cache_fraction))
+    if name == "oracle" and not isinstance(policy, Policy):
+        # a bound: knowing the future, the oracle also knows when its prefetches would hold up
+        # demand loads on the link more than they save; per timing model it takes the lower
+        # TPOT of its prefetch schedule and Belady demand paging (it is never worse than belady)
+        demand = simulate(trace, "belady", timings, capacity=capacity, use_cache=use_cache)
+        results = [_oracle_bound(o, b) for o, b in zip(results, demand)]
     return results[0] if isinstance(timing, TimingModel) else results
+
+
+def _oracle_bound(oracle: SimResult, belady: SimResult) -> SimResult:
+    """The oracle's result: its prefetch schedule, or Belady demand paging where that is faster
+    (``schedule`` says which)."""
+    if belady.tpot_ms < oracle.tpot_ms:
+        return replace(belady, policy=oracle.policy, cache_fraction=oracle.cache_fraction,
+                       wall_s=oracle.wall_s + belady.wall_s,
+                       extra={**belady.extra, "schedule": "demand"})
+    return replace(oracle, wall_s=oracle.wall_s + belady.wall_s,
+                   extra={**oracle.extra, "schedule": "prefetch"})
 
 
 def _result(trace: Trace, name: str, capacity: int, tm: TimingModel, c: "_Counts", engine: str,
