@@ -22,6 +22,7 @@ DEFAULT_HARDWARE = "rtx3090-pcie4"
 DEFAULT_FRACTIONS = "0.1,0.25,0.5"
 NO_PROBS = {"lru", "lfu", "belady", "oracle", "moe-infinity"}   # policies that ignore probs
 PROG = "fmoe simulate"
+PROGRESS_DELAY_S = 3.0      # a replay shows its progress bar once it has run this long
 
 
 class UsageError(FmoeError):
@@ -83,6 +84,29 @@ def _check_options(policy_class, policies: list[str], options: dict) -> None:
             check_option_types(policy_class(name), options)
         except ValueError as e:
             raise UsageError(f"--policy-option: {e}") from None
+
+
+def _progress_bar(total: int):
+    """A tqdm bar over `total` replayed tokens on stderr, shown once the run passes
+    `PROGRESS_DELAY_S`, or None: only on a terminal, or whatever the terminal with
+    FMOE_PROGRESS=1 (FMOE_PROGRESS=0 hides it). Never on stdout."""
+    import os
+
+    mode = os.environ.get("FMOE_PROGRESS", "auto").lower()
+    if mode in ("0", "false", "no", "off"):
+        return None
+    if mode not in ("1", "true", "yes", "on"):
+        try:
+            if not sys.stderr.isatty():
+                return None
+        except (AttributeError, ValueError):
+            return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="replaying", unit="tok", unit_scale=True, leave=False,
+                delay=PROGRESS_DELAY_S, file=sys.stderr, dynamic_ncols=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -287,13 +311,22 @@ def _run(args) -> int:
     else:
         cap_kw = {"cache_fraction": args.cache_fraction}
         capacity_for(trace, args.cache_fraction)
-    res = simulate(trace, args.policy, tm, history=history, engine=args.engine,
-                   use_cache=use_cache, policy_options=options, **cap_kw)
+    passes = 1 + (args.policy == "oracle") + bool(args.vs_oracle)
+    bar = _progress_bar(passes * trace.num_tokens)
+    tick = bar.update if bar is not None else None
+    try:
+        res = simulate(trace, args.policy, tm, history=history, engine=args.engine,
+                       use_cache=use_cache, policy_options=options, progress=tick, **cap_kw)
+        if args.vs_oracle:
+            b = simulate(trace, "belady", tm, capacity=res.capacity, use_cache=use_cache,
+                         progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
     d = res.to_dict()
     d.update(common)
     d["hardware"] = hws[0].name
     if args.vs_oracle:
-        b = simulate(trace, "belady", tm, capacity=res.capacity, use_cache=use_cache)
         d["belady_hit_rate"] = b.hit_rate
         d["belady_loads_per_token"] = b.loads_per_token
         d["loads_vs_belady"] = (res.loads_per_token / b.loads_per_token

@@ -325,8 +325,13 @@ def _lru_misses(trace: Trace, capacity: int) -> np.ndarray:
     return np.bincount(rows, minlength=T * L).reshape(T, L).astype(np.uint16)
 
 
-def _demand_misses(trace: Trace, table: SlotTable) -> np.ndarray:
-    """Table loop for a policy that never prefetches: misses per (token, layer)."""
+# tokens between two progress reports of a replay loop
+_TICK = 256
+
+
+def _demand_misses(trace: Trace, table: SlotTable, progress=None) -> np.ndarray:
+    """Table loop for a policy that never prefetches: misses per (token, layer). `progress`
+    (when given) is called with the number of tokens replayed since its last call."""
     policy = table.policy
     ids = trace.expert_ids
     T, L, K = ids.shape
@@ -364,8 +369,12 @@ def _demand_misses(trace: Trace, table: SlotTable) -> np.ndarray:
                 pinned.clear()
             if tok_end:
                 policy.on_token_end()
+            if progress is not None and (t + 1) % _TICK == 0:
+                progress(_TICK)
         if req:
             policy.on_request_end(n)
+    if progress is not None and T % _TICK:
+        progress(T % _TICK)
     return misses
 
 
@@ -375,9 +384,10 @@ def _demand_stall(trace: Trace, misses: np.ndarray, tm: TimingModel) -> np.ndarr
     return per_layer.sum(axis=1)
 
 
-def _events(trace: Trace, table: SlotTable, tm: TimingModel) -> tuple[np.ndarray, int, int]:
+def _events(trace: Trace, table: SlotTable, tm: TimingModel,
+            progress=None) -> tuple[np.ndarray, int, int]:
     """The discrete-event replay (any policy). Returns (stall per token, demand loads,
-    prefetch loads)."""
+    prefetch loads). `progress` as in `_demand_misses`."""
     policy = table.policy
     ids = trace.expert_ids
     T, L, K = ids.shape
@@ -488,7 +498,11 @@ def _events(trace: Trace, table: SlotTable, tm: TimingModel) -> tuple[np.ndarray
             t += post
             policy.on_token_end()
             stall_tok[tok] = stall
+            if progress is not None and (tok + 1) % _TICK == 0:
+                progress(_TICK)
         policy.on_request_end(n)
+    if progress is not None and T % _TICK:
+        progress(T % _TICK)
     return stall_tok, demand, counters[0]
 
 
@@ -497,14 +511,16 @@ def _events(trace: Trace, table: SlotTable, tm: TimingModel) -> tuple[np.ndarray
 def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[TimingModel], *,
              capacity: int | None = None, cache_fraction: float | None = None,
              history: Trace | None = None, engine: str = "auto", use_cache: bool = True,
-             policy_options: dict | None = None) -> SimResult | list[SimResult]:
+             policy_options: dict | None = None, progress=None) -> SimResult | list[SimResult]:
     """Replay `trace` through `policy` (a name, or a `Policy` built for this trace) on a pool of
     `capacity` slots (or ``floor(cache_fraction * L * E)``) under `timing`.
 
     `timing` may be a list: demand-paging policies then replay once and are timed under each
     model; prefetching policies (named) replay once per model. Returns one `SimResult` per
     timing model (a list when a list was given).
-    `engine`: "auto" (fastest exact one), "events", "demand" or "lru" (see the module doc)."""
+    `engine`: "auto" (fastest exact one), "events", "demand" or "lru" (see the module doc).
+    `progress`: called with a count of tokens as each replay pass advances (a progress bar's
+    ``update``); "oracle" replays twice (its schedule, then Belady demand paging)."""
     timings = [timing] if isinstance(timing, TimingModel) else list(timing)
     if not timings:
         raise SimError("no timing model")
@@ -571,10 +587,14 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
         if misses is None:
             if engine == "lru":
                 misses = _lru_misses(trace, capacity)
+                if progress is not None:
+                    progress(trace.num_tokens)
             else:
-                misses = _demand_misses(trace, SlotTable(capacity, pol))
+                misses = _demand_misses(trace, SlotTable(capacity, pol), progress)
             if cacheable and use_cache:
                 diskcache.save(misses, *ckey)
+        elif progress is not None:
+            progress(trace.num_tokens)
         n_miss = int(misses.sum(dtype=np.int64))
         replay_s = time.perf_counter() - t0
         for tm in timings:
@@ -593,7 +613,7 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
             if history is not None:
                 feed_history(pol, history)
             table = SlotTable(capacity, pol)
-            stall, demand_loads, pref_loads = _events(trace, table, tm)
+            stall, demand_loads, pref_loads = _events(trace, table, tm, progress)
             st = table.stats
             assert demand_loads == st.misses - st.late, (demand_loads, st.misses, st.late)
             assert pref_loads == st.prefetched, (pref_loads, st.prefetched)
@@ -606,7 +626,8 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
         # a bound: knowing the future, the oracle also knows when its prefetches would hold up
         # demand loads on the link more than they save; per timing model it takes the lower
         # TPOT of its prefetch schedule and Belady demand paging (it is never worse than belady)
-        demand = simulate(trace, "belady", timings, capacity=capacity, use_cache=use_cache)
+        demand = simulate(trace, "belady", timings, capacity=capacity, use_cache=use_cache,
+                          progress=progress)
         results = [_oracle_bound(o, b) for o, b in zip(results, demand)]
     return results[0] if isinstance(timing, TimingModel) else results
 

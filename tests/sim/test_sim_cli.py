@@ -222,3 +222,53 @@ def test_policy_option_types_in_the_python_simulator(trace_path, tiny_config):
         simulate(trace, "oracle", tm, cache_fraction=0.25, policy_options={"max_orders": "abc"})
     r = simulate(trace, "oracle", tm, cache_fraction=0.25, policy_options={"max_orders": 2})
     assert r.tokens == 120
+
+
+@pytest.mark.parametrize("policy", ["lru", "oracle", "fmoe"])
+def test_progress_bar_on_stderr_only(capsys, monkeypatch, trace_path, tiny_config, policy):
+    """Regression (issue 18): a long `fmoe simulate` printed nothing until it ended. A tqdm bar
+    counts replayed tokens on stderr (on a terminal, or with FMOE_PROGRESS=1) once the run is
+    longer than `PROGRESS_DELAY_S` (0 here, so that a short test run shows it); stdout keeps
+    only the JSON line."""
+    import fmoe.sim.cli as sim_cli
+
+    argv = ("simulate", "--trace", trace_path, "--policy", policy, "--cache-fraction", "0.25",
+            "--model-config", tiny_config, "--json", "--no-cache")
+    monkeypatch.setattr(sim_cli, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setenv("FMOE_PROGRESS", "1")
+    bars = []
+    make = sim_cli._progress_bar
+
+    def spy(total):
+        bar = make(total)
+        if bar is None:
+            return None
+        close = bar.close
+        bar.close = lambda: (bars.append((bar.n, bar.total)), close())
+        return bar
+    monkeypatch.setattr(sim_cli, "_progress_bar", spy)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "replaying" in err and "tok" in err
+    passes = 2 if policy == "oracle" else 1               # the oracle also replays belady
+    assert bars[-1] == (passes * 120, passes * 120)       # every replayed token counted
+    assert len(out.strip().splitlines()) == 1 and json.loads(out)["tokens"] == 120
+    monkeypatch.setenv("FMOE_PROGRESS", "0")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and err == ""
+    monkeypatch.delenv("FMOE_PROGRESS")                     # auto: stderr is not a terminal
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and err == ""
+
+
+def test_no_progress_bar_for_a_short_run(capsys, monkeypatch, trace_path, tiny_config):
+    """A run shorter than the delay leaves stderr empty (the delay set out of reach, so the
+    test does not hang on the machine's speed)."""
+    import fmoe.sim.cli as sim_cli
+
+    monkeypatch.setattr(sim_cli, "PROGRESS_DELAY_S", 1e9)
+    monkeypatch.setenv("FMOE_PROGRESS", "1")
+    code, out, err = run_cli(capsys, "simulate", "--trace", trace_path, "--policy", "lru",
+                             "--cache-fraction", "0.25", "--model-config", tiny_config, "--json")
+    assert code == 0 and err == ""
+    json.loads(out.strip().splitlines()[-1])
