@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,35 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEEPSEEK_V2_LITE = {
-    "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"],
-    "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
-    "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
-    "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
-    "num_experts_per_tok": 6, "routed_scaling_factor": 1.0, "kv_lora_rank": 512,
-    "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
-    "topk_method": "greedy", "n_group": 1, "topk_group": 1, "moe_layer_freq": 1,
-    "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax",
-    "max_position_embeddings": 163840, "rope_theta": 10000,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
-                     "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001,
-}
+from fmoe.models.published import published_config  # noqa: E402
 
-
-def h2d_bandwidth(nbytes: int, repeats: int = 20) -> float:
-    """Pinned host -> device copy rate in bytes/s (median)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(repeats + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return nbytes / statistics.median(times[2:])
+DEEPSEEK_V2_LITE = published_config("deepseek-v2-lite")
 
 
 def tpot(model, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
@@ -83,6 +56,7 @@ def main(argv=None) -> int:
         return 0
 
     import fmoe
+    from fmoe.bench.calibrate import h2d_bandwidth
     from fmoe.models.synthetic import write_random_checkpoint
 
     cfg = dict(DEEPSEEK_V2_LITE, num_hidden_layers=args.layers)

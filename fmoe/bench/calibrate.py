@@ -200,7 +200,7 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
 
     raw = json.loads((path / "config.json").read_text())
     shape = shape_from_config(raw, name=raw.get("_name_or_path") or path.name)
-    h2d = _h2d_bandwidth(reads["expert_bytes"]) if torch.device(device).type == "cuda" else None
+    h2d = h2d_bandwidth(reads["expert_bytes"]) if torch.device(device).type == "cuda" else None
     profile = {
         "format": "fmoe-hardware-profile", "version": 1,
         "name": f"calibrated:{platform.node() or 'host'}:{path.name}",
@@ -223,7 +223,7 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
     return profile
 
 
-def _h2d_bandwidth(nbytes: int, repeats: int = 20) -> float:  # pragma: no cover (CUDA only)
+def h2d_bandwidth(nbytes: int, repeats: int = 20) -> float:  # pragma: no cover (CUDA only)
     """Pinned host -> device copy rate of one expert, bytes/s (median)."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
