@@ -77,7 +77,8 @@ def register(sub) -> None:
     p.add_argument("--policy", default="fmoe")
     p.add_argument("--policy-option", action="append", type=_policy_option, default=[],
                    metavar="KEY=VALUE", help="a policy option (repeatable)")
-    p.add_argument("--execution", default="load", help="load (default), host or hybrid")
+    p.add_argument("--execution", default="load", choices=["load", "host", "hybrid"],
+                   help="load (default); host and hybrid are not available yet")
     p.add_argument("--prefetch-distance", type=int, default=None)
     p.add_argument("--hardware-profile", default=None, metavar="FILE.json",
                    help="a profile from `fmoe calibrate`: the fmoe policy decides prefetch from it")

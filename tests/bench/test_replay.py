@@ -129,6 +129,8 @@ def test_cli_bench_bad_input(tiny_synth, tmp_path, capsys):
     assert main(["bench", str(tiny_synth), "--sequences", "0"]) != 0
     assert main(["bench", str(tiny_synth), "--policy-option", "prefetch=true"]) != 0
     assert "--expert-cache" in capsys.readouterr().err
+    assert main(["bench", str(tiny_synth), "--execution", "host"]) != 0
+    assert "not available" in capsys.readouterr().err
 
 
 def test_mmap_experts_equal_resident(tiny_synth):
