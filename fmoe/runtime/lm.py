@@ -88,7 +88,8 @@ class MoEModel(nn.Module):
         shp = self.config.experts
         n = shp.num_layers * shp.num_experts
         return {"capacity": n, "resident_peak": n, "hits": 0, "misses": 0, "prefetched": 0,
-                "prefetch_used": 0, "bytes_loaded": 0, "stall_seconds": 0.0, "policy_seconds": 0.0}
+                "prefetch_used": 0, "bytes_loaded": 0, "stall_seconds": 0.0, "policy_seconds": 0.0,
+                "host_computed": 0}
 
     def reset_expert_stats(self) -> None:
         if self.runtime is not None:
@@ -100,6 +101,11 @@ class MoEModel(nn.Module):
 
 
 def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe", **kwargs) -> MoEModel:
+    execution = kwargs.pop("execution", "load")
+    if execution not in ("load", "host", "hybrid"):
+        raise ValueError(f"execution must be 'load', 'host' or 'hybrid', got {execution!r}")
+    if execution != "load":
+        raise ValueError(f"execution={execution!r} is not available in this version; 'load' is")
     root = resolve(name_or_path)
     device = torch.device(device)
     dtype = parse_dtype(dtype)

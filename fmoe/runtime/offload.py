@@ -262,7 +262,8 @@ class OffloadRuntime:
         return {"capacity": self.capacity, "resident_peak": t.resident_peak, "hits": self.hits,
                 "misses": self.misses, "prefetched": t.prefetched, "prefetch_used": t.prefetch_used,
                 "bytes_loaded": int(self.engine.bytes_loaded - self._bytes0),
-                "stall_seconds": self.stall, "policy_seconds": self.policy_time}
+                "stall_seconds": self.stall, "policy_seconds": self.policy_time,
+                "host_computed": 0}
 
     # -- events from the engine ------------------------------------------------------------
     def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None,

@@ -50,7 +50,7 @@ def test_stats_reset_and_keys(resident):
     model.generate(ids[:1], 4)
     s = model.expert_stats()
     assert set(s) == {"capacity", "resident_peak", "hits", "misses", "prefetched", "prefetch_used",
-                      "bytes_loaded", "stall_seconds", "policy_seconds"}
+                      "bytes_loaded", "stall_seconds", "policy_seconds", "host_computed"}
     assert s["capacity"] == 4 and s["misses"] > 0 and s["stall_seconds"] > 0
     assert s["policy_seconds"] > 0
     model.reset_expert_stats()
