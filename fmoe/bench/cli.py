@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -42,13 +41,6 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _policy_option(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--policy-option wants KEY=VALUE, got {text!r}")
-    k, v = text.split("=", 1)
-    return k.strip(), v.strip()
-
-
 def register(sub) -> None:
     from ..models.published import PUBLISHED
 
@@ -75,7 +67,7 @@ def register(sub) -> None:
     p.add_argument("--expert-cache", default=None,
                    help="fraction, count, byte size or 'auto' (default: every expert resident)")
     p.add_argument("--policy", default="fmoe")
-    p.add_argument("--policy-option", action="append", type=_policy_option, default=[],
+    p.add_argument("--policy-option", action="append", default=[],
                    metavar="KEY=VALUE", help="a policy option (repeatable)")
     p.add_argument("--execution", default="load", choices=["load", "host", "hybrid"],
                    help="load (default); host and hybrid are not available yet")

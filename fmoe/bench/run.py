@@ -150,7 +150,9 @@ def bench_from_args(args) -> dict:
     if args.expert_cache is not None:
         kwargs.update(expert_cache=args.expert_cache, policy=args.policy)
         if args.policy_option:
-            kwargs["policy_options"] = _parse_options(args.policy_option)
+            from ..sim.cli import parse_policy_options
+
+            kwargs["policy_options"] = parse_policy_options(args.policy_option)
         if args.prefetch_distance is not None:
             kwargs["prefetch_distance"] = args.prefetch_distance
         if args.hardware_profile is not None and args.policy == "fmoe":
@@ -182,22 +184,3 @@ def bench_from_args(args) -> dict:
           f"routing {result['routing']}", file=sys.stderr, flush=True)
     return result
 
-
-def _parse_options(pairs) -> dict:
-    """KEY=VALUE strings -> typed values (int, float, bool, None or str)."""
-    out = {}
-    for k, v in pairs:
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-        elif low in ("none", "null"):
-            out[k] = None
-        else:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    out[k] = v
-    return out

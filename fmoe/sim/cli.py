@@ -58,7 +58,8 @@ def _csv_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _policy_options(items: list[str]) -> dict:
+def parse_policy_options(items: list[str]) -> dict:
+    """KEY=VALUE strings -> {key: JSON value, or the string itself}; shared with `fmoe bench`."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -252,7 +253,7 @@ def _run(args) -> int:
     for p in policies:
         policy_class(p)
     if args.policy_option:
-        _check_options(policy_class, policies, _policy_options(args.policy_option))
+        _check_options(policy_class, policies, parse_policy_options(args.policy_option))
 
     # the router softmax can be large; load it only for policies that may read it
     probs = any(p not in NO_PROBS for p in policies)
@@ -266,7 +267,7 @@ def _run(args) -> int:
     # a calibrated profile carries its own measured timing (it replaces the built-in shape's)
     timings = {h.name: (h.timing_model() if hasattr(h, "timing_model") else TimingModel.from_shape(shape, h))
                for h in hws}
-    options = dict(_policy_options(args.policy_option))
+    options = dict(parse_policy_options(args.policy_option))
     if args.prefetch_distance:
         options["prefetch_distance"] = args.prefetch_distance
     options = options or None
