@@ -23,9 +23,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 SHAPES = {
     # ~1.3 GB in bf16: big enough that expert reads are real I/O, small enough for 2 CPU cores
     "default": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,

@@ -34,14 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fmoe.runtime.fmoe_policy import FmoePolicy  # noqa: E402
-from fmoe.sim.hardware import get_hardware  # noqa: E402
-from fmoe.sim.replay import simulate  # noqa: E402
-from fmoe.sim.shapes import get_shape, guess_shape  # noqa: E402
-from fmoe.sim.timing import TimingModel  # noqa: E402
-from fmoe.sim.trace import Trace, load_trace  # noqa: E402
+from fmoe.runtime.fmoe_policy import FmoePolicy
+from fmoe.sim.hardware import get_hardware
+from fmoe.sim.replay import simulate
+from fmoe.sim.shapes import get_shape, guess_shape
+from fmoe.sim.timing import TimingModel
+from fmoe.sim.trace import Trace, load_trace
 
 PREFETCH = {"max_orders": 1}      # one order per layer, at neighbour similarity >= 0.6
 # name -> (constructor options, attributes set after learning)

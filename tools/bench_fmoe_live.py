@@ -31,12 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fmoe  # noqa: E402
-from fmoe.runtime.policies import make_policy  # noqa: E402
-from fmoe.runtime.slots import SlotTable  # noqa: E402
-from fmoe.serve.demo import cache_dir, demo_checkpoint  # noqa: E402
+import fmoe
+from fmoe.runtime.policies import make_policy
+from fmoe.runtime.slots import SlotTable
+from fmoe.serve.demo import cache_dir, demo_checkpoint
 
 TINY_DEEPSEEK = dict(model_type="deepseek_v2", vocab_size=2048, hidden_size=256, intermediate_size=512,
                      moe_intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,

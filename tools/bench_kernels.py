@@ -23,14 +23,11 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fmoe.kernels import fused_moe  # noqa: E402
-from fmoe.kernels.torch_moe import grouped_mm_unsupported_reason  # noqa: E402
+from fmoe.kernels import fused_moe
+from fmoe.kernels.torch_moe import grouped_mm_unsupported_reason
 
 MODELS = {
     # name: hidden H, intermediate I per expert, routed experts E, top-k K

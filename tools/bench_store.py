@@ -26,10 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 SHAPES = {
     # 64 experts of 17.3 MB + 0.17 GB of other weights = 1.28 GB (1.19 GiB) in bf16
@@ -109,7 +106,6 @@ def checkpoint_bytes(path: Path) -> int:
 
 _CHILD = r"""
 import json, sys, time
-sys.path.insert(0, sys.argv[1])
 import torch, tqdm, fmoe.models.convert as convert, fmoe.models.mixtral  # everything conversion imports
 with torch.device("meta"):   # torch imports its meta-device init kernels lazily (~150 MB, once)
     torch.nn.Embedding(2, 2)
@@ -121,7 +117,7 @@ def status(key):
 
 base = status("VmHWM")
 t0 = time.perf_counter()
-convert.convert(sys.argv[2], sys.argv[3], progress=False, force=True, chunk_bytes=int(sys.argv[4]))
+convert.convert(sys.argv[1], sys.argv[2], progress=False, force=True, chunk_bytes=int(sys.argv[3]))
 print(json.dumps({"baseline_rss": base, "peak_rss": status("VmHWM"), "seconds": time.perf_counter() - t0}))
 """
 
@@ -132,7 +128,7 @@ def measure_convert_rss(src: Path, dst: Path, chunk_bytes: int | None = None) ->
     from fmoe.models.convert import CHUNK_BYTES
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(src), str(dst),
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(dst),
                         str(chunk_bytes or CHUNK_BYTES)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"conversion child failed:\n{r.stderr}")

@@ -21,10 +21,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fmoe.models.published import published_config  # noqa: E402
+from fmoe.models.published import published_config
 
 DEEPSEEK_V2_LITE = published_config("deepseek-v2-lite")
 

@@ -24,10 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fmoe.kernels import tile_config  # noqa: E402
-from fmoe.kernels.torch_moe import moe_gather  # noqa: E402
+from fmoe.kernels import tile_config
+from fmoe.kernels.torch_moe import moe_gather
 
 MODELS = {
     "mixtral-8x7b": dict(hidden=4096, inter=14336, experts=8, top_k=2),
@@ -93,7 +91,7 @@ def tune(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype, 
     from fmoe.kernels.triton_moe import fused_moe_triton
     if timer is None:
         from triton.testing import do_bench
-        timer = lambda fn: do_bench(fn, warmup=5, rep=25, return_mode="median")  # noqa: E731
+        timer = lambda fn: do_bench(fn, warmup=5, rep=25, return_mode="median")
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     w13, w2 = make_weights(hidden, inter, experts, dtype, device)
     w13_ref, w2_ref = w13.float(), w2.float()
