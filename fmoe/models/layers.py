@@ -147,12 +147,49 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.seen += n
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (for dropping finished sequences)."""
-        self.layers = [None if b is None else [t[index] for t in b] for b in self.layers]
+    # -- row operations of continuous batching (every tensor of every layer alike) -------------
+    def trim(self, n: int) -> None:
+        """Drop the first `n` cached positions of every row (columns that are padding in all
+        rows): [B, seen, ...] -> [B, seen - n, ...], views of the buffers."""
+        self.layers = [None if b is None else [t[:, n:self.seen] for t in b] for b in self.layers]
+        self.seen -= n
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self.layers if b for t in b)
+    def select(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` [b] (long), in that order: [B, seen, ...] -> [b, seen, ...]
+        (a copy; the next `update` regrows it)."""
+        self.layers = [None if b is None else [t[:, :self.seen].index_select(0, index) for t in b]
+                       for b in self.layers]
+
+    def merge(self, other: "KVCache", headroom: int = 16) -> None:
+        """Append the rows of `other` below this cache's rows, both right-aligned on
+        S = max(seen, other.seen): [B1, seen1, ...] + [B2, seen2, ...] -> [B1 + B2, S, ...].
+        The shorter side is left-padded with zeros (the caller masks those keys); `headroom`
+        spare columns save the next `update` a regrowth."""
+        S = max(self.seen, other.seen)
+        layers = []
+        for a, b in zip(self.layers, other.layers):
+            if a is None and b is None:
+                layers.append(None)
+                continue
+            if a is None or b is None:
+                raise RuntimeError("cannot merge caches: a layer is cached in one batch only")
+            layers.append([self._stack_right_aligned([x[:, :self.seen], y[:, :other.seen]], S, headroom)
+                           for x, y in zip(a, b)])
+        self.layers = layers
+        self.seen = S
+
+    @staticmethod
+    def _stack_right_aligned(parts: list[torch.Tensor], S: int, headroom: int) -> torch.Tensor:
+        """Stack [b_i, s_i, ...] along the batch dim into one zero-padded
+        [sum b_i, S + headroom, ...] buffer with every part's last column at S - 1."""
+        ref = parts[0]
+        out = ref.new_zeros((sum(p.shape[0] for p in parts), S + headroom) + tuple(ref.shape[2:]))
+        r = 0
+        for p in parts:
+            b, s = p.shape[0], p.shape[1]
+            out[r:r + b, S - s:S] = p
+            r += b
+        return out
 
 
 def attention_mask(q_len: int, k_len: int, key_valid: torch.Tensor | None, device,

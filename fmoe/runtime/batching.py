@@ -14,9 +14,11 @@ is False on padding, and each row carries its own rotary position. One iteration
    row's own `SamplingParams` and seeded generator;
 3. drops finished and cancelled rows and trims leading columns that are padding in every row.
 
-Nothing here depends on a model family: a family module only needs ``new_cache()`` returning a
-`KVCache` and ``forward(input_ids, positions=, cache=, key_valid=, last_only=)``. A row computes
-what it would compute alone: padding keys are masked, positions count real tokens only.
+The forwards and the row operations (keep, merge) are the engine's (`fmoe.runtime.engine`:
+`prefill`, `decode_step`, `DecodeBatch`), shared with `generate`. Nothing here depends on a model
+family: a family module only needs ``new_cache()`` returning a `KVCache` and
+``forward(input_ids, positions=, cache=, key_valid=, last_only=)``. A row computes what it would
+compute alone: padding keys are masked, positions count real tokens only.
 
 `Batcher` is driven either by its own background thread (`start`; the server) or synchronously
 (`run_until_idle`, `step`; tests and `fmoe chat`). Only that one thread touches the model;
@@ -35,11 +37,12 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Callable, Iterable, Sequence as Seq
+from typing import Callable, Iterable
+from typing import Sequence as Seq
 
 import torch
 
-from .engine import NoHooks, SamplingParams, left_pad, sample
+from .engine import DecodeBatch, NoHooks, SamplingParams, decode_step, left_pad, prefill, sample
 
 log = logging.getLogger("fmoe.batching")
 
@@ -133,12 +136,9 @@ class Batcher:
         self._refusing = False                        # `stop_admitting`: submit refuses
         self._abort: str | None = None                # `abort`: the loop fails everything
 
-        # the running batch (engine thread only)
+        # the running batch (engine thread only): `rows[i]` owns row i of `_batch`
         self.rows: list[Sequence] = []
-        self._cache = None
-        self._key_valid: torch.Tensor | None = None   # [B, S] bool
-        self._padded = False                          # any False in _key_valid
-        self._next_pos: torch.Tensor | None = None    # [B] long: position of each row's next token
+        self._batch: DecodeBatch | None = None
         self._last: list[int] = []                    # each row's newest token, not yet in the cache
 
         self._admitting: list[Sequence] = []           # admitted, not yet in `rows`
@@ -191,6 +191,16 @@ class Batcher:
     @property
     def num_running(self) -> int:
         return len(self.rows)
+
+    @property
+    def _cache(self):
+        """The running batch's KV cache (None while idle)."""
+        return self._batch.cache if self._batch is not None else None
+
+    @property
+    def _key_valid(self) -> torch.Tensor | None:
+        """The running batch's key_valid [B, S] (None while idle)."""
+        return self._batch.key_valid if self._batch is not None else None
 
     # -- the loop ------------------------------------------------------------------------------
     def start(self) -> "Batcher":
@@ -309,72 +319,28 @@ class Batcher:
         for s in seqs:
             self.hooks.on_request_start(s.id, s.prompt_text, list(s.prompt))
         ids, valid = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        padded = not bool(valid.all())
-        cache = self.module.new_cache()
-        self.hooks.begin_step(ids, valid, [s.id for s in seqs])
-        logits = self.module(ids, positions=positions, cache=cache,
-                             key_valid=valid if padded else None, last_only=True)
-        self.hooks.on_token_end()
+        logits, batch = prefill(self.module, ids, valid, self.hooks, [s.id for s in seqs])
         self.prefills += 1
-        toks = self._sample(logits[:, -1], seqs)
+        toks = self._sample(logits, seqs)
         keep = [i for i, (s, t) in enumerate(zip(seqs, toks)) if t is not None and not self._emit(s, t)]
         if not keep:
             return
-        next_pos = positions[:, -1] + 1
         if len(keep) < len(seqs):
-            idx = torch.tensor(keep, device=self.device)
-            cache.layers = [None if b is None else [t[:, :cache.seen].index_select(0, idx) for t in b]
-                            for b in cache.layers]
-            valid, next_pos = valid[idx], next_pos[idx]
-            first = _first_valid_column(valid)
-            if first:
-                cache.layers = [None if b is None else [t[:, first:] for t in b] for b in cache.layers]
-                cache.seen -= first
-                valid = valid[:, first:]
-        self._merge(cache, valid, next_pos, [seqs[i] for i in keep], [toks[i] for i in keep])
-
-    def _merge(self, cache, valid: torch.Tensor, next_pos: torch.Tensor, seqs: list[Sequence],
-               last: list[int]) -> None:
-        """Append rows (their cache, key_valid [b, s], next positions) to the running batch."""
+            batch.keep(torch.tensor(keep, device=self.device))
+        # rows join the running batch
         if not self.rows:
-            self._cache, self._key_valid, self._next_pos = cache, valid, next_pos
+            self._batch = batch
         else:
-            old = self._cache
-            S_old, S_new = old.seen, cache.seen
-            S = max(S_old, S_new)
-            headroom = 16
-            layers = []
-            for a, b in zip(old.layers, cache.layers):
-                if a is None and b is None:
-                    layers.append(None)
-                    continue
-                if a is None or b is None:
-                    raise RuntimeError("cannot merge caches: a layer is cached in one batch only")
-                layers.append([_stack_right_aligned([x[:, :S_old], y[:, :S_new]], S, headroom)
-                               for x, y in zip(a, b)])
-            old.layers = layers
-            old.seen = S
-            self._key_valid = torch.cat([_pad_left(self._key_valid, S, False),
-                                         _pad_left(valid, S, False)], 0)
-            self._next_pos = torch.cat([self._next_pos, next_pos])
-        self.rows.extend(seqs)
-        self._last.extend(last)
-        self._padded = not bool(self._key_valid.all())
+            self._batch.merge(batch)
+        self.rows.extend(seqs[i] for i in keep)
+        self._last.extend(toks[i] for i in keep)
 
     # -- decode --------------------------------------------------------------------------------
     def _decode(self) -> None:
-        B = len(self.rows)
-        ids = torch.tensor(self._last, dtype=torch.long, device=self.device)[:, None]
-        ones = torch.ones(B, 1, dtype=torch.bool, device=self.device)
-        self._key_valid = torch.cat([self._key_valid, ones], 1)
-        self.hooks.begin_step(ids, ones, [s.id for s in self.rows])
-        logits = self.module(ids, positions=self._next_pos[:, None], cache=self._cache,
-                             key_valid=self._key_valid if self._padded else None, last_only=True)
-        self.hooks.on_token_end()
-        self._next_pos = self._next_pos + 1
+        ids = torch.tensor(self._last, dtype=torch.long, device=self.device)
+        logits = decode_step(self.module, self._batch, ids, self.hooks, [s.id for s in self.rows])
         self.steps += 1
-        toks = self._sample(logits[:, -1], self.rows)
+        toks = self._sample(logits, self.rows)
         for i, (s, t) in enumerate(zip(self.rows, toks)):
             if t is None:            # its sampling failed: the row is finished with "error"
                 continue
@@ -456,24 +422,13 @@ class Batcher:
         if not keep:
             self._reset()
             return
-        idx = torch.tensor(keep, device=self.device)
-        kv = self._key_valid.index_select(0, idx)
-        first = _first_valid_column(kv)
-        c = self._cache
-        seen = c.seen
-        c.layers = [None if b is None else [t[:, first:seen].index_select(0, idx) for t in b]
-                    for b in c.layers]
-        c.seen = seen - first
-        self._key_valid = kv[:, first:]
-        self._padded = not bool(self._key_valid.all())
-        self._next_pos = self._next_pos.index_select(0, idx)
+        self._batch.keep(torch.tensor(keep, device=self.device))
         self.rows = [self.rows[i] for i in keep]
         self._last = [self._last[i] for i in keep]
 
     def _reset(self) -> None:
         self.rows, self._last = [], []
-        self._cache = self._key_valid = self._next_pos = None
-        self._padded = False
+        self._batch = None
 
     def _abort_all(self, reason: str, error: str | None) -> None:
         rows, self.rows = self.rows, []
@@ -507,104 +462,3 @@ def _device_of(model, module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _first_valid_column(valid: torch.Tensor) -> int:
-    """Number of leading columns of `valid` [B, S] that are padding in every row."""
-    any_valid = valid.any(0)
-    if not bool(any_valid.any()):
-        return valid.shape[1]
-    return int(any_valid.to(torch.int8).argmax())
-
-
-def _pad_left(t: torch.Tensor, S: int, value) -> torch.Tensor:
-    """[B, s, ...] -> [B, S, ...], new columns on the left filled with `value`."""
-    s = t.shape[1]
-    if s == S:
-        return t
-    pad = torch.full((t.shape[0], S - s) + tuple(t.shape[2:]), value, dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t], 1)
-
-
-def _stack_right_aligned(parts: list[torch.Tensor], S: int, headroom: int) -> torch.Tensor:
-    """Stack [b_i, s_i, ...] along the batch dim into one zero-padded [sum b_i, S + headroom, ...]
-    buffer with every part's last column at S - 1 (headroom columns spare the cache a regrowth)."""
-    ref = parts[0]
-    B = sum(p.shape[0] for p in parts)
-    out = ref.new_zeros((B, S + headroom) + tuple(ref.shape[2:]))
-    r = 0
-    for p in parts:
-        b, s = p.shape[0], p.shape[1]
-        out[r:r + b, S - s:S] = p
-        r += b
-    return out
-
-
-class TextStream:
-    """Incremental detokenization with stop strings for one sequence.
-
-    `push(token_id)` returns ``(delta, stop)``: the text that became final with this token and
-    whether a stop string has appeared (the text is then cut just before it, the stop string
-    excluded, as in the OpenAI API). While stop strings are set, the last ``max(len(stop)) - 1``
-    characters are held back until they cannot begin a stop string. EOS tokens add no text.
-    `flush()` returns what is still held back once the sequence has finished; `text` is everything.
-
-    Decoding works on a sliding window of tokens that starts a few tokens back (into the prompt at
-    first), so tokenizers that drop a leading space at the start of a decode (SentencePiece) and
-    multi-byte characters split across tokens come out right.
-    """
-
-    def __init__(self, tokenizer, stop: Seq[str] = (), prompt_ids: Seq[int] = (),
-                 eos_token_ids: Iterable[int] = (), context: int = 5):
-        self.tok = tokenizer
-        self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.eos = frozenset(int(e) for e in eos_token_ids)
-        self._ids: list[int] = list(prompt_ids)[-context:] if context else []
-        self._prefix = 0
-        self._read = len(self._ids)
-        self.text = ""
-        self._sent = 0
-        self.stopped = False
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        if int(token_id) in self.eos:
-            return "", False
-        self._ids.append(int(token_id))
-        prefix_text = self.tok.decode(self._ids[self._prefix:self._read])
-        new_text = self.tok.decode(self._ids[self._prefix:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return "", False          # an incomplete character: wait for more tokens
-        self._prefix, self._read = self._read, len(self._ids)
-        return self._add(new_text[len(prefix_text):])
-
-    def _add(self, piece: str) -> tuple[str, bool]:
-        start = max(0, len(self.text) - self.hold)
-        self.text += piece
-        if self.stop:
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.stopped = True
-                return self._release(len(self.text)), True
-        return self._release(len(self.text) - self.hold), False
-
-    def _release(self, upto: int) -> str:
-        if upto <= self._sent:
-            return ""
-        out = self.text[self._sent:upto]
-        self._sent = upto
-        return out
-
-    def flush(self) -> str:
-        """The rest of the text, once no more tokens will come."""
-        if not self.stopped and self._read < len(self._ids):
-            prefix_text = self.tok.decode(self._ids[self._prefix:self._read])
-            new_text = self.tok.decode(self._ids[self._prefix:])
-            self._prefix = self._read = len(self._ids)
-            if len(new_text) > len(prefix_text):
-                delta, _ = self._add(new_text[len(prefix_text):])
-                return delta + self._release(len(self.text))
-        return self._release(len(self.text))

@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 
 import torch
 
-
 # The smallest positive float32 normal: a temperature or top_p below it cannot be represented
 # in the float32 arithmetic of sampling (it would divide by zero or keep no token).
 MIN_SAMPLING_VALUE = 1.1754943508222875e-38
@@ -91,7 +90,7 @@ class SamplingParams:
         if self.seed is not None:
             self.seed = int(self.seed)
         try:
-            self.eos_ids
+            _ = self.eos_ids          # builds the id list: raises for a malformed eos_token_id
         except (TypeError, ValueError):
             raise SamplingError("eos_token_id", f"eos_token_id must be an integer or a list of "
                                                 f"integers, got {self.eos_token_id!r}") from None
@@ -174,6 +173,105 @@ def check_generate_inputs(model, input_ids, max_new_tokens: int, attention_mask=
                          "(max_position_embeddings)")
 
 
+# -- the one decode loop: prefill, decode step, row operations ------------------------------------
+class NoHooks:
+    """The runtime hooks of a model without an offload runtime: all no-ops."""
+
+    def on_request_start(self, *a): pass
+    def on_request_end(self, *a): pass
+    def begin_step(self, *a): pass
+    def on_token_end(self): pass
+
+
+class DecodeBatch:
+    """The state of a left-padded batch between forwards, shared by `generate` and the serving
+    `Batcher`: every row's newest cached position sits at column ``S - 1`` of every cache tensor.
+
+    cache: the model's `KVCache` (``seen`` = S). key_valid [B, S] bool: False on left padding.
+    next_pos [B] long: the rotary position of each row's next token (its count of real tokens).
+    padded: any False in `key_valid` (the forward then needs the mask).
+    """
+
+    def __init__(self, cache, key_valid: torch.Tensor, next_pos: torch.Tensor):
+        self.cache = cache
+        self.key_valid = key_valid
+        self.next_pos = next_pos
+        self.padded = not bool(key_valid.all())
+
+    def __len__(self) -> int:
+        return self.key_valid.shape[0]
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep rows `index` [b] (long) and drop the leading columns that are padding in all of
+        them: the cache, `key_valid` and `next_pos` alike."""
+        kv = self.key_valid.index_select(0, index)
+        first = first_valid_column(kv)
+        self.cache.trim(first)
+        self.cache.select(index)
+        self.key_valid = kv[:, first:]
+        self.next_pos = self.next_pos.index_select(0, index)
+        self.padded = not bool(self.key_valid.all())
+
+    def merge(self, other: "DecodeBatch") -> None:
+        """Append the rows of `other` (a fresh prefill) below these rows; the side with fewer
+        columns is left-padded (masked) so that both stay right-aligned."""
+        S = max(self.cache.seen, other.cache.seen)
+        self.cache.merge(other.cache)
+        self.key_valid = torch.cat([pad_left(self.key_valid, S, False), pad_left(other.key_valid, S, False)], 0)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.padded = not bool(self.key_valid.all())
+
+
+def prefill(module, input_ids: torch.Tensor, valid: torch.Tensor, hooks, seq_ids: list) -> tuple[
+        torch.Tensor, DecodeBatch]:
+    """One forward over left-padded prompts on a fresh cache.
+
+    input_ids [B, T] long, valid [B, T] bool (False on left padding); `hooks` get the step with
+    `seq_ids` (one per row). Returns (logits [B, V] of each row's last position, the batch)."""
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)        # real tokens before each column
+    cache = module.new_cache()
+    batch = DecodeBatch(cache, valid, positions[:, -1] + 1)
+    hooks.begin_step(input_ids, valid, seq_ids)
+    logits = module(input_ids, positions=positions, cache=cache, key_valid=valid if batch.padded else None,
+                    last_only=True)
+    hooks.on_token_end()
+    return logits[:, -1], batch
+
+
+def decode_step(module, batch: DecodeBatch, tokens: torch.Tensor, hooks, seq_ids: list,
+                live: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward of one new token per row: tokens [B] long -> logits [B, V].
+
+    `live` [B] bool (default: all) tells the hooks which rows are real requests (finished rows
+    of `generate` still run, padded); the new column is a valid key in every row."""
+    ones = torch.ones(len(batch), 1, dtype=torch.bool, device=tokens.device)
+    batch.key_valid = torch.cat([batch.key_valid, ones], 1)
+    hooks.begin_step(tokens[:, None], ones if live is None else live[:, None], seq_ids)
+    logits = module(tokens[:, None], positions=batch.next_pos[:, None], cache=batch.cache,
+                    key_valid=batch.key_valid if batch.padded else None, last_only=True)
+    hooks.on_token_end()
+    batch.next_pos = batch.next_pos + 1
+    return logits[:, -1]
+
+
+def first_valid_column(valid: torch.Tensor) -> int:
+    """Number of leading columns of `valid` [B, S] that are padding in every row."""
+    any_valid = valid.any(0)
+    if not bool(any_valid.any()):
+        return valid.shape[1]
+    return int(any_valid.to(torch.int8).argmax())
+
+
+def pad_left(t: torch.Tensor, S: int, value) -> torch.Tensor:
+    """[B, s, ...] -> [B, S, ...], new columns on the left filled with `value`."""
+    s = t.shape[1]
+    if s == S:
+        return t
+    pad = torch.full((t.shape[0], S - s) + tuple(t.shape[2:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], 1)
+
+
+# -- generate: the Python API's loop -------------------------------------------------------------
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, params: SamplingParams,
              attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
@@ -190,8 +288,6 @@ def generate(model, input_ids: torch.Tensor, params: SamplingParams,
     pad = pad_token_id if pad_token_id is not None else (params.eos_ids[0] if params.eos_ids else 0)
     valid = (attention_mask.bool() if attention_mask is not None
              else torch.ones(B, T, dtype=torch.bool, device=device))
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    key_valid = valid if not bool(valid.all()) else None
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -203,34 +299,20 @@ def generate(model, input_ids: torch.Tensor, params: SamplingParams,
     for b in range(B):
         hooks.on_request_start(b, None, input_ids[b][valid[b]].tolist())
     try:
-        return _decode(model, input_ids, params, valid, positions, key_valid, pad, eos, generator,
-                       on_token, hooks)
+        return _decode(model, input_ids, params, valid, pad, eos, generator, on_token, hooks)
     finally:
         for b in range(B):
             hooks.on_request_end(b)
 
 
-class NoHooks:
-    """The runtime hooks of a model without an offload runtime: all no-ops."""
-
-    def on_request_start(self, *a): pass
-    def on_request_end(self, *a): pass
-    def begin_step(self, *a): pass
-    def on_token_end(self): pass
-
-
-def _decode(model, input_ids, params, valid, positions, key_valid, pad, eos, generator, on_token, hooks):
+def _decode(model, input_ids, params, valid, pad, eos, generator, on_token, hooks):
     B = input_ids.shape[0]
-    device = input_ids.device
-    cache = model.new_cache()
+    rows = list(range(B))
     out = [input_ids]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    hooks.begin_step(input_ids, valid, list(range(B)))
-    logits = model(input_ids, positions=positions, cache=cache, key_valid=key_valid, last_only=True)
-    hooks.on_token_end()
-    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    logits, batch = prefill(model, input_ids, valid, hooks, rows)
     for step in range(params.max_new_tokens):
-        tok = sample(logits[:, -1], params, generator)
+        tok = sample(logits, params, generator)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out.append(tok[:, None])
         if on_token is not None:
@@ -241,10 +323,5 @@ def _decode(model, input_ids, params, valid, positions, key_valid, pad, eos, gen
                 break
         if step == params.max_new_tokens - 1:
             break
-        if key_valid is not None:
-            key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
-        hooks.begin_step(tok[:, None], (~done)[:, None], list(range(B)))
-        logits = model(tok[:, None], positions=next_pos, cache=cache, key_valid=key_valid, last_only=True)
-        hooks.on_token_end()
-        next_pos = next_pos + 1
+        logits = decode_step(model, batch, tok, hooks, rows, live=~done)
     return torch.cat(out, dim=1)

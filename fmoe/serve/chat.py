@@ -12,7 +12,8 @@ import sys
 
 
 def cmd_chat(args) -> int:
-    from ..runtime.batching import Batcher, Sequence, TextStream
+    from ..runtime.batching import Batcher, Sequence
+    from ..runtime.text_stream import TextStream
     from ..runtime.engine import SamplingParams
     from .server import load_model
 

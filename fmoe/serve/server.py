@@ -321,7 +321,8 @@ def create_app(state: ServerState):
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from ..runtime.batching import QueueFull, Sequence, TextStream
+    from ..runtime.batching import QueueFull, Sequence
+    from ..runtime.text_stream import TextStream
     from ..runtime.engine import SamplingError, SamplingParams
 
     S = schemas()

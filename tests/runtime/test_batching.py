@@ -11,8 +11,9 @@ import torch
 
 import fmoe
 from fmoe.models.synthetic import write_random_checkpoint
-from fmoe.runtime.batching import Batcher, QueueFull, Sequence, TextStream
-from fmoe.runtime.engine import SamplingParams
+from fmoe.runtime.batching import Batcher, QueueFull, Sequence
+from fmoe.runtime.engine import SamplingParams, left_pad
+from fmoe.runtime.text_stream import TextStream
 
 FAMILIES = {
     "mixtral": dict(model_type="mixtral", vocab_size=128, hidden_size=64, intermediate_size=48,
@@ -122,6 +123,29 @@ def test_seeded_sampling_does_not_depend_on_the_batch(mixtral):
     # the engine's seeded sampler gives the same tokens
     ref = mixtral.generate(torch.tensor([prompts[0]]), 10, temperature=0.9, top_p=0.9, seed=1, eos_token_id=[])
     assert solo[0] == ref[0, len(prompts[0]):].tolist()
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_generate_and_the_batcher_give_the_same_tokens(mixtral, sampled):
+    """The one decode loop: `generate` (the Python API) and the `Batcher` (the server) produce the
+    same tokens for the same prompts and seeds. Greedy: one left-padded `generate` batch; seeded
+    sampling: one `generate` per prompt (its rows share one generator, the batcher's have one each).
+    max_batch=3 makes the fourth prompt wait and join a running batch."""
+    prompts = prompts_of((5, 12, 2, 8), seed=7)
+    n, seeds = 9, (11, 12, 13, 14)
+    kw = dict(temperature=0.8, top_p=0.9, top_k=20) if sampled else {}
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=n, eos_token_id=[], seed=s if sampled else None, **kw))
+            for p, s in zip(prompts, seeds)]
+    b = Batcher(mixtral, max_batch=3)
+    b.submit(seqs)
+    b.run_until_idle()
+    if sampled:
+        ref = [mixtral.generate(torch.tensor([p]), n, seed=s, eos_token_id=[], **kw)[0, len(p):].tolist()
+               for p, s in zip(prompts, seeds)]
+    else:
+        ids, valid = left_pad(prompts, 0, "cpu")
+        ref = mixtral.generate(ids, n, attention_mask=valid, eos_token_id=[])[:, ids.shape[1]:].tolist()
+    assert [s.output for s in seqs] == ref
 
 
 def test_eos_stop_callback_and_cancel_finish_rows_independently(mixtral):
@@ -339,8 +363,8 @@ def test_text_stream_waits_for_complete_utf8_characters():
 
 
 def test_text_stream_matches_full_decode_on_a_real_tokenizer(tmp_path):
-    from fmoe.serve.demo import write_tokenizer
     from fmoe.runtime.tokenizer import Tokenizer
+    from fmoe.serve.demo import write_tokenizer
 
     write_tokenizer(tmp_path, 512)
     tok = Tokenizer.from_dir(tmp_path)
