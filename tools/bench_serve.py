@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import csv
 import json
+import runpy
 import statistics
 import sys
 import time
@@ -198,7 +199,9 @@ def main(argv=None) -> int:
 
     from fmoe.runtime.tokenizer import Tokenizer
     from fmoe.serve.demo import demo_checkpoint
-    from fmoe.serve.server import ServerProcess
+
+    # the tests' harness: `fmoe serve` in a child process on a free port, healthy before use
+    ServerProcess = runpy.run_path(str(ROOT / "tests" / "serve" / "server_process.py"))["ServerProcess"]
 
     model = Path(args.model) if args.model else demo_checkpoint()
     tok = Tokenizer.from_dir(model)

@@ -13,11 +13,10 @@ import sys
 
 def cmd_chat(args) -> int:
     from ..runtime.batching import Batcher, Sequence
-    from ..runtime.text_stream import TextStream
     from ..runtime.engine import SamplingParams
-    from .server import load_model
-
+    from ..runtime.text_stream import TextStream
     from .cli import check_sampling_flags
+    from .server import load_model
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -128,5 +128,6 @@ def run(prompt: str = "Offloading keeps attention on the device and", max_new_to
         f"({stats['hits']} hits, {stats['misses']} misses), {stats['bytes_loaded'] / 2**20:.1f} MiB loaded, "
         f"stall {stats['stall_seconds'] * 1e3:.1f} ms, resident peak {stats['resident_peak']}")
     same = torch.equal(got, ref)
-    out(f"lossless: {'yes' if same else 'NO'} (offloaded tokens {'equal' if same else 'differ from'} the fully resident run)")
+    out(f"lossless: {'yes' if same else 'NO'} (offloaded tokens {'equal' if same else 'differ from'} "
+        "the fully resident run)")
     return 0 if same else 1

@@ -5,7 +5,6 @@ small protocol edges, and SIGTERM during active streams."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -18,7 +17,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from fmoe.serve import demo  # noqa: E402
-from fmoe.serve.server import ServerProcess  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 KEY = "sekret"
 AUTH = {"authorization": f"Bearer {KEY}"}

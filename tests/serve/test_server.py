@@ -21,7 +21,7 @@ pytest.importorskip("uvicorn")
 
 import fmoe  # noqa: E402
 from fmoe.serve import demo  # noqa: E402
-from fmoe.serve.server import ServerProcess  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 API_KEY = "test-key"
 NAME = "demo-moe"
@@ -254,7 +254,7 @@ def test_64_concurrent_streams_finish_with_the_right_counts(aclient, client):
     prompts = [PROMPTS[i % len(PROMPTS)] + f" #{i}" for i in range(64)]
     budgets = [4 + (i * 7) % 29 for i in range(64)]
     results = asyncio.run(_concurrent(aclient, prompts, budgets))
-    for (text, usage, finish), n in zip(results, budgets):
+    for (_text, usage, finish), n in zip(results, budgets):
         assert usage.completion_tokens == n and finish == "length"
     idx = [0, 13, 63]
     assert [results[i][0] for i in idx] == [one_at_a_time(client, [prompts[i]], budgets[i])[0] for i in idx]
@@ -264,7 +264,7 @@ def test_32_concurrent_streams_finish_with_the_right_counts(aclient):
     prompts = [PROMPTS[i % len(PROMPTS)] + f" #{i}" for i in range(32)]
     budgets = [4 + (i * 7) % 13 for i in range(32)]
     results = asyncio.run(_concurrent(aclient, prompts, budgets))
-    for (text, usage, finish), n in zip(results, budgets):
+    for (_text, usage, finish), n in zip(results, budgets):
         assert usage.completion_tokens == n and finish == "length"
 
 
@@ -307,7 +307,8 @@ def test_metrics_exposition(server, client):
     r = httpx.get(server.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"(,[a-zA-Z_][a-zA-Z0-9_]*="[^"]*")*\})? '
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*'
+                        r'(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"(,[a-zA-Z_][a-zA-Z0-9_]*="[^"]*")*\})? '
                         r'(-?[0-9.e+-]+|NaN|\+Inf|-Inf)$')
     for line in text.splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fmoe.serve import demo  # noqa: E402
-from fmoe.serve.server import ServerProcess  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 CTX = 64
 
@@ -308,8 +308,8 @@ def test_map_store_flag_reaches_from_pretrained(monkeypatch, tmp_path):
     loader refuses it with a message naming it."""
     import fmoe.models
     from fmoe.serve.cli import build_parser
-    from fmoe.serve.server import load_model
     from fmoe.serve.demo import demo_checkpoint
+    from fmoe.serve.server import load_model
 
     real = fmoe.models.from_pretrained
     seen = []

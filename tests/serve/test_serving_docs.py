@@ -15,7 +15,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from fmoe.serve import demo  # noqa: E402
-from fmoe.serve.server import ServerProcess  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 

@@ -1,0 +1,149 @@
+"""The OpenAI-compatible wire protocol of `fmoe serve`: request models, limits, the error shape.
+
+Request models are pydantic and strict ("5" is not an integer, true is not a number); unknown
+fields are ignored, as by the OpenAI API. Fields the server checks by hand (a completions
+`prompt`, unsupported options) are declared loosely here so that the error names them clearly.
+Errors travel as `APIError` and reach the client as
+``{"error": {"message", "type", "param", "code"}}``.
+
+This module needs the serve extras (pydantic comes with fastapi); `fmoe` imports it only when
+a server starts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1     # what torch.Generator.manual_seed accepts
+MAX_CHOICES = 64          # prompts x n in one request
+MAX_STOP = 16             # stop strings in one request
+MAX_BODY_BYTES = 32 << 20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Strict):
+    """The fields completions and chat share."""
+
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=-1)                 # vLLM extension; -1 or 0: off
+    n: Optional[int] = Field(1, ge=1, le=16)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    ignore_eos: Optional[bool] = False                       # vLLM extension
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, Any]] = None
+    user: Optional[str] = None
+
+    @property
+    def stops(self) -> list[str]:
+        """`stop` as a list."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Any = None                                       # checked by hand: clearer message
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+
+
+class APIError(Exception):
+    """An error answered to the client: HTTP `status` and the OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """pydantic's errors -> (one message naming at most four fields, the first field's path)."""
+    parts, param = [], None
+    for err in e.errors()[:4]:
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        param = param or (loc or None)
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    more = len(e.errors()) - 4
+    if more > 0:
+        parts.append(f"... and {more} more")
+    return "invalid request: " + "; ".join(parts), param
+
+
+def parse_json(raw: bytes):
+    """A request body -> its JSON value, or APIError 400 (NaN and Infinity are not JSON)."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise APIError(400, f"malformed JSON body: {e}") from None
+
+
+def validate(data, schema: type[BaseModel]):
+    """A parsed body -> a `schema` instance, or APIError 400 naming the fields at fault."""
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        msg, param = validation_message(e)
+        raise APIError(400, msg, param=param) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying `obj` as compact JSON."""
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
