@@ -25,6 +25,8 @@ DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
+    # FP8 block-scaled checkpoints (DeepSeek-V3/R1, Kimi-K2, Qwen3 -FP8); see fmoe.models.fp8
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -104,10 +106,9 @@ class CheckpointIndex:
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            if isinstance(meta, dict) and str(meta.get("dtype", "")).startswith("F8"):
-                raise CheckpointError(
-                    f"{file}: tensor {name!r} is {meta['dtype']}: FP8 checkpoints are not supported "
-                    f"yet; convert them to bfloat16 first")
+            if isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and meta["dtype"] not in DTYPES:
+                raise CheckpointError(f"{file}: tensor {name!r} has dtype {meta['dtype']}, which fmoe does "
+                                      f"not read (supported: {', '.join(DTYPES)})")
             try:
                 dtype = DTYPES[meta["dtype"]]
                 shape = tuple(int(s) for s in meta["shape"])
@@ -126,6 +127,31 @@ class CheckpointIndex:
         _refuse_overlaps(file, [(t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values()
                                 if t.file == file and t.nbytes])
 
+    @property
+    def quant(self):
+        """The checkpoint's FP8 settings (`fmoe.models.fp8.Fp8Config`) from ``config.json``'s
+        ``quantization_config``, or None. Raises `CheckpointError` for another quantisation
+        method, or for FP8 tensors without that config."""
+        if not hasattr(self, "_quant"):
+            from .fp8 import is_fp8, read_quant_config
+
+            cfg_path = self.root / "config.json"
+            raw = {}
+            if cfg_path.exists():
+                try:
+                    raw = json.loads(cfg_path.read_text())
+                except ValueError:
+                    raw = {}             # the config reader reports a broken config.json
+            quant = read_quant_config(raw if isinstance(raw, dict) else {}, str(cfg_path))
+            if quant is None:
+                fp8 = next((t for t in self.tensors.values() if is_fp8(t.dtype)), None)
+                if fp8 is not None:
+                    raise CheckpointError(
+                        f"{fp8.file}: tensor {fp8.name!r} is FP8 but {cfg_path} has no FP8 "
+                        f"quantization_config (weight_block_size): cannot tell its scale blocks")
+            self._quant = quant
+        return self._quant
+
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
@@ -137,12 +163,22 @@ class CheckpointIndex:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The most common floating dtype of the checkpoint."""
+        """The most common floating dtype of the checkpoint, FP8 weights and their scales left
+        out: an FP8 checkpoint serves in the dtype of its unquantised tensors (bf16 as
+        published)."""
+        from .fp8 import SCALE_SUFFIX, is_fp8
+
         counts: dict[torch.dtype, int] = {}
+        quantized = False
         for t in self.tensors.values():
+            if is_fp8(t.dtype) or t.name.endswith(SCALE_SUFFIX):
+                quantized = True
+                continue
             if t.dtype.is_floating_point:
                 counts[t.dtype] = counts.get(t.dtype, 0) + t.nbytes
-        return max(counts, key=counts.get) if counts else torch.float32
+        if not counts:
+            return torch.bfloat16 if quantized else torch.float32
+        return max(counts, key=counts.get)
 
 
 def drop_cached_pages(files) -> int:

@@ -4,6 +4,7 @@ the right shape; missing and unexpected tensors named in the error."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -19,12 +20,56 @@ from .config import build_config, read_config_json
 from .registry import family_for
 from .store_format import open_store
 
+log = logging.getLogger("fmoe.models")
+
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache as huggingface_hub lays it out: ``HF_HUB_CACHE``, else ``HF_HOME/hub``,
+    else ``~/.cache/huggingface/hub``. Read at call time (huggingface_hub reads its settings
+    once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expandvars(os.environ["HF_HUB_CACHE"])).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def check_snapshot(name: str, root: Path) -> None:
+    """A hub snapshot holds config.json and every weight file its index lists (a download that
+    stopped half way leaves a snapshot without some shards, or links to absent blobs). Raises
+    `ModelNotFoundError` naming the first missing file."""
+    import json
+
+    def missing(f: str) -> ModelNotFoundError:
+        how = ("HF_HUB_OFFLINE is set: download it with network access first" if _offline()
+               else "download it again")
+        return ModelNotFoundError(f"{name}: the hub cache snapshot {root} is incomplete: {f} is missing ({how})")
+
+    if not (root / "config.json").exists():          # exists() follows the link to its blob
+        raise missing("config.json")
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return                                     # the checkpoint reader names a bad index
+        for f in files:
+            if not (root / f).exists():
+                raise missing(f)
+    elif not any(root.glob("*.safetensors")):
+        raise missing("model.safetensors")
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A local directory, or a hub repo id fetched (or found in the cache) by huggingface_hub.
-    Honours HF_HUB_OFFLINE."""
+    With ``HF_HUB_OFFLINE=1`` a hub id resolves from the local cache (``HF_HUB_CACHE``) only,
+    and an incomplete snapshot is refused naming the missing file."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -39,16 +84,22 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
                                             RepositoryNotFoundError)
     except ImportError:  # pragma: no cover
         raise ModelNotFoundError(f"{name}: not a local directory and huggingface_hub is missing")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = _offline()
+    cache = hub_cache_dir()
     try:
-        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+        # cache and offline mode passed explicitly: both are read from the environment now, not
+        # when huggingface_hub was first imported
+        root = Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS, cache_dir=str(cache),
+                                      local_files_only=offline))
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
-        raise ModelNotFoundError(f"{name}: not in the local hub cache and {why}") from None
+        raise ModelNotFoundError(f"{name}: not in the local hub cache ({cache}) and {why}") from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"{name}: no such repository on the hub") from None
-    except (HfHubHTTPError, OSError) as e:
+    except (HfHubHTTPError, OSError, ValueError) as e:
         raise ModelNotFoundError(f"{name}: cannot download ({type(e).__name__}: {e})") from None
+    check_snapshot(name, root)
+    return root
 
 
 @dataclass(frozen=True)
@@ -63,17 +114,30 @@ class Segment:
 @dataclass(frozen=True)
 class ExpertLayout:
     """Where one routed expert lives: w13 bytes (gate rows then up rows) and w2 bytes, each the
-    concatenation of its segments, in checkpoint dtype `dtype`."""
+    concatenation of its segments, in checkpoint dtype `dtype`.
+
+    FP8 block-scaled experts (`block` set) also carry their scales: `s13` the gate's then the
+    up's ``weight_scale_inv`` (together [2, ceil(I/b0), ceil(H/b1)]), `s2` the down's
+    ([ceil(H/b0), ceil(I/b1)]), in `scale_dtype`."""
 
     w13: tuple[Segment, ...]
     w2: tuple[Segment, ...]
     dtype: torch.dtype
-    checksum: int | None = None   # CRC-32 of the w13 bytes then the w2 bytes (fmoe store only)
+    checksum: int | None = None   # CRC-32 of the w13, w2 (then s13, s2) bytes (fmoe store only)
     name: str | None = None       # for errors, e.g. "expert 5 of layer 3"
+    s13: tuple[Segment, ...] = ()
+    s2: tuple[Segment, ...] = ()
+    block: tuple[int, int] | None = None
+    scale_dtype: torch.dtype | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.block is not None
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.w13 + self.w2)
+        """Bytes read from disk for this expert (FP8 weights plus scales when quantised)."""
+        return sum(s.nbytes for s in self.w13 + self.w2 + self.s13 + self.s2)
 
 
 def _whole(info: TensorInfo) -> Segment:
@@ -88,7 +152,11 @@ def _check_shape(info: TensorInfo, shape: tuple[int, ...]) -> None:
 
 def locate_experts(cfg, index: CheckpointIndex) -> tuple[list[list[ExpertLayout]], set[str]]:
     """For every MoE layer and expert, its `ExpertLayout`; also the checkpoint names used.
-    Accepts per-expert keys and the fused ``gate_up_proj``/``down_proj`` layout, per layer."""
+    Accepts per-expert keys and the fused ``gate_up_proj``/``down_proj`` layout, per layer.
+    Per-expert FP8 tensors bring their ``weight_scale_inv`` scales (block size from
+    ``config.json``)."""
+    from .fp8 import is_fp8, scale_name, scale_shape
+
     shp = cfg.experts
     H, I, E = shp.hidden, shp.inter, shp.num_experts
     layouts: list[list[ExpertLayout]] = []
@@ -99,6 +167,10 @@ def locate_experts(cfg, index: CheckpointIndex) -> tuple[list[list[ExpertLayout]
         row: list[ExpertLayout] = []
         if fused_gu in index and fused_d in index:
             gu, d = index[fused_gu], index[fused_d]
+            if is_fp8(gu.dtype) or is_fp8(d.dtype):
+                raise CheckpointError(f"{gu.file.name}: tensor {fused_gu!r} is FP8 in the fused expert "
+                                      f"layout, which fmoe does not read; FP8 experts must be "
+                                      f"per-expert tensors with weight_scale_inv, as published")
             _check_shape(gu, (E, 2 * I, H))
             _check_shape(d, (E, H, I))
             used.update((fused_gu, fused_d))
@@ -119,7 +191,25 @@ def locate_experts(cfg, index: CheckpointIndex) -> tuple[list[list[ExpertLayout]
                 if not g.dtype == u.dtype == d.dtype:
                     raise CheckpointError(f"expert {layer}/{e}: tensors have mixed dtypes")
                 used.update(names)
-                row.append(ExpertLayout((_whole(g), _whole(u)), (_whole(d),), g.dtype))
+                if not is_fp8(g.dtype):
+                    row.append(ExpertLayout((_whole(g), _whole(u)), (_whole(d),), g.dtype))
+                    continue
+                quant = index.quant          # raises when config.json gives no block size
+                snames = [scale_name(n) for n in names]
+                absent = [n for n in snames if n not in index]
+                if absent:
+                    missing.extend(absent)
+                    continue
+                gs, us, ds = (index[n] for n in snames)
+                for w, sc in ((g, gs), (u, us), (d, ds)):
+                    _check_shape(sc, scale_shape(w.shape, quant.block))
+                if not gs.dtype == us.dtype == ds.dtype or not gs.dtype.is_floating_point:
+                    raise CheckpointError(f"{gs.file.name}: scales of expert {layer}/{e} ({', '.join(snames)}) "
+                                          f"must share one floating dtype")
+                used.update(snames)
+                row.append(ExpertLayout((_whole(g), _whole(u)), (_whole(d),), g.dtype,
+                                        s13=(_whole(gs), _whole(us)), s2=(_whole(ds),),
+                                        block=quant.block, scale_dtype=gs.dtype))
         layouts.append(row)
     if missing:
         raise CheckpointError(_name_list("missing tensors", missing))
@@ -132,16 +222,23 @@ def _name_list(what: str, names: list[str], limit: int = 5) -> str:
     return f"{what}: {shown}{more}"
 
 
-def read_expert(reader: FileReader, layout: ExpertLayout, w13: torch.Tensor, w2: torch.Tensor) -> None:
+def read_expert(reader: FileReader, layout: ExpertLayout, w13: torch.Tensor, w2: torch.Tensor,
+                s13: torch.Tensor | None = None, s2: torch.Tensor | None = None) -> None:
     """Read one expert into contiguous CPU buffers w13 [2I, H] and w2 [H, I] of the checkpoint
-    dtype. Segments contiguous in one file are read with one `preadv` into several buffers: one
-    read per expert from fmoe's store, and usually from HF files too (an expert's gate, up and
-    down tensors sit side by side there). With ``FMOE_VERIFY_READS=1`` a store expert's CRC-32
-    is checked after the read."""
+    dtype (and, for an FP8 layout, its scales into s13 [2, ceil(I/b0), ceil(H/b1)] and s2
+    [ceil(H/b0), ceil(I/b1)] of the scale dtype). Segments contiguous in one file are read with
+    one `preadv` into several buffers: one read per expert from fmoe's store, and usually from
+    HF files too (an expert's gate, up and down tensors sit side by side there). With
+    ``FMOE_VERIFY_READS=1`` a store expert's CRC-32 is checked after the read."""
     from .checkpoint import byte_view
 
+    parts = [(layout.w13, w13), (layout.w2, w2)]
+    if layout.quantized:
+        if s13 is None or s2 is None:
+            raise ValueError(f"{layout.name or 'an FP8 expert'}: reading it needs scale buffers")
+        parts += [(layout.s13, s13), (layout.s2, s2)]
     pieces = []   # (file, absolute offset, destination bytes, tensor name)
-    for segs, out in ((layout.w13, w13), (layout.w2, w2)):
+    for segs, out in parts:
         flat = byte_view(out)
         if flat.nbytes != sum(s.nbytes for s in segs):
             raise ValueError(f"buffer holds {flat.nbytes} bytes, the expert's tensor needs "
@@ -164,20 +261,42 @@ def read_expert(reader: FileReader, layout: ExpertLayout, w13: torch.Tensor, w2:
     if layout.checksum is not None and os.environ.get("FMOE_VERIFY_READS", "0") not in ("", "0"):
         import zlib
 
-        crc = zlib.crc32(byte_view(w2), zlib.crc32(byte_view(w13)))
+        crc = 0
+        for _, out in parts:
+            crc = zlib.crc32(byte_view(out), crc)
         if crc != layout.checksum:
             raise CheckpointError(f"{layout.w13[0].info.file}: checksum mismatch in {layout.name or 'an expert'} "
                                   f"(crc32 {crc:08x}, index says {layout.checksum:08x}): the store is corrupt")
 
 
+def expert_buffers(layout: ExpertLayout, hidden: int, inter: int, pin: bool = False,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+    """Empty buffers for one expert as stored: (w13 [2I, H], w2 [H, I]) in the checkpoint dtype,
+    plus (s13, s2) scale buffers for an FP8 layout (see `read_expert`)."""
+    kw = {"pin_memory": pin} if device is None else {"device": device}
+    out = [torch.empty(2 * inter, hidden, dtype=layout.dtype, **kw),
+           torch.empty(hidden, inter, dtype=layout.dtype, **kw)]
+    if layout.quantized:
+        from .fp8 import expert_scale_shapes
+
+        for shape in expert_scale_shapes(hidden, inter, layout.block):
+            out.append(torch.empty(shape, dtype=layout.scale_dtype, **kw))
+    return tuple(out)
+
+
 def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
     """Config, module with non-expert weights loaded (experts still pending), checkpoint index,
-    expert layouts and the resolved dtype."""
+    expert layouts and the resolved dtype. FP8 block-scaled weights are dequantised into the
+    serving dtype here (routed experts stay FP8 in their layouts); with ``dtype=None`` an FP8
+    checkpoint serves in the dtype of its unquantised tensors (bf16 as published)."""
+    from .fp8 import is_fp8, scale_name, scale_shape
+
     raw = read_config_json(root)
     family = family_for(raw.get("model_type"))
     config_cls, model_cls = family.load()
     cfg = build_config(config_cls, raw, str(root / 'config.json'))
     index = CheckpointIndex(root)
+    quant = index.quant          # checked before anything is read: refuses GPTQ, AWQ, ...
     store = open_store(root)     # fmoe's expert-major store (`fmoe convert`), or None for HF files
     dtype = dtype or (store.dtype if store is not None else index.dtype)
     layouts, expert_names = store.layouts(cfg) if store is not None else locate_experts(cfg, index)
@@ -206,9 +325,18 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
             continue
         info = index[key]
         _check_shape(info, tuple(param.shape))
-        jobs.append((param, info))
+        scale = None
+        if is_fp8(info.dtype):
+            sname = scale_name(key)
+            if sname not in index:
+                missing.append(sname)
+                continue
+            scale = index[sname]
+            _check_shape(scale, scale_shape(info.shape, quant.block))
+            used.add(sname)
+        jobs.append((param, info, scale))
         used.add(key)
-    _read_params(reader, jobs)
+    _read_params(reader, jobs, quant.block if quant is not None else None)
     if getattr(cfg, "tie_word_embeddings", False):
         if "lm_head.weight" in index:
             used.add("lm_head.weight")
@@ -216,31 +344,40 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
     if missing:
         raise CheckpointError(_name_list(f"{root}: missing tensors", missing))
     ignored = [re.compile(p) for p in getattr(cfg, "checkpoint_ignore", ())]   # e.g. V3's MTP layers
-    unexpected = sorted(k for k in index.keys() if k not in used and not k.endswith("rotary_emb.inv_freq")
-                        and not any(p.match(k) for p in ignored))
+    rest = [k for k in index.keys() if k not in used and not k.endswith("rotary_emb.inv_freq")]
+    skipped = [k for k in rest if any(p.match(k) for p in ignored)]
+    unexpected = sorted(k for k in rest if not any(p.match(k) for p in ignored))
     if unexpected:
         raise CheckpointError(_name_list(f"{root}: unexpected tensors", unexpected))
+    if skipped:
+        n = getattr(cfg, "num_nextn_predict_layers", 0)
+        log.info("%s: skipped %d tensors of %d multi-token-prediction layer(s) "
+                 "(num_nextn_predict_layers): decoding runs one token per step", root, len(skipped), n)
     model.eval()
     return cfg, model, index, layouts, dtype, reader
 
 
-def _read_params(reader: FileReader, jobs) -> None:
-    """Read every (parameter, tensor) pair, a few at a time: a cold disk serves several reads
-    at once faster than one after the other. A CPU parameter of the checkpoint's dtype is read
-    straight into its memory."""
+def _read_params(reader: FileReader, jobs, block: tuple[int, int] | None = None) -> None:
+    """Read every (parameter, tensor, scale) triple, a few at a time: a cold disk serves several
+    reads at once faster than one after the other. A CPU parameter of the checkpoint's dtype is
+    read straight into its memory; an FP8 tensor (scale not None) is dequantised into it."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from .fp8 import dequantize
+
     def one(job):
-        param, info = job
+        param, info, scale = job
         with torch.no_grad():
-            if param.device.type == "cpu" and param.dtype == info.dtype and param.is_contiguous():
+            if scale is not None:
+                param.copy_(dequantize(reader.read(info), reader.read(scale), block))
+            elif param.device.type == "cpu" and param.dtype == info.dtype and param.is_contiguous():
                 reader.read_into(info, param.data)
             else:
                 param.copy_(reader.read(info))
 
-    bar = load_bar(sum(info.nbytes for _, info in jobs), "load weights")
+    bar = load_bar(sum(info.nbytes for _, info, _ in jobs), "load weights")
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fmoe-load") as pool:
-        for (_, info), _ in zip(jobs, pool.map(one, jobs)):
+        for (_, info, _), _ in zip(jobs, pool.map(one, jobs)):
             if bar is not None:
                 bar.update(info.nbytes)
     if bar is not None:
@@ -277,13 +414,28 @@ def _find(name: str, index: CheckpointIndex, renames) -> str | None:
 
 def install_resident_experts(model: nn.Module, cfg, layouts, reader: FileReader,
                              device: torch.device, dtype: torch.dtype) -> None:
-    """Every routed expert on `device`: per layer w13 [E, 2I, H] and w2 [E, H, I]."""
+    """Every routed expert on `device`: per layer w13 [E, 2I, H] and w2 [E, H, I]. FP8 experts
+    are dequantised on `device` into `dtype` (the same function fills offloaded slots)."""
     from .experts import ResidentExperts
+    from .fp8 import dequantize_expert
 
     shp = cfg.experts
     bar = load_bar(sum(l.nbytes for row in layouts for l in row), "load experts")
     for layer, block in enumerate(model.moe_blocks()):
-        src_dtype = layouts[layer][0].dtype
+        lay0 = layouts[layer][0]
+        if lay0.quantized:
+            w13 = torch.empty(shp.num_experts, 2 * shp.inter, shp.hidden, dtype=dtype, device=device)
+            w2 = torch.empty(shp.num_experts, shp.hidden, shp.inter, dtype=dtype, device=device)
+            raw = expert_buffers(lay0, shp.hidden, shp.inter)
+            for e, lay in enumerate(layouts[layer]):
+                read_expert(reader, lay, *raw)
+                q13, q2, s13, s2 = (t.to(device) for t in raw)
+                dequantize_expert(q13, q2, s13, s2, lay.block, w13[e], w2[e])
+                if bar is not None:
+                    bar.update(lay.nbytes)
+            block.experts = ResidentExperts(layer, w13, w2)
+            continue
+        src_dtype = lay0.dtype
         w13 = torch.empty(shp.num_experts, 2 * shp.inter, shp.hidden, dtype=src_dtype)
         w2 = torch.empty(shp.num_experts, shp.hidden, shp.inter, dtype=src_dtype)
         for e, lay in enumerate(layouts[layer]):

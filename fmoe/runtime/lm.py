@@ -129,6 +129,10 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
         if mapped:
             if device.type != "cpu":
                 raise ValueError(f"expert_cache='mmap' runs on the CPU only, not {device}")
+            if layouts[0][0].quantized:
+                # a mapped expert is used in place, and FP8 weights need dequantising first
+                raise ValueError(f"{root}: memory-mapped experts cannot serve an FP8 checkpoint; use "
+                                 f"expert_cache='auto' (or a fraction), or convert it with --dtype bfloat16")
             if any(lay.dtype != dtype for row in layouts for lay in row):
                 raise ValueError(f"memory-mapped experts compute in the checkpoint's dtype "
                                  f"({layouts[0][0].dtype}); pass dtype=None or that dtype, or use "

@@ -7,8 +7,11 @@ occupant is dropped instead of overwriting the new one, and readiness is tracked
 (slot, generation).
 
 On CUDA the worker reads into pinned staging buffers and copies on a side stream, recording one
-event per slot; the forward waits only for the slots it needs. On CPU the worker reads straight
-into the slot (the "device" is host memory). An optional emulated link makes each copy take at
+event per slot; the forward waits only for the slots it needs. An FP8 store's experts cross the
+link as FP8 plus scales and are dequantised into the slot on that stream. On CPU the worker
+reads straight into the slot (the "device" is host memory; FP8 is dequantised at read).
+`bytes_loaded` counts the bytes one load moves (`ExpertStore.expert_bytes`: FP8 plus scales
+for an FP8 store). An optional emulated link makes each copy take at
 least `nbytes / link_bandwidth` seconds, so CPU runs show transfer/compute overlap as a PCIe
 link would (figures made with it are labelled emulated).
 """
@@ -86,7 +89,13 @@ class CopyEngine:
             self.stream = torch.cuda.Stream(device=w13.device)
             self.events = [None] * S
             self.use_events = [None] * S   # compute-stream event after the last read of a slot
-            self._staging = [store.new_staging() for _ in range(2)]
+            if getattr(store, "quantized", False):
+                # FP8 + scales cross the link; one device copy of the raw buffers per staging
+                # pair, dequantised into the slot on the copy stream
+                self._staging = [store.new_raw_staging() for _ in range(2)]
+                self._device_raw = [store.new_raw_staging(device=w13.device) for _ in range(2)]
+            else:
+                self._staging = [store.new_staging() for _ in range(2)]
             self._staging_events = [None, None]
             self._turn = 0
         # On CPU the "copy" is a disk read straight into the slot, and an SSD serves two reads
@@ -334,6 +343,21 @@ class CopyEngine:
         self._turn ^= 1
         if self._staging_events[i] is not None:
             self._staging_events[i].synchronize()   # the staging pair is free again
+        if getattr(self.store, "quantized", False):
+            raw = self._staging[i]
+            self.store.read_raw_into(order.key, raw)
+            with torch.cuda.stream(self.stream):
+                if self.use_events[s] is not None:
+                    self.stream.wait_event(self.use_events[s])
+                dev = self._device_raw[i]
+                for d, h in zip(dev, raw):
+                    d.copy_(h, non_blocking=True)
+                self.store.dequantize_into(dev, self.w13[s], self.w2[s])
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+            self.events[s] = ev
+            self._staging_events[i] = ev
+            return
         s13, s2 = self._staging[i]
         self.store.read_into(order.key, s13, s2)
         with torch.cuda.stream(self.stream):
