@@ -222,8 +222,8 @@ class DecodeBatch:
         self.padded = not bool(self.key_valid.all())
 
 
-def prefill(module, input_ids: torch.Tensor, valid: torch.Tensor, hooks, seq_ids: list) -> tuple[
-        torch.Tensor, DecodeBatch]:
+def prefill(module, input_ids: torch.Tensor, valid: torch.Tensor, hooks,
+            seq_ids: list) -> tuple[torch.Tensor, DecodeBatch]:
     """One forward over left-padded prompts on a fresh cache.
 
     input_ids [B, T] long, valid [B, T] bool (False on left padding); `hooks` get the step with
