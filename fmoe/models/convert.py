@@ -14,6 +14,12 @@ Tensor dtypes: without ``--dtype`` every tensor keeps its checkpoint dtype. With
 routed experts and every floating tensor that fmoe holds in that dtype are converted; tensors
 the model keeps in another dtype whatever the serving dtype (DeepSeek's float32 router) keep
 theirs. So ``from_pretrained(DST)`` equals ``from_pretrained(SRC, dtype=...)`` exactly.
+
+FP8 block-scaled checkpoints (DeepSeek-V3/R1, Qwen3 -FP8) stay FP8 by default: experts are written
+as FP8 weights followed by their scales (store version 2), and FP8 non-expert weights keep their
+``weight_scale_inv`` beside them (the loader dequantises them, as from the source). With
+``--dtype`` everything is dequantised (per block, in float32, then cast) and the store holds no
+scales and no ``quantization_config``.
 """
 
 from __future__ import annotations
@@ -97,16 +103,63 @@ class _Copier:
         return crc, written
 
 
-def _write_expert(copier: _Copier, out, layout, dtype: torch.dtype) -> tuple[int, int]:
-    """Append one expert (w13 segments, then w2 segments) to `out`, converted to `dtype`, and pad
-    it to the alignment. Returns (length without padding, crc32)."""
+def _write_expert(copier: _Copier, out, layout, dtype: torch.dtype, shape: tuple[int, int]) -> tuple[int, int]:
+    """Append one expert (w13 segments, then w2 segments; for an FP8 expert kept FP8, then its
+    scales s13 and s2) to `out`, converted to `dtype`, and pad it to the alignment. An FP8
+    expert asked in another dtype is dequantised. `shape` is (hidden, inter). Returns (length
+    without padding, crc32)."""
     crc, length = 0, 0
-    for seg in layout.w13 + layout.w2:
-        crc, n = copier.copy(seg.info.file, seg.info.offset + seg.byte_offset, seg.nbytes, layout.dtype,
-                             dtype, out, crc, repr(seg.info.name))
-        length += n
+    if layout.quantized and dtype != layout.dtype:
+        from .fp8 import dequantize_expert
+        from .loading import expert_buffers, read_expert
+
+        hidden, inter = shape
+        raw = expert_buffers(layout, hidden, inter)
+        read_expert(copier.reader, layout, *raw)
+        w13 = torch.empty(2 * inter, hidden, dtype=dtype)
+        w2 = torch.empty(hidden, inter, dtype=dtype)
+        dequantize_expert(*raw, layout.block, w13, w2)
+        for t in (w13, w2):
+            mv = byte_view(t)
+            out.write(mv)
+            crc = zlib.crc32(mv, crc)
+            length += mv.nbytes
+            if copier.bar is not None:
+                copier.bar.update(mv.nbytes)
+    else:
+        segs = [(seg, layout.dtype, dtype) for seg in layout.w13 + layout.w2]
+        segs += [(seg, layout.scale_dtype, layout.scale_dtype) for seg in layout.s13 + layout.s2]
+        for seg, src, dst in segs:
+            crc, n = copier.copy(seg.info.file, seg.info.offset + seg.byte_offset, seg.nbytes, src,
+                                 dst, out, crc, repr(seg.info.name))
+            length += n
     out.write(bytes(sf.padded(length) - length))
     return length, crc
+
+
+def _copy_dequantized(copier: _Copier, q: TensorInfo, scale: TensorInfo, block: tuple[int, int],
+                      dtype: torch.dtype, out, crc: int) -> int:
+    """Append FP8 tensor `q` [R, C] dequantised with `scale` to `out` in `dtype`, a band of whole
+    block rows at a time (at most about the copier's chunk of float32). Returns the crc."""
+    from .fp8 import dequantize
+
+    rows, cols = q.shape
+    band = max(block[0], copier.chunk // max(1, cols * 4) // block[0] * block[0])
+    row_bytes = cols * q.dtype.itemsize
+    srow_bytes = scale.shape[1] * scale.dtype.itemsize
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        qb = torch.empty(r1 - r0, cols, dtype=q.dtype)
+        copier.reader.readv(q.file, q.offset + r0 * row_bytes, [qb], repr(q.name))
+        g0, g1 = r0 // block[0], -(-r1 // block[0])
+        sb = torch.empty(g1 - g0, scale.shape[1], dtype=scale.dtype)
+        copier.reader.readv(scale.file, scale.offset + g0 * srow_bytes, [sb], repr(scale.name))
+        mv = byte_view(dequantize(qb, sb, block, dtype))
+        out.write(mv)
+        crc = zlib.crc32(mv, crc)
+        if copier.bar is not None:
+            copier.bar.update(qb.numel() * qb.dtype.itemsize)
+    return crc
 
 
 def _safetensors_header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
@@ -127,9 +180,13 @@ def _safetensors_header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]])
 # -- planning -------------------------------------------------------------------------------
 
 def _plan_weights(cfg, model_cls, index: CheckpointIndex, expert_names: set[str], root: Path,
-                  dtype: torch.dtype | None) -> list[tuple[str, TensorInfo, torch.dtype]]:
-    """(fmoe parameter name, source tensor, output dtype) for every non-expert weight, with the
-    loader's strictness: missing and unexpected tensors are errors."""
+                  dtype: torch.dtype | None) -> list[tuple[str, TensorInfo, torch.dtype, TensorInfo | None]]:
+    """(output name, source tensor, output dtype, scale) for every non-expert weight, with the
+    loader's strictness: missing and unexpected tensors are errors. An FP8 weight is kept FP8
+    with its ``weight_scale_inv`` beside it (scale None on both), or, with `dtype`, planned
+    with its scale: dequantised while copied."""
+    from .fp8 import is_fp8, scale_name, scale_shape
+
     with torch.device("meta"):
         model = model_cls(cfg)
     if dtype is not None:
@@ -150,11 +207,25 @@ def _plan_weights(cfg, model_cls, index: CheckpointIndex, expert_names: set[str]
             continue
         info = index[key]
         _check_shape(info, tuple(param.shape))
+        used.add(key)
+        if is_fp8(info.dtype):
+            sname = scale_name(key)
+            if sname not in index:
+                missing.append(sname)
+                continue
+            scale = index[sname]
+            _check_shape(scale, scale_shape(info.shape, index.quant.block))
+            used.add(sname)
+            if dtype is None:
+                plan.append((name, info, info.dtype, None))
+                plan.append((scale_name(name), scale, scale.dtype, None))
+            else:
+                plan.append((name, info, param.dtype, scale))
+            continue
         out = info.dtype
         if dtype is not None and info.dtype.is_floating_point and param.dtype == dtype:
             out = dtype
-        plan.append((name, info, out))
-        used.add(key)
+        plan.append((name, info, out, None))
     if tied and "lm_head.weight" in index:
         used.add("lm_head.weight")
     if missing:
@@ -230,9 +301,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
         layouts, expert_names = locate_experts(cfg, index)
         default = index.dtype
     target = dtype or default
+    quant = index.quant          # refuses GPTQ, AWQ, ... configs; FP8 block size
     plan = _plan_weights(cfg, model_cls, index, expert_names, root, dtype)
     shp = cfg.experts
-    expert_dtype = dtype or layouts[0][0].dtype
+    lay0 = layouts[0][0]
+    expert_dtype = dtype or lay0.dtype
+    fp8_experts = lay0.quantized and expert_dtype == lay0.dtype     # kept FP8, with scales
     if any(lay.dtype != layouts[0][0].dtype for row in layouts for lay in row) and dtype is None:
         raise CheckpointError(f"{root}: routed experts have mixed dtypes; pass --dtype")
     moe_layers = [int(x) for x in getattr(cfg, "moe_layer_ids", range(shp.num_layers))]
@@ -243,7 +317,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)         # mkdtemp's 0700 would carry over to DST
-    total_in = sum(l.nbytes for row in layouts for l in row) + sum(i.nbytes for _, i, _ in plan)
+    total_in = sum(l.nbytes for row in layouts for l in row) + sum(i.nbytes for _, i, _, _ in plan)
     reader = FileReader()
     bar = _bar(total_in, progress, f"convert {dst.name}")
     try:
@@ -253,11 +327,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
         # 1. routed experts: header page, then one aligned blob per expert in (layer, expert) order
         entries = []
         with open(tmp / sf.BLOB_FILE, "wb") as out:
-            out.write(sf.blob_header(store_id))
+            out.write(sf.blob_header(store_id, sf.FP8_VERSION if fp8_experts else 1))
             offset = sf.ALIGN
             for l, row in enumerate(layouts):
                 for e, lay in enumerate(row):
-                    length, crc = _write_expert(copier, out, lay, expert_dtype)
+                    length, crc = _write_expert(copier, out, lay, expert_dtype, (shp.hidden, shp.inter))
                     entries.append({"layer": moe_layers[l], "moe_layer": l, "expert": e, "offset": offset,
                                     "length": length, "crc32": crc})
                     offset += sf.padded(length)
@@ -266,11 +340,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
             blob_size = out.tell()
 
         # 2. non-expert weights: one safetensors file, streamed tensor by tensor
-        header = _safetensors_header([(n, d, tuple(i.shape)) for n, i, d in plan])
+        header = _safetensors_header([(n, d, tuple(i.shape)) for n, i, d, _ in plan])
         with open(tmp / sf.WEIGHTS_FILE, "wb") as out:
             out.write(header)
             crc = zlib.crc32(header)
-            for name, info, out_dtype in plan:
+            for name, info, out_dtype, scale in plan:
+                if scale is not None:      # FP8 asked in another dtype: dequantised on the way
+                    crc = _copy_dequantized(copier, info, scale, index.quant.block, out_dtype, out, crc)
+                    continue
                 crc, _ = copier.copy(info.file, info.offset, info.nbytes, info.dtype, out_dtype, out, crc,
                                      repr(info.name))
             out.flush()
@@ -287,15 +364,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
 
         # 4. the index, then config.json: a directory without them does not load
         expert_bytes = (2 * shp.inter * shp.hidden + shp.hidden * shp.inter) * expert_dtype.itemsize
+        experts = {"num_layers": shp.num_layers, "num_experts": shp.num_experts,
+                   "hidden": shp.hidden, "inter": shp.inter, "dtype": DTYPE_NAMES[expert_dtype],
+                   "w13_shape": [2 * shp.inter, shp.hidden], "w2_shape": [shp.hidden, shp.inter],
+                   "expert_bytes": expert_bytes, "moe_layers": moe_layers}
+        if fp8_experts:
+            from .fp8 import expert_scale_shapes
+
+            s13, s2 = expert_scale_shapes(shp.hidden, shp.inter, lay0.block)
+            experts["scales"] = {"dtype": DTYPE_NAMES[lay0.scale_dtype], "block": list(lay0.block),
+                                 "w13_shape": list(s13), "w2_shape": list(s2)}
+            experts["expert_bytes"] = lay0.nbytes         # FP8 weights + scales: one read
         index_json = {
-            "format": sf.FORMAT, "version": sf.VERSION, "store_id": store_id, "alignment": sf.ALIGN,
-            "model_type": raw.get("model_type"), "dtype": DTYPE_NAMES[target],
+            "format": sf.FORMAT, "version": sf.FP8_VERSION if fp8_experts else 1, "store_id": store_id,
+            "alignment": sf.ALIGN, "model_type": raw.get("model_type"), "dtype": DTYPE_NAMES[target],
             "source": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "writer": _writer(),
-            "experts": {"num_layers": shp.num_layers, "num_experts": shp.num_experts,
-                        "hidden": shp.hidden, "inter": shp.inter, "dtype": DTYPE_NAMES[expert_dtype],
-                        "w13_shape": [2 * shp.inter, shp.hidden], "w2_shape": [shp.hidden, shp.inter],
-                        "expert_bytes": expert_bytes, "moe_layers": moe_layers},
+            "experts": experts,
             "blob": {"file": sf.BLOB_FILE, "size": blob_size, "header_bytes": sf.ALIGN},
             "weights": weights,
             "files": copied,
@@ -308,6 +393,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
             for key in ("torch_dtype", "dtype"):
                 if key in config:
                     config[key] = name
+            if quant is not None or lay0.quantized:
+                config.pop("quantization_config", None)   # dequantised: nothing FP8 is left
         _write_json(tmp / "config.json", config, indent=2)
         _fsync_dir(tmp)
         if bar is not None:

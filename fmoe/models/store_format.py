@@ -6,7 +6,10 @@ A store (written by `fmoe.models.convert`, specified in docs/store-format.md) is
     model.safetensors                               the non-expert weights, fmoe parameter names
     experts.bin                                     a 4 KiB header page, then every routed expert
                                                     as one 4 KiB-aligned blob: w13 [2I, H] (gate
-                                                    rows, then up rows) then w2 [H, I]
+                                                    rows, then up rows) then w2 [H, I]; FP8
+                                                    experts (version 2) then their scales s13
+                                                    [2, ceil(I/b0), ceil(H/b1)] and s2
+                                                    [ceil(H/b0), ceil(I/b1)]
     fmoe-store.json                                 the index: where each expert is, its CRC-32
 
 `open_store` returns None for a plain HF checkpoint, so the loader keeps reading those. Opening
@@ -32,7 +35,8 @@ INDEX_FILE = "fmoe-store.json"
 BLOB_FILE = "experts.bin"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "fmoe-store"
-VERSION = 1
+VERSION = 2          # the newest version this fmoe reads; 1 is written unless experts are FP8
+FP8_VERSION = 2      # stores whose experts are FP8 block-scaled (the index has experts.scales)
 ALIGN = 4096
 MAGIC = b"FMOEBLOB"
 
@@ -42,10 +46,10 @@ def padded(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def blob_header(store_id: str) -> bytes:
+def blob_header(store_id: str, version: int = 1) -> bytes:
     """The first ALIGN bytes of experts.bin: magic, version, alignment, the store id (32 ASCII
     hex digits, also in the index), zeros."""
-    head = MAGIC + struct.pack("<II", VERSION, ALIGN) + store_id.encode("ascii")
+    head = MAGIC + struct.pack("<II", version, ALIGN) + store_id.encode("ascii")
     return head + bytes(ALIGN - len(head))
 
 
@@ -55,7 +59,7 @@ class StoreEntry:
     moe_layer: int   # position among the MoE layers
     expert: int
     offset: int      # byte offset in experts.bin, a multiple of ALIGN
-    length: int      # w13 bytes + w2 bytes (the blob is padded to a multiple of ALIGN)
+    length: int      # w13 + w2 (+ scales) bytes (the blob is padded to a multiple of ALIGN)
     crc32: int       # CRC-32 (zlib) of those `length` bytes
 
     @property
@@ -100,10 +104,37 @@ class StoreIndex:
         w = self.expert_dtype.itemsize
         self.w13_bytes = 2 * self.inter * self.hidden * w
         self.w2_bytes = self.hidden * self.inter * w
-        self.expert_bytes = self.w13_bytes + self.w2_bytes
+        self.block, self.scale_dtype, self.s13_shape, self.s2_shape = self._parse_scales(ex.get("scales"))
+        ws = self.scale_dtype.itemsize if self.scale_dtype is not None else 0
+        self.s13_bytes = _prod(self.s13_shape) * ws
+        self.s2_bytes = _prod(self.s2_shape) * ws
+        self.expert_bytes = self.w13_bytes + self.w2_bytes + self.s13_bytes + self.s2_bytes
         self.entries = self._parse_entries(entries)
 
     # -- parsing ---------------------------------------------------------------------------
+    def _parse_scales(self, scales):
+        """FP8 experts' ``experts.scales``: (block, dtype, s13 shape, s2 shape), or Nones and ()."""
+        from .fp8 import expert_scale_shapes, is_fp8
+
+        where = self.path
+        if scales is None:
+            if is_fp8(self.expert_dtype):
+                raise CheckpointError(f"{where}: corrupt store index (FP8 experts without experts.scales)")
+            return None, None, (), ()
+        try:
+            block = tuple(int(b) for b in scales["block"])
+            dt = _dtype(scales["dtype"], where)
+            s13, s2 = tuple(int(x) for x in scales["w13_shape"]), tuple(int(x) for x in scales["w2_shape"])
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: corrupt store index (bad experts.scales: {e})") from None
+        if len(block) != 2 or min(block) < 1 or not is_fp8(self.expert_dtype) \
+                or (s13, s2) != expert_scale_shapes(self.hidden, self.inter, block):
+            raise CheckpointError(f"{where}: corrupt store index (experts.scales {scales!r} do not fit "
+                                  f"{self.expert_dtype} experts of hidden {self.hidden}, inter {self.inter})")
+        return block, dt, s13, s2
+
     def _parse_entries(self, entries) -> list[list[StoreEntry]]:
         where = self.path
         if not isinstance(entries, list):
@@ -187,8 +218,17 @@ class StoreIndex:
             for e in row:
                 w13 = TensorInfo(f"{e.label} w13", self.blob, dt, (2 * I, H), e.offset, self.w13_bytes)
                 w2 = TensorInfo(f"{e.label} w2", self.blob, dt, (H, I), e.offset + self.w13_bytes, self.w2_bytes)
+                scales = {}
+                if self.block is not None:
+                    at = e.offset + self.w13_bytes + self.w2_bytes
+                    s13 = TensorInfo(f"{e.label} s13", self.blob, self.scale_dtype, self.s13_shape, at,
+                                     self.s13_bytes)
+                    s2 = TensorInfo(f"{e.label} s2", self.blob, self.scale_dtype, self.s2_shape,
+                                    at + self.s13_bytes, self.s2_bytes)
+                    scales = dict(s13=(Segment(s13, 0, s13.nbytes),), s2=(Segment(s2, 0, s2.nbytes),),
+                                  block=self.block, scale_dtype=self.scale_dtype)
                 lay.append(ExpertLayout((Segment(w13, 0, w13.nbytes),), (Segment(w2, 0, w2.nbytes),), dt,
-                                        checksum=e.crc32, name=e.label))
+                                        checksum=e.crc32, name=e.label, **scales))
             out.append(lay)
         return out, set()
 
@@ -215,6 +255,13 @@ def _dtype(name, where) -> torch.dtype:
         return DTYPES[name]
     except (KeyError, TypeError):
         raise CheckpointError(f"{where}: corrupt store index (unknown dtype {name!r})") from None
+
+
+def _prod(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
 
 
 def is_store(root: str | Path) -> bool:

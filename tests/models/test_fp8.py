@@ -218,3 +218,60 @@ def test_mmap_refuses_fp8(tmp_path):
     fp8, _ = build(tmp_path, "qwen3_moe", (16, 16))
     with pytest.raises(ValueError, match="memory-mapped experts cannot serve an FP8 checkpoint"):
         fmoe.models.from_pretrained(fp8, expert_cache="mmap")
+
+
+# -- the converter --------------------------------------------------------------------------
+
+def test_convert_keeps_fp8_and_loads_with_the_same_logits(tmp_path, monkeypatch):
+    import json
+
+    from fmoe.models.convert import main as convert_main
+
+    block = (16, 16)
+    fp8, ref = build(tmp_path, "deepseek_v3", block)
+    dst = tmp_path / "store"
+    assert convert_main([str(fp8), str(dst), "--verify", "--no-progress"]) == 0
+    index = json.loads((dst / "fmoe-store.json").read_text())
+    ex = index["experts"]
+    H, I = MLA["hidden_size"], MLA["moe_intermediate_size"]
+    assert index["version"] == 2 and ex["dtype"] == "F8_E4M3" and index["dtype"] == "BF16"
+    assert ex["scales"] == {"dtype": "F32", "block": [16, 16], "w13_shape": [2, 2, 3], "w2_shape": [3, 2]}
+    per_load = 3 * H * I + (2 * 2 * 3 + 3 * 2) * 4
+    assert ex["expert_bytes"] == per_load and all(e["length"] == per_load for e in index["entries"])
+    weights = load_file(dst / "model.safetensors")
+    q = weights["model.layers.0.self_attn.q_a_proj.weight"]
+    assert q.dtype == torch.float8_e4m3fn and "model.layers.0.self_attn.q_a_proj.weight_scale_inv" in weights
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["weight_block_size"] == [16, 16]
+
+    ids = prompt(vocab=ref.config.vocab_size)
+    src_logits = fmoe.models.from_pretrained(fp8, dtype=torch.float32)(ids)
+    monkeypatch.setenv("FMOE_VERIFY_READS", "1")                 # checksums over FP8 + scales
+    assert torch.equal(fmoe.models.from_pretrained(dst, dtype=torch.float32)(ids), src_logits)
+    offloaded = fmoe.models.from_pretrained(dst, dtype=torch.float32, expert_cache=0.25, policy="lru")
+    assert torch.equal(offloaded(ids), src_logits)
+    assert offloaded.expert_stats()["bytes_loaded"] == offloaded.runtime.store.disk_reads * per_load
+    offloaded.close()
+    check_against(ref, fmoe.models.from_pretrained(dst, dtype=torch.float32), new_tokens=4)
+
+
+def test_convert_with_dtype_dequantises(tmp_path):
+    import json
+
+    from fmoe.models.convert import convert
+
+    fp8, ref = build(tmp_path, "qwen3_moe", (32, 16))
+    dst = convert(fp8, tmp_path / "bf16", dtype="bfloat16", progress=False, chunk_bytes=1024)["path"]
+    index = json.loads((tmp_path / "bf16" / "fmoe-store.json").read_text())
+    assert index["version"] == 1 and index["experts"]["dtype"] == "BF16" and "scales" not in index["experts"]
+    assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert not any(k.endswith("_scale_inv") for k in weights)
+    assert all(t.dtype == torch.bfloat16 for k, t in weights.items() if k.endswith("_proj.weight"))
+    ids = prompt(vocab=ref.config.vocab_size)
+    # bit for bit the FP8 source served in bf16 (dequantised in float32, rounded once)
+    assert torch.equal(fmoe.models.from_pretrained(dst)(ids),
+                       fmoe.models.from_pretrained(fp8, dtype=torch.bfloat16)(ids))
+    # and back from an FP8 store: the same
+    fp8_store = convert(fp8, tmp_path / "f8store", progress=False)["path"]
+    again = convert(fp8_store, tmp_path / "bf16b", dtype="bfloat16", progress=False)["path"]
+    assert torch.equal(fmoe.models.from_pretrained(again)(ids), fmoe.models.from_pretrained(dst)(ids))
