@@ -523,7 +523,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", help="output directory (fmoe store)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_CHOICES) + ["auto"],
                    metavar="{bfloat16,float16,float32}",
-                   help="convert experts and weights to this dtype (default: keep the checkpoint's)")
+                   help="convert experts and weights to this dtype (default: keep the checkpoint's; FP8 "
+                        "stays FP8 with its scales)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--verify", action="store_true", help="recompute the written store's checksums")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
