@@ -1,14 +1,21 @@
 """Model shapes for the timing model: what one token reads from device memory, and what one
 routed expert weighs on the host link.
 
-Built in: DeepSeek-V2-Lite, Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B. Any other model:
+Built in: DeepSeek-V2-Lite, Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B, and the FP8
+releases DeepSeek-V3 (and R1, same shape), Kimi-K2 and Qwen3-30B-A3B-FP8. Any other model:
 `shape_from_config` reads its HF ``config.json`` (model types deepseek_v2/v3, mixtral,
 qwen2_moe, qwen3_moe, and a generic reading of the usual field names for the rest).
+
+An FP8 block-scaled checkpoint (``quantization_config.quant_method == "fp8"``) moves its routed
+experts over the link as they are stored: one byte per weight plus a float32 scale per block
+(`ModelShape.expert_bytes`), about half of bf16. The device computes on weights dequantised into
+the serving dtype (``torch_dtype``, bf16 as published), so compute keeps `dtype_bytes`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +24,9 @@ from ..errors import ConfigError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4,
                "float8_e4m3fn": 1, "fp8": 1, "int8": 1}
+# expert dtypes meaning FP8 block-scaled experts (weights at 1 byte plus float32 block scales)
+FP8_NAMES = ("float8_e4m3fn", "fp8")
+SCALE_BYTES = 4                    # float32 weight_scale_inv, as published
 
 
 @dataclass(frozen=True)
@@ -36,15 +46,29 @@ class ModelShape:
     shared_params: int             # one MoE layer's always-on shared experts (0 if none)
     dense_mlp_params: int          # one dense layer's MLP
     vocab: int
-    dtype_bytes: int = 2
+    dtype_bytes: int = 2               # the serving dtype: what the device reads per weight
+    quant_block: tuple[int, int] | None = None   # FP8 experts: one scale per block (rows, cols)
 
     @property
     def expert_params(self) -> int:
         return 3 * self.hidden * self.moe_intermediate
 
     @property
+    def expert_scales(self) -> int:
+        """Scales of one FP8 routed expert: gate and up [ceil(I/b0), ceil(H/b1)] each, down
+        [ceil(H/b0), ceil(I/b1)]; 0 when experts are not FP8."""
+        if self.quant_block is None:
+            return 0
+        b0, b1 = self.quant_block
+        H, I = self.hidden, self.moe_intermediate
+        return 2 * math.ceil(I / b0) * math.ceil(H / b1) + math.ceil(H / b0) * math.ceil(I / b1)
+
+    @property
     def expert_bytes(self) -> int:
-        """Bytes of one routed expert (gate, up, down): what one load moves over the link."""
+        """Bytes of one routed expert (gate, up, down) as stored: what one load moves over the
+        link. FP8 experts: one byte per weight plus their float32 scales."""
+        if self.quant_block is not None:
+            return self.expert_params + self.expert_scales * SCALE_BYTES
         return self.expert_params * self.dtype_bytes
 
     @property
@@ -56,17 +80,24 @@ class ModelShape:
         return self.vocab * self.hidden
 
     def with_dtype(self, dtype: str | None) -> "ModelShape":
+        """The shape with experts in `dtype`: "float8_e4m3fn"/"fp8" keep the serving dtype and
+        make the experts FP8 block-scaled (the model's blocks, else 128 x 128); any other dtype
+        is the serving and expert dtype (no FP8)."""
         if dtype is None:
             return self
+        dtype = str(dtype).replace("torch.", "")
+        if dtype in FP8_NAMES:
+            return replace(self, quant_block=self.quant_block or (128, 128))
         try:
-            return replace(self, dtype_bytes=DTYPE_BYTES[dtype])
+            return replace(self, dtype_bytes=DTYPE_BYTES[dtype], quant_block=None)
         except KeyError:
             raise ConfigError(f"unknown dtype {dtype!r}; choose one of "
                               f"{', '.join(sorted(DTYPE_BYTES))}") from None
 
     def describe(self) -> str:
+        fp8 = " (FP8 + scales)" if self.quant_block is not None else ""
         return (f"{self.name}: {self.num_moe_layers} MoE layers x {self.num_experts} experts, "
-                f"top-{self.top_k}, expert {self.expert_bytes / 1e6:.1f} MB")
+                f"top-{self.top_k}, expert {self.expert_bytes / 1e6:.1f} MB{fp8}")
 
 
 def _gqa(hidden: int, heads: int, kv_heads: int, head_dim: int) -> tuple[int, int, int]:
@@ -95,6 +126,21 @@ def _mla(hidden: int, heads: int, q_lora: int | None, kv_lora: int, nope: int, r
 def _dtype_bytes(cfg: dict) -> int:
     d = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
     return DTYPE_BYTES.get(str(d).replace("torch.", ""), 2)
+
+
+def _quant_block(cfg: dict) -> tuple[int, int] | None:
+    """The FP8 block of a config whose ``quantization_config`` says quant_method "fp8"."""
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        return None
+    block = q.get("weight_block_size") or [128, 128]
+    try:
+        b0, b1 = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ConfigError(f"quantization_config.weight_block_size {block!r} is not two integers") from None
+    if b0 < 1 or b1 < 1:
+        raise ConfigError(f"quantization_config.weight_block_size {block!r} is not two integers >= 1")
+    return b0, b1
 
 
 def _first(cfg: dict, *keys, default=None):
@@ -164,7 +210,7 @@ def shape_from_config(cfg: dict, name: str | None = None) -> ModelShape:
         hidden=H, num_moe_layers=L, num_dense_layers=n_layers - L, num_experts=E, top_k=K,
         moe_intermediate=I, attn_params=attn, kv_elems=kv, attn_ctx_flops=ctx,
         shared_params=shared, dense_mlp_params=3 * H * dense_inter, vocab=vocab,
-        dtype_bytes=_dtype_bytes(cfg))
+        dtype_bytes=_dtype_bytes(cfg), quant_block=_quant_block(cfg))
 
 
 # Hub config.json fields of the built-in models (only what the shape needs).
@@ -199,6 +245,30 @@ _BUILTIN_CONFIGS = {
         "vocab_size": 151936, "torch_dtype": "bfloat16",
     },
 }
+_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+_BUILTIN_CONFIGS.update({
+    # deepseek-ai/DeepSeek-V3 (DeepSeek-R1 has the same shape); FP8 as published
+    "deepseek-v3": {
+        "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61,
+        "first_k_dense_replace": 3, "moe_layer_freq": 1, "n_routed_experts": 256,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 2048, "n_shared_experts": 1,
+        "intermediate_size": 18432, "num_attention_heads": 128, "num_key_value_heads": 128,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 129280,
+        "torch_dtype": "bfloat16", "quantization_config": _FP8,
+    },
+    # moonshotai/Kimi-K2-Instruct: DeepSeek-V3's architecture, 384 experts, one dense layer
+    "kimi-k2": {
+        "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_routed_experts": 384,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 2048, "n_shared_experts": 1,
+        "intermediate_size": 18432, "num_attention_heads": 64, "num_key_value_heads": 64,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 163840,
+        "torch_dtype": "bfloat16", "quantization_config": _FP8,
+    },
+})
+_BUILTIN_CONFIGS["qwen3-30b-a3b-fp8"] = {**_BUILTIN_CONFIGS["qwen3-30b-a3b"], "quantization_config": _FP8}
 
 MODEL_SHAPES: dict[str, ModelShape] = {n: shape_from_config(c, n)
                                        for n, c in _BUILTIN_CONFIGS.items()}
@@ -206,6 +276,9 @@ MODEL_SHAPES: dict[str, ModelShape] = {n: shape_from_config(c, n)
 # hub-id patterns -> built-in shape (matched against the lower-cased id without the org)
 _PATTERNS = [
     (r"deepseek-v2-lite", "deepseek-v2-lite"),
+    (r"deepseek-(v3|r1)", "deepseek-v3"),
+    (r"kimi-k2", "kimi-k2"),
+    (r"qwen3-30b-a3b.*fp8", "qwen3-30b-a3b-fp8"),
     (r"mixtral-8x7b", "mixtral-8x7b"),
     (r"qwen1\.5-moe-a2\.7b", "qwen1.5-moe-a2.7b"),
     (r"qwen3-30b-a3b", "qwen3-30b-a3b"),

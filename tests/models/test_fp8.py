@@ -275,3 +275,62 @@ def test_convert_with_dtype_dequantises(tmp_path):
     fp8_store = convert(fp8, tmp_path / "f8store", progress=False)["path"]
     again = convert(fp8_store, tmp_path / "bf16b", dtype="bfloat16", progress=False)["path"]
     assert torch.equal(fmoe.models.from_pretrained(again)(ids), fmoe.models.from_pretrained(dst)(ids))
+
+
+# -- the simulator --------------------------------------------------------------------------
+
+def test_sim_shapes_take_the_checkpoint_dtype():
+    from fmoe.sim.shapes import MODEL_SHAPES, guess_shape, shape_from_config
+
+    v3 = MODEL_SHAPES["deepseek-v3"]
+    # 3 x 7168 x 2048 FP8 bytes + float32 scales: gate and up 16 x 56 each, down 56 x 16
+    assert v3.expert_bytes == 3 * 7168 * 2048 + (2 * 16 * 56 + 56 * 16) * 4 == 44_050_944
+    assert v3.with_dtype("bfloat16").expert_bytes == 3 * 7168 * 2048 * 2
+    assert v3.dtype_bytes == 2                        # the device computes on dequantised bf16
+    assert (v3.num_moe_layers, v3.num_experts, v3.top_k) == (58, 256, 8)
+    assert guess_shape("deepseek-ai/DeepSeek-R1") == guess_shape("deepseek-ai/DeepSeek-V3") == "deepseek-v3"
+    assert guess_shape("moonshotai/Kimi-K2-Instruct") == "kimi-k2"
+    assert guess_shape("Qwen/Qwen3-30B-A3B-FP8") == "qwen3-30b-a3b-fp8"
+    assert guess_shape("Qwen/Qwen3-30B-A3B") == "qwen3-30b-a3b"
+    q3 = MODEL_SHAPES["qwen3-30b-a3b"]
+    assert q3.with_dtype("fp8").expert_bytes == MODEL_SHAPES["qwen3-30b-a3b-fp8"].expert_bytes
+    assert MODEL_SHAPES["qwen3-30b-a3b-fp8"].expert_bytes == 3 * 2048 * 768 + (2 * 6 * 16 + 16 * 6) * 4
+    # a config.json's own block size (the tiny test models use 16 x 16)
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 40, "num_hidden_layers": 2, "num_experts": 8,
+           "num_experts_per_tok": 2, "moe_intermediate_size": 24, "num_attention_heads": 4,
+           "torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    assert shape_from_config(cfg).expert_bytes == 3 * 40 * 24 + (2 * 2 * 3 + 3 * 2) * 4
+
+
+def test_simulated_tpot_deepseek_v3_fp8_vs_bf16(tmp_path, capsys):
+    """A DeepSeek-V3-shaped trace: FP8 experts halve the bytes per miss, and the stall with them."""
+    import json
+
+    import numpy as np
+
+    from fmoe.sim.__main__ import main
+    from fmoe.sim.trace import write_trace
+
+    T, L, E, K = 40, 58, 256, 8
+    rng = np.random.default_rng(0)
+    pop = 1.0 / np.arange(1, E + 1) ** 1.1
+    ids = np.empty((T, L, K), dtype=np.int16)
+    for l in range(L):
+        p = rng.permutation(pop / pop.sum())
+        for t in range(T):
+            ids[t, l] = rng.choice(E, size=K, replace=False, p=p)
+    trace = write_trace(tmp_path / "v3.npz", expert_ids=ids, seq_offsets=[0, 20, 40], num_experts=E,
+                        model="deepseek-ai/DeepSeek-V3")
+
+    def run(*extra):
+        assert main(["simulate", "--trace", str(trace), "--policy", "lru", "--cache-fraction", "0.1",
+                     "--hardware", "h100-pcie5", "--json", "--no-cache", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    fp8, bf16 = run(), run("--dtype", "bfloat16")
+    assert fp8["expert_bytes"] == 44_050_944 and bf16["expert_bytes"] == 88_080_384
+    assert fp8["hit_rate"] == bf16["hit_rate"] < 1
+    assert fp8["bytes_per_token"] / bf16["bytes_per_token"] == pytest.approx(44_050_944 / 88_080_384)
+    # demand loads: stall = copies - what the shared expert hides; halving each copy more than halves it
+    assert 0 < fp8["stall_ms_per_token"] <= 0.5 * bf16["stall_ms_per_token"] + 1e-9
+    assert fp8["tpot_ms"] < bf16["tpot_ms"]
