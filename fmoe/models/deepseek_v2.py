@@ -1,4 +1,5 @@
-"""DeepSeek-V2 and -V3 (deepseek-ai/DeepSeek-V2-Lite, DeepSeek-V2, DeepSeek-V3, DeepSeek-R1).
+"""DeepSeek-V2 and -V3 (deepseek-ai/DeepSeek-V2-Lite, DeepSeek-V2, DeepSeek-V3, DeepSeek-R1; the
+Kimi-K2 checkpoints, ``model_type`` kimi_k2, have V3's architecture).
 
 Multi-head latent attention (MLA): queries come straight from x (``q_lora_rank`` None) or through
 a low-rank bottleneck; keys and values are rebuilt from a shared compressed latent
@@ -39,6 +40,8 @@ from .layers import (KVCache, RMSNorm, Rotary, SwiGLU, apply_rotary, attention_m
 
 # (topk_method, scoring_func) pairs the reference code defines
 _ROUTING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}
+# model types with V3's defaults (noaux_tc routing, renormalised weights): Kimi-K2 is V3-shaped
+V3_TYPES = ("deepseek_v3", "kimi_k2")
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class DeepseekV2Config:
     @classmethod
     def from_hf(cls, cfg: dict) -> "DeepseekV2Config":
         model_type = cfg.get("model_type") or "deepseek_v2"
-        v3 = model_type == "deepseek_v3"
+        v3 = model_type in V3_TYPES
         vocab, hidden, inter, moe_inter, layers, heads, kv_rank, nope, rope_dim, v_dim = require(
             cfg, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
             "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",

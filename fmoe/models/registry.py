@@ -32,6 +32,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("fmoe.models.qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "deepseek_v2": Family("fmoe.models.deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "deepseek_v3": Family("fmoe.models.deepseek_v2", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    # moonshotai/Kimi-K2-*: DeepSeek-V3's architecture under its own model_type
+    "kimi_k2": Family("fmoe.models.deepseek_v2", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
 
 

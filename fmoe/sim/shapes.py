@@ -176,8 +176,9 @@ def shape_from_config(cfg: dict, name: str | None = None) -> ModelShape:
     # Mixtral-style configs give experts the dense `intermediate_size`
     I = int(_first(cfg, "moe_intermediate_size", "expert_intermediate_size", default=dense_inter))
 
+    deepseek = mt.startswith("deepseek") or mt == "kimi_k2"     # Kimi-K2 is V3-shaped
     # which decoder layers are MoE
-    if mt.startswith("deepseek"):
+    if deepseek:
         first_dense = int(_first(cfg, "first_k_dense_replace", default=0))
         freq = int(_first(cfg, "moe_layer_freq", default=1))
         moe = [i for i in range(n_layers) if i >= first_dense and i % freq == 0]
@@ -190,7 +191,7 @@ def shape_from_config(cfg: dict, name: str | None = None) -> ModelShape:
         raise ConfigError("config.json describes no MoE layer")
 
     # shared experts
-    if mt.startswith("deepseek"):
+    if deepseek:
         shared = 3 * H * I * int(_first(cfg, "n_shared_experts", default=0) or 0)
     else:
         si = int(_first(cfg, "shared_expert_intermediate_size", default=0) or 0)
@@ -259,7 +260,7 @@ _BUILTIN_CONFIGS.update({
     },
     # moonshotai/Kimi-K2-Instruct: DeepSeek-V3's architecture, 384 experts, one dense layer
     "kimi-k2": {
-        "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61,
+        "model_type": "kimi_k2", "hidden_size": 7168, "num_hidden_layers": 61,
         "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_routed_experts": 384,
         "num_experts_per_tok": 8, "moe_intermediate_size": 2048, "n_shared_experts": 1,
         "intermediate_size": 18432, "num_attention_heads": 64, "num_key_value_heads": 64,

@@ -104,6 +104,22 @@ def test_fp8_parity_resident_and_offloaded(tmp_path, family, block):
     offloaded.close()
 
 
+def test_kimi_k2_model_type_is_deepseek_v3(tmp_path):
+    """Kimi-K2 checkpoints: V3's architecture and FP8 recipe under model_type "kimi_k2" (with
+    V3's defaults: noaux_tc routing when the config does not name it)."""
+    import json
+
+    fp8, ref = build(tmp_path, "deepseek_v3", (16, 16))
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg["model_type"] = "kimi_k2"
+    cfg.pop("topk_method", None)
+    cfg.pop("scoring_func", None)
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    model = fmoe.models.from_pretrained(fp8, dtype=torch.float32)
+    assert model.config.topk_method == "noaux_tc" and model.config.model_type == "kimi_k2"
+    check_against(ref, model, new_tokens=4)
+
+
 def test_fp8_serves_in_bf16_by_default(tmp_path):
     """Published FP8 checkpoints keep embeddings and norms in bf16: that is the serving dtype."""
     fp8, ref = build(tmp_path, "deepseek_v3", (16, 16))
@@ -290,6 +306,8 @@ def test_sim_shapes_take_the_checkpoint_dtype():
     assert (v3.num_moe_layers, v3.num_experts, v3.top_k) == (58, 256, 8)
     assert guess_shape("deepseek-ai/DeepSeek-R1") == guess_shape("deepseek-ai/DeepSeek-V3") == "deepseek-v3"
     assert guess_shape("moonshotai/Kimi-K2-Instruct") == "kimi-k2"
+    k2 = MODEL_SHAPES["kimi-k2"]
+    assert (k2.num_moe_layers, k2.num_experts, k2.expert_bytes) == (60, 384, v3.expert_bytes)
     assert guess_shape("Qwen/Qwen3-30B-A3B-FP8") == "qwen3-30b-a3b-fp8"
     assert guess_shape("Qwen/Qwen3-30B-A3B") == "qwen3-30b-a3b"
     q3 = MODEL_SHAPES["qwen3-30b-a3b"]
