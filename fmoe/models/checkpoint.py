@@ -247,7 +247,8 @@ class FileReader:
     the OS and filesystem allow it: straight into buffers whose address and size are multiples
     of 4096 (pinned memory), otherwise through a per-thread aligned bounce buffer (at most
     BOUNCE_BYTES per read). A filesystem that refuses (``EINVAL``, e.g. tmpfs) falls back to
-    buffered reads. ``FMOE_DIRECT_IO`` chooses (default "auto": only for stores larger than half the RAM, which the page cache could not keep)."""
+    buffered reads. ``FMOE_DIRECT_IO`` chooses (default "auto": only for stores larger than half
+    the RAM, which the page cache could not keep)."""
 
     def __init__(self):
         self._fds: dict[Path, int] = {}

@@ -344,7 +344,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
         with open(tmp / sf.WEIGHTS_FILE, "wb") as out:
             out.write(header)
             crc = zlib.crc32(header)
-            for name, info, out_dtype, scale in plan:
+            for _name, info, out_dtype, scale in plan:
                 if scale is not None:      # FP8 asked in another dtype: dequantised on the way
                     crc = _copy_dequantized(copier, info, scale, index.quant.block, out_dtype, out, crc)
                     continue

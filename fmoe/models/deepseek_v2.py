@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .config import RopeConfig, first, read_rope, require
 from .experts import ExpertShape, PendingExperts
-from .layers import (KVCache, RMSNorm, Rotary, SwiGLU, apply_rotary, attention_mask, gqa_attention,
-                     yarn_mscale)
+from .layers import KVCache, RMSNorm, Rotary, SwiGLU, apply_rotary, attention_mask, gqa_attention, yarn_mscale
 
 # (topk_method, scoring_func) pairs the reference code defines
 _ROUTING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}

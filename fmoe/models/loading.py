@@ -34,8 +34,9 @@ def hub_cache_dir() -> Path:
     """The hub cache as huggingface_hub lays it out: ``HF_HUB_CACHE``, else ``HF_HOME/hub``,
     else ``~/.cache/huggingface/hub``. Read at call time (huggingface_hub reads its settings
     once, at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expandvars(os.environ["HF_HUB_CACHE"])).expanduser()
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")   # (legacy name)
+    if hub:
+        return Path(os.path.expandvars(hub)).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
@@ -80,10 +81,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         raise ModelNotFoundError(f"{name}: no such directory, and not a hub repo id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError)
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover
-        raise ModelNotFoundError(f"{name}: not a local directory and huggingface_hub is missing")
+        raise ModelNotFoundError(f"{name}: not a local directory and huggingface_hub is missing") from None
     offline = _offline()
     cache = hub_cache_dir()
     try:

@@ -11,12 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fp8_fixtures import dequantised_copy, make_fp8, round_to_bf16  # noqa: E402
-from hf_fixtures import REL_TOL, prompt, rel_err, save, tiny_hf  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import fmoe  # noqa: E402
 from fmoe.errors import CheckpointError  # noqa: E402
 from fmoe.models.fp8 import dequantize, quantize, scale_shape  # noqa: E402
+from hf_fixtures import REL_TOL, prompt, rel_err, save, tiny_hf  # noqa: E402
 
 # hidden 40 and expert width 24 are not multiples of the blocks below: edge blocks are partial
 MLA = dict(hidden_size=40, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3,

@@ -12,10 +12,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fp8_fixtures import make_fp8, round_to_bf16  # noqa: E402
-from hf_fixtures import prompt, save, tiny_hf  # noqa: E402
 
 import fmoe  # noqa: E402
 from fmoe.errors import ModelNotFoundError  # noqa: E402
+from hf_fixtures import prompt, save, tiny_hf  # noqa: E402
 
 REPO = "tiny-org/tiny-qwen3-fp8"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
