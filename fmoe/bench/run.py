@@ -155,14 +155,15 @@ def bench_from_args(args) -> dict:
             kwargs["policy_options"] = parse_policy_options(args.policy_option)
         if args.prefetch_distance is not None:
             kwargs["prefetch_distance"] = args.prefetch_distance
-        if args.hardware_profile is not None and args.policy == "fmoe":
+        if args.hardware_profile is not None and (args.policy == "fmoe" or args.execution != "load"):
             kwargs["hardware_profile"] = args.hardware_profile
     elif args.policy_option or args.prefetch_distance is not None or args.hardware_profile:
         raise ValueError("--policy-option, --prefetch-distance and --hardware-profile need --expert-cache")
     if args.execution != "load":
-        # CONTRACT names host and hybrid execution; this runtime computes every expert where
-        # the cache holds it (load) so far
-        raise ValueError(f"--execution {args.execution} is not available in this version; use load")
+        if args.expert_cache is None:
+            raise ValueError(f"--execution {args.execution} needs --expert-cache (with every expert "
+                             f"resident there is no miss to place)")
+        kwargs["execution"] = args.execution
     t0 = time.perf_counter()
     model = from_pretrained(args.model, device=args.device, dtype=parse_dtype(args.dtype), **kwargs)
     load_s = time.perf_counter() - t0

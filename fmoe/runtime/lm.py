@@ -101,11 +101,12 @@ class MoEModel(nn.Module):
 
 
 def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe", **kwargs) -> MoEModel:
-    execution = kwargs.pop("execution", "load")
-    if execution not in ("load", "host", "hybrid"):
-        raise ValueError(f"execution must be 'load', 'host' or 'hybrid', got {execution!r}")
+    from .policies import check_execution
+
+    execution = check_execution(kwargs.pop("execution", "load"))
     if execution != "load":
-        raise ValueError(f"execution={execution!r} is not available in this version; 'load' is")
+        # with every expert resident there is no miss to place: host/hybrid change nothing
+        kwargs["execution"] = execution
     root = resolve(name_or_path)
     device = torch.device(device)
     dtype = parse_dtype(dtype)
@@ -113,6 +114,8 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
     runtime = None
     mapped = isinstance(expert_cache, str) and expert_cache.strip().lower() == "mmap"
     if expert_cache is None or mapped:
+        kwargs.pop("execution", None)
+        kwargs.pop("host_workers", None)
         if kwargs:
             raise ValueError(f"{', '.join(sorted(kwargs))} need an expert cache (expert_cache=...)")
         if not mapped and device.type == "cpu":

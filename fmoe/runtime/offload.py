@@ -6,6 +6,12 @@ a `SlotTable` maps (layer, expert) keys to slots. Each MoE layer's experts modul
 router's expert ids to slot ids and calls the same `fused_moe` as a resident run, which is what
 makes offloading lossless. When a step needs more distinct experts in one layer than there are
 slots (a long prefill on a tiny cache), the layer runs in chunks of at most S experts.
+
+With ``execution="host"`` or ``"hybrid"`` a miss may instead be computed where the expert lives
+(`fmoe.runtime.host`), as the placement rule decides (`fmoe.runtime.policies.placement`): the
+layer's device pairs run through `fused_moe` over the slots with the host pairs pointed at the
+zero slot, the host computes its pairs beside it, and the two sets of weighted terms are added
+before the sum over k.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 
 from ..kernels import fused_moe
 from ..models.experts import Experts
-from .policies import make_policy
+from .policies import MissCost, check_execution, make_policy, place
 from .slots import SlotTable
 from .store import ExpertStore
 from .transfer import DEMAND, PREFETCH, CopyEngine, parse_bandwidth
@@ -96,6 +102,17 @@ def profile_seconds(profile, top_k: int) -> tuple[float, float]:
     return float(t["copy"]), attn + float(t.get("shared", 0.0)) + top_k * float(t["expert"])
 
 
+def miss_seconds(profile) -> tuple[float, float]:
+    """(one expert's copy, one expert computed on the host) in seconds from a calibrated
+    profile (a path or its dict). On a CPU profile the host is the device: its expert figure."""
+    import json
+    from pathlib import Path
+
+    data = profile if isinstance(profile, dict) else json.loads(Path(profile).read_text())
+    t = data["timing"]
+    return float(t["copy"]), float(t.get("host", t["expert"]))
+
+
 def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor for the cache slots. On CPU: anonymous memory, zero-filled by the kernel on
     first touch and backed by huge pages where allowed, so that loading does not spend seconds
@@ -168,7 +185,9 @@ class OffloadRuntime:
     def __init__(self, module, cfg, layouts, reader, *, device: torch.device, dtype: torch.dtype,
                  expert_cache, policy: str = "fmoe", link_bandwidth=None, host_cache=None,
                  trace_path=None, policy_options: dict | None = None, prefetch_distance=None,
-                 map_store=None, hardware_profile=None):
+                 map_store=None, hardware_profile=None, execution: str = "load",
+                 host_workers: int = 1):
+        self.execution = check_execution(execution)
         shp = cfg.experts
         self.shape = shp
         self.L, self.E, self.K = shp.num_layers, shp.num_experts, shp.top_k
@@ -219,6 +238,17 @@ class OffloadRuntime:
         self._direct_reads(layouts, reader)
         self.link_bandwidth = parse_bandwidth(link_bandwidth)
         self.engine = CopyEngine(self.store, self.w13[:S], self.w2[:S], self.link_bandwidth)
+        self.host = None
+        # per-expert seconds of a load and of a host computation, for the hybrid rule's queues:
+        # from a calibrated profile only, so that decisions are a function of the events (a
+        # rate measured on the fly would make them, and the rounding, vary run to run)
+        self._copy_est = self._host_est = None
+        if self.execution != "load":
+            from .host import HostExecutor, HostWeights
+
+            self.host = HostExecutor(HostWeights(self.store, dtype), workers=host_workers)
+            if hardware_profile is not None:
+                self._copy_est, self._host_est = miss_seconds(hardware_profile)
         # the policy's predictor runner, if any (a worker thread when it prefetches); every
         # policy event below comes from this (the forward) thread
         self.scheduler = getattr(self.policy, "runner", None)
@@ -249,7 +279,7 @@ class OffloadRuntime:
     # -- stats -----------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.engine.drain()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.host_computed = 0
         self.stall = 0.0
         self.policy_time = 0.0
         self._bytes0 = self.engine.bytes_loaded
@@ -263,7 +293,7 @@ class OffloadRuntime:
                 "misses": self.misses, "prefetched": t.prefetched, "prefetch_used": t.prefetch_used,
                 "bytes_loaded": int(self.engine.bytes_loaded - self._bytes0),
                 "stall_seconds": self.stall, "policy_seconds": self.policy_time,
-                "host_computed": 0}
+                "host_computed": self.host_computed}
 
     # -- events from the engine ------------------------------------------------------------
     def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None,
@@ -304,32 +334,43 @@ class OffloadRuntime:
             self.engine.assign(got.slot)
             self.engine.load(key, got.slot, PREFETCH, priority)
 
+    def _request(self, key: int, slots: list[int], waits: list[int]) -> None:
+        """Take a slot for `key` (pinned) and start its load if it is not ready."""
+        t0 = time.perf_counter()
+        got = self.table.acquire(key)      # the policy's hit / victim / insert events
+        self.policy_time += time.perf_counter() - t0
+        if got.hit and self.engine.is_ready(got.slot):
+            self.hits += 1
+        else:
+            self.misses += 1
+            if got.hit:          # a prefetch still queued or in flight
+                self.engine.demand(key, got.slot)
+            else:
+                self.engine.assign(got.slot)
+                self.engine.load(key, got.slot, DEMAND)
+            waits.append(got.slot)
+        slots.append(got.slot)
+
+    def _wait(self, keys: list[int], waits: list[int]) -> float:
+        """Wait for the loads of `waits`; returns the seconds waited. A failed read fails this
+        step after unpinning `keys`, so the slots serve later steps (the failed expert stays
+        assigned, not ready: its next need reads it again)."""
+        waited = 0.0
+        try:
+            for slot in waits:
+                waited += self.engine.wait(slot)
+        except BaseException:
+            self.table.unpin(keys)
+            raise
+        self.stall += waited
+        return waited
+
     def _acquire(self, keys: list[int]) -> list[int]:
         """Make `keys` resident and ready (pinned); returns their slots."""
         slots, waits = [], []
         for key in keys:
-            t0 = time.perf_counter()
-            got = self.table.acquire(key)      # the policy's hit / victim / insert events
-            self.policy_time += time.perf_counter() - t0
-            if got.hit and self.engine.is_ready(got.slot):
-                self.hits += 1
-            else:
-                self.misses += 1
-                if got.hit:          # a prefetch still queued or in flight
-                    self.engine.demand(key, got.slot)
-                else:
-                    self.engine.assign(got.slot)
-                    self.engine.load(key, got.slot, DEMAND)
-                waits.append(got.slot)
-            slots.append(got.slot)
-        try:
-            for slot in waits:
-                self.stall += self.engine.wait(slot)
-        except BaseException:
-            # a read failed: this step fails; unpin so the slots serve later steps (the failed
-            # expert stays assigned, not ready: its next need reads it again)
-            self.table.unpin(keys)
-            raise
+            self._request(key, slots, waits)
+        self._wait(keys, waits)
         return slots
 
     def run_layer(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor,
@@ -342,6 +383,10 @@ class OffloadRuntime:
         # first-appearance order (for one token: the router's order), as a trace replays it
         experts = list(dict.fromkeys(topk_ids.reshape(-1).tolist()))
         base = layer * self.E
+        if self.host is not None:
+            out = self._run_split(layer, x, topk_weights, topk_ids, experts)
+            self._routed(layer, topk_ids, experts, router_probs)
+            return out
         if len(experts) <= self.capacity:
             chunks = [experts]
         else:
@@ -368,6 +413,11 @@ class OffloadRuntime:
             self.table.unpin(keys)
         if chunked:
             out = terms.sum(dim=1)
+        self._routed(layer, topk_ids, experts, router_probs)
+        return out
+
+    def _routed(self, layer: int, topk_ids: torch.Tensor, experts: list[int],
+                router_probs: torch.Tensor | None) -> None:
         probs = None
         if self.policy.prefetches or self.policy.wants_probs or self.recorder is not None:
             probs = router_probs.float().cpu().numpy() if router_probs is not None else None
@@ -376,6 +426,63 @@ class OffloadRuntime:
         self.policy_time += time.perf_counter() - t0
         if self.recorder is not None:
             self.recorder.record(layer, topk_ids, probs)
+
+    def _cost(self, loads: int, hosted: int) -> MissCost | None:
+        """The hybrid rule's estimate for one more miss after `loads` loads and `hosted` host
+        computations decided in this layer (None until both rates are known)."""
+        if self._copy_est is None or self._host_est is None:
+            return None
+        # demand loads of earlier layers have all been waited for, and prefetches queue behind
+        # demand: the link's queue ahead of this miss is this layer's own loads
+        return MissCost((loads + 1) * self._copy_est, (hosted + 1) * self._host_est)
+
+    def _run_split(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """A layer under host/hybrid execution: x [N, H] -> [N, H]."""
+        base, table = layer * self.E, self.table
+        # the resident experts first (pinned), so no decision below evicts one of them
+        dev = [e for e in experts if base + e in table]
+        slots, waits, host, loads = [], [], [], 0
+        for e in dev:
+            self._request(base + e, slots, waits)
+        t0 = time.perf_counter()
+        for e in experts:
+            key = base + e
+            if key in table:
+                continue
+            if len(dev) < self.capacity and place(self.execution, table, key,
+                                                  self._cost(loads, len(host))):
+                self._request(key, slots, waits)
+                dev.append(e)
+                loads += 1
+            else:
+                table.host(key)
+                host.append(e)
+        self.policy_time += time.perf_counter() - t0
+        keys = [base + e for e in dev]
+        job = None
+        if host:
+            # the host's share starts first and runs beside the device's
+            cpu = torch.device("cpu")
+            job = self.host.submit(layer, self.E, x.to(cpu), topk_weights.to(cpu),
+                                   topk_ids.to(cpu), host)
+            self.host_computed += len(host)
+        self._wait(keys, waits)
+        out = None
+        if dev:
+            lut = self._lut
+            lut.fill_(self.capacity)               # the zero slot
+            lut[torch.as_tensor(dev, device=lut.device)] = torch.as_tensor(slots, device=lut.device)
+            slot_ids = lut[topk_ids]
+            out = fused_moe(x, self.w13, self.w2, topk_weights, slot_ids, reduce=job is None)
+            self.engine.mark_used(slots)
+        table.unpin(keys)
+        if job is not None:
+            terms, _ = job.result()
+            terms = terms.to(x.device)
+            # device terms are exact zeros on host pairs and the reverse: the sum over k then
+            # adds what an all-device layer adds, in the same order
+            out = (terms if out is None else out + terms).sum(dim=1)
         return out
 
     def close(self) -> None:
@@ -384,6 +491,8 @@ class OffloadRuntime:
                 self.policy.save_state(self.map_store)
         finally:
             self.policy.close()
+            if self.host is not None:
+                self.host.close()
         self.engine.close()
         if self.recorder is not None:
             self.recorder.close()

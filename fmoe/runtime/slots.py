@@ -29,6 +29,7 @@ class SlotStats:
     late: int = 0
     evictions: int = 0
     released: int = 0
+    host: int = 0          # uses computed on the host (hybrid/host execution): neither hit nor miss
 
     @property
     def demand_loads(self) -> int:
@@ -133,6 +134,12 @@ class SlotTable:
             if pin:
                 pinned.add(key)
         return misses
+
+    def host(self, key: int) -> None:
+        """A use of `key` (not resident) computed on the host: counted apart from hits and
+        misses; the cache does not change. The policy sees `on_host`."""
+        self.stats.host += 1
+        self.policy.on_host(key)
 
     def prefetch(self, key: int) -> Acquired | None:
         """Place `key` ahead of need. Returns None when already resident, when every

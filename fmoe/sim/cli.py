@@ -11,6 +11,7 @@ runs it alone. Bad input gives one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -51,6 +52,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return v
 
 
@@ -146,6 +157,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay only the first N tokens (quick runs)")
     p.add_argument("--engine", default="auto", choices=["auto", "events", "demand", "lru"],
                    help="replay engine (all give the same counts; auto picks the fastest)")
+    p.add_argument("--execution", default="load", choices=["load", "host", "hybrid"],
+                   help="where misses run: load (copy into the cache), host (computed on the "
+                        "host beside a static hot set) or hybrid (decided per miss)")
+    p.add_argument("--host-gbps", type=_positive_float, metavar="G",
+                   help="host compute rate of routed experts in GB/s of weights (overrides the "
+                        "profile's host figure)")
     p.add_argument("--vs-oracle", action="store_true",
                    help="also replay Belady demand paging and report loads against it")
     p.add_argument("--no-cache", action="store_true",
@@ -267,6 +284,11 @@ def _run(args) -> int:
     # a calibrated profile carries its own measured timing (it replaces the built-in shape's)
     timings = {h.name: (h.timing_model() if hasattr(h, "timing_model") else TimingModel.from_shape(shape, h))
                for h in hws}
+    if args.host_gbps:
+        timings = {n: dataclasses.replace(tm, host=tm.expert_bytes / (args.host_gbps * 1e9))
+                   for n, tm in timings.items()}
+    if args.execution != "load" and args.sweep:
+        raise UsageError("--execution host/hybrid takes one run, not --sweep")
     options = dict(parse_policy_options(args.policy_option))
     if args.prefetch_distance:
         options["prefetch_distance"] = args.prefetch_distance
@@ -317,7 +339,8 @@ def _run(args) -> int:
     tick = bar.update if bar is not None else None
     try:
         res = simulate(trace, args.policy, tm, history=history, engine=args.engine,
-                       use_cache=use_cache, policy_options=options, progress=tick, **cap_kw)
+                       use_cache=use_cache, policy_options=options, progress=tick,
+                       execution=args.execution, **cap_kw)
         if args.vs_oracle:
             b = simulate(trace, "belady", tm, capacity=res.capacity, use_cache=use_cache,
                          progress=tick)
@@ -327,6 +350,7 @@ def _run(args) -> int:
     d = res.to_dict()
     d.update(common)
     d["hardware"] = hws[0].name
+    d["host_ms"] = tm.host * 1e3
     if args.vs_oracle:
         d["belady_hit_rate"] = b.hit_rate
         d["belady_loads_per_token"] = b.loads_per_token

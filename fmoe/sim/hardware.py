@@ -3,6 +3,10 @@
 Figures are vendor peak numbers (dense bf16 tensor rate, no sparsity) except the host links,
 which are the achievable PCIe / NVLink-C2C rates the CONTRACT names. The timing model is a
 roofline: every weight (or KV) read costs ``max(bytes / mem_bw, flops / matmul)``.
+
+``host_bw`` is the rate at which the host computes a routed expert from host memory at batch one
+(`execution="host"|"hybrid"`): memory-bound, so the achievable read bandwidth of the host's DRAM
+with a GEMV kernel (a dual-channel desktop ~40 GB/s; a server socket more; `--host-gbps` overrides).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class HardwareProfile:
     matmul_flops: float    # dense bf16/fp16 tensor rate, flop/s
     memory_gib: float      # device memory (informative)
     description: str = ""
+    host_bw: float = 40e9  # host compute of routed experts from host memory, bytes/s
 
 
 HARDWARE: dict[str, HardwareProfile] = {
@@ -32,11 +37,11 @@ HARDWARE: dict[str, HardwareProfile] = {
         HardwareProfile("a5000-pcie4", 25e9, 768e9, 111e12, 24,
                         "RTX A5000 (GA102), PCIe 4.0 x16"),
         HardwareProfile("h100-pcie5", 50e9, 2.0e12, 756e12, 80,
-                        "H100 PCIe 80 GB, PCIe 5.0 x16"),
+                        "H100 PCIe 80 GB, PCIe 5.0 x16", host_bw=100e9),
         HardwareProfile("h200-pcie5", 50e9, 4.8e12, 835e12, 141,
-                        "H200 NVL 141 GB, PCIe 5.0 x16"),
+                        "H200 NVL 141 GB, PCIe 5.0 x16", host_bw=100e9),
         HardwareProfile("gh200-c2c", 450e9, 4.0e12, 989e12, 96,
-                        "GH200 Grace Hopper, NVLink-C2C host link"),
+                        "GH200 Grace Hopper, NVLink-C2C host link", host_bw=300e9),
     ]
 }
 
@@ -63,6 +68,10 @@ class CalibratedProfile(HardwareProfile):
                            token_pre=float(t.get("token_pre", 0.0)),
                            token_pre_ctx=float(t.get("token_pre_ctx", 0.0)),
                            token_post=float(t.get("token_post", 0.0)),
+                           # on a CPU machine the host is the device: a host-computed expert costs
+                           # what a resident one does (a profile may carry its own figure)
+                           host=float(t.get("host", t["expert"])),
+                           host_latency=float(t.get("host_latency", 0.0)),
                            expert_bytes=int(t["expert_bytes"]), name=self.name,
                            details={"hardware": self.name, "calibrated": True, **self.model,
                                     "copy_ms": float(t["copy"]) * 1e3})

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import FmoeError
-from ..runtime.policies import Policy, check_option_types, option_names
+from ..runtime.policies import MissCost, Policy, check_execution, check_option_types, option_names, place
 from ..runtime.policies import policy_class as runtime_policy_class
 from ..runtime.policies import policy_names as runtime_policy_names
 from ..runtime.slots import SlotTable
@@ -255,6 +255,9 @@ class SimResult:
     engine: str
     wall_s: float
     extra: dict = field(default_factory=dict)
+    execution: str = "load"
+    host_computed: int = 0               # routed-expert uses computed on the host
+    host_computed_per_token: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -273,6 +276,8 @@ class _Counts:
     prefetched: int
     prefetch_used: int
     stall: np.ndarray          # [T] seconds
+    host_tok: np.ndarray | None = None   # [T] uses computed on the host
+    execution: str = "load"
 
 
 def _ctx(trace: Trace) -> np.ndarray:
@@ -385,9 +390,20 @@ def _demand_stall(trace: Trace, misses: np.ndarray, tm: TimingModel) -> np.ndarr
 
 
 def _events(trace: Trace, table: SlotTable, tm: TimingModel,
-            progress=None) -> tuple[np.ndarray, int, int]:
+            progress=None, execution: str = "load") -> tuple[np.ndarray, int, int, np.ndarray]:
     """The discrete-event replay (any policy). Returns (stall per token, demand loads,
-    prefetch loads). `progress` as in `_demand_misses`."""
+    prefetch loads, host-computed uses per token). `progress` as in `_demand_misses`.
+
+    With `execution` "host" or "hybrid" a layer first takes its resident experts, then decides
+    each miss (`fmoe.runtime.policies.placement.place`) from the link's and the host's queues:
+    a host-computed expert occupies the host queue for ``tm.host`` and not the device."""
+    split = execution != "load"
+    host_s, host_lat = float(tm.host), float(tm.host_latency)
+    if split and host_s <= 0:
+        raise SimError(f"execution {execution!r} needs a host compute time (the timing model "
+                       f"has none: give --host-gbps or a profile with one)")
+    host_tok = np.zeros(trace.num_tokens, dtype=np.int64)
+    hfree = 0.0                         # the host queue is free from this time on
     policy = table.policy
     ids = trace.expert_ids
     T, L, K = ids.shape
@@ -458,6 +474,57 @@ def _events(trace: Trace, table: SlotTable, tm: TimingModel,
                 base = l * E
                 wait = t
                 keys = []
+                if split:
+                    keys = [base + e for e in rows[l] if e >= 0]
+                    hdone = -1.0
+                    ndev = 0
+                    for key in sorted(keys, key=lambda k: k not in slot_of):
+                        if key in slot_of:
+                            ndev += 1
+                            r = ready_at.get(key)
+                            if r is None or r <= t:
+                                acquire(key)
+                                if r is not None:
+                                    del ready_at[key]
+                            else:
+                                acquire(key, True, False)
+                                if r > wait:
+                                    wait = r
+                            continue
+                        tl = (busy if busy > t else t) + copy
+                        th = (hfree if hfree > t else t) + host_s
+                        if place(execution, table, key,
+                                 MissCost(tl - t + expert, th - t + host_lat)):
+                            ndev += 1
+                            acq = acquire(key)
+                            ev = acq.evicted
+                            if ev is not None:
+                                ready_at.pop(ev, None)
+                            busy = tl
+                            ready_at[key] = busy
+                            wait = busy
+                            demand += 1
+                        else:
+                            table.host(key)
+                            hfree = hdone = th
+                            host_tok[tok] += 1
+                    ready = t + shared[l]
+                    if wait > ready:
+                        stall += wait - ready
+                        t = wait
+                    else:
+                        t = ready
+                    t += expert * ndev
+                    if hdone >= 0 and hdone + host_lat > t:
+                        stall += hdone + host_lat - t
+                        t = hdone + host_lat
+                    if routed:
+                        policy.on_routed(l, np.array(keys, dtype=np.int64) - base,
+                                         rows_of(tok, l))
+                    if oi < no and busy < t:
+                        busy, oi = advance(t, busy, orders, oi)
+                    pinned.difference_update(keys)
+                    continue
                 for e in rows[l]:
                     if e < 0:
                         continue
@@ -503,7 +570,7 @@ def _events(trace: Trace, table: SlotTable, tm: TimingModel,
         policy.on_request_end(n)
     if progress is not None and T % _TICK:
         progress(T % _TICK)
-    return stall_tok, demand, counters[0]
+    return stall_tok, demand, counters[0], host_tok
 
 
 # -- entry point --------------------------------------------------------------------------
@@ -511,7 +578,8 @@ def _events(trace: Trace, table: SlotTable, tm: TimingModel,
 def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[TimingModel], *,
              capacity: int | None = None, cache_fraction: float | None = None,
              history: Trace | None = None, engine: str = "auto", use_cache: bool = True,
-             policy_options: dict | None = None, progress=None) -> SimResult | list[SimResult]:
+             policy_options: dict | None = None, progress=None,
+             execution: str = "load") -> SimResult | list[SimResult]:
     """Replay `trace` through `policy` (a name, or a `Policy` built for this trace) on a pool of
     `capacity` slots (or ``floor(cache_fraction * L * E)``) under `timing`.
 
@@ -520,7 +588,11 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
     timing model (a list when a list was given).
     `engine`: "auto" (fastest exact one), "events", "demand" or "lru" (see the module doc).
     `progress`: called with a count of tokens as each replay pass advances (a progress bar's
-    ``update``); "oracle" replays twice (its schedule, then Belady demand paging)."""
+    ``update``); "oracle" replays twice (its schedule, then Belady demand paging).
+    `execution`: "load" (every miss loaded), "host" (misses computed on the host beside a static
+    hot set: with `history`, its most used experts; else filled on first use) or "hybrid" (per
+    miss, `fmoe.runtime.policies.placement`); host and hybrid replay on the event engine."""
+    check_execution(execution)
     timings = [timing] if isinstance(timing, TimingModel) else list(timing)
     if not timings:
         raise SimError("no timing model")
@@ -556,6 +628,10 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
             other = make(tm)
             prefetching = prefetching or bool(other.prefetches)
             other.close()
+    if execution != "load":
+        if engine not in ("auto", "events"):
+            raise SimError(f"execution {execution!r} replays on the events engine, not {engine!r}")
+        engine = "events"
     if engine == "auto":
         if prefetching:
             engine = "events"
@@ -613,16 +689,21 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
             if history is not None:
                 feed_history(pol, history)
             table = SlotTable(capacity, pol)
-            stall, demand_loads, pref_loads = _events(trace, table, tm, progress)
+            if execution == "host" and history is not None:
+                warm_hot_set(table, history)
+            stall, demand_loads, pref_loads, host_tok = _events(trace, table, tm, progress,
+                                                                execution)
             st = table.stats
             assert demand_loads == st.misses - st.late, (demand_loads, st.misses, st.late)
             assert pref_loads == st.prefetched, (pref_loads, st.prefetched)
+            assert int(host_tok.sum()) == st.host, (int(host_tok.sum()), st.host)
             c = _Counts(hits=st.hits, misses=st.misses, late=st.late, demand_loads=demand_loads,
                         prefetch_loads=pref_loads, prefetched=st.prefetched,
-                        prefetch_used=st.prefetch_used, stall=stall)
+                        prefetch_used=st.prefetch_used, stall=stall,
+                        host_tok=host_tok if execution != "load" else None, execution=execution)
             results.append(_result(trace, name, capacity, tm, c, engine,
                                    time.perf_counter() - (t0 if i == 0 else t1), cache_fraction))
-    if name == "oracle" and not isinstance(policy, Policy):
+    if name == "oracle" and not isinstance(policy, Policy) and execution == "load":
         # a bound: knowing the future, the oracle also knows when its prefetches would hold up
         # demand loads on the link more than they save; per timing model it takes the lower
         # TPOT of its prefetch schedule and Belady demand paging (it is never worse than belady)
@@ -630,6 +711,19 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
                           progress=progress)
         results = [_oracle_bound(o, b) for o, b in zip(results, demand)]
     return results[0] if isinstance(timing, TimingModel) else results
+
+
+def warm_hot_set(table: SlotTable, history: Trace) -> None:
+    """Fill `table` with the experts `history` used most (a static hot set, as llama.cpp's
+    hot-expert overrides are chosen from a profiling run); its counts restart at zero."""
+    keys = flat_keys(history).reshape(-1)
+    counts = np.bincount(keys[keys >= 0], minlength=history.num_layers * history.num_experts)
+    hot = np.argsort(-counts, kind="stable")[:table.capacity]
+    for key in hot.tolist():
+        table.acquire(int(key))
+    table.unpin()
+    peak = table.stats.resident_peak
+    table.stats = type(table.stats)(resident_peak=peak)
 
 
 def _oracle_bound(oracle: SimResult, belady: SimResult) -> SimResult:
@@ -647,6 +741,10 @@ def _result(trace: Trace, name: str, capacity: int, tm: TimingModel, c: "_Counts
             wall: float, fraction: float | None = None) -> SimResult:
     L, E, T = trace.num_layers, trace.num_experts, trace.num_tokens
     comp = compute_per_token(trace, tm)
+    n_host = 0
+    if c.host_tok is not None:
+        comp = comp - c.host_tok * tm.expert     # host-computed experts take no device time
+        n_host = int(c.host_tok.sum())
     tpot = comp + c.stall
     loads = c.demand_loads + c.prefetch_loads
     wasted = (c.prefetched - c.prefetch_used) * tm.expert_bytes
@@ -666,4 +764,5 @@ def _result(trace: Trace, name: str, capacity: int, tm: TimingModel, c: "_Counts
         sequences=trace.num_sequences, num_layers=L, num_experts=E,
         cache_fraction=float(fraction) if fraction is not None else capacity / (L * E),
         expert_bytes=int(tm.expert_bytes),
-        copy_ms=float(tm.copy * 1e3), timing=tm.name, engine=engine, wall_s=wall)
+        copy_ms=float(tm.copy * 1e3), timing=tm.name, engine=engine, wall_s=wall,
+        execution=c.execution, host_computed=n_host, host_computed_per_token=n_host / T)

@@ -16,6 +16,11 @@ link_bw`` seconds, demand loads first, then prefetches by priority. A layer's ro
 start when every one of them is ready; the wait past the shared experts is stall.
 TPOT = compute + stall.
 
+With a host path (`execution="host"|"hybrid"`), a routed expert computed on the host costs
+``host = expert_bytes / host_bw`` seconds on one host queue that runs beside the device and the
+link, plus ``host_latency`` per layer that used it (the activations' round trip); the layer
+ends when both the device's and the host's experts are done.
+
 `TimingModel` can also be built by hand (tests use round numbers).
 """
 
@@ -39,6 +44,8 @@ class TimingModel:
     token_pre: float = 0.0               # s per token before the first MoE layer
     token_pre_ctx: float = 0.0           # s per context token (dense layers' attention)
     token_post: float = 0.0              # s per token after the last MoE layer
+    host: float = 0.0                    # s per routed expert computed on the host (0: no host path)
+    host_latency: float = 0.0            # s per layer with host work (activations there and back)
     expert_bytes: int = 1                # bytes per expert copy
     name: str = "custom"
     details: dict = field(default_factory=dict)
@@ -73,11 +80,16 @@ class TimingModel:
         token_pre = dense * roof(shape.attn_params + shape.dense_mlp_params)
         token_post = roof(shape.lm_head_params)
         copy = shape.expert_bytes / hw.link_bw
+        host = shape.expert_bytes / hw.host_bw
+        # a token's activations to the host and its result back, plus a synchronisation
+        host_latency = 2 * shape.hidden * b / hw.link_bw + 10e-6
         return cls(attn=attn, shared=shared, expert=expert, copy=copy, attn_ctx=attn_ctx,
                    token_pre=token_pre, token_pre_ctx=dense * attn_ctx, token_post=token_post,
+                   host=host, host_latency=host_latency,
                    expert_bytes=shape.expert_bytes, name=f"{shape.name}@{hw.name}",
                    details={"model": shape.name, "hardware": hw.name,
                             "expert_bytes": shape.expert_bytes, "copy_ms": copy * 1e3,
+                            "host_ms": host * 1e3, "host_gbps": hw.host_bw / 1e9,
                             "layer_compute_ms": (attn + shared + shape.top_k * expert) * 1e3,
                             "resident_tpot_ms": (token_pre + token_post + shape.num_moe_layers
                                                  * (attn + shared + shape.top_k * expert)) * 1e3})

@@ -130,7 +130,18 @@ def test_cli_bench_bad_input(tiny_synth, tmp_path, capsys):
     assert main(["bench", str(tiny_synth), "--policy-option", "prefetch=true"]) != 0
     assert "--expert-cache" in capsys.readouterr().err
     assert main(["bench", str(tiny_synth), "--execution", "host"]) != 0
-    assert "not available" in capsys.readouterr().err
+    assert "needs --expert-cache" in capsys.readouterr().err
+
+
+def test_cli_bench_host_and_hybrid(tiny_synth, capsys):
+    # (output equality across modes is tested in fp32: tests/runtime/test_hybrid.py)
+    for execution in ("load", "host", "hybrid"):
+        assert main(["bench", str(tiny_synth), "--prompt-tokens", "5", "--new-tokens", "4",
+                     "--expert-cache", "0.25", "--policy", "lru", "--execution", execution,
+                     "--json"]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["execution"] == execution
+        assert (res["host_computed"] > 0) == (execution != "load")
 
 
 def test_mmap_experts_equal_resident(tiny_synth):

@@ -13,6 +13,11 @@ Keys are flat ints, ``key = layer * num_experts + expert``, where ``layer`` coun
         SlotTable.acquire(keys of layer l)        # -> on_hit / on_insert / victim / on_evict
         on_routed(l, experts, probs)              # what layer l routed, with the full softmax
     on_token_end()
+
+Under ``execution="hybrid"`` a miss may be computed where the expert lives instead of loaded
+(`fmoe.runtime.policies.placement`): the policy is asked ``keep(key, victim)`` (is `key` worth
+more in the cache than `victim`?), and a use computed on the host is reported by ``on_host(key)``
+in place of the table's insert; the cache is left as it was.
     on_request_end(seq)
 
 Every event comes from one thread (the forward thread, or the simulator's loop): a policy that
@@ -109,6 +114,16 @@ class Policy:
         """A prefetch of `key` is about to take a slot, evicting `victim` (None: a free slot).
         Return False to refuse it. Default: admit."""
         return True
+
+    # -- hybrid execution --------------------------------------------------------------------
+    def keep(self, key: int, victim: int) -> bool:
+        """A miss of `key` (not resident) would evict `victim`: True when `key` is worth more in
+        the cache (load it), False to compute this use where the expert lives. Default: load."""
+        return True
+
+    def on_host(self, key: int) -> None:
+        """`key` (not resident) was used and computed on the host; the cache did not change."""
+        pass
 
     # -- life cycle ------------------------------------------------------------------------
     def close(self) -> None:

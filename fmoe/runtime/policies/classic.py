@@ -21,13 +21,29 @@ class LRUPolicy(Policy):
     def __init__(self, num_layers: int, num_experts: int, capacity: int):
         super().__init__(num_layers, num_experts, capacity)
         self._order: OrderedDict[int, None] = OrderedDict()
+        self._last: dict[int, int] = {}    # key -> clock of its last use (resident or not)
+        self._clock = 0
+
+    def _use(self, key: int) -> None:
+        self._clock += 1
+        self._last[key] = self._clock
 
     def on_hit(self, key: int) -> None:
         self._order.move_to_end(key)
+        self._use(key)
 
     def on_insert(self, key: int, prefetch: bool = False) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
+        self._use(key)
+
+    def on_host(self, key: int) -> None:
+        self._use(key)
+
+    def keep(self, key: int, victim: int) -> bool:
+        # recency as admission: load a missed expert when its previous use (if any) is more
+        # recent than the victim's last use; a first use stays on the host
+        return self._last.get(key, 0) > self._last.get(victim, 0)
 
     def on_evict(self, key: int) -> None:
         self._order.pop(key, None)

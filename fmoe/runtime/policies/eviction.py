@@ -86,6 +86,18 @@ class EvictionRule:
     def admit(self, key: int, victim: int) -> bool:
         return True
 
+    # hybrid execution
+    def on_host(self, key: int) -> None:
+        """`key` was used without entering the cache (computed on the host)."""
+        self.clock += 1
+        self.touch[key] = self.clock
+
+    def keep(self, key: int, victim: int) -> bool:
+        """Whether the missed `key` is worth more in the cache than `victim`: this rule would
+        evict it later than `victim` (a key never used scores as the least recent)."""
+        s = self.scores()
+        return bool(s[key] < s[victim])
+
 
 class LruRule(EvictionRule):
     name = "lru"
@@ -297,6 +309,12 @@ class ReuseRule(EvictionRule):
         if key is None:
             raise RuntimeError("every resident expert is pinned; cannot evict")
         return key
+
+    def keep(self, key: int, victim: int) -> bool:
+        # `key` is being used in this layer: its next use is estimated as for a key used in
+        # this pass (the model's `after_used` vector), against the victim's current estimate
+        used = self.reuse.pass_vectors()[2]
+        return bool(used[key] - self.l_now < self.scores()[victim])
 
     def admit(self, key: int, victim: int) -> bool:
         # the prefetch is predicted for a layer at most d ahead: admit it when the victim's

@@ -305,6 +305,13 @@ class FmoePolicy(Policy):
             return True
         return self.rule.admit(key, victim)
 
+    def keep(self, key: int, victim: int) -> bool:
+        # the eviction rule's own ranking (reuse: expected layers to the next use) as admission
+        return self.rule.keep(key, victim)
+
+    def on_host(self, key: int) -> None:
+        self.rule.on_host(key)
+
     # -- persistence ----------------------------------------------------------------------------
     def save_state(self, path) -> None:
         """The map store and the reuse model's counts, in one file (atomic write)."""
