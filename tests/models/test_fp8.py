@@ -154,6 +154,37 @@ def test_bytes_loaded_counts_fp8_and_scales(tmp_path):
     model.close()
 
 
+def test_store_raw_path_matches_read_into(tmp_path):
+    """The pieces the CUDA copy engine chains (raw FP8 staging, a copy of it "on the device",
+    dequantisation into the slot) give the slot `read_into` fills on CPU, for every expert."""
+    import json
+
+    from fmoe.models.checkpoint import CheckpointIndex
+    from fmoe.models.loading import locate_experts, read_expert
+    from fmoe.models.qwen3_moe import Qwen3MoeConfig
+    from fmoe.runtime.store import ExpertStore
+
+    fp8, _ = build(tmp_path, "qwen3_moe", (16, 16))
+    cfg = Qwen3MoeConfig.from_hf(json.loads((fp8 / "config.json").read_text()))
+    layouts, _ = locate_experts(cfg, CheckpointIndex(fp8))
+    H, I = QWEN3["hidden_size"], QWEN3["moe_intermediate_size"]
+    store = ExpertStore(layouts, H, I, torch.float32)
+    assert store.quantized and store.expert_bytes == 3 * H * I + (2 * 2 * 3 + 3 * 2) * 4
+    raw, dev = store.new_raw_staging(), store.new_raw_staging(device="cpu")
+    assert [t.dtype for t in raw] == [torch.float8_e4m3fn] * 2 + [torch.float32] * 2
+    for key in range(len(layouts) * len(layouts[0])):
+        a13, a2 = store.new_staging()
+        store.read_into(key, a13, a2)
+        store.read_raw_into(key, raw)
+        for d, h in zip(dev, raw):
+            d.copy_(h)
+        b13, b2 = torch.full_like(a13, float("nan")), torch.full_like(a2, float("nan"))
+        store.dequantize_into(dev, b13, b2)
+        assert torch.equal(a13, b13) and torch.equal(a2, b2)
+    with pytest.raises(ValueError, match="needs scale buffers"):
+        read_expert(store.reader, layouts[0][0], raw[0], raw[1])
+
+
 def test_host_tier_keeps_fp8(tmp_path):
     fp8, ref = build(tmp_path, "qwen3_moe", (16, 16))
     model = fmoe.models.from_pretrained(fp8, dtype=torch.float32, expert_cache=0.25, policy="lru",
