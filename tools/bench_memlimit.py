@@ -15,7 +15,8 @@ dropped first; contenders alternate run by run; medians and ratios at the end.
     python tools/bench_memlimit.py --model DIR --limits 8 --dry-run
 
 Contenders: fmoe (expert_cache=auto, the default policy), fmoe-lru (auto, lru), pagecache (every
-expert memory-mapped: expert_cache="mmap"), llama.cpp (llama-bench, mmap), llama.cpp-nommap, and
+expert memory-mapped: expert_cache="mmap"), fmoe-host and fmoe-hybrid (auto, execution="host" /
+"hybrid"), llama.cpp (llama-bench, mmap), llama.cpp-nommap, and
 any `--extra NAME=ARGS` (fmoe bench arguments, e.g. "fmoe-pf=--expert-cache auto --policy-option
 prefetch=true"). Needs root (cgroups). Rows are appended to --out as JSON lines as they finish.
 """
@@ -37,6 +38,8 @@ FMOE_CONTENDERS = {
     "fmoe": ["--expert-cache", "auto"],
     "fmoe-lru": ["--expert-cache", "auto", "--policy", "lru"],
     "pagecache": ["--expert-cache", "mmap"],
+    "fmoe-host": ["--expert-cache", "auto", "--execution", "host"],
+    "fmoe-hybrid": ["--expert-cache", "auto", "--execution", "hybrid"],
 }
 LLAMA_CONTENDERS = {"llama.cpp": ["-lm", "mmap"], "llama.cpp-nommap": ["-lm", "none"]}
 
