@@ -290,7 +290,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        route = request.scope.get("route")
+        route = request.scope.get("route")        # the route FastAPI matched: its path template
         endpoint = ENDPOINTS.get(getattr(route, "path", None))
         if endpoint is not None:
             state.metrics.count_http(endpoint, exc.status)
