@@ -14,13 +14,13 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_fixtures import save  # noqa: E402
 from test_offload_families import FAMILIES  # noqa: E402
 
 import fmoe  # noqa: E402
 from fmoe.kernels import fused_moe  # noqa: E402
 from fmoe.runtime.host import HostExecutor, expert_terms  # noqa: E402
 from fmoe.runtime.offload import min_capacity  # noqa: E402
+from hf_fixtures import save  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -8,8 +8,8 @@ from fmoe.runtime.policies import LRUPolicy, MissCost, make_policy, place
 from fmoe.runtime.slots import SlotTable
 from fmoe.sim.replay import SimError, simulate
 from fmoe.sim.timing import TimingModel
-
 from sim_helpers import make_trace, trace_from_lists
+
 
 # one MoE layer, one expert per token: attention 1 s, an expert 0.5 s on the device, 3 s on the
 # host plus 0.25 s of round trip, a copy `copy` seconds

@@ -7,11 +7,22 @@
 * `placement`: where a miss runs under ``execution="host"|"hybrid"`` (load or compute on the host).
 """
 
-from .base import (LAZY_POLICIES, POLICIES, NoOptions, Policy, check_option_types,  # noqa: F401
-                   make_options, make_policy, option_names, policy_class, policy_names, register)
+from .base import (  # noqa: F401
+                   LAZY_POLICIES,
+                   POLICIES,
+                   NoOptions,
+                   Policy,
+                   check_option_types,
+                   make_options,
+                   make_policy,
+                   option_names,
+                   policy_class,
+                   policy_names,
+                   register,
+)
 from .classic import LFUPolicy, LRUPolicy  # noqa: F401
-from .moe_infinity import MoEInfinityOptions, MoEInfinityPolicy  # noqa: F401
 from .fmoe import FmoeOptions, FmoePolicy, prefetch_plan  # noqa: F401,E402
+from .moe_infinity import MoEInfinityOptions, MoEInfinityPolicy  # noqa: F401
 from .placement import EXECUTIONS, MissCost, check_execution, place  # noqa: F401
 
 __all__ = ["Policy", "NoOptions", "POLICIES", "LAZY_POLICIES", "make_policy", "make_options",
