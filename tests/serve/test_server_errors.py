@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -193,6 +194,8 @@ def test_full_queue_answers_503_and_the_rest_complete(server, name):
     assert httpx.get(server.url + "/health").status_code == 200
     text = httpx.get(server.url + "/metrics").text
     assert "fmoe_requests_rejected_total 0\n" not in text
+    # (prometheus_client writes counters as floats, "0.0": the value itself must be positive)
+    assert float(re.search(r"^fmoe_requests_rejected_total (\S+)$", text, re.M).group(1)) > 0
 
 
 # -- property-based fuzz over request bodies ---------------------------------------------------------
