@@ -32,7 +32,6 @@ class SyncRunner:
     def __init__(self, predictor):
         self.predictor = predictor
         self._latest = None
-        self.search_seconds = 0.0
 
     def post(self, method: str, *args) -> None:
         out = getattr(self.predictor, method)(*args)
@@ -62,7 +61,6 @@ class PredictorWorker:
         self._closed = False
         self._latest = None
         self._error: BaseException | None = None
-        self.search_seconds = 0.0      # worker time spent in predictor events
         self.dropped = 0               # stale layer starts not searched
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -123,7 +121,6 @@ class PredictorWorker:
                 self._busy = True
             newest = max((i for i, (m, _) in enumerate(batch) if m == "layer_start"), default=-1)
             out, made, err = None, False, None
-            t0 = time.perf_counter()
             try:
                 for i, (method, args) in enumerate(batch):
                     if method == "layer_start":
@@ -135,7 +132,6 @@ class PredictorWorker:
                         getattr(pred, method)(*args)
             except BaseException as e:  # noqa: BLE001 - re-raised on the forward thread
                 err = e
-            self.search_seconds += time.perf_counter() - t0
             with self._cond:
                 if made:
                     self._latest = out
