@@ -1,4 +1,4 @@
-"""Trace recorder: routing of live runs written in trace format v1 (see `fmoe.sim.trace`).
+"""Trace recorder: routing of live runs written in trace format v1 (see `fmoe.trace`).
 
 Every real (non-padding) token of every sequence becomes one row: its routed experts per MoE
 layer, the router's full softmax (`gate_probs`, fMoE's expert-map rows), its phase (prompt or
@@ -10,8 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..trace import write_trace
+
 
 class TraceRecorder:
+    """Collects the routing of live forwards per request and writes it as one trace.
+
+    Per forward: `begin_step` (the step's input ids [B, T]), `record` once per MoE layer
+    (topk_ids [B * T, K], router softmax [B * T, E] or None), `end_step`; `end_request` closes a
+    request's sequence; `write` / `close` write every closed sequence to `path`."""
+
     def __init__(self, path, num_layers: int, num_experts: int, top_k: int, model: str = ""):
         self.path = path
         self.L, self.E, self.K = num_layers, num_experts, top_k
@@ -61,13 +69,15 @@ class TraceRecorder:
                 self.done.append(seq)
 
     def write(self, path=None) -> None:
-        from ..sim.trace import write_trace
-
         self.end_request()
         seqs = [{k: np.concatenate(v) for k, v in s.items()} for s in self.done if s["ids"]]
         lengths = [len(s["ids"]) for s in seqs]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        cat = lambda k, shape, dt: (np.concatenate([s[k] for s in seqs]) if seqs else np.zeros(shape, dt))
+
+        def cat(k, shape, dt):
+            # no sequence recorded: an empty array of the format's shape, still a valid trace
+            return np.concatenate([s[k] for s in seqs]) if seqs else np.zeros(shape, dt)
+
         write_trace(path or self.path,
                     expert_ids=cat("experts", (0, self.L, self.K), np.int16),
                     seq_offsets=offsets, num_experts=self.E, model=self.model,
