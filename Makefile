@@ -26,6 +26,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fmoe tests tools
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_decode.py
