@@ -1,7 +1,7 @@
 """`fmoe convert SRC DST` (and ``python tools/convert.py``): an HF checkpoint, from a local
 directory or the hub, into fmoe's expert-major store, where one routed expert is one read.
 
-The store format is specified in docs/store-format.md; its reader is `fmoe.models.store_format`.
+The store format is specified in docs/store-format.md; its reader is `fmoe.io.store_format`.
 Conversion streams: every tensor (and every expert, also out of fused ``[E, 2I, H]`` tensors) is
 copied in chunks of at most `CHUNK_BYTES`, so peak memory does not grow with the model. It writes a
 uniquely named ``.DST.<random>.tmp`` beside DST and renames it to DST only when everything,
@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, FmoeError
-from . import store_format as sf
-from .checkpoint import DTYPE_NAMES, CheckpointIndex, FileReader, TensorInfo, byte_view
+from ..io import store_format as sf
+from ..io.checkpoint import DTYPE_NAMES, CheckpointIndex, FileReader, TensorInfo, byte_view
 from .config import build_config, read_config_json
 from .loading import _check_shape, _find, _name_list, locate_experts, resolve
 from .registry import family_for
@@ -110,8 +110,8 @@ def _write_expert(copier: _Copier, out, layout, dtype: torch.dtype, shape: tuple
     without padding, crc32)."""
     crc, length = 0, 0
     if layout.quantized and dtype != layout.dtype:
-        from .fp8 import dequantize_expert
-        from .loading import expert_buffers, read_expert
+        from ..io.fp8 import dequantize_expert
+        from ..io.layout import expert_buffers, read_expert
 
         hidden, inter = shape
         raw = expert_buffers(layout, hidden, inter)
@@ -141,7 +141,7 @@ def _copy_dequantized(copier: _Copier, q: TensorInfo, scale: TensorInfo, block: 
                       dtype: torch.dtype, out, crc: int) -> int:
     """Append FP8 tensor `q` [R, C] dequantised with `scale` to `out` in `dtype`, a band of whole
     block rows at a time (at most about the copier's chunk of float32). Returns the crc."""
-    from .fp8 import dequantize
+    from ..io.fp8 import dequantize
 
     rows, cols = q.shape
     band = max(block[0], copier.chunk // max(1, cols * 4) // block[0] * block[0])
@@ -185,7 +185,7 @@ def _plan_weights(cfg, model_cls, index: CheckpointIndex, expert_names: set[str]
     loader's strictness: missing and unexpected tensors are errors. An FP8 weight is kept FP8
     with its ``weight_scale_inv`` beside it (scale None on both), or, with `dtype`, planned
     with its scale: dequantised while copied."""
-    from .fp8 import is_fp8, scale_name, scale_shape
+    from ..io.fp8 import is_fp8, scale_name, scale_shape
 
     with torch.device("meta"):
         model = model_cls(cfg)
@@ -369,7 +369,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
                    "w13_shape": [2 * shp.inter, shp.hidden], "w2_shape": [shp.hidden, shp.inter],
                    "expert_bytes": expert_bytes, "moe_layers": moe_layers}
         if fp8_experts:
-            from .fp8 import expert_scale_shapes
+            from ..io.fp8 import expert_scale_shapes
 
             s13, s2 = expert_scale_shapes(shp.hidden, shp.inter, lay0.block)
             experts["scales"] = {"dtype": DTYPE_NAMES[lay0.scale_dtype], "block": list(lay0.block),

@@ -8,17 +8,17 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ModelNotFoundError
-from .checkpoint import CheckpointIndex, FileReader, TensorInfo
+from ..io.checkpoint import CheckpointIndex, FileReader, TensorInfo
+from ..io.layout import ExpertLayout, Segment, expert_buffers, read_expert
+from ..io.store_format import open_store
 from .config import build_config, read_config_json
 from .registry import family_for
-from .store_format import open_store
 
 log = logging.getLogger("fmoe.models")
 
@@ -102,44 +102,6 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return root
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A contiguous byte range of one checkpoint tensor."""
-
-    info: TensorInfo
-    byte_offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Where one routed expert lives: w13 bytes (gate rows then up rows) and w2 bytes, each the
-    concatenation of its segments, in checkpoint dtype `dtype`.
-
-    FP8 block-scaled experts (`block` set) also carry their scales: `s13` the gate's then the
-    up's ``weight_scale_inv`` (together [2, ceil(I/b0), ceil(H/b1)]), `s2` the down's
-    ([ceil(H/b0), ceil(I/b1)]), in `scale_dtype`."""
-
-    w13: tuple[Segment, ...]
-    w2: tuple[Segment, ...]
-    dtype: torch.dtype
-    checksum: int | None = None   # CRC-32 of the w13, w2 (then s13, s2) bytes (fmoe store only)
-    name: str | None = None       # for errors, e.g. "expert 5 of layer 3"
-    s13: tuple[Segment, ...] = ()
-    s2: tuple[Segment, ...] = ()
-    block: tuple[int, int] | None = None
-    scale_dtype: torch.dtype | None = None
-
-    @property
-    def quantized(self) -> bool:
-        return self.block is not None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes read from disk for this expert (FP8 weights plus scales when quantised)."""
-        return sum(s.nbytes for s in self.w13 + self.w2 + self.s13 + self.s2)
-
-
 def _whole(info: TensorInfo) -> Segment:
     return Segment(info, 0, info.nbytes)
 
@@ -155,7 +117,7 @@ def locate_experts(cfg, index: CheckpointIndex) -> tuple[list[list[ExpertLayout]
     Accepts per-expert keys and the fused ``gate_up_proj``/``down_proj`` layout, per layer.
     Per-expert FP8 tensors bring their ``weight_scale_inv`` scales (block size from
     ``config.json``)."""
-    from .fp8 import is_fp8, scale_name, scale_shape
+    from ..io.fp8 import is_fp8, scale_name, scale_shape
 
     shp = cfg.experts
     H, I, E = shp.hidden, shp.inter, shp.num_experts
@@ -222,74 +184,12 @@ def _name_list(what: str, names: list[str], limit: int = 5) -> str:
     return f"{what}: {shown}{more}"
 
 
-def read_expert(reader: FileReader, layout: ExpertLayout, w13: torch.Tensor, w2: torch.Tensor,
-                s13: torch.Tensor | None = None, s2: torch.Tensor | None = None) -> None:
-    """Read one expert into contiguous CPU buffers w13 [2I, H] and w2 [H, I] of the checkpoint
-    dtype (and, for an FP8 layout, its scales into s13 [2, ceil(I/b0), ceil(H/b1)] and s2
-    [ceil(H/b0), ceil(I/b1)] of the scale dtype). Segments contiguous in one file are read with
-    one `preadv` into several buffers: one read per expert from fmoe's store, and usually from
-    HF files too (an expert's gate, up and down tensors sit side by side there). With
-    ``FMOE_VERIFY_READS=1`` a store expert's CRC-32 is checked after the read."""
-    from .checkpoint import byte_view
-
-    parts = [(layout.w13, w13), (layout.w2, w2)]
-    if layout.quantized:
-        if s13 is None or s2 is None:
-            raise ValueError(f"{layout.name or 'an FP8 expert'}: reading it needs scale buffers")
-        parts += [(layout.s13, s13), (layout.s2, s2)]
-    pieces = []   # (file, absolute offset, destination bytes, tensor name)
-    for segs, out in parts:
-        flat = byte_view(out)
-        if flat.nbytes != sum(s.nbytes for s in segs):
-            raise ValueError(f"buffer holds {flat.nbytes} bytes, the expert's tensor needs "
-                             f"{sum(s.nbytes for s in segs)}")
-        pos = 0
-        for s in segs:
-            pieces.append((s.info.file, s.info.offset + s.byte_offset, flat[pos:pos + s.nbytes], s.info.name))
-            pos += s.nbytes
-    pieces.sort(key=lambda p: (str(p[0]), p[1]))
-    i = 0
-    while i < len(pieces):
-        file, start, _, _ = pieces[i]
-        j, end = i + 1, start + pieces[i][2].nbytes
-        while j < len(pieces) and pieces[j][0] == file and pieces[j][1] == end:
-            end += pieces[j][2].nbytes
-            j += 1
-        what = layout.name or ", ".join(repr(p[3]) for p in pieces[i:j])
-        reader.readv(file, start, [p[2] for p in pieces[i:j]], what)
-        i = j
-    if layout.checksum is not None and os.environ.get("FMOE_VERIFY_READS", "0") not in ("", "0"):
-        import zlib
-
-        crc = 0
-        for _, out in parts:
-            crc = zlib.crc32(byte_view(out), crc)
-        if crc != layout.checksum:
-            raise CheckpointError(f"{layout.w13[0].info.file}: checksum mismatch in {layout.name or 'an expert'} "
-                                  f"(crc32 {crc:08x}, index says {layout.checksum:08x}): the store is corrupt")
-
-
-def expert_buffers(layout: ExpertLayout, hidden: int, inter: int, pin: bool = False,
-                   device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
-    """Empty buffers for one expert as stored: (w13 [2I, H], w2 [H, I]) in the checkpoint dtype,
-    plus (s13, s2) scale buffers for an FP8 layout (see `read_expert`)."""
-    kw = {"pin_memory": pin} if device is None else {"device": device}
-    out = [torch.empty(2 * inter, hidden, dtype=layout.dtype, **kw),
-           torch.empty(hidden, inter, dtype=layout.dtype, **kw)]
-    if layout.quantized:
-        from .fp8 import expert_scale_shapes
-
-        for shape in expert_scale_shapes(hidden, inter, layout.block):
-            out.append(torch.empty(shape, dtype=layout.scale_dtype, **kw))
-    return tuple(out)
-
-
 def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
     """Config, module with non-expert weights loaded (experts still pending), checkpoint index,
     expert layouts and the resolved dtype. FP8 block-scaled weights are dequantised into the
     serving dtype here (routed experts stay FP8 in their layouts); with ``dtype=None`` an FP8
     checkpoint serves in the dtype of its unquantised tensors (bf16 as published)."""
-    from .fp8 import is_fp8, scale_name, scale_shape
+    from ..io.fp8 import is_fp8, scale_name, scale_shape
 
     raw = read_config_json(root)
     family = family_for(raw.get("model_type"))
@@ -363,7 +263,7 @@ def _read_params(reader: FileReader, jobs, block: tuple[int, int] | None = None)
     read straight into its memory; an FP8 tensor (scale not None) is dequantised into it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .fp8 import dequantize
+    from ..io.fp8 import dequantize
 
     def one(job):
         param, info, scale = job
@@ -416,8 +316,8 @@ def install_resident_experts(model: nn.Module, cfg, layouts, reader: FileReader,
                              device: torch.device, dtype: torch.dtype) -> None:
     """Every routed expert on `device`: per layer w13 [E, 2I, H] and w2 [E, H, I]. FP8 experts
     are dequantised on `device` into `dtype` (the same function fills offloaded slots)."""
+    from ..io.fp8 import dequantize_expert
     from .experts import ResidentExperts
-    from .fp8 import dequantize_expert
 
     shp = cfg.experts
     bar = load_bar(sum(l.nbytes for row in layouts for l in row), "load experts")

@@ -1,6 +1,6 @@
 """Expert store: the bytes of every routed expert, on disk and in a bounded host tier.
 
-Headers are parsed once (`fmoe.models.checkpoint.CheckpointIndex`); one expert is read with one
+Headers are parsed once (`fmoe.io.checkpoint.CheckpointIndex`); one expert is read with one
 `preadv` per tensor segment straight into a preallocated buffer. The host tier keeps recently
 read experts in host memory (pinned when the device is CUDA) up to a byte budget, so a re-load
 skips the disk; without a tier the OS page cache plays that role.
@@ -19,9 +19,9 @@ from collections import OrderedDict
 
 import torch
 
-from ..models.checkpoint import FileReader
-from ..models.fp8 import dequantize_expert, expert_scale_shapes
-from ..models.loading import ExpertLayout, read_expert
+from ..io.checkpoint import FileReader
+from ..io.fp8 import dequantize_expert, expert_scale_shapes
+from ..io.layout import ExpertLayout, read_expert
 
 
 class ExpertStore:
