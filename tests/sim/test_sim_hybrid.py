@@ -25,24 +25,31 @@ def _run(execution, copy):
     return simulate(trace, "lru", _tm(copy), capacity=1, execution=execution, use_cache=False)
 
 
-def test_hybrid_hand_worked():
-    # tok0: a free slot; load ready at 1+2 (+0.5 compute) = 3.5 beats host 1+3+0.25: load, 3.5 s
-    # tok1: 1 is new (never used) and LRU's victim 0 was used: host, 1 + 3 + 0.25 = 4.25 s
-    # tok2: 1's last use (tok1, on the host) is after 0's: keep; load 2.5 s < host 3.25 s:
-    #       loaded (evicts 0), 1 + 2 + 0.5 = 3.5 s
-    # tok3: 0 was used before 1: host, 4.25 s
+def test_hybrid_takes_the_faster_path():
+    # a copy of 2 s: loading (1 + 2 + 0.5 compute - 1 = 2.5 s) beats the host (3 + 0.25 = 3.25 s)
+    # for every miss: the same schedule as load mode (3.5, 3.5, hit 1.5, 3.5)
     r = _run("hybrid", copy=2.0)
-    assert r.tpot_ms == pytest.approx(1e3 * (3.5 + 4.25 + 3.5 + 4.25) / 4)
-    assert (r.host_computed, r.demand_loads, r.hits, r.misses) == (2, 2, 0, 2)
-    assert r.host_computed_per_token == pytest.approx(0.5)
-    assert r.compute_ms_per_token == pytest.approx(1e3 * (1.0 + 0.5 * 2 / 4))
-
-
-def test_hybrid_takes_the_host_when_the_link_is_slower():
-    # a copy of 10 s never beats the host's 3.25 s, even into a free slot: every use on the host
+    assert r.tpot_ms == pytest.approx(1e3 * (3.5 + 3.5 + 1.5 + 3.5) / 4)
+    assert (r.host_computed, r.demand_loads, r.hits) == (0, 3, 1)
+    # a copy of 10 s never beats the host, even into a free slot: every use on the host
     r = _run("hybrid", copy=10.0)
     assert r.tpot_ms == pytest.approx(4250.0)
     assert (r.host_computed, r.demand_loads) == (4, 0)
+    assert r.host_computed_per_token == pytest.approx(1.0)
+    assert r.compute_ms_per_token == pytest.approx(1e3 * 1.0)
+
+
+def test_hybrid_ties_go_to_the_policy():
+    # a copy of 2.75 s: loading and the host both deliver 3.25 s after the routing, so LRU decides
+    # tok0: a free slot: load (1 + 2.75 + 0.5 = 4.25 s)
+    # tok1: 1 never used, the victim 0 was: host (4.25 s); 1 is now recent
+    # tok2: 1 used after 0: load, evicting 0 (4.25 s)
+    # tok3: 0 used before 1: host (4.25 s)
+    r = _run("hybrid", copy=2.75)
+    assert r.tpot_ms == pytest.approx(4250.0)
+    assert (r.host_computed, r.demand_loads, r.hits, r.misses) == (2, 2, 0, 2)
+    assert r.host_computed_per_token == pytest.approx(0.5)
+    assert r.compute_ms_per_token == pytest.approx(1e3 * (1.0 + 0.5 * 2 / 4))
 
 
 def test_host_mode_fills_free_slots_then_never_evicts():
@@ -104,20 +111,25 @@ def test_place_free_slot():
     assert place("host", t, 5, MissCost(9.0, 1.0))          # the hot set fills
     assert place("hybrid", t, 5, None)
     assert place("hybrid", t, 5, MissCost(1.0, 2.0))
+    assert place("hybrid", t, 5, MissCost(2.0, 2.0))        # a tie: the free slot is taken
     assert not place("hybrid", t, 5, MissCost(3.0, 2.0))
 
 
-def test_place_full_cache_lru_recency():
+def test_place_full_cache():
     t = _table()
     t.acquire(0)
     t.acquire(1)
     t.unpin()
     assert not place("host", t, 5, MissCost(0.1, 9.0))      # host mode never evicts
-    assert not place("hybrid", t, 5, None)                  # 5 never used; victim 0 was
+    # the faster path, whatever the policy thinks of 5
+    assert place("hybrid", t, 5, MissCost(1.0, 2.0))
+    assert not place("hybrid", t, 5, MissCost(3.0, 2.0))
+    # unknown or equal costs: LRU's recency; 5 never used, the victim 0 was
+    assert not place("hybrid", t, 5, None)
+    assert not place("hybrid", t, 5, MissCost(2.0, 2.0))
     t.host(5)                                               # 5 used on the host: now recent
     assert place("hybrid", t, 5, None)
-    assert place("hybrid", t, 5, MissCost(1.0, 2.0))
-    assert not place("hybrid", t, 5, MissCost(3.0, 2.0))    # the link is the slower path
+    assert place("hybrid", t, 5, MissCost(2.0, 2.0))
     assert t.stats.host == 1 and len(t) == 2
 
 
@@ -126,6 +138,7 @@ def test_place_nothing_evictable():
     t.acquire(0)
     t.acquire(1)                                            # both pinned (the running layer)
     assert not place("hybrid", t, 5, None)
+    assert not place("hybrid", t, 5, MissCost(0.1, 9.0))
 
 
 def test_fmoe_keep_follows_its_eviction_rule():

@@ -8,11 +8,15 @@ a simulated figure is a statement about the shipped decision.
   evicted for it. The cache holds a static hot set: its free slots fill on first use (or, in the
   simulator, from a history's most used experts) and then never change. This is llama.cpp's
   ``--cpu-moe`` / ``-ot exps=CPU`` with a hot device cache.
-* ``"hybrid"``: per miss. A free slot is filled when the link would deliver the expert no later
-  than the host would compute it. Otherwise the policy is asked whether the missed expert is worth
-  more in the cache than the victim it would evict (`Policy.keep`: fmoe's reuse model, or recency
-  for LRU); if not, the host computes it. If it is, it is loaded when the link's queue delivers
-  it no later than the host's queue would finish it, else the host computes it.
+* ``"hybrid"``: per miss, the path that delivers the expert's output first, from the link's and
+  the host's queues as they stand (`MissCost`). When the two tie, or the costs are unknown (no
+  calibrated profile), the policy decides: a free slot is filled; otherwise the policy is asked
+  whether the missed expert is worth more in the cache than the victim it would evict
+  (`Policy.keep`: fmoe's reuse model, or recency for LRU), and computes it on the host if not.
+
+  A preference for loading what the policy keeps (a margin of half a copy or more in its favour)
+  was measured and made every rule slower (`docs/benchmarks.md`, hybrid execution): the queues
+  decide, the policy breaks ties.
 
 Costs are seconds from now until the expert's output would be ready by each path (the link's
 queue plus one copy; the host's queue plus one expert); `None` when unknown (only the policy's
@@ -42,25 +46,19 @@ class MissCost:
     load_s: float
     host_s: float
 
-    @property
-    def link_first(self) -> bool:
-        return self.load_s <= self.host_s
-
 
 def place(execution: str, table, key: int, cost: MissCost | None = None) -> bool:
     """The decision for a miss of `key` (not resident in `table`, a `SlotTable` whose running
     layer's keys are pinned): True to load it, False to compute it on the host."""
     if execution == "load":
         return True
-    if table.free:
-        # no eviction: in host mode the hot set fills; in hybrid the faster path wins
-        return execution == "host" or cost is None or cost.link_first
     if execution == "host":
-        return False
-    if len(table.pinned) >= len(table.slot_of):
+        return bool(table.free)             # the hot set fills once, then nothing is evicted
+    if not table.free and len(table.pinned) >= len(table.slot_of):
         return False                        # nothing can be evicted in this layer
+    if cost is not None and cost.load_s != cost.host_s:
+        return cost.load_s < cost.host_s
+    if table.free:
+        return True
     policy = table.policy
-    victim = policy.victim(table.slot_of.keys(), table.pinned)
-    if not policy.keep(key, victim):
-        return False
-    return cost is None or cost.link_first
+    return policy.keep(key, policy.victim(table.slot_of.keys(), table.pinned))
