@@ -21,7 +21,8 @@ SwiGLU experts. Routing (``topk_method``):
 Weights are renormalised when ``norm_topk_prob``, and scaled by ``routed_scaling_factor``
 (V2's reference code applies the factor only when it does not renormalise; V3's always does).
 Module names follow the hub checkpoints, so the checkpoint name map is the identity for
-everything but the routed experts, whose tensors go to the experts backend.
+everything but the routed experts, whose tensors go to the experts backend. The decoder layer
+and `forward` are the shared ones of `fmoe.models.base`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .config import RopeConfig, first, read_rope, require
+from .base import DecoderLayer, MoeConfig, MoeForCausalLM
+from .config import RopeConfig, first, require
 from .experts import ExpertShape, PendingExperts
-from .layers import KVCache, RMSNorm, Rotary, SwiGLU, apply_rotary, attention_mask, gqa_attention, yarn_mscale
+from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, gqa_attention, yarn_mscale
 
 # (topk_method, scoring_func) pairs the reference code defines
 _ROUTING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}
@@ -43,16 +45,10 @@ _ROUTING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": 
 V3_TYPES = ("deepseek_v3", "kimi_k2")
 
 
-@dataclass(frozen=True)
-class DeepseekV2Config:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int                  # dense MLP layers
+@dataclass(frozen=True, kw_only=True)
+class DeepseekV2Config(MoeConfig):
     moe_intermediate_size: int              # each routed expert (and each shared expert)
-    num_hidden_layers: int
-    num_attention_heads: int
     n_routed_experts: int
-    num_experts_per_tok: int
     kv_lora_rank: int
     qk_nope_head_dim: int
     qk_rope_head_dim: int
@@ -70,12 +66,8 @@ class DeepseekV2Config:
     mlp_bias: bool = False
     rope_interleave: bool = True
     max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
     rope: RopeConfig = RopeConfig(10000.0)
     num_nextn_predict_layers: int = 0       # V3's multi-token-prediction layers: not used
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
     model_type: str = "deepseek_v2"
 
     @classmethod
@@ -115,23 +107,15 @@ class DeepseekV2Config:
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             rope_interleave=bool(cfg.get("rope_interleave", True)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope=read_rope(cfg, 10000.0),
             num_nextn_predict_layers=cfg.get("num_nextn_predict_layers") or 0,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
             model_type=model_type,
+            **cls.read_common(cfg),
         )
 
     def is_moe_layer(self, layer: int) -> bool:
+        """Past the `first_k_dense_replace` dense layers and on the `moe_layer_freq` grid."""
         return (self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
                 and layer % self.moe_layer_freq == 0)
-
-    @property
-    def moe_layer_ids(self) -> list[int]:
-        """Model layer index of each MoE layer, in order."""
-        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     @property
     def experts(self) -> ExpertShape:
@@ -146,19 +130,6 @@ class DeepseekV2Config:
         if self.rope.type != "default" and mscale_all_dim:
             scale *= yarn_mscale(self.rope.get("factor") or 1.0, mscale_all_dim) ** 2
         return scale
-
-    # -- checkpoint names of routed experts -------------------------------------------------
-    def expert_keys(self, moe_layer: int, expert: int) -> tuple[str, str, str]:
-        """Per-expert layout: (gate [I, H], up [I, H], down [H, I])."""
-        p = f"model.layers.{self.moe_layer_ids[moe_layer]}.mlp.experts.{expert}"
-        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
-
-    def fused_expert_keys(self, moe_layer: int) -> tuple[str, str]:
-        """Fused layout (transformers >= 5): (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
-        p = f"model.layers.{self.moe_layer_ids[moe_layer]}.mlp.experts"
-        return f"{p}.gate_up_proj", f"{p}.down_proj"
-
-    checkpoint_renames = ()
 
     @property
     def checkpoint_ignore(self) -> tuple[str, ...]:
@@ -330,68 +301,19 @@ class MoE(nn.Module):
         return out.view(B, T, H)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekV2Config, layer: int, moe_layer: int | None):
-        super().__init__()
-        self.self_attn = MLAttention(cfg, layer)
-        self.mlp = (SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-                    if moe_layer is None else MoE(cfg, moe_layer))
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+class DeepseekV2ForCausalLM(MoeForCausalLM):
+    """Multi-head latent attention, then the MoE block or, in the first `first_k_dense_replace`
+    layers (and off the `moe_layer_freq` grid), a SwiGLU MLP; both under the checkpoint's name
+    ``mlp``. Rotary tables cover the `qk_rope_head_dim` dims of the shared rotary key."""
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Backbone(nn.Module):
     def __init__(self, cfg: DeepseekV2Config):
-        super().__init__()
-        moe_index = {layer: i for i, layer in enumerate(cfg.moe_layer_ids)}
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, moe_index.get(i))
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        super().__init__(cfg, cfg.qk_rope_head_dim)
 
-
-class DeepseekV2ForCausalLM(nn.Module):
-    def __init__(self, cfg: DeepseekV2Config):
-        super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = Rotary(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
-
-    def moe_blocks(self) -> list[MoE]:
-        """The MoE blocks in MoE-layer order; the loader installs their `experts`."""
-        return [self.model.layers[i].mlp for i in self.config.moe_layer_ids]
-
-    def new_cache(self) -> KVCache:
-        """Per layer: latent [B, S, kv_lora_rank] and rotary key [B, S, qk_rope_head_dim]."""
-        return KVCache(self.config.num_hidden_layers)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, key_valid: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with `last_only`).
-
-        positions [B, T]: rotary positions (default: cache.seen + arange(T)).
-        key_valid [B, S]: False marks left padding over all S = cache.seen + T positions.
-        """
-        B, T = input_ids.shape
-        seen = cache.seen if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(seen, seen + T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        mask = attention_mask(T, seen + T, key_valid, x.device)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+    def build_layer(self, cfg: DeepseekV2Config, layer: int, moe_layer: int | None) -> DecoderLayer:
+        attn = MLAttention(cfg, layer)
+        mlp = (SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+               if moe_layer is None else MoE(cfg, moe_layer))
+        return DecoderLayer(cfg, attn, mlp)
 
 
 # One family, two model types: V3 differs only in its config defaults and routing.

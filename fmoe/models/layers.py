@@ -1,5 +1,5 @@
 """Building blocks shared by the model families: norm, rotary embedding, KV cache, attention,
-dense SwiGLU MLP, attention masks."""
+dense SwiGLU MLP, attention masks, softmax top-k routing."""
 
 from __future__ import annotations
 
@@ -223,6 +223,18 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax routing (Mixtral, Qwen-MoE): router logits [N, E] -> topk_weights [N, K] float32,
+    topk_ids [N, K] int64, router_probs [N, E] float32. The softmax runs in float32 whatever the
+    model dtype; `renormalize` rescales the K weights to sum to one."""
+    probs = F.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids, probs
 
 
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
