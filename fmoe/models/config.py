@@ -56,9 +56,15 @@ def first(cfg: dict, *keys: str, default=None):
 
 
 def read_config_json(root: Path) -> dict:
+    """``root/config.json`` as a dict; `ConfigError` naming the file when missing or malformed."""
     path = Path(root) / "config.json"
     if not path.exists():
         raise ConfigError(f"{path}: missing")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold one object; `ConfigError` naming the file otherwise."""
     try:
         cfg = json.loads(path.read_text())
     except ValueError as e:

@@ -3,8 +3,10 @@ routed expert weighs on the host link.
 
 Built in: DeepSeek-V2-Lite, Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B, and the FP8
 releases DeepSeek-V3 (and R1, same shape), Kimi-K2 and Qwen3-30B-A3B-FP8. Any other model:
-`shape_from_config` reads its HF ``config.json`` (model types deepseek_v2/v3, mixtral,
-qwen2_moe, qwen3_moe, and a generic reading of the usual field names for the rest).
+`shape_from_config` reads its HF ``config.json`` through the config class of the fmoe family that
+loads its model type (deepseek_v2/v3, kimi_k2, mixtral, qwen2_moe, qwen3_moe), so the simulator
+sees the layers and experts the loader builds; other model types, and partial configs a family
+refuses, get a generic reading of the usual field names.
 
 An FP8 block-scaled checkpoint (``quantization_config.quant_method == "fp8"``) moves its routed
 experts over the link as they are stored: one byte per weight plus a float32 scale per block
@@ -14,13 +16,14 @@ the serving dtype (``torch_dtype``, bf16 as published), so compute keeps `dtype_
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..models.config import build_config, read_json_object
+from ..models.registry import FAMILIES
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4,
                "float8_e4m3fn": 1, "fp8": 1, "int8": 1}
@@ -158,11 +161,59 @@ def _need(cfg: dict, *keys: str, what: str):
 
 
 def shape_from_config(cfg: dict, name: str | None = None) -> ModelShape:
-    """A `ModelShape` from a HF ``config.json`` dict."""
+    """A `ModelShape` from a HF ``config.json`` dict (a multimodal config's ``text_config`` is
+    read as the model's). Read by fmoe's own family config (`fmoe.models.registry`) where one
+    exists and accepts the dict; by `_generic_fields` otherwise."""
     mt = str(cfg.get("model_type", ""))
     cfg = dict(cfg)
     if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
         cfg.update(cfg["text_config"])
+    fields = _family_fields(cfg)
+    if fields is None:
+        fields = _generic_fields(cfg, mt)
+    return ModelShape(name=name or str(cfg.get("_name_or_path") or mt or "custom"), **fields,
+                      dtype_bytes=_dtype_bytes(cfg), quant_block=_quant_block(cfg))
+
+
+def _fields(H: int, n_layers: int, L: int, E: int, K: int, I: int, dense_inter: int,
+            attn: tuple[int, int, int], shared: int, vocab: int) -> dict:
+    """`ModelShape` keyword arguments (all but name, dtype and FP8 block)."""
+    if L == 0:
+        raise ConfigError("config.json describes no MoE layer")
+    params, kv, ctx = attn
+    return dict(hidden=H, num_moe_layers=L, num_dense_layers=n_layers - L, num_experts=E, top_k=K,
+                moe_intermediate=I, attn_params=params, kv_elems=kv, attn_ctx_flops=ctx,
+                shared_params=shared, dense_mlp_params=3 * H * dense_inter, vocab=vocab)
+
+
+def _family_fields(cfg: dict) -> dict | None:
+    """The shape as the model family that loads this ``model_type`` reads the config: the same
+    fields, defaults and MoE-layer placement as `from_pretrained`. None where no family has this
+    model type, or where the family refuses the dict (a partial config that names only what a
+    shape needs, say): `_generic_fields` reads those."""
+    family = FAMILIES.get(cfg.get("model_type"))
+    if family is None:
+        return None
+    try:
+        c = build_config(family.load()[0], cfg, "config.json")
+    except ConfigError:
+        return None
+    shp, H, heads = c.experts, c.hidden_size, c.num_attention_heads
+    if hasattr(c, "kv_lora_rank"):          # DeepSeek: MLA, `n_shared_experts` of expert size
+        attn = _mla(H, heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim,
+                    c.qk_rope_head_dim, c.v_head_dim)
+        shared = 3 * H * shp.inter * c.n_shared_experts
+    else:
+        attn = _gqa(H, heads, c.num_key_value_heads, c.head_dim)
+        si = getattr(c, "shared_expert_intermediate_size", 0)     # Qwen2-MoE's shared expert
+        shared = 3 * H * si + (H if si else 0)                    # + the shared-expert gate
+    return _fields(H, c.num_hidden_layers, shp.num_layers, shp.num_experts, shp.top_k, shp.inter,
+                   c.intermediate_size, attn, shared, c.vocab_size)
+
+
+def _generic_fields(cfg: dict, mt: str) -> dict:
+    """The usual field names, with defaults, for what no family reads: model types fmoe does not
+    load, and partial configs (a shape needs fewer fields than a model)."""
     H = int(_need(cfg, "hidden_size", "d_model", "n_embd", what="the hidden size"))
     n_layers = int(_need(cfg, "num_hidden_layers", "n_layer", "num_layers", what="the layer count"))
     E = int(_need(cfg, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts",
@@ -186,9 +237,6 @@ def shape_from_config(cfg: dict, name: str | None = None) -> ModelShape:
         step = int(_first(cfg, "decoder_sparse_step", default=1) or 1)
         mlp_only = set(_first(cfg, "mlp_only_layers", default=[]) or [])
         moe = [i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0]
-    L = len(moe)
-    if L == 0:
-        raise ConfigError("config.json describes no MoE layer")
 
     # shared experts
     if deepseek:
@@ -199,19 +247,14 @@ def shape_from_config(cfg: dict, name: str | None = None) -> ModelShape:
 
     # attention
     if cfg.get("kv_lora_rank"):
-        attn, kv, ctx = _mla(H, heads, cfg.get("q_lora_rank"), int(cfg["kv_lora_rank"]),
-                             int(_first(cfg, "qk_nope_head_dim", default=128)),
-                             int(_first(cfg, "qk_rope_head_dim", default=64)),
-                             int(_first(cfg, "v_head_dim", default=128)))
+        attn = _mla(H, heads, cfg.get("q_lora_rank"), int(cfg["kv_lora_rank"]),
+                    int(_first(cfg, "qk_nope_head_dim", default=128)),
+                    int(_first(cfg, "qk_rope_head_dim", default=64)),
+                    int(_first(cfg, "v_head_dim", default=128)))
     else:
-        attn, kv, ctx = _gqa(H, heads, kv_heads, head_dim)
+        attn = _gqa(H, heads, kv_heads, head_dim)
     vocab = int(_first(cfg, "vocab_size", default=32000))
-    return ModelShape(
-        name=name or str(cfg.get("_name_or_path") or mt or "custom"),
-        hidden=H, num_moe_layers=L, num_dense_layers=n_layers - L, num_experts=E, top_k=K,
-        moe_intermediate=I, attn_params=attn, kv_elems=kv, attn_ctx_flops=ctx,
-        shared_params=shared, dense_mlp_params=3 * H * dense_inter, vocab=vocab,
-        dtype_bytes=_dtype_bytes(cfg), quant_block=_quant_block(cfg))
+    return _fields(H, n_layers, len(moe), E, K, I, dense_inter, attn, shared, vocab)
 
 
 # Hub config.json fields of the built-in models (only what the shape needs).
@@ -312,12 +355,7 @@ def load_config_shape(path: str | Path) -> ModelShape:
         p = p / "config.json"
     if not p.exists():
         raise ConfigError(f"{p}: no such file")
-    try:
-        cfg = json.loads(p.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{p}: not a JSON object")
+    cfg = read_json_object(p)
     try:
         return shape_from_config(cfg, name=p.parent.name if p.name == "config.json" else p.stem)
     except ConfigError as e:
