@@ -61,8 +61,8 @@ class _ExpertList:
 
 
 class MappedExperts(Experts):
-    """Every expert of one layer as views into the mapped checkpoint: w13[e] [2I, H] (gate rows
-    then up rows), w2[e] [H, I]. Computed by the gather path (a loop over the routed experts), so
+    """Every expert of one layer as views into the mapped checkpoint: w13[e] is [2I, H] (gate
+    rows then up rows), w2[e] is [H, I]. Computed by the gather path (a loop over the routed experts), so
     only the routed experts' pages are touched."""
 
     def __init__(self, moe_layer: int, w13: list[torch.Tensor], w2: list[torch.Tensor]):
