@@ -1,6 +1,7 @@
 """What the model families share: a base config (the fields every family reads, where the MoE
 layers are, the checkpoint names of routed experts), grouped-query attention, the pre-norm
-decoder layer, the softmax-routed MoE block, and the causal-LM wrapper with `forward`, `new_cache` and `moe_blocks`.
+decoder layer, the softmax-routed MoE block, and the causal-LM wrapper with `forward`,
+`new_cache` and `moe_blocks`.
 
 A family file (`mixtral.py`, `qwen2_moe.py`, `qwen3_moe.py`, `deepseek_v2.py`) subclasses these
 and keeps what differs: how its ``config.json`` is read, its router, shared experts, dense
