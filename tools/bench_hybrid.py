@@ -46,10 +46,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.report:
-        rows = []
+        rows, seen = [], set()
         for path in args.report:
             with open(path) as f:
-                rows += json.load(f)["rows"]
+                data = json.load(f)
+            for r in data["rows"]:
+                key = (r["policy"], r["execution"], r["host_gbps"])
+                if key not in seen:           # a row repeated across files counts once
+                    seen.add(key)
+                    rows.append({**data["meta"], **r})
         return report(rows, args)
     if not args.trace:
         p.error("--trace is required (or --report)")

@@ -220,63 +220,11 @@ def events(trace: Trace, table: SlotTable, tm: TimingModel,
                     busy, oi = advance(t, busy, orders, oi)
                 base = l * E
                 wait = t
-                keys = []
-                if split:
-                    keys = [base + e for e in rows[l] if e >= 0]
-                    hdone = -1.0
-                    ndev = 0
-                    for key in sorted(keys, key=lambda k: k not in slot_of):
-                        if key in slot_of:
-                            ndev += 1
-                            r = ready_at.get(key)
-                            if r is None or r <= t:
-                                acquire(key)
-                                if r is not None:
-                                    del ready_at[key]
-                            else:
-                                acquire(key, True, False)
-                                if r > wait:
-                                    wait = r
-                            continue
-                        tl = (busy if busy > t else t) + copy
-                        th = (hfree if hfree > t else t) + host_s
-                        if place(execution, table, key,
-                                 MissCost(tl - t + expert, th - t + host_lat)):
-                            ndev += 1
-                            acq = acquire(key)
-                            ev = acq.evicted
-                            if ev is not None:
-                                ready_at.pop(ev, None)
-                            busy = tl
-                            ready_at[key] = busy
-                            wait = busy
-                            demand += 1
-                        else:
-                            table.host(key)
-                            hfree = hdone = th
-                            host_tok[tok] += 1
-                    ready = t + shared[l]
-                    if wait > ready:
-                        stall += wait - ready
-                        t = wait
-                    else:
-                        t = ready
-                    t += expert * ndev
-                    if hdone >= 0 and hdone + host_lat > t:
-                        stall += hdone + host_lat - t
-                        t = hdone + host_lat
-                    if routed:
-                        policy.on_routed(l, np.array(keys, dtype=np.int64) - base,
-                                         rows_of(tok, l))
-                    if oi < no and busy < t:
-                        busy, oi = advance(t, busy, orders, oi)
-                    pinned.difference_update(keys)
-                    continue
-                for e in rows[l]:
-                    if e < 0:
-                        continue
-                    key = base + e
-                    keys.append(key)
+                keys = [base + e for e in rows[l] if e >= 0]
+                hdone = -1.0
+                ndev = 0
+                # host/hybrid: the resident experts first (pinned), then each miss is placed
+                for key in sorted(keys, key=lambda k: k not in slot_of) if split else keys:
                     if key in slot_of:
                         r = ready_at.get(key)
                         if r is None or r <= t:
@@ -287,22 +235,36 @@ def events(trace: Trace, table: SlotTable, tm: TimingModel,
                             acquire(key, True, False)
                             if r > wait:
                                 wait = r
-                    else:
-                        acq = acquire(key)
-                        ev = acq.evicted
-                        if ev is not None:
-                            ready_at.pop(ev, None)
-                        busy = (busy if busy > t else t) + copy
-                        ready_at[key] = busy
-                        wait = busy
-                        demand += 1
+                        ndev += 1
+                        continue
+                    tl = (busy if busy > t else t) + copy
+                    if split:
+                        th = (hfree if hfree > t else t) + host_s
+                        if not place(execution, table, key,
+                                     MissCost(tl - t + expert, th - t + host_lat)):
+                            table.host(key)
+                            hfree = hdone = th
+                            host_tok[tok] += 1
+                            continue
+                    acq = acquire(key)
+                    ev = acq.evicted
+                    if ev is not None:
+                        ready_at.pop(ev, None)
+                    busy = tl
+                    ready_at[key] = busy
+                    wait = busy
+                    demand += 1
+                    ndev += 1
                 ready = t + shared[l]
                 if wait > ready:
                     stall += wait - ready
                     t = wait
                 else:
                     t = ready
-                t += expert * len(keys)
+                t += expert * ndev
+                if hdone >= 0 and hdone + host_lat > t:
+                    stall += hdone + host_lat - t
+                    t = hdone + host_lat
                 if routed:
                     policy.on_routed(l, np.array(keys, dtype=np.int64) - base,
                                      rows_of(tok, l))

@@ -4,32 +4,14 @@ errors reach the caller and its shutdown is clean."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from test_offload_families import FAMILIES  # noqa: E402
-
 import fmoe  # noqa: E402
 from fmoe.kernels import fused_moe  # noqa: E402
 from fmoe.runtime.host import HostExecutor, expert_terms  # noqa: E402
 from fmoe.runtime.offload import min_capacity  # noqa: E402
-from hf_fixtures import save  # noqa: E402
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
-    hf = FAMILIES[request.param]()
-    path = save(hf, tmp_path_factory.mktemp(request.param))
-    model = fmoe.models.from_pretrained(path)
-    ids = torch.randint(0, hf.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(4))
-    return path, model, ids, model(ids), model.generate(ids, 16, eos_token_id=[])
 
 
 @pytest.mark.parametrize("execution", ["host", "hybrid"])
