@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/fmoe demo
 
 test: $(STAMP)
+	$(MAKE) lint
 	$(BIN)/python -m pytest -q
 	$(MAKE) docs
 

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--family", default="mixtral", choices=["mixtral", *FAMILY_CONFIGS],
                     help="model family of the random checkpoint (non-Mixtral: a fixed mid-sized shape)")
     ap.add_argument("--resident-only", action="store_true", help="only the HF and fmoe resident rows")
-    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("FMOE_CACHE", Path.home() / ".cache" / "fmoe")))
+    ap.add_argument("--cache-dir", type=Path,
+                    default=Path(os.environ.get("FMOE_CACHE", Path.home() / ".cache" / "fmoe")))
     args = ap.parse_args(argv)
     if args.quick:
         args.shape, args.tokens, args.repeats = "quick", 8, 1
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     res = fmoe.models.from_pretrained(path, dtype=torch.float32)
-    res_gen = lambda p, n: res.generate(p, n, eos_token_id=[])  # noqa: E731
+    def res_gen(p, n, res=res):
+        return res.generate(p, n, eos_token_id=[])
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
         for cache in (1.0, 0.5, 0.25):
             m = fmoe.models.from_pretrained(path, dtype=torch.float32, expert_cache=cache, policy="lru",
                                             link_bandwidth=link)
-            gen = lambda p, n: m.generate(p, n, eos_token_id=[])
+            def gen(p, n, m=m):
+                return m.generate(p, n, eos_token_id=[])
             gen(prompt, 2)
             m.reset_expert_stats()
             rate = time_decode(gen, prompt, args.tokens, args.repeats)
@@ -187,7 +190,8 @@ def main(argv=None) -> int:
     rss = peak_rss_child(path, 0.25)
     rss_full = peak_rss_child(path, 1.0)
     base_rss = peak_rss_child(None, None)
-    mib = lambda b: f"{b / 2**20:.0f} MiB"
+    def mib(b):
+        return f"{b / 2**20:.0f} MiB"
     print(f"\ncheckpoint {path.name}: {mib(size)} on disk (bf16), run in float32 ({mib(2 * size)} as fp32)")
     print(f"peak RSS of load + 4 tokens: expert_cache=0.25 {mib(rss)}, expert_cache=1.0 {mib(rss_full)}; "
           f"python + torch + fmoe imported alone {mib(base_rss)}")

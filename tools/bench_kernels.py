@@ -91,7 +91,7 @@ def device_peaks(dtype: torch.dtype) -> tuple[float, float]:
     n = (1 << 30) // 2
     a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
     b = torch.empty_like(a)
-    copy_ms = do_bench(lambda: b.copy_(a), return_mode="median")
+    copy_ms = do_bench(lambda a=a, b=b: b.copy_(a), return_mode="median")
     del a, b
     m = 8192
     p = torch.randn(m, m, dtype=dtype, device="cuda")
@@ -113,7 +113,8 @@ def run_bench(models: dict, tokens: list[int], backends: list[str], dtype: torch
             for backend in backends:
                 if backend == "grouped_mm" and grouped_mm_unsupported_reason(x, w13, w2):
                     continue
-                ms = timer(lambda: fused_moe(x, w13, w2, tw, ti, backend=backend))
+                ms = timer(lambda x=x, w13=w13, w2=w2, tw=tw, ti=ti, backend=backend:
+                           fused_moe(x, w13, w2, tw, ti, backend=backend))
                 rows.append(dict(model=name, T=T, backend=backend, ms=ms,
                                  tbps=nbytes / (ms * 1e-3) / 1e12, tflops=nflops / (ms * 1e-3) / 1e12))
                 print(f"{name:>18} T={T:<5} {backend:<10} {ms:9.3f} ms", flush=True)
@@ -155,7 +156,7 @@ def cpu_compare(dtypes: list[torch.dtype], threads: int = 1, min_seconds: float 
                 x, w13, w2, tw, ti = make_inputs(T, s["H"], s["I"], s["E"], s["K"], dtype, "cpu",
                                                  seed=T, weights=weights)
                 weights = (w13, w2)
-                fns = {b: (lambda b=b: fused_moe(x, w13, w2, tw, ti, backend=b))
+                fns = {b: (lambda b=b, x=x, w13=w13, w2=w2, tw=tw, ti=ti: fused_moe(x, w13, w2, tw, ti, backend=b))
                        for b in ("gather", "grouped_mm")}
                 wall = {b: [] for b in fns}
                 cpu = {b: [] for b in fns}

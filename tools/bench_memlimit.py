@@ -102,7 +102,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30,
             "ttft_s": statistics.median([r["ttft_s"] for r in rs if r.get("ttft_s")] or [float("nan")]),
             "load_s": statistics.median([r["load_seconds"] for r in rs if r.get("load_seconds")] or [float("nan")]),
-            "hit_rate": statistics.median([r["hit_rate"] for r in rs if r.get("hit_rate") is not None] or [float("nan")]),
+            "hit_rate": statistics.median([r["hit_rate"] for r in rs if r.get("hit_rate") is not None]
+                                          or [float("nan")]),
             "policy_share": statistics.median([r["policy_seconds"] / r["wall_seconds"] for r in rs
                                                if r.get("policy_seconds") is not None and r.get("wall_seconds")]
                                               or [float("nan")]),
@@ -120,9 +121,10 @@ def markdown(table: list[dict]) -> str:
         rates = ", ".join(f"{r:.3f}" for r in t["tokens_per_s_all"])
         def f(x, fmt):
             return "n/a" if x is None or x != x else format(x, fmt)
+        share = t["policy_share"] * 100 if t["policy_share"] == t["policy_share"] else None
         lines.append(f"| {t['limit_gib']:g} GiB | {t['contender']} | {t.get('routing', '')} | {t['runs']} | "
                      f"{f(t['tokens_per_s'], '.3f')} ({rates}) | {f(t['ttft_s'], '.2f')} | {f(t['load_s'], '.1f')} | "
-                     f"{f(t['hit_rate'], '.3f')} | {f(t['policy_share'] * 100 if t['policy_share'] == t['policy_share'] else None, '.2f')}% | "
+                     f"{f(t['hit_rate'], '.3f')} | {f(share, '.2f')}% | "
                      f"{t['peak_gib']:.2f} | {t['oom_kills']} | {', '.join(h[:12] for h in t['output_sha256'])} |")
     return "\n".join(lines)
 

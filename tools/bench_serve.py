@@ -209,8 +209,10 @@ def main(argv=None) -> int:
     prompts = read_prompts(args.prompts)
     reqs = build_requests(trace, prompts, tok, args.rate, args.max_context, args.max_output)
     name = "bench"
-    print(f"model {model}; {len(reqs)} requests from {args.trace.name} (rows {args.skip}..{args.skip + len(reqs) - 1}), "
-          f"arrivals compressed to {args.rate:g} req/s over {reqs[-1]['at']:.1f} s; prompts {statistics.mean(len(r['prompt']) for r in reqs):.0f} "
+    last = args.skip + len(reqs) - 1
+    prompt_mean = statistics.mean(len(r["prompt"]) for r in reqs)
+    print(f"model {model}; {len(reqs)} requests from {args.trace.name} (rows {args.skip}..{last}), "
+          f"arrivals compressed to {args.rate:g} req/s over {reqs[-1]['at']:.1f} s; prompts {prompt_mean:.0f} "
           f"tokens mean (cap {args.max_context}), outputs {statistics.mean(r['max_tokens'] for r in reqs):.0f} "
           f"mean (cap {args.max_output})", file=sys.stderr)
     rows = []

@@ -153,11 +153,10 @@ def drop_cache(files) -> None:
 
 def _sources(src: Path, store: Path, fused: Path | None = None):
     """(label, layouts, reader factory, read function, files) for each way of reading experts."""
-    from fmoe.models.checkpoint import FileReader
+    from fmoe.models.checkpoint import CheckpointIndex, FileReader
     from fmoe.models.config import read_config_json
     from fmoe.models.loading import locate_experts, read_expert
     from fmoe.models.registry import family_for
-    from fmoe.models.checkpoint import CheckpointIndex
     from fmoe.models.store_format import open_store
 
     raw = read_config_json(src)
@@ -223,7 +222,7 @@ def read_throughput(src: Path, store: Path, reps: int = 3, seed: int = 0, fused:
     random.Random(seed).shuffle(order)
     speeds: dict[tuple[int, str], list[float]] = {}
     rows = []
-    for i, (label, layouts, make_reader, read, files, aligned) in enumerate(sources):
+    for label, layouts, make_reader, _read, _files, _aligned in sources:
         row = {"source": label, "experts": len(order), "expert_mb": layouts[0][0].nbytes / 1e6}
         probe = make_reader()
         if probe is None:
@@ -243,7 +242,7 @@ def read_throughput(src: Path, store: Path, reps: int = 3, seed: int = 0, fused:
         return total / dt / 1e9
 
     for _ in range(reps):
-        for i, (label, layouts, make_reader, read, files, aligned) in enumerate(sources):
+        for i, (_label, layouts, make_reader, read, files, aligned) in enumerate(sources):
             if "note" in rows[i]:
                 continue
             bufs = _buffers((2 * shp.inter, shp.hidden), (shp.hidden, shp.inter), layouts[0][0].dtype, aligned)

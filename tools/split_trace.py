@@ -20,7 +20,8 @@ from fmoe.sim.trace import load_trace, write_trace
 def split(trace, a: int, b: int, path: Path) -> None:
     o = trace.seq_offsets
     lo, hi = int(o[a]), int(o[b])
-    cut = lambda x: None if x is None else x[lo:hi]
+    def cut(x):
+        return None if x is None else x[lo:hi]
     write_trace(path, expert_ids=trace.expert_ids[lo:hi], seq_offsets=(o[a:b + 1] - lo).astype(np.int64),
                 num_experts=trace.num_experts, model=trace.model, moe_layers=trace.moe_layers,
                 weights=cut(trace.weights), gate_probs=cut(trace.gate_probs), phase=cut(trace.phase),

@@ -91,7 +91,8 @@ def tune(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype, 
     from fmoe.kernels.triton_moe import fused_moe_triton
     if timer is None:
         from triton.testing import do_bench
-        timer = lambda fn: do_bench(fn, warmup=5, rep=25, return_mode="median")
+        def timer(fn):
+            return do_bench(fn, warmup=5, rep=25, return_mode="median")
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     w13, w2 = make_weights(hidden, inter, experts, dtype, device)
     w13_ref, w2_ref = w13.float(), w2.float()
@@ -109,7 +110,8 @@ def tune(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype, 
                 if not err < tol:
                     print(f"T={T} {config}: wrong result (rel err {err:.2e}), skipped", file=sys.stderr)
                     continue
-                ms = timer(lambda: fused_moe_triton(x, w13, w2, tw, ti, config=config))
+                ms = timer(lambda x=x, tw=tw, ti=ti, config=config:
+                           fused_moe_triton(x, w13, w2, tw, ti, config=config))
             except Exception as e:  # out of resources, invalid tile for this GPU: not a candidate
                 if verbose:
                     print(f"T={T} {config}: {type(e).__name__}, skipped", file=sys.stderr)

@@ -141,7 +141,8 @@ def write_tokenizer(path: str | os.PathLike, vocab_size: int, specials: dict[str
     vocab.update(specials)         # in the model's vocabulary too, or loading renumbers them
     data["model"]["vocab"] = vocab
     data["added_tokens"] = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                             "normalized": False, "special": True} for c, i in sorted(specials.items(), key=lambda kv: kv[1])]
+                             "normalized": False, "special": True}
+                            for c, i in sorted(specials.items(), key=lambda kv: kv[1])]
     out = Path(path)
     _write_json(out / "tokenizer.json", data)
     names = sorted(specials, key=specials.get)

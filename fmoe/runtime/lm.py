@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -119,8 +118,8 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
         if kwargs:
             raise ValueError(f"{', '.join(sorted(kwargs))} need an expert cache (expert_cache=...)")
         if not mapped and device.type == "cpu":
-            from .memory import memory_limit
             from ..models.mapped import experts_fit
+            from .memory import memory_limit
 
             # a model larger than memory runs from the page cache instead of being OOM-killed
             free = memory_limit().available

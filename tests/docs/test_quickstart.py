@@ -171,4 +171,4 @@ def test_quickstart_snippets_run(tmp_path):
     assert '"text_completion"' in r.stdout or any(b for b in skipped if "curl" in b.code)
     if skipped:
         warnings.warn(f"ran {len(blocks)} quickstart blocks; left out {len(skipped)} (port "
-                      f"{SERVER_PORT} busy or no curl): lines {[b.line for b in skipped]}")
+                      f"{SERVER_PORT} busy or no curl): lines {[b.line for b in skipped]}", stacklevel=2)

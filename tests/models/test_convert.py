@@ -188,7 +188,7 @@ def test_store_layout(mixtral_src, mixtral_store):
     assert blob[:8] == b"FMOEBLOB" and blob[16:48].decode() == index["store_id"]
     assert len(blob) == index["blob"]["size"] and len(blob) % ALIGN == 0
     src = load_file(str(mixtral_src / "model.safetensors"))
-    E, (I2, H) = index["experts"]["num_experts"], index["experts"]["w13_shape"]
+    E, (_I2, _H) = index["experts"]["num_experts"], index["experts"]["w13_shape"]
     assert len(index["entries"]) == index["experts"]["num_layers"] * E
     for ent in index["entries"]:
         assert ent["offset"] % ALIGN == 0 and ent["length"] == index["experts"]["expert_bytes"]

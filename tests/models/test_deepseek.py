@@ -5,12 +5,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_fixtures import (check_parity, prompt, rel_err, rewrite_config, save,  # noqa: E402
-                         tiny_hf, to_legacy_rope)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import fmoe  # noqa: E402
 from fmoe.models.deepseek_v2 import DeepseekV2Config, Router  # noqa: E402
+from hf_fixtures import check_parity, prompt, rel_err, rewrite_config, save, tiny_hf, to_legacy_rope  # noqa: E402
 
 MLA = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,

@@ -1,15 +1,13 @@
 """Qwen2-MoE and Qwen3-MoE against tiny random transformers models, through the real loader."""
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
-
-from hf_fixtures import check_parity, rewrite_config, save, tiny_hf, to_legacy_rope  # noqa: E402
 
 import fmoe  # noqa: E402
 from fmoe.models.qwen2_moe import Qwen2MoeConfig  # noqa: E402
 from fmoe.models.qwen3_moe import Qwen3MoeConfig  # noqa: E402
+from hf_fixtures import check_parity, rewrite_config, save, tiny_hf, to_legacy_rope  # noqa: E402
 
 QWEN2 = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
              shared_expert_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,

@@ -19,7 +19,7 @@ def test_recorded_trace_replays_to_same_counts(tmp_path, mixtral_ckpt, policy, c
     trace_path = tmp_path / "live.npz"
     model = fmoe.models.from_pretrained(path, expert_cache=cache, policy=policy, trace_path=trace_path)
     g = torch.Generator().manual_seed(11)
-    for n in range(3):              # three requests, one token per step (prompt of one token)
+    for _n in range(3):              # three requests, one token per step (prompt of one token)
         model.generate(torch.randint(3, 128, (1, 1), generator=g), max_new_tokens=20, eos_token_id=[])
     live = model.expert_stats()
     model.close()

@@ -11,7 +11,6 @@ import pytest
 from fmoe.sim import diskcache
 from fmoe.sim.replay import simulate
 from fmoe.sim.timing import TimingModel
-
 from sim_helpers import make_trace
 
 

@@ -11,8 +11,7 @@ import pytest
 from fmoe.errors import ConfigError
 from fmoe.sim.hardware import HARDWARE, get_hardware
 from fmoe.sim.replay import simulate
-from fmoe.sim.shapes import (MODEL_SHAPES, get_shape, guess_shape, load_config_shape,
-                             shape_from_config)
+from fmoe.sim.shapes import MODEL_SHAPES, get_shape, guess_shape, load_config_shape, shape_from_config
 from fmoe.sim.timing import TimingModel
 from sim_helpers import make_trace
 
