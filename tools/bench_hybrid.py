@@ -144,6 +144,9 @@ def _plot(rows, lru, oracle, path, title):
         ax.text(0.99, y, f" {label}", va="bottom", ha="right",
                 transform=ax.get_yaxis_transform(), fontsize=8, color="dimgray")
     ax.set_xscale("log", base=2)
+    rates = sorted({r["host_gbps"] for r in rows if r["host_gbps"]})
+    ax.set_xticks(rates, [f"{g:g}" for g in rates])
+    ax.minorticks_off()
     ax.set_xlabel("host compute rate of routed experts (GB/s of weights)")
     ax.set_ylabel("TPOT (ms)")
     ax.set_title(title, fontsize=9)
