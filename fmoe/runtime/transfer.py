@@ -210,10 +210,6 @@ class CopyEngine:
         with self._cv:
             return sum(1 for o in self._pending.values() if o.kind == PREFETCH)
 
-    def idle(self) -> bool:
-        with self._cv:
-            return not self._pending
-
     def drain(self) -> None:
         """Wait until no order is queued or running."""
         with self._cv:
