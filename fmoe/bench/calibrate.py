@@ -114,12 +114,13 @@ def measure_compute(model, steps: int = 6) -> dict:
 def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None) -> dict:
     """Cold reads of random experts through the store's read path: seconds per read."""
     from ..bench.cgroup import drop_file_pages
-    from ..models.checkpoint import FileReader
+    from ..io.checkpoint import FileReader
+    from ..models.loading import expert_layouts
     from ..runtime.offload import OffloadRuntime
     from ..runtime.store import ExpertStore
     from ..runtime.transfer import CopyEngine
 
-    cfg, layouts, dtype = _layouts_only(Path(model_path), dtype)
+    cfg, _, _, _, layouts, _, dtype = expert_layouts(Path(model_path), dtype)
     shp = cfg.experts
     reader = FileReader()
     OffloadRuntime._direct_reads(layouts, reader)
@@ -152,24 +153,6 @@ def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None
             "read_latency_p90": sorted(times)[int(0.9 * (len(times) - 1))], "readers": readers,
             "expert_bytes": store.expert_bytes, "read_GBps": store.expert_bytes / per / 1e9,
             "samples": len(times), "o_direct": direct}
-
-
-def _layouts_only(root: Path, dtype):
-    """Config, expert layouts and dtype of a checkpoint, without loading any weight."""
-    from ..models.checkpoint import CheckpointIndex
-    from ..models.config import read_config_json
-    from ..models.loading import locate_experts
-    from ..models.registry import family_for
-    from ..models.store_format import open_store
-
-    raw = read_config_json(root)
-    config_cls, _ = family_for(raw.get("model_type")).load()
-    cfg = config_cls.from_hf(raw)
-    index = CheckpointIndex(root)
-    store = open_store(root)
-    dtype = dtype or (store.dtype if store is not None else index.dtype)
-    layouts, _ = store.layouts(cfg) if store is not None else locate_experts(cfg, index)
-    return cfg, layouts, dtype
 
 
 def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device: str = "cpu",

@@ -184,6 +184,21 @@ def _name_list(what: str, names: list[str], limit: int = 5) -> str:
     return f"{what}: {shown}{more}"
 
 
+def expert_layouts(root: Path, dtype: torch.dtype | None):
+    """What a load knows before it reads any weight: (config, the family's model class, the
+    checkpoint index, fmoe's store or None, the routed experts' layouts [L][E], the checkpoint
+    names they use, the serving dtype). Also what `fmoe calibrate` reads experts by."""
+    raw = read_config_json(root)
+    config_cls, model_cls = family_for(raw.get("model_type")).load()
+    cfg = build_config(config_cls, raw, str(root / 'config.json'))
+    index = CheckpointIndex(root)
+    _ = index.quant              # checked before anything is read: refuses GPTQ, AWQ, ...
+    store = open_store(root)     # fmoe's expert-major store (`fmoe convert`), or None for HF files
+    dtype = dtype or (store.dtype if store is not None else index.dtype)
+    layouts, expert_names = store.layouts(cfg) if store is not None else locate_experts(cfg, index)
+    return cfg, model_cls, index, store, layouts, expert_names, dtype
+
+
 def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
     """Config, module with non-expert weights loaded (experts still pending), checkpoint index,
     expert layouts and the resolved dtype. FP8 block-scaled weights are dequantised into the
@@ -191,15 +206,8 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
     checkpoint serves in the dtype of its unquantised tensors (bf16 as published)."""
     from ..io.fp8 import is_fp8, scale_name, scale_shape
 
-    raw = read_config_json(root)
-    family = family_for(raw.get("model_type"))
-    config_cls, model_cls = family.load()
-    cfg = build_config(config_cls, raw, str(root / 'config.json'))
-    index = CheckpointIndex(root)
-    quant = index.quant          # checked before anything is read: refuses GPTQ, AWQ, ...
-    store = open_store(root)     # fmoe's expert-major store (`fmoe convert`), or None for HF files
-    dtype = dtype or (store.dtype if store is not None else index.dtype)
-    layouts, expert_names = store.layouts(cfg) if store is not None else locate_experts(cfg, index)
+    cfg, model_cls, index, store, layouts, expert_names, dtype = expert_layouts(root, dtype)
+    quant = index.quant
 
     with torch.device("meta"):
         model = model_cls(cfg)
