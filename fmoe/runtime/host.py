@@ -61,11 +61,9 @@ class HostWeights:
             if got is not None:
                 return got
         buf = getattr(self._local, "buf", None)
-        if buf is None:      # one pair per worker thread, reused
+        if buf is None:      # one pair per worker thread, reused (the store's dtype is the run dtype)
             buf = self._local.buf = self.store.new_staging()
         self.store.read_into(key, buf[0], buf[1])
-        if buf[0].dtype != self.dtype:
-            return buf[0].to(self.dtype), buf[1].to(self.dtype)
         return buf
 
 

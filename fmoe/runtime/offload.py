@@ -89,14 +89,19 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
     return min(slots, total)
 
 
-def profile_seconds(profile, top_k: int) -> tuple[float, float]:
-    """(one expert copy, one MoE layer's compute) in seconds from a calibrated profile (a path
-    or its dict): the ratio prefetch is decided by."""
+def _profile_timing(profile) -> dict:
+    """The `timing` part of a calibrated profile (a path or its dict)."""
     import json
     from pathlib import Path
 
     data = profile if isinstance(profile, dict) else json.loads(Path(profile).read_text())
-    t = data["timing"]
+    return data["timing"]
+
+
+def profile_seconds(profile, top_k: int) -> tuple[float, float]:
+    """(one expert copy, one MoE layer's compute) in seconds from a calibrated profile (a path
+    or its dict): the ratio prefetch is decided by."""
+    t = _profile_timing(profile)
     attn = t["attn"]
     attn = sum(attn) / len(attn) if isinstance(attn, list) else float(attn)
     return float(t["copy"]), attn + float(t.get("shared", 0.0)) + top_k * float(t["expert"])
@@ -105,11 +110,7 @@ def profile_seconds(profile, top_k: int) -> tuple[float, float]:
 def miss_seconds(profile) -> tuple[float, float]:
     """(one expert's copy, one expert computed on the host) in seconds from a calibrated
     profile (a path or its dict). On a CPU profile the host is the device: its expert figure."""
-    import json
-    from pathlib import Path
-
-    data = profile if isinstance(profile, dict) else json.loads(Path(profile).read_text())
-    t = data["timing"]
+    t = _profile_timing(profile)
     return float(t["copy"]), float(t.get("host", t["expert"]))
 
 

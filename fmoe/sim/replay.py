@@ -207,11 +207,10 @@ def simulate(trace: Trace, policy: str | Policy, timing: TimingModel | Sequence[
     hot set: with `history`, its most used experts; else filled on first use) or "hybrid" (per
     miss, `fmoe.runtime.policies.placement`); host and hybrid replay on the event engine."""
     check_execution(execution)
-    timings_list = [timing] if isinstance(timing, TimingModel) else list(timing)
-    if execution != "load" and any(tm.host <= 0 for tm in timings_list):
+    timings = [timing] if isinstance(timing, TimingModel) else list(timing)
+    if execution != "load" and any(tm.host <= 0 for tm in timings):
         raise SimError(f"execution {execution!r} needs a host compute time (the timing model "
                        f"has none: give --host-gbps or a profile with one)")
-    timings = [timing] if isinstance(timing, TimingModel) else list(timing)
     if not timings:
         raise SimError("no timing model")
     L, E = trace.num_layers, trace.num_experts
