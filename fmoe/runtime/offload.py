@@ -335,22 +335,18 @@ class OffloadRuntime:
             self.engine.assign(got.slot)
             self.engine.load(key, got.slot, PREFETCH, priority)
 
-    def _request(self, key: int, slots: list[int], waits: list[int]) -> None:
-        """Take a slot for `key` (pinned) and start its load if it is not ready."""
-        t0 = time.perf_counter()
-        got = self.table.acquire(key)      # the policy's hit / victim / insert events
-        self.policy_time += time.perf_counter() - t0
-        if got.hit and self.engine.is_ready(got.slot):
+    def _issue(self, key: int, slot: int, hit: bool, waits: list[int]) -> None:
+        """Count a use of `key` in `slot`; start its load unless it is resident and ready."""
+        if hit and self.engine.is_ready(slot):
             self.hits += 1
+            return
+        self.misses += 1
+        if hit:          # a prefetch still queued or in flight
+            self.engine.demand(key, slot)
         else:
-            self.misses += 1
-            if got.hit:          # a prefetch still queued or in flight
-                self.engine.demand(key, got.slot)
-            else:
-                self.engine.assign(got.slot)
-                self.engine.load(key, got.slot, DEMAND)
-            waits.append(got.slot)
-        slots.append(got.slot)
+            self.engine.assign(slot)
+            self.engine.load(key, slot, DEMAND)
+        waits.append(slot)
 
     def _wait(self, keys: list[int], waits: list[int]) -> float:
         """Wait for the loads of `waits`; returns the seconds waited. A failed read fails this
@@ -366,11 +362,20 @@ class OffloadRuntime:
         self.stall += waited
         return waited
 
+    def _acquire_into(self, keys: list[int], slots: list[int], waits: list[int]) -> None:
+        """Take slots for `keys` (pinned; the table decides them in one call, through the
+        policy's `take` where it has one), then start the loads of those not ready."""
+        hits: list[bool] = []
+        n, t0 = len(slots), time.perf_counter()
+        self.table.acquire_many(keys, slots=slots, hits=hits)
+        self.policy_time += time.perf_counter() - t0
+        for key, slot, hit in zip(keys, slots[n:], hits):
+            self._issue(key, slot, hit, waits)
+
     def _acquire(self, keys: list[int]) -> list[int]:
         """Make `keys` resident and ready (pinned); returns their slots."""
         slots, waits = [], []
-        for key in keys:
-            self._request(key, slots, waits)
+        self._acquire_into(keys, slots, waits)
         self._wait(keys, waits)
         return slots
 
@@ -444,8 +449,7 @@ class OffloadRuntime:
         # the resident experts first (pinned), so no decision below evicts one of them
         dev = [e for e in experts if base + e in table]
         slots, waits, host, loads = [], [], [], 0
-        for e in dev:
-            self._request(base + e, slots, waits)
+        self._acquire_into([base + e for e in dev], slots, waits)
         t0 = time.perf_counter()
         for e in experts:
             key = base + e
@@ -453,7 +457,7 @@ class OffloadRuntime:
                 continue
             if len(dev) < self.capacity and place(self.execution, table, key,
                                                   self._cost(loads, len(host))):
-                self._request(key, slots, waits)
+                self._acquire_into([key], slots, waits)
                 dev.append(e)
                 loads += 1
             else:

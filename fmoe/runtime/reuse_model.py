@@ -27,7 +27,7 @@ from .reuse_features import (
     POP_REFRESH,
     TRANSITION_REFRESH,
 )
-from .reuse_scoring import ReuseScoring
+from .reuse_scoring import ReuseScoring, kernels
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class ReuseModel(ReuseScoring):
         self._cur: np.ndarray | None = None      # per pass: the running scores
         self._cur_upto = 0
         self._coarse_of: np.ndarray | None = None
+        self._edges: tuple | None = None         # (K, next-pass edges times K / E)
         self._vectors: tuple | None = None       # per pass: (now, after unused, after used)
         self._now: np.ndarray | None = None      # per pass: score of keys whose pass is to come
         self._after: np.ndarray | None = None    # per pass: score of keys whose pass is done
@@ -221,6 +222,20 @@ class ReuseModel(ReuseScoring):
             self._score_after(sorted(layers))
         self._observed |= layers
 
+    def observe_layer(self, layer: int, keys: list[int], experts) -> None:
+        """`observe(keys)` for the keys of one layer reported whole: `experts` their expert
+        ids (array-like) in the same order."""
+        self._keys.extend(keys)
+        self._used = None
+        if self._after is None or not keys:
+            return
+        if layer in self._observed:
+            self._score_after([layer])
+        else:
+            self._score_after([layer], experts if isinstance(experts, np.ndarray)
+                              and experts.dtype == np.int64 else np.asarray(experts, np.int64))
+            self._observed.add(layer)
+
     def end_pass(self) -> None:
         """The token is done: roll the stream on. Pure Python: the arrays (last use, counts)
         catch up in `_sync` when a score or a count needs them, and counting (labels need the
@@ -243,12 +258,8 @@ class ReuseModel(ReuseScoring):
         if not todo:
             return
         keys = np.fromiter(itertools.chain.from_iterable(todo), np.int64)
-        first = self._blk[0] + self._synced
-        pos = np.repeat(np.arange(first, first + len(todo)), [len(k) for k in todo])
-        np.maximum.at(self.last, keys, pos)
-        n = len(self.count)
-        self.count += np.bincount(keys, minlength=n)
-        self.uses += np.bincount(keys, minlength=n)
+        kernels().sync(self.last, self.count, self.uses, keys, self._blk[0] + self._synced,
+             np.array([len(k) for k in todo], np.int64))
         self._pop_age += len(todo)
         self._synced = len(self._buf)
 
@@ -270,7 +281,7 @@ class ReuseModel(ReuseScoring):
             self._synced = 0
             return
         # the passes left wait for their labels; the block restarts at pass m
-        self._blk = (pos0 + m, np.where(lb[m] > _NONE, lb[m] + pos0, -1), cb[m],
+        self._blk = (pos0 + m, np.where(lb > _NONE, lb + pos0, -1), cb,
                      self._buf[m - 1] if m else prev0)
         self._buf = self._buf[m:]
         self._synced -= m
@@ -280,27 +291,22 @@ class ReuseModel(ReuseScoring):
         """Count the passes u [n, L * E] (bool) of one stream, given the state before u[0]: the
         last use relative to u[0] (negative; _NONE when none), the use counts, and the previous
         pass's row. Counts the first n - (horizon - 1) passes, or all n when `final` (the stream
-        ended: later uses will not come). Returns (counted, last-use [n, L * E], counts
-        [n, L * E]) as of each pass."""
+        ended: later uses will not come), in one compiled loop
+        (`fmoe.runtime.reuse_kernels.count_segment`). Returns (counted m, last use relative to
+        u[0] [L * E], counts [L * E]) as of pass m."""
         n, N = u.shape
-        L, E, h = self.L, self.E, self.horizon
-        ar = np.arange(n)[:, None]
-        run = np.maximum.accumulate(np.where(u, ar, _NONE), axis=0)
-        lb = np.maximum(np.vstack([np.full((1, N), _NONE), run[:-1]]), last0[None, :])
-        cb = count0[None, :] + np.vstack([np.zeros((1, N), np.int64), np.cumsum(u, axis=0)[:-1]])
-        m = n if final else max(0, n - (h - 1))
-        if m == 0:
-            return 0, lb, cb
-        prev = np.vstack([prev0[None, :], u[:m - 1]]).reshape(m, L, E)
-        if transitions:
-            self._count_transitions(prev, u[:m].reshape(m, L, E))
-        gap = np.where(lb[:m] > _NONE, ar[:m] - lb[:m], 0)
-        cells = self.cells(gap, cb[:m], pop[None, :], self.next_class(prev, tp))
-        label = u.copy()
-        for j in range(1, h):
-            label[:-j] |= u[j:]
-        self._count(tuple(c.reshape(-1) for c in cells), label[:m].reshape(-1))
-        return m, lb, cb
+        m = n if final else max(0, n - (self.horizon - 1))
+        if self._edges is None or self._edges[0] != self.K:
+            self._edges = (self.K, _NEXT_EDGES * (self.K / self.E))
+        last, count = kernels().count_segment(
+            np.ascontiguousarray(u), np.asarray(last0, np.int64), np.asarray(count0, np.int64),
+            np.asarray(prev0, bool), m, np.asarray(pop, np.int64), tp, self._edges[1],
+            self.horizon, self.cell_base, _GAP_LUT, _COUNT_LUT, NC, NP, NQ, _NONE, self.seen,
+            self.reused, self.trans, self.trans_from, transitions)
+        if m:
+            self.samples += m * N
+            self._backoff_dirty = True
+        return m, last, count
 
     def _count_transitions(self, prev: np.ndarray, cur: np.ndarray) -> None:
         """prev, cur [n, L, E] bool: consecutive passes."""
@@ -315,24 +321,14 @@ class ReuseModel(ReuseScoring):
         return self.cells(np.where(seen, self.pos - self.last, 0), self.count, self._pop_class(),
                           self.next_class(self.prev_row))
 
-    def _count(self, cells: tuple[np.ndarray, np.ndarray, np.ndarray], reused: np.ndarray) -> None:
-        """Add samples: one bincount over (cell, label); the back-off counts (sums of the full
-        ones over layers and popularity classes) follow lazily (`_backoffs`)."""
-        n = len(self.seen)
-        both = np.bincount(cells[0] * 2 + reused.astype(np.int64), minlength=2 * n).reshape(n, 2)
-        self.seen += both.sum(axis=1)
-        self.reused += both[:, 1]
-        self.samples += len(reused)
-        self._backoff_dirty = True
-
     def _backoffs(self) -> None:
         """Back-off counts from the full ones: (gap, count, next-pass) over layers and
         popularity classes, and the gap bucket alone."""
         if not self._backoff_dirty:
             return
-        shape = (self.L, NG, NC, NP, NQ)
-        self.c_seen = self.seen.reshape(shape).sum(axis=(0, 3)).reshape(-1)
-        self.c_reused = self.reused.reshape(shape).sum(axis=(0, 3)).reshape(-1)
+        # counts are whole numbers: any summation order gives the same sums
+        self.c_seen, self.c_reused = np.empty(NG * NC * NQ), np.empty(NG * NC * NQ)
+        kernels().backoffs(self.seen, self.reused, NG, NC, NP, NQ, self.c_seen, self.c_reused)
         self.g_seen = self.c_seen.reshape(NG, -1).sum(axis=1)
         self.g_reused = self.c_reused.reshape(NG, -1).sum(axis=1)
         self._backoff_dirty = False

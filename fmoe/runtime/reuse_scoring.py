@@ -14,6 +14,19 @@ import numpy as np
 from .reuse_features import _COUNT_LUT, _GAP_LUT, _NEXT_EDGES, NC, NG, NP, NQ, WAIT_REFRESH
 
 
+def kernels():
+    """`fmoe.runtime.reuse_kernels`, imported on first use (numba takes a moment to load)."""
+    global _kernels
+    if _kernels is None:
+        from . import reuse_kernels
+
+        _kernels = reuse_kernels
+    return _kernels
+
+
+_kernels = None
+
+
 class ReuseScoring:
     """Scores of `ReuseModel` (a mixin): estimates, in layers, of how far off each key's next
     use is. Keys are ``layer * E + expert``; vectors are [L * E]."""
@@ -22,36 +35,29 @@ class ReuseScoring:
     def _score_after(self, layers, experts=None) -> None:
         """Scores, for the next pass, of the keys of `layers` (routed in this pass): the cell a
         key moves to (gap and count after this pass) with the next-pass class from this pass's
-        row. Runs once per routed layer while evictions happen: a few operations on E values.
-        `experts`: the routed experts when `layers` is one layer reported in one call."""
+        row (`fmoe.runtime.reuse_kernels.score_after`, one compiled call per layer). Runs once
+        per routed layer while evictions happen. `experts`: the routed experts (int64) when
+        `layers` is one layer reported in one call."""
+        score_after = kernels().score_after
         L, E = self.L, self.E
         tab = self.wait_table()
         c_after0, c_used0 = self._after_cells
-        edges = _NEXT_EDGES * (self.K / self.E)
+        if self._edges is None or self._edges[0] != self.K:
+            self._edges = (self.K, _NEXT_EDGES * (self.K / self.E))
+        edges = self._edges[1]
         tp = self.transition()
         cur = None
         for l in layers:
-            sl = slice(l * E, (l + 1) * E)
             if experts is None:
                 if cur is None:
                     cur = self.used.reshape(L, E)
                 ex = np.flatnonzero(cur[l])
             else:
                 ex = experts
-            k = len(ex)
-            if k:
-                nxt = np.searchsorted(edges * k, tp[l][ex].sum(axis=0), side="right")
-                c = c_after0[sl] + nxt
-                c[ex] = c_used0[sl][ex] + nxt[ex]
-            else:
-                c = c_after0[sl] + (NQ - 1)
-            after = self._after[sl] = tab[c] + (l + L)
             # the running score: a routed layer's used keys are done now, its others once
-            # the next layer starts (`next_use_score`)
-            if l < self._cur_upto:
-                self._cur[sl] = after
-            elif k:
-                self._cur[sl][ex] = after[ex]
+            # the next layer starts (`running`)
+            score_after(self._after, self._cur, tab, c_after0, c_used0, tp[l], ex, edges, l, L,
+                        l < self._cur_upto, NQ - 1)
 
     def _wait(self, p: np.ndarray) -> np.ndarray:
         """P(reuse within `horizon` passes) -> expected layers of waiting beyond the next pass,
@@ -64,6 +70,11 @@ class ReuseScoring:
         layers until the key's next pass + the expected wait `_wait` beyond it. During
         layer `l_now` of a token, the keys of routed layers have had their pass (their next comes
         with the next token); the others have theirs still to come."""
+        return self.running(l_now) - l_now
+
+    def running(self, l_now: int) -> np.ndarray:
+        """[L * E] `next_use_score(l_now) + l_now`: the running scores themselves (kept, not a
+        copy: read them before the next event)."""
         L, E = self.L, self.E
         if self._now is None:
             now, after, _ = self.pass_vectors()
@@ -79,7 +90,7 @@ class ReuseScoring:
         if l_now > self._cur_upto:          # the layers before l_now have had their pass
             self._cur[self._cur_upto * E: l_now * E] = self._after[self._cur_upto * E: l_now * E]
             self._cur_upto = l_now
-        return self._cur - l_now
+        return self._cur
 
     # -- per-pass score vectors (the eviction rule's hot path) ---------------------------------
     def wait_table(self) -> np.ndarray:
@@ -99,9 +110,10 @@ class ReuseScoring:
             if self._coarse_of is None:
                 rest = np.arange(len(self.seen)) % (NG * NC * NP * NQ)
                 self._coarse_of = (rest // (NP * NQ)) * NQ + rest % NQ
-            p = np.where(self.seen >= self.min_count, self.reused / np.maximum(self.seen, 1),
-                         rate[self._coarse_of])
-            self._wait_tab = self._wait(p)
+            tab = np.empty(len(self.seen))
+            kernels().wait_table(self.seen, self.reused, rate, self._coarse_of, self.min_count,
+                                 self.horizon, self.L, tab)
+            self._wait_tab = tab
             self._tab_seen = max(total, 1.0)
         return self._wait_tab
 
@@ -116,48 +128,20 @@ class ReuseScoring:
         * ``after_used``: its layer has had this pass and used it (gap 1, count + 1).
         """
         if self._vectors is None:
-            L = self.L
             self._sync()
             tab = self.wait_table()
             pop = self._pop_class()
             if self._pop_base is None or self._pop_base[0] is not pop:
-                self._pop_base = (pop, self.cell_base + pop * NQ, self.layer_of.astype(np.float64))
-            _, pb, lay = self._pop_base
-            S = NP * NQ
-            seen = self.last >= 0
-            gap = np.where(seen, self.pos - self.last, 0)
-            cb = _COUNT_LUT[np.minimum(self.count, 18)]
-            cb1 = _COUNT_LUT[np.minimum(self.count + 1, 18)]
-            g_now = _GAP_LUT[np.minimum(gap, 65)]
-            g_after = _GAP_LUT[np.minimum(np.where(seen, gap + 1, 0), 65)]
-            c_after0 = pb + (g_after * NC + cb) * S
-            c_used0 = pb + (int(_GAP_LUT[1]) * NC + cb1) * S
+                self._pop_base = (pop, self.cell_base + pop * NQ)
+            n = self.L * self.E
+            now, after, used = np.empty(n), np.empty(n), np.empty(n)
+            c_after0, c_used0 = np.empty(n, np.int64), np.empty(n, np.int64)
+            if self._edges is None or self._edges[0] != self.K:
+                self._edges = (self.K, _NEXT_EDGES * (self.K / self.E))
+            kernels().pass_vectors(self.last, self.count, self.pos, self._pop_base[1], tab,
+                         np.sort(np.asarray(self._prev, dtype=np.int64)), self.transition(),
+                         self._edges[1], _GAP_LUT, _COUNT_LUT, NC, NP * NQ, NQ - 1,
+                         now, after, used, c_after0, c_used0)
             self._after_cells = (c_after0, c_used0)
-            c_now = pb + (g_now * NC + cb) * S + self._next_from_prev()
-            c_after = c_after0 + (NQ - 1)
-            c_used = c_used0 + (NQ - 1)
-            self._vectors = (tab[c_now] + lay, tab[c_after] + (lay + L), tab[c_used] + (lay + L))
+            self._vectors = (now, after, used)
         return self._vectors
-
-    def _next_from_prev(self) -> np.ndarray:
-        """[L * E] next-pass class of every key from the previous pass's experts (the sparse
-        form of `next_class(prev_row)`)."""
-        L, E = self.L, self.E
-        if not self._prev:
-            return np.full(L * E, NQ - 1)
-        keys = np.sort(np.asarray(self._prev, dtype=np.int64))
-        rows = self.transition().reshape(L * E, E)[keys]
-        edges = _NEXT_EDGES * (self.K / self.E)
-        n = len(keys)
-        if n % L == 0 and np.array_equal(keys[:: n // L] // E, np.arange(L)) \
-                and np.array_equal(keys[n // L - 1:: n // L] // E, np.arange(L)):
-            # the usual pass: the same number of experts at every layer
-            q = rows.reshape(L, n // L, E).sum(axis=1) * (L / n)
-            return np.searchsorted(edges, q, side="right").reshape(-1)
-        lay = keys // E
-        starts = np.flatnonzero(np.concatenate(([True], lay[1:] != lay[:-1])))
-        q = np.zeros((L, E))
-        q[lay[starts]] = np.add.reduceat(rows, starts, axis=0)
-        k = np.bincount(lay, minlength=L)[:, None]
-        c = np.searchsorted(edges, q / np.maximum(k, 1), side="right")
-        return np.where(k > 0, c, NQ - 1).reshape(-1)

@@ -58,6 +58,7 @@ class SlotTable:
         self.pinned: set[int] = set()
         self.unused_prefetch: set[int] = set()  # prefetched keys not used yet
         self.stats = SlotStats()
+        self._take = getattr(policy, "take", None)   # the policy's one-call form of a layer
 
     def __contains__(self, key: int) -> bool:
         return key in self.slot_of
@@ -109,14 +110,21 @@ class SlotTable:
             self.pinned.add(key)
         return Acquired(key, slot, hit, evicted)
 
-    def acquire_many(self, keys, pin: bool = True) -> int:
+    def acquire_many(self, keys, pin: bool = True, slots: list | None = None,
+                     hits: list | None = None) -> int:
         """`acquire(key, pin)` for each key in order (all ready), without building `Acquired`
-        results; returns the number of misses. Same counts and policy events as `acquire`."""
+        results; returns the number of misses. Same counts and policy events as `acquire`
+        (through the policy's `take` when it has one). `slots` and `hits`, when given (both),
+        receive each key's slot and whether it was resident."""
+        if pin and self._take is not None:
+            return self._acquire_taken(keys, slots, hits)
         slot_of, stats, policy = self.slot_of, self.stats, self.policy
         pinned, unused = self.pinned, self.unused_prefetch
         misses = 0
         for key in keys:
-            if key in slot_of:
+            slot = slot_of.get(key)
+            hit = slot is not None
+            if hit:
                 stats.hits += 1
                 if unused and key in unused:
                     unused.discard(key)
@@ -133,6 +141,50 @@ class SlotTable:
                     stats.resident_peak = len(slot_of)
             if pin:
                 pinned.add(key)
+            if slots is not None:
+                slots.append(slot)
+                hits.append(hit)
+        return misses
+
+    def _acquire_taken(self, keys, slots: list | None, hits: list | None) -> int:
+        """`acquire_many` through `policy.take`: the policy applies the layer's events in one
+        call and names the victims in order; the table then does its own bookkeeping."""
+        slot_of, stats, free = self.slot_of, self.stats, self.free
+        pinned, unused, key_of = self.pinned, self.unused_prefetch, self.key_of
+        missing = 0
+        for key in keys:
+            if key not in slot_of:
+                missing += 1
+        victims = self._take(keys, len(free), pinned, missing > len(free))
+        vi = misses = 0
+        for key in keys:
+            slot = slot_of.get(key)
+            hit = slot is not None
+            if hit:
+                stats.hits += 1
+                if unused and key in unused:
+                    unused.discard(key)
+                    stats.prefetch_used += 1
+            else:
+                misses += 1
+                stats.misses += 1
+                if free:
+                    slot = free.pop()
+                else:
+                    victim = victims[vi]
+                    vi += 1
+                    slot = slot_of.pop(victim)
+                    key_of[slot] = None
+                    unused.discard(victim)
+                    stats.evictions += 1
+                slot_of[key] = slot
+                key_of[slot] = key
+                if len(slot_of) > stats.resident_peak:
+                    stats.resident_peak = len(slot_of)
+            pinned.add(key)
+            if slots is not None:
+                slots.append(slot)
+                hits.append(hit)
         return misses
 
     def host(self, key: int) -> None:

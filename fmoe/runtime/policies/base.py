@@ -26,6 +26,12 @@ immutable values (`fmoe.runtime.predictor.Prediction`).
 
 `victim` picks among the resident keys the table offers (pinned keys excluded).
 
+A policy may also offer ``take(keys, n_free, pinned, victims_needed) -> victims``: one layer's
+pinned uses in one call, with exactly the effect of the per-use events in order (a hit, or a
+miss that takes one of `n_free` free slots, then evicts the victim the policy names). The table
+(`SlotTable.acquire_many`) then calls it in place of those events; a policy without it gets
+them one by one.
+
 Prefetch orders are advisory. The caller (the runtime's copy engine, or the simulator's) serves
 demand loads first, then orders by falling priority; the orders returned by the latest
 `on_layer_start` replace any earlier orders whose copy has not started. A prefetch takes its

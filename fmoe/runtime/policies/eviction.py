@@ -21,6 +21,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..reuse_scoring import kernels
+
 EVICTIONS = ("reuse", "distance", "lru-pred", "pfreq", "lru")
 MAP_EVICTIONS = ("distance", "lru-pred", "pfreq")   # the rules that read expert maps
 
@@ -262,24 +264,50 @@ class ReuseRule(EvictionRule):
         super().__init__(num_layers, num_experts)
         self.reuse = reuse
         self._score: np.ndarray | None = None     # scores of the running layer
+        self._score_clock: int | None = None      # ... as of this touch clock
         self._masked: np.ndarray | None = None    # ... over the eviction candidates
+        n = num_layers * num_experts
+        self._pin = np.zeros(n, np.int64)         # == _epoch: pinned in the running `take`
+        self._epoch = 0
+        self._victims = np.empty(16, np.int64)
+        # touches of layers that needed no victim, applied when something reads `touch`: a
+        # layer of hits then costs a list append, not a call into numpy
+        self._touched: list[int] = []
+
+    def _touch(self) -> None:
+        """Apply the deferred touches (in order: the clock has already counted them)."""
+        keys = self._touched
+        kernels().touch_all(self.touch, np.array(keys, np.int64), self.clock - len(keys))
+        self._touched = []
+
+    def _forget(self) -> None:
+        self._score = self._masked = self._score_clock = None
 
     def layer_start(self, layer: int) -> None:
         self.l_now = layer
-        self._score = self._masked = None
+        self._forget()
 
     def routed(self, layer: int, keys) -> None:
-        self._score = self._masked = None
+        self._forget()
 
     def token_end(self) -> None:
-        self._score = self._masked = None
+        self._forget()
 
     def on_hit(self, key: int) -> None:
+        if self._touched:
+            self._touch()
         super().on_hit(key)
         if self._masked is not None:
             self._masked[key] = -np.inf
 
+    def on_host(self, key: int) -> None:
+        if self._touched:
+            self._touch()
+        super().on_host(key)
+
     def on_insert(self, key: int, prefetch: bool) -> None:
+        if self._touched:
+            self._touch()
         super().on_insert(key, prefetch)
         if self._masked is not None:
             if prefetch:
@@ -295,8 +323,12 @@ class ReuseRule(EvictionRule):
     def scores(self) -> np.ndarray:
         score = self._score
         if score is None:
+            if self._touched:
+                self._touch()
+            if self._score_clock is None:
+                self._score_clock = self.clock
             score = self.reuse.next_use_score(self.l_now)
-            score = self._score = score + 1e-3 * (1.0 - self.touch / (self.clock + 1))
+            score = self._score = score + 1e-3 * (1.0 - self.touch / (self._score_clock + 1))
         return score
 
     def victim(self, pinned) -> int:
@@ -309,6 +341,43 @@ class ReuseRule(EvictionRule):
         if key is None:
             raise RuntimeError("every resident expert is pinned; cannot evict")
         return key
+
+    def take(self, keys: list[int], n_free: int, pinned, victims_needed: bool) -> tuple[list[int], int]:
+        """A layer's uses in one compiled call (`fmoe.runtime.reuse_kernels.take`): the same
+        hits, inserts, victims and touches as the per-key events `on_hit` / `victim` /
+        `on_evict` / `on_insert` in order, each use pinned. Returns (victims in order, misses)."""
+        if not victims_needed:
+            # no victim to name (the table knows; were it wrong, it would fail on the missing
+            # victim): mark the inserts resident and defer the touches
+            res, misses = self.resident, 0
+            for key in keys:
+                if not res[key]:
+                    res[key] = True
+                    misses += 1
+            self._touched.extend(keys)
+            self.clock += len(keys)
+            self._masked = None
+            return [], misses
+        if self._touched:
+            self._touch()
+        self._epoch += 1
+        ep, pin = self._epoch, self._pin
+        for key in pinned:
+            pin[key] = ep
+        n = len(keys)
+        if n > len(self._victims):
+            self._victims = np.empty(2 * n, np.int64)
+        cur = self.reuse.running(self.l_now)
+        clock0 = -1 if self._score_clock is None else self._score_clock
+        nv, misses, self.clock, sc = kernels().take(np.array(keys, np.int64), n_free, self.resident, pin, ep,
+                                          self.touch, self.clock, clock0, cur, self.l_now,
+                                          self._victims)
+        self._score = self._masked = None
+        if sc >= 0:
+            self._score_clock = int(sc)
+        if nv < 0:
+            raise RuntimeError("every resident expert is pinned; cannot evict")
+        return self._victims[:nv].tolist(), misses
 
     def keep(self, key: int, victim: int) -> bool:
         # `key` is being used in this layer: its next use is estimated as for a key used in

@@ -126,9 +126,15 @@ class FmoePolicy(Policy):
                                 min_count=opts.reuse_min_count)
         self.rule: EvictionRule = make_rule(opts.eviction, L, E, reuse=self.reuse, decay=opts.decay)
         # the cache events go straight to the rule (the hottest calls: one per expert use)
+        events = ("on_hit", "on_insert", "on_evict", "victim")
         for name in ("on_hit", "on_evict"):
             if getattr(type(self), name) is getattr(FmoePolicy, name):
                 setattr(self, name, getattr(self.rule, name))
+        # a layer's uses in one compiled call, where the rule has one and no subclass listens
+        # to the per-use events
+        if hasattr(self.rule, "take") and all(getattr(type(self), n) is getattr(FmoePolicy, n)
+                                              for n in events):
+            self.take = self._take
         self.prefetches = self.max_orders > 0
         self._keep_maps = False
         self.predictor: MapPredictor | None = None
@@ -272,7 +278,7 @@ class FmoePolicy(Policy):
             self._seen_k = n
         base = layer * self.num_experts
         keys = [base + e for e in (experts.tolist() if hasattr(experts, "tolist") else experts)]
-        self.reuse.observe(keys)
+        self.reuse.observe_layer(layer, keys, experts)
         self.rule.routed(layer, keys)
         if self.runner is not None:
             self.runner.post("routed", layer, np.array(experts, dtype=np.int64),
@@ -299,6 +305,12 @@ class FmoePolicy(Policy):
 
     def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
         return self.rule.victim(pinned)
+
+    def _take(self, keys: list[int], n_free: int, pinned, victims_needed: bool) -> list[int]:
+        # `Policy.take`: the events of a layer's uses, in one call
+        victims, misses = self.rule.take(keys, n_free, pinned, victims_needed)
+        self._demand += misses
+        return victims
 
     def admit_prefetch(self, key: int, victim: int | None) -> bool:
         if victim is None:

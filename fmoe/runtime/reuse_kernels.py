@@ -1,0 +1,297 @@
+"""Compiled hot paths of the reuse eviction rule (numba).
+
+The default policy's decisions run on the forward thread once per layer: a routed layer's keys
+get their scores for the next pass (`score_after`), and a layer's misses get their victims
+(`take`). Written as numpy, each is a dozen small array operations, and their call overhead, not
+their arithmetic, set the policy's cost (milliseconds per token at DeepSeek-V2-Lite shape). Here
+each is one compiled loop over the layer's E keys or the cache's L * E keys.
+
+Every kernel reproduces the numpy formula it replaces operation for operation (same
+floating-point expressions, first index on ties), so decisions do not change; the tests compare
+them with the numpy forms. Compiled on first use and cached on disk (``cache=True``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True)
+def score_after(after, cur, tab, c_after0, c_used0, tp_l, ex, edges, layer, num_layers, done,
+                no_row):  # pragma: no cover - compiled
+    """Scores, for the next pass, of one routed layer's E keys (`ReuseScoring._score_after`).
+
+    after, cur [L * E] float64 (written: the layer's slice of `after`; of `cur`, the whole slice
+    when `done`, else the routed keys); tab [cells] expected waits; c_after0, c_used0 [L * E]
+    int64 cells without the next-pass class; tp_l [E, E] the layer's transition probabilities;
+    ex [k] int64 the routed experts; edges [NQ - 2] next-pass edges (already times K / E)."""
+    E = tp_l.shape[0]
+    base = layer * E
+    k = ex.shape[0]
+    off = layer + num_layers
+    if k:
+        q = np.zeros(E)
+        for i in range(k):
+            row = tp_l[ex[i]]
+            for e in range(E):
+                q[e] += row[e]
+        nxt = np.empty(E, np.int64)
+        for e in range(E):
+            n = 0
+            for j in range(edges.shape[0]):
+                if edges[j] * k <= q[e]:       # searchsorted(edges * k, q, side="right")
+                    n += 1
+            nxt[e] = n
+            after[base + e] = tab[c_after0[base + e] + n] + off
+        for i in range(k):
+            e = ex[i]
+            after[base + e] = tab[c_used0[base + e] + nxt[e]] + off
+    else:
+        for e in range(E):
+            after[base + e] = tab[c_after0[base + e] + no_row] + off
+    if done:
+        for e in range(E):
+            cur[base + e] = after[base + e]
+    else:
+        for i in range(k):
+            cur[base + ex[i]] = after[base + ex[i]]
+
+
+@numba.njit(cache=True)
+def take(keys, n_free, resident, pin, epoch, touch, clock, score_clock, cur, l_now,
+         victims):  # pragma: no cover - compiled
+    """One layer's uses, in order, as `SlotTable.acquire_many` makes them (pinned): a resident
+    key is a hit, a missing one takes a free slot while `n_free` lasts, then evicts the highest
+    ``cur - l_now + 1e-3 * (1 - touch / (score_clock + 1))`` among resident keys not pinned
+    (``pin == epoch``); every use touches its key (the clock counts uses).
+
+    keys [n] int64; resident [L * E] bool, pin [L * E] int64, touch [L * E] float64 (all
+    updated); cur [L * E] the running scores; victims [n] int64 (out). `score_clock` < 0: the
+    clock at the first victim. Returns (victims named, misses, clock, score_clock); victims
+    named = -1 when every resident key is pinned (the cache cannot make room)."""
+    n_vict = 0
+    misses = 0
+    N = resident.shape[0]
+    for i in range(keys.shape[0]):
+        key = keys[i]
+        if not resident[key]:
+            misses += 1
+            if n_free > 0:
+                n_free -= 1
+            else:
+                if score_clock < 0:
+                    score_clock = clock
+                scale = score_clock + 1
+                best = -1
+                best_s = -np.inf
+                for j in range(N):
+                    if resident[j] and pin[j] != epoch:
+                        s = (cur[j] - l_now) + 1e-3 * (1.0 - touch[j] / scale)
+                        if s > best_s:
+                            best_s = s
+                            best = j
+                if best < 0:
+                    return -1, misses, clock, score_clock
+                resident[best] = False
+                victims[n_vict] = best
+                n_vict += 1
+            resident[key] = True
+        clock += 1
+        touch[key] = clock
+        pin[key] = epoch
+    return n_vict, misses, clock, score_clock
+
+
+@numba.njit(cache=True)
+def pass_vectors(last, count, pos, pb, tab, prev_keys, tp, edges, gap_lut, count_lut, n_count,
+                 slot_size, no_row, now, after, used, c_after0,
+                 c_used0):  # pragma: no cover - compiled
+    """The per-pass vectors of `ReuseScoring.pass_vectors`, all [L * E]: writes now, after,
+    used (float64) and the cells without next-pass class c_after0, c_used0 (int64).
+
+    last, count [L * E] int64 the stream's last use (pass index, -1 none) and uses; pb [L * E]
+    int64 the cell base (layer and popularity); tab [cells] expected waits; prev_keys [n] int64
+    the previous pass's keys, sorted; tp [L, E, E] transition probabilities; edges [NQ - 2]
+    next-pass edges (times K / E); slot_size = NP * NQ."""
+    L, E = tp.shape[0], tp.shape[1]
+    # the next-pass class of every key from the previous pass's experts
+    nxt = np.full(L * E, no_row, np.int64)
+    n = prev_keys.shape[0]
+    if n:
+        per = np.zeros(L, np.int64)
+        for i in range(n):
+            per[prev_keys[i] // E] += 1
+        usual = n % L == 0
+        if usual:
+            for l in range(L):
+                if per[l] != n // L:
+                    usual = False
+        q = np.zeros(E)
+        i = 0
+        for l in range(L):
+            k = per[l]
+            if k == 0:
+                continue
+            q[:] = 0.0
+            for j in range(i, i + k):
+                row = tp[l, prev_keys[j] - l * E]
+                for e in range(E):
+                    q[e] += row[e]
+            i += k
+            for e in range(E):
+                # the usual pass (as many experts at every layer) scales by L / n, the
+                # others divide by their own count: the numpy forms round each their way
+                v = q[e] * (L / n) if usual else q[e] / k
+                c = 0
+                for j in range(edges.shape[0]):
+                    if edges[j] <= v:
+                        c += 1
+                nxt[l * E + e] = c
+    g1 = gap_lut[1]
+    for key in range(L * E):
+        lay = float(key // E)
+        seen = last[key] >= 0
+        gap = pos - last[key] if seen else 0
+        cb = count_lut[min(count[key], 18)]
+        cb1 = count_lut[min(count[key] + 1, 18)]
+        g_now = gap_lut[min(gap, 65)]
+        g_after = gap_lut[min(gap + 1 if seen else 0, 65)]
+        ca = pb[key] + (g_after * n_count + cb) * slot_size
+        cu = pb[key] + (g1 * n_count + cb1) * slot_size
+        c_after0[key] = ca
+        c_used0[key] = cu
+        now[key] = tab[pb[key] + (g_now * n_count + cb) * slot_size + nxt[key]] + lay
+        after[key] = tab[ca + no_row] + (lay + L)
+        used[key] = tab[cu + no_row] + (lay + L)
+
+
+@numba.njit(cache=True)
+def sync(last, count, uses, keys, first_pos, lengths):  # pragma: no cover - compiled
+    """Apply passes of keys to the stream's last use, use counts and popularity: keys [n] int64
+    (the passes one after another), lengths [m] keys per pass, the first pass at `first_pos`."""
+    i = 0
+    for p in range(lengths.shape[0]):
+        pos = first_pos + p
+        for _ in range(lengths[p]):
+            k = keys[i]
+            i += 1
+            if pos > last[k]:
+                last[k] = pos
+            count[k] += 1
+            uses[k] += 1.0
+
+
+@numba.njit(cache=True)
+def touch_all(touch, keys, clock0):  # pragma: no cover - compiled
+    """Touches made in order after the clock read `clock0`: touch[keys[i]] = clock0 + i + 1."""
+    for i in range(keys.shape[0]):
+        touch[keys[i]] = clock0 + i + 1
+
+
+@numba.njit(cache=True)
+def count_segment(u, last0, count0, prev0, m, pop, tp, edges, horizon, cell_base, gap_lut,
+                  count_lut, n_count, n_pop, n_next, none, seen, reused, trans, trans_from,
+                  transitions):  # pragma: no cover - compiled
+    """Count the first `m` passes u [n, L * E] (bool) of one stream into the reuse model's
+    cells (`ReuseModel._count_segment`): each key's cell at each pass (gap since its last use,
+    uses so far, popularity `pop`, next-pass class from the previous pass's row through `tp`)
+    and its label (used at that pass or the next ``horizon - 1`` within u). Adds to seen and
+    reused [cells], and with `transitions` to trans [L, E, E] / trans_from [L, E].
+
+    last0 [L * E] the last use before u[0], relative to it (`none` when none); count0 the uses
+    before it; prev0 the previous pass's row. Returns the last use (relative) and the uses as of
+    pass m, the state a later segment starts from."""
+    n, N = u.shape
+    L, E = tp.shape[0], tp.shape[1]
+    last = last0.copy()
+    cnt = count0.copy()
+    q = np.zeros(E)
+    for i in range(m):
+        for l in range(L):
+            base = l * E
+            k = 0
+            q[:] = 0.0
+            for e in range(E):
+                if (prev0[base + e] if i == 0 else u[i - 1, base + e]):
+                    k += 1
+                    row = tp[l, e]
+                    for f in range(E):
+                        q[f] += row[f]
+                    if transitions:
+                        trans_from[l, e] += 1.0
+                        for f in range(E):
+                            if u[i, base + f]:
+                                trans[l, e, f] += 1.0
+            for e in range(E):
+                key = base + e
+                c = n_next - 1
+                if k:
+                    v = q[e] / k
+                    c = 0
+                    for j in range(edges.shape[0]):
+                        if edges[j] <= v:
+                            c += 1
+                gap = i - last[key] if last[key] > none else 0
+                g = gap_lut[min(gap, 65)]
+                cell = cell_base[key] + ((g * n_count + count_lut[min(cnt[key], 18)]) * n_pop
+                                         + pop[key]) * n_next + c
+                label = False
+                for j in range(horizon):
+                    if i + j < n and u[i + j, key]:
+                        label = True
+                        break
+                seen[cell] += 1.0
+                if label:
+                    reused[cell] += 1.0
+        for key in range(N):
+            if u[i, key]:
+                last[key] = i
+                cnt[key] += 1
+    return last, cnt
+
+
+@numba.njit(cache=True)
+def _wait(p, horizon, num_layers):  # pragma: no cover - compiled
+    # the fourth root (the default horizon) as two square roots: a pow per cell is most of a
+    # rebuild's time
+    x = min(max(1.0 - p, 0.0), 1.0)
+    r = math.sqrt(math.sqrt(x)) if horizon == 4 else x ** (1.0 / horizon)
+    return num_layers * (1.0 / max(1.0 - r, 1e-3) - 1.0)
+
+
+@numba.njit(cache=True)
+def wait_table(seen, reused, rate, coarse_of, min_count, horizon, num_layers,
+               out):  # pragma: no cover - compiled
+    """out [cells] = the expected wait (`ReuseScoring._wait`) of each cell's P(reuse): its own
+    rate once seen `min_count` times, else its back-off `rate[coarse_of]` (one wait per back-off
+    cell, computed once)."""
+    coarse = np.empty(rate.shape[0])
+    for c in range(rate.shape[0]):
+        coarse[c] = _wait(rate[c], horizon, num_layers)
+    for c in range(seen.shape[0]):
+        s = seen[c]
+        if s >= min_count:
+            out[c] = _wait(reused[c] / max(s, 1.0), horizon, num_layers)
+        else:
+            out[c] = coarse[coarse_of[c]]
+
+
+@numba.njit(cache=True)
+def backoffs(seen, reused, n_gap, n_count, n_pop, n_next, c_seen, c_reused):  # pragma: no cover - compiled
+    """The (gap, count, next-pass) back-off counts c_seen, c_reused [NG * NC * NQ] (written):
+    sums of the full cells [L, NG, NC, NP, NQ] over layers and popularity classes."""
+    c_seen[:] = 0.0
+    c_reused[:] = 0.0
+    per_layer = n_gap * n_count * n_pop * n_next
+    c = 0
+    for _ in range(seen.shape[0] // per_layer):
+        for gc in range(n_gap * n_count):
+            for _p in range(n_pop):
+                i = gc * n_next
+                for q in range(n_next):
+                    c_seen[i + q] += seen[c]
+                    c_reused[i + q] += reused[c]
+                    c += 1
