@@ -61,6 +61,34 @@ def score_after(after, cur, tab, c_after0, c_used0, tp_l, ex, edges, layer, num_
 
 
 @numba.njit(cache=True)
+def _candidates(resident, pin, epoch, touch, score_clock, cur, l_now, m):  # pragma: no cover
+    """The `m` best eviction candidates (resident, not pinned) by score
+    ``cur - l_now + 1e-3 * (1 - touch / (score_clock + 1))``, best first; among equal scores the
+    lower key first (argmax's order). Returns (keys [m], how many there are)."""
+    keys = np.empty(m, np.int64)
+    scores = np.empty(m)
+    n = 0
+    scale = score_clock + 1
+    for j in range(resident.shape[0]):
+        if not resident[j] or pin[j] == epoch:
+            continue
+        s = (cur[j] - l_now) + 1e-3 * (1.0 - touch[j] / scale)
+        if n == m and not s > scores[m - 1]:
+            continue
+        i = n if n < m else m - 1          # insert after every score >= s (keeps key order)
+        while i > 0 and scores[i - 1] < s:
+            if i < m:
+                scores[i] = scores[i - 1]
+                keys[i] = keys[i - 1]
+            i -= 1
+        scores[i] = s
+        keys[i] = j
+        if n < m:
+            n += 1
+    return keys, n
+
+
+@numba.njit(cache=True)
 def take(keys, n_free, resident, pin, epoch, touch, clock, score_clock, cur, l_now,
          victims):  # pragma: no cover - compiled
     """One layer's uses, in order, as `SlotTable.acquire_many` makes them (pinned): a resident
@@ -68,13 +96,18 @@ def take(keys, n_free, resident, pin, epoch, touch, clock, score_clock, cur, l_n
     ``cur - l_now + 1e-3 * (1 - touch / (score_clock + 1))`` among resident keys not pinned
     (``pin == epoch``); every use touches its key (the clock counts uses).
 
+    The candidates are ranked once, at the first victim: a use changes only its own key's
+    touch, and that key is pinned from then on, so the ranking of the others holds for the
+    layer; 2n + 1 candidates cover n victims past up to 2n keys pinned or evicted meanwhile.
+
     keys [n] int64; resident [L * E] bool, pin [L * E] int64, touch [L * E] float64 (all
     updated); cur [L * E] the running scores; victims [n] int64 (out). `score_clock` < 0: the
     clock at the first victim. Returns (victims named, misses, clock, score_clock); victims
     named = -1 when every resident key is pinned (the cache cannot make room)."""
     n_vict = 0
     misses = 0
-    N = resident.shape[0]
+    ranked = np.empty(0, np.int64)
+    n_ranked = -1
     for i in range(keys.shape[0]):
         key = keys[i]
         if not resident[key]:
@@ -82,17 +115,17 @@ def take(keys, n_free, resident, pin, epoch, touch, clock, score_clock, cur, l_n
             if n_free > 0:
                 n_free -= 1
             else:
-                if score_clock < 0:
-                    score_clock = clock
-                scale = score_clock + 1
+                if n_ranked < 0:
+                    if score_clock < 0:
+                        score_clock = clock
+                    ranked, n_ranked = _candidates(resident, pin, epoch, touch, score_clock,
+                                                   cur, l_now, 2 * keys.shape[0] + 1)
                 best = -1
-                best_s = -np.inf
-                for j in range(N):
+                for r in range(n_ranked):
+                    j = ranked[r]
                     if resident[j] and pin[j] != epoch:
-                        s = (cur[j] - l_now) + 1e-3 * (1.0 - touch[j] / scale)
-                        if s > best_s:
-                            best_s = s
-                            best = j
+                        best = j
+                        break
                 if best < 0:
                     return -1, misses, clock, score_clock
                 resident[best] = False
