@@ -66,7 +66,9 @@ class SlotTable:
     def __len__(self) -> int:
         return len(self.slot_of)
 
-    def _make_room(self, victim: int | None = None) -> tuple[int, int | None]:
+    def _make_room(self, victim: int | None = None, notify: bool = True) -> tuple[int, int | None]:
+        """A slot for a new key: a free one, else the victim's (the policy's choice when None).
+        `notify=False`: the policy has already applied the eviction (`take`)."""
         if self.free:
             return self.free.pop(), None
         if victim is None:
@@ -75,7 +77,8 @@ class SlotTable:
         self.key_of[slot] = None
         self.unused_prefetch.discard(victim)
         self.stats.evictions += 1
-        self.policy.on_evict(victim)
+        if notify:
+            self.policy.on_evict(victim)
         return slot, victim
 
     def acquire(self, key: int, pin: bool = True, ready: bool = True) -> Acquired:
@@ -113,13 +116,15 @@ class SlotTable:
     def acquire_many(self, keys, pin: bool = True, slots: list | None = None,
                      hits: list | None = None) -> int:
         """`acquire(key, pin)` for each key in order (all ready), without building `Acquired`
-        results; returns the number of misses. Same counts and policy events as `acquire`
-        (through the policy's `take` when it has one). `slots` and `hits`, when given (both),
-        receive each key's slot and whether it was resident."""
-        if pin and self._take is not None:
-            return self._acquire_taken(keys, slots, hits)
+        results; returns the number of misses. Same counts and policy events as `acquire`; a
+        policy with `take` gets them in one call, which names the victims in order. `slots`
+        and `hits`, when given (both), receive each key's slot and whether it was resident."""
         slot_of, stats, policy = self.slot_of, self.stats, self.policy
         pinned, unused = self.pinned, self.unused_prefetch
+        taken = pin and self._take is not None
+        if taken:
+            missing = sum(1 for key in keys if key not in slot_of)
+            victims = iter(self._take(keys, len(self.free), pinned, missing > len(self.free)))
         misses = 0
         for key in keys:
             slot = slot_of.get(key)
@@ -129,59 +134,23 @@ class SlotTable:
                 if unused and key in unused:
                     unused.discard(key)
                     stats.prefetch_used += 1
-                policy.on_hit(key)
+                if not taken:
+                    policy.on_hit(key)
             else:
                 misses += 1
                 stats.misses += 1
-                slot, _ = self._make_room()
+                if taken:
+                    slot, _ = self._make_room(None if self.free else next(victims), notify=False)
+                else:
+                    slot, _ = self._make_room()
                 slot_of[key] = slot
                 self.key_of[slot] = key
-                policy.on_insert(key, prefetch=False)
+                if not taken:
+                    policy.on_insert(key, prefetch=False)
                 if len(slot_of) > stats.resident_peak:
                     stats.resident_peak = len(slot_of)
             if pin:
                 pinned.add(key)
-            if slots is not None:
-                slots.append(slot)
-                hits.append(hit)
-        return misses
-
-    def _acquire_taken(self, keys, slots: list | None, hits: list | None) -> int:
-        """`acquire_many` through `policy.take`: the policy applies the layer's events in one
-        call and names the victims in order; the table then does its own bookkeeping."""
-        slot_of, stats, free = self.slot_of, self.stats, self.free
-        pinned, unused, key_of = self.pinned, self.unused_prefetch, self.key_of
-        missing = 0
-        for key in keys:
-            if key not in slot_of:
-                missing += 1
-        victims = self._take(keys, len(free), pinned, missing > len(free))
-        vi = misses = 0
-        for key in keys:
-            slot = slot_of.get(key)
-            hit = slot is not None
-            if hit:
-                stats.hits += 1
-                if unused and key in unused:
-                    unused.discard(key)
-                    stats.prefetch_used += 1
-            else:
-                misses += 1
-                stats.misses += 1
-                if free:
-                    slot = free.pop()
-                else:
-                    victim = victims[vi]
-                    vi += 1
-                    slot = slot_of.pop(victim)
-                    key_of[slot] = None
-                    unused.discard(victim)
-                    stats.evictions += 1
-                slot_of[key] = slot
-                key_of[slot] = key
-                if len(slot_of) > stats.resident_peak:
-                    stats.resident_peak = len(slot_of)
-            pinned.add(key)
             if slots is not None:
                 slots.append(slot)
                 hits.append(hit)
