@@ -193,11 +193,16 @@ def test_auto_prefetch_follows_profile_and_link_slack():
     assert not _one_map_policy(prefetch=False).prefetches
     slow = FmoePolicy(2, 4, 3, top_k=1, copy_seconds=4.0, layer_seconds=1.0)
     assert not slow.prefetches and slow.predictor is None
+    searched = []
+    search = p.predictor.layer_start
+    p.predictor.layer_start = lambda *a: searched.append(a) or search(*a)
     p.on_request_start(0)
     assert p.on_layer_start(0) == []             # closed: 1 demand load per layer x 1 s > 0.5 s
+    assert searched == []                        # ... and no search ran for it
     p.demand_per_layer = 0.0
     p.on_routed(0, np.array([1]))
     assert p.on_layer_start(1) == [(6, 1.0)]     # open: layer 1's expert, one layer ahead
+    assert searched == [(0, 1)]
     p.on_routed(1, np.array([2]))
     p.on_token_end()
     for key in range(30):

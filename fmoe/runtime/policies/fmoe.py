@@ -250,15 +250,19 @@ class FmoePolicy(Policy):
         self.rule.layer_start(layer)
         if self.runner is None:
             return []
-        self.runner.post("layer_start", self.iteration, layer)
-        orders = self._apply(self.runner.latest(), layer)
+        closed = False
         if self.gated:
             self.demand_per_layer = (DEMAND_DECAY * self.demand_per_layer
                                      + (1 - DEMAND_DECAY) * self._demand)
             self._demand = 0
-            if self.demand_per_layer * self._copy_s > LINK_SLACK * self._layer_s:
-                return []           # the link is busy with demand loads: no room to prefetch
-        return orders
+            # the link is busy with demand loads: no room to prefetch
+            closed = self.demand_per_layer * self._copy_s > LINK_SLACK * self._layer_s
+            if closed and not self.rule.reads_maps:
+                self.applied = None     # nothing would read this layer's prediction: no search
+                return []
+        self.runner.post("layer_start", self.iteration, layer)
+        orders = self._apply(self.runner.latest(), layer)
+        return [] if closed else orders
 
     def _apply(self, pred, layer: int) -> list[tuple[int, float]]:
         """Apply the latest prediction at the start of `layer`: the eviction rule takes it when
