@@ -17,7 +17,6 @@ import numpy as np
 from .reuse_features import (
     _COUNT_LUT,
     _GAP_LUT,
-    _NEXT_EDGES,
     _NONE,
     FLUSH_PASSES,
     NC,
@@ -147,7 +146,7 @@ class ReuseModel(ReuseScoring):
     def _next_classes(self, q: np.ndarray, has_row) -> np.ndarray:
         """Next-pass probabilities q -> classes; where `has_row` is False, the last class."""
         c = np.zeros(q.shape, np.int64)
-        for edge in _NEXT_EDGES * (self.K / self.E):     # = searchsorted(..., side="right")
+        for edge in self.next_edges():                  # = searchsorted(..., side="right")
             c += q >= edge
         return np.where(has_row, c, NQ - 1)
 
@@ -296,11 +295,9 @@ class ReuseModel(ReuseScoring):
         u[0] [L * E], counts [L * E]) as of pass m."""
         n, N = u.shape
         m = n if final else max(0, n - (self.horizon - 1))
-        if self._edges is None or self._edges[0] != self.K:
-            self._edges = (self.K, _NEXT_EDGES * (self.K / self.E))
         last, count = kernels().count_segment(
             np.ascontiguousarray(u), np.asarray(last0, np.int64), np.asarray(count0, np.int64),
-            np.asarray(prev0, bool), m, np.asarray(pop, np.int64), tp, self._edges[1],
+            np.asarray(prev0, bool), m, np.asarray(pop, np.int64), tp, self.next_edges(),
             self.horizon, self.cell_base, _GAP_LUT, _COUNT_LUT, NC, NP, NQ, _NONE, self.seen,
             self.reused, self.trans, self.trans_from, transitions)
         if m:
@@ -314,12 +311,6 @@ class ReuseModel(ReuseScoring):
         for l in range(self.L):
             self.trans[l] += p[:, l].T @ c[:, l]
         self.trans_from += p.sum(axis=0)
-
-    def _cells_now(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cells of every key for the current pass, from what was known before it."""
-        seen = self.last >= 0
-        return self.cells(np.where(seen, self.pos - self.last, 0), self.count, self._pop_class(),
-                          self.next_class(self.prev_row))
 
     def _backoffs(self) -> None:
         """Back-off counts from the full ones: (gap, count, next-pass) over layers and

@@ -42,9 +42,7 @@ class ReuseScoring:
         L, E = self.L, self.E
         tab = self.wait_table()
         c_after0, c_used0 = self._after_cells
-        if self._edges is None or self._edges[0] != self.K:
-            self._edges = (self.K, _NEXT_EDGES * (self.K / self.E))
-        edges = self._edges[1]
+        edges = self.next_edges()
         tp = self.transition()
         cur = None
         for l in layers:
@@ -58,6 +56,13 @@ class ReuseScoring:
             # the next layer starts (`running`)
             score_after(self._after, self._cur, tab, c_after0, c_used0, tp[l], ex, edges, l, L,
                         l < self._cur_upto, NQ - 1)
+
+    def next_edges(self) -> np.ndarray:
+        """The next-pass class edges for this top-k: `_NEXT_EDGES` times K / E (kept while K
+        stays the same; a history may set K after the model is made)."""
+        if self._edges is None or self._edges[0] != self.K:
+            self._edges = (self.K, _NEXT_EDGES * (self.K / self.E))
+        return self._edges[1]
 
     def _wait(self, p: np.ndarray) -> np.ndarray:
         """P(reuse within `horizon` passes) -> expected layers of waiting beyond the next pass,
@@ -136,11 +141,9 @@ class ReuseScoring:
             n = self.L * self.E
             now, after, used = np.empty(n), np.empty(n), np.empty(n)
             c_after0, c_used0 = np.empty(n, np.int64), np.empty(n, np.int64)
-            if self._edges is None or self._edges[0] != self.K:
-                self._edges = (self.K, _NEXT_EDGES * (self.K / self.E))
             kernels().pass_vectors(self.last, self.count, self.pos, self._pop_base[1], tab,
                          np.sort(np.asarray(self._prev, dtype=np.int64)), self.transition(),
-                         self._edges[1], _GAP_LUT, _COUNT_LUT, NC, NP * NQ, NQ - 1,
+                         self.next_edges(), _GAP_LUT, _COUNT_LUT, NC, NP * NQ, NQ - 1,
                          now, after, used, c_after0, c_used0)
             self._after_cells = (c_after0, c_used0)
             self._vectors = (now, after, used)

@@ -369,9 +369,9 @@ class ReuseRule(EvictionRule):
             self._victims = np.empty(2 * n, np.int64)
         cur = self.reuse.running(self.l_now)
         clock0 = -1 if self._score_clock is None else self._score_clock
-        nv, misses, self.clock, sc = kernels().take(np.array(keys, np.int64), n_free, self.resident, pin, ep,
-                                          self.touch, self.clock, clock0, cur, self.l_now,
-                                          self._victims)
+        nv, misses, self.clock, sc = kernels().take(
+            np.array(keys, np.int64), n_free, self.resident, pin, ep, self.touch, self.clock,
+            clock0, cur, self.l_now, self._victims)
         self._score = self._masked = None
         if sc >= 0:
             self._score_clock = int(sc)
