@@ -18,6 +18,10 @@ import math
 import numba
 import numpy as np
 
+from .reuse_features import NQ
+
+NO_ROW = NQ - 1     # the next-pass class of a key whose layer has no row
+
 
 @numba.njit(cache=True)
 def score_after(after, cur, tab, c_after0, c_used0, tp_l, ex, edges, layer, num_layers, done,
@@ -61,22 +65,24 @@ def score_after(after, cur, tab, c_after0, c_used0, tp_l, ex, edges, layer, num_
 
 
 @numba.njit(cache=True)
-def _candidates(resident, pin, epoch, touch, score_clock, cur, l_now, m):  # pragma: no cover
-    """The `m` best eviction candidates (resident, not pinned) by score
-    ``cur - l_now + 1e-3 * (1 - touch / (score_clock + 1))``, best first; among equal scores the
-    lower key first (argmax's order). Returns (keys [m], how many there are)."""
+def _candidates(key_of, pin, epoch, touch, score_clock, cur, l_now, m):  # pragma: no cover
+    """The `m` best eviction candidates among the keys in the cache's slots (`key_of`, -1
+    free) not pinned, by score ``cur - l_now + 1e-3 * (1 - touch / (score_clock + 1))``, best
+    first; among equal scores the lower key first (argmax's order over keys). Returns (keys [m],
+    how many there are)."""
     keys = np.empty(m, np.int64)
     scores = np.empty(m)
     n = 0
     scale = score_clock + 1
-    for j in range(resident.shape[0]):
-        if not resident[j] or pin[j] == epoch:
+    for slot in range(key_of.shape[0]):
+        j = key_of[slot]
+        if j < 0 or pin[j] == epoch:
             continue
         s = (cur[j] - l_now) + 1e-3 * (1.0 - touch[j] / scale)
-        if n == m and not s > scores[m - 1]:
+        if n == m and not (s > scores[m - 1] or (s == scores[m - 1] and j < keys[m - 1])):
             continue
-        i = n if n < m else m - 1          # insert after every score >= s (keeps key order)
-        while i > 0 and scores[i - 1] < s:
+        i = n if n < m else m - 1          # insert after every better one
+        while i > 0 and (scores[i - 1] < s or (scores[i - 1] == s and keys[i - 1] > j)):
             if i < m:
                 scores[i] = scores[i - 1]
                 keys[i] = keys[i - 1]
@@ -89,53 +95,86 @@ def _candidates(resident, pin, epoch, touch, score_clock, cur, l_now, m):  # pra
 
 
 @numba.njit(cache=True)
-def take(keys, n_free, resident, pin, epoch, touch, clock, score_clock, cur, l_now,
-         victims):  # pragma: no cover - compiled
-    """One layer's uses, in order, as `SlotTable.acquire_many` makes them (pinned): a resident
-    key is a hit, a missing one takes a free slot while `n_free` lasts, then evicts the highest
-    ``cur - l_now + 1e-3 * (1 - touch / (score_clock + 1))`` among resident keys not pinned
-    (``pin == epoch``); every use touches its key (the clock counts uses).
+def take(keys, slot_of, key_of, free, n_free, resident, pin, epoch, touch, clock, score_clock,
+         after, cur, upto, tab, c_after0, c_used0, tp, edges, pend, l_now, num_experts, start,
+         misses, n_vict, out_slot, out_hit, victims):  # pragma: no cover - compiled
+    """One layer's uses, in order, as `SlotTable.acquire_many` makes them (pinned), on the slot
+    table's arrays and the reuse rule's at once: a key with a slot is a hit; a missing one takes
+    the last free slot while `n_free` lasts, then the slot of the highest
+    ``cur - l_now + 1e-3 * (1 - touch / (score_clock + 1))`` among cached keys not pinned
+    (``pin == epoch``); every use touches its key (the clock counts uses) and pins it.
 
     The candidates are ranked once, at the first victim: a use changes only its own key's
     touch, and that key is pinned from then on, so the ranking of the others holds for the
     layer; 2n + 1 candidates cover n victims past up to 2n keys pinned or evicted meanwhile.
+    First the routed layer pending in `pend` ([layer (-1: none), k, k experts]) gets its
+    after-scores (`score_after`, with tab, c_after0, c_used0, tp [L, E, E] and edges); before
+    ranking, the running scores catch up: ``cur[upto * E : l_now * E] = after[...]``
+    (`ReuseScoring.running`).
 
-    keys [n] int64; resident [L * E] bool, pin [L * E] int64, touch [L * E] float64 (all
-    updated); cur [L * E] the running scores; victims [n] int64 (out). `score_clock` < 0: the
-    clock at the first victim. Returns (victims named, misses, clock, score_clock); victims
-    named = -1 when every resident key is pinned (the cache cannot make room)."""
-    n_vict = 0
-    misses = 0
+    keys [n] int64, taken from index `start` on; the table's slot_of [L * E] int64 (-1: not
+    cached), key_of [S] int64 (-1: free) and free [>= n_free] int64, its free slots popped from
+    the end; the rule's resident [L * E] bool, pin [L * E] int64, touch [L * E] float64; after,
+    cur [L * E] float64 the pass's scores (empty when the pass has none yet); upto [1] int64;
+    out_slot [n] int64, out_hit [n] bool, victims [n] int64 (out). `score_clock` < 0: the clock
+    at the first victim. `misses` and `n_vict` count on from a call that stopped. Every array
+    given is updated in place but free.
+
+    Returns (status, stop, n_free, clock, score_clock, misses, victims named): status 0 when
+    every key is taken (stop = n); 1 when a victim needs scores the pass does not have yet
+    (stop = the key that needs it, nothing done for it: make them, then call again from there);
+    2 when every cached key is pinned (no room for key `stop`)."""
+    if pend[0] >= 0 and after.shape[0] > 0:
+        lay = pend[0]
+        score_after(after, cur, tab, c_after0, c_used0, tp[lay], pend[2:2 + pend[1]], edges, lay,
+                    tp.shape[0], lay < upto[0], NO_ROW)
+        pend[0] = -1
     ranked = np.empty(0, np.int64)
     n_ranked = -1
-    for i in range(keys.shape[0]):
+    for i in range(start, keys.shape[0]):
         key = keys[i]
-        if not resident[key]:
-            misses += 1
+        s = slot_of[key]
+        if s >= 0:
+            out_hit[i] = True
+        else:
             if n_free > 0:
                 n_free -= 1
+                s = free[n_free]
             else:
                 if n_ranked < 0:
+                    if cur.shape[0] == 0:
+                        return 1, i, n_free, clock, score_clock, misses, n_vict
+                    if upto[0] < l_now:
+                        for j in range(upto[0] * num_experts, l_now * num_experts):
+                            cur[j] = after[j]
+                        upto[0] = l_now
                     if score_clock < 0:
                         score_clock = clock
-                    ranked, n_ranked = _candidates(resident, pin, epoch, touch, score_clock,
+                    ranked, n_ranked = _candidates(key_of, pin, epoch, touch, score_clock,
                                                    cur, l_now, 2 * keys.shape[0] + 1)
                 best = -1
                 for r in range(n_ranked):
                     j = ranked[r]
-                    if resident[j] and pin[j] != epoch:
+                    if slot_of[j] >= 0 and pin[j] != epoch:
                         best = j
                         break
                 if best < 0:
-                    return -1, misses, clock, score_clock
+                    return 2, i, n_free, clock, score_clock, misses, n_vict
                 resident[best] = False
+                s = slot_of[best]
+                slot_of[best] = -1
                 victims[n_vict] = best
                 n_vict += 1
+            misses += 1
+            out_hit[i] = False
+            slot_of[key] = s
+            key_of[s] = key
             resident[key] = True
+        out_slot[i] = s
         clock += 1
         touch[key] = clock
         pin[key] = epoch
-    return n_vict, misses, clock, score_clock
+    return 0, keys.shape[0], n_free, clock, score_clock, misses, n_vict
 
 
 @numba.njit(cache=True)
@@ -215,13 +254,6 @@ def sync(last, count, uses, keys, first_pos, lengths):  # pragma: no cover - com
                 last[k] = pos
             count[k] += 1
             uses[k] += 1.0
-
-
-@numba.njit(cache=True)
-def touch_all(touch, keys, clock0):  # pragma: no cover - compiled
-    """Touches made in order after the clock read `clock0`: touch[keys[i]] = clock0 + i + 1."""
-    for i in range(keys.shape[0]):
-        touch[keys[i]] = clock0 + i + 1
 
 
 @numba.njit(cache=True)

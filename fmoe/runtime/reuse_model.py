@@ -103,7 +103,11 @@ class ReuseModel(ReuseScoring):
         self._pop_base: tuple | None = None
         self._observed: set[int] = set()         # layers reported in this pass
         self._cur: np.ndarray | None = None      # per pass: the running scores
-        self._cur_upto = 0
+        self._upto = np.zeros(1, np.int64)       # ... layers before this hold after-scores
+        self._arrays: tuple | None = None        # per pass: what `running_arrays` hands out
+        # a routed layer whose after-scores wait for the next reader: [layer (-1: none), k,
+        # its k experts]
+        self._pend = np.full(2 + num_experts, -1, np.int64)
         self._coarse_of: np.ndarray | None = None
         self._edges: tuple | None = None         # (K, next-pass edges times K / E)
         self._vectors: tuple | None = None       # per pass: (now, after unused, after used)
@@ -202,7 +206,8 @@ class ReuseModel(ReuseScoring):
         self._keys = []
         self._prev = []
         self._used = self._prev_row = None
-        self._now = self._after = self._vectors = None
+        self._vectors = None
+        self._drop_scores()
         self._observed = set()
 
     def observe(self, keys) -> None:
@@ -212,6 +217,7 @@ class ReuseModel(ReuseScoring):
         self._used = None
         if self._after is None or not len(keys):
             return                      # no scores this pass yet: nothing to keep current
+        self._apply_pending()
         E = self.E
         layers = {k // E for k in keys}
         if len(layers) == 1 and not (layers & self._observed):
@@ -223,17 +229,23 @@ class ReuseModel(ReuseScoring):
 
     def observe_layer(self, layer: int, keys: list[int], experts) -> None:
         """`observe(keys)` for the keys of one layer reported whole: `experts` their expert
-        ids (array-like) in the same order."""
+        ids (array-like) in the same order. The layer's after-scores are computed by the next
+        reader (`running`, or the compiled `take` of the next layer), in the same call."""
         self._keys.extend(keys)
         self._used = None
         if self._after is None or not keys:
             return
+        pend = self._pend
+        if pend[0] >= 0:
+            self._apply_pending()
         if layer in self._observed:
             self._score_after([layer])
-        else:
-            self._score_after([layer], experts if isinstance(experts, np.ndarray)
-                              and experts.dtype == np.int64 else np.asarray(experts, np.int64))
-            self._observed.add(layer)
+            return
+        self._observed.add(layer)
+        k = len(keys)
+        pend[2:2 + k] = experts
+        pend[1] = k
+        pend[0] = layer
 
     def end_pass(self) -> None:
         """The token is done: roll the stream on. Pure Python: the arrays (last use, counts)
@@ -246,7 +258,8 @@ class ReuseModel(ReuseScoring):
         self._keys = []
         self.pos += 1
         self.tokens += 1
-        self._used = self._prev_row = self._now = self._after = self._vectors = None
+        self._used = self._prev_row = self._vectors = None
+        self._drop_scores()
         self._observed = set()
         if len(self._buf) >= FLUSH_PASSES + self.horizon - 1:
             self._flush(final=False)
@@ -342,7 +355,7 @@ class ReuseModel(ReuseScoring):
         for a, b in spans:
             self._count_segment(used[a:b], np.full(n, _NONE), np.zeros(n, np.int64),
                                 np.zeros(n, bool), True, pop, tp, transitions=False)
-        self._now = self._after = None
+        self._drop_scores()
 
     def state(self) -> dict[str, np.ndarray]:
         """The learned counts, for saving next to the map store."""
@@ -377,6 +390,7 @@ class ReuseModel(ReuseScoring):
         self.tokens = tokens
         self.samples = int(self.seen.sum())
         self._backoff_dirty = False
-        self._pop = self._tprob = self._now = self._after = None
+        self._pop = self._tprob = None
         self._wait_tab = self._vectors = None
+        self._drop_scores()
         return True

@@ -13,6 +13,11 @@ import numpy as np
 
 from .reuse_features import _COUNT_LUT, _GAP_LUT, _NEXT_EDGES, NC, NG, NP, NQ, WAIT_REFRESH
 
+# `running_arrays` before a pass has scores: empty, of the types the compiled `take` expects
+_NO_ARRAYS = (np.empty(0), np.empty(0), np.zeros(1, np.int64), np.empty(0),
+              np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0, 0)), np.empty(0),
+              np.full(1, -1, np.int64))
+
 
 def kernels():
     """`fmoe.runtime.reuse_kernels`, imported on first use (numba takes a moment to load)."""
@@ -55,7 +60,7 @@ class ReuseScoring:
             # the running score: a routed layer's used keys are done now, its others once
             # the next layer starts (`running`)
             score_after(self._after, self._cur, tab, c_after0, c_used0, tp[l], ex, edges, l, L,
-                        l < self._cur_upto, NQ - 1)
+                        l < self._upto[0], NQ - 1)
 
     def next_edges(self) -> np.ndarray:
         """The next-pass class edges for this top-k: `_NEXT_EDGES` times K / E (kept while K
@@ -87,15 +92,41 @@ class ReuseScoring:
             # layers not routed yet this pass keep a no-row estimate until they are
             self._after = after.copy()
             self._cur = now.copy()          # after for done keys, now for the others
-            self._cur_upto = 0
+            self._upto[0] = 0               # layers before this one hold their after-scores
             routed = np.flatnonzero(self.used.reshape(L, E).any(axis=1)).tolist()
             self._observed = set(routed)    # layers reported before the scores existed
             if routed:
                 self._score_after(routed)
-        if l_now > self._cur_upto:          # the layers before l_now have had their pass
-            self._cur[self._cur_upto * E: l_now * E] = self._after[self._cur_upto * E: l_now * E]
-            self._cur_upto = l_now
+            c_after0, c_used0 = self._after_cells
+            self._arrays = (self._after, self._cur, self._upto, self.wait_table(), c_after0,
+                            c_used0, self.transition(), self.next_edges(), self._pend)
+        elif self._pend[0] >= 0:
+            self._apply_pending()
+        upto = int(self._upto[0])
+        if l_now > upto:                    # the layers before l_now have had their pass
+            self._cur[upto * E: l_now * E] = self._after[upto * E: l_now * E]
+            self._upto[0] = l_now
         return self._cur
+
+    def running_arrays(self) -> tuple:
+        """What the compiled `fmoe.runtime.reuse_kernels.take` reads and updates of the running
+        scores: (after, cur, upto, tab, c_after0, c_used0, tp, edges, pend), empty arrays when
+        this pass has no scores yet. `take` applies the pending routed layer (`pend`) and
+        catches `cur` up itself (the layers before ``upto[0]`` hold their after-scores)."""
+        return _NO_ARRAYS if self._now is None else self._arrays
+
+    def _apply_pending(self) -> None:
+        """The after-scores of the routed layer `observe_layer` left pending, if any."""
+        pend = self._pend
+        layer = int(pend[0])
+        if layer >= 0:
+            pend[0] = -1
+            self._score_after([layer], pend[2:2 + int(pend[1])].copy())
+
+    def _drop_scores(self) -> None:
+        """Forget this pass's scores (and the layer pending for them)."""
+        self._now = self._after = self._arrays = None
+        self._pend[0] = -1
 
     # -- per-pass score vectors (the eviction rule's hot path) ---------------------------------
     def wait_table(self) -> np.ndarray:

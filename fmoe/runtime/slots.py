@@ -7,9 +7,55 @@ pinned against eviction, and asks the policy for victims. The simulator uses the
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from .policies import Policy
+
+
+class SlotArray(MutableMapping):
+    """`SlotTable.slot_of` as an array, for a policy with `take`: key -> slot, stored as
+    ``a[key]`` (-1: not resident) so that the policy's compiled `take` updates it in place; `n`
+    counts the resident keys (the table keeps it in step after a `take`). Iterates in key
+    order."""
+
+    __slots__ = ("a", "n")
+
+    def __init__(self, size: int):
+        self.a = np.full(size, -1, np.int64)
+        self.n = 0
+
+    def __contains__(self, key) -> bool:
+        return self.a[key] >= 0
+
+    def __getitem__(self, key) -> int:
+        slot = int(self.a[key])
+        if slot < 0:
+            raise KeyError(key)
+        return slot
+
+    def get(self, key, default=None):
+        slot = int(self.a[key])
+        return default if slot < 0 else slot
+
+    def __setitem__(self, key, slot: int) -> None:
+        if self.a[key] < 0:
+            self.n += 1
+        self.a[key] = slot
+
+    def __delitem__(self, key) -> None:
+        if self.a[key] < 0:
+            raise KeyError(key)
+        self.a[key] = -1
+        self.n -= 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(np.flatnonzero(self.a >= 0).tolist())
 
 
 @dataclass
@@ -52,13 +98,28 @@ class SlotTable:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.policy = policy
-        self.slot_of: dict[int, int] = {}
-        self.key_of: list[int | None] = [None] * capacity
+        self._take = getattr(policy, "take", None)   # the policy's one-call form of a layer
+        # key -> slot; with `take`, an array the policy's compiled call updates in place
+        self.slot_of: MutableMapping[int, int] = (
+            SlotArray(policy.num_layers * policy.num_experts) if self._take is not None else {})
+        self.key_of = np.full(capacity, -1, np.int64)       # slot -> key (-1: free)
         self.free: list[int] = list(range(capacity - 1, -1, -1))  # pop() gives slot 0 first
         self.pinned: set[int] = set()
         self.unused_prefetch: set[int] = set()  # prefetched keys not used yet
         self.stats = SlotStats()
-        self._take = getattr(policy, "take", None)   # the policy's one-call form of a layer
+        if self._take is not None:
+            # the free list as an array for `take`: its first len(free) entries are the list's
+            self._free = np.array(self.free, np.int64)
+            self._grow(16)
+
+    def _grow(self, n: int) -> None:
+        self._out_slot = np.empty(n, np.int64)
+        self._out_hit = np.empty(n, bool)
+        self._victims = np.empty(n, np.int64)
+
+    def _place(self, key: int, slot: int) -> None:
+        self.slot_of[key] = slot
+        self.key_of[slot] = key
 
     def __contains__(self, key: int) -> bool:
         return key in self.slot_of
@@ -74,7 +135,7 @@ class SlotTable:
         if victim is None:
             victim = self.policy.victim(self.slot_of.keys(), self.pinned)
         slot = self.slot_of.pop(victim)
-        self.key_of[slot] = None
+        self.key_of[slot] = -1
         self.unused_prefetch.discard(victim)
         self.stats.evictions += 1
         if notify:
@@ -104,8 +165,7 @@ class SlotTable:
         else:
             self.stats.misses += 1
             slot, evicted = self._make_room()
-            self.slot_of[key] = slot
-            self.key_of[slot] = key
+            self._place(key, slot)
             self.policy.on_insert(key, prefetch=False)
             hit = False
             self.stats.resident_peak = max(self.stats.resident_peak, len(self.slot_of))
@@ -117,14 +177,12 @@ class SlotTable:
                      hits: list | None = None) -> int:
         """`acquire(key, pin)` for each key in order (all ready), without building `Acquired`
         results; returns the number of misses. Same counts and policy events as `acquire`; a
-        policy with `take` gets them in one call, which names the victims in order. `slots`
-        and `hits`, when given (both), receive each key's slot and whether it was resident."""
+        policy with `take` gets them in one call. `slots` and `hits`, when given (both),
+        receive each key's slot and whether it was resident."""
+        if pin and self._take is not None:
+            return self._acquire_taken(keys, slots, hits)
         slot_of, stats, policy = self.slot_of, self.stats, self.policy
         pinned, unused = self.pinned, self.unused_prefetch
-        taken = pin and self._take is not None
-        if taken:
-            missing = sum(1 for key in keys if key not in slot_of)
-            victims = iter(self._take(keys, len(self.free), pinned, missing > len(self.free)))
         misses = 0
         for key in keys:
             slot = slot_of.get(key)
@@ -134,19 +192,13 @@ class SlotTable:
                 if unused and key in unused:
                     unused.discard(key)
                     stats.prefetch_used += 1
-                if not taken:
-                    policy.on_hit(key)
+                policy.on_hit(key)
             else:
                 misses += 1
                 stats.misses += 1
-                if taken:
-                    slot, _ = self._make_room(None if self.free else next(victims), notify=False)
-                else:
-                    slot, _ = self._make_room()
-                slot_of[key] = slot
-                self.key_of[slot] = key
-                if not taken:
-                    policy.on_insert(key, prefetch=False)
+                slot, _ = self._make_room()
+                self._place(key, slot)
+                policy.on_insert(key, prefetch=False)
                 if len(slot_of) > stats.resident_peak:
                     stats.resident_peak = len(slot_of)
             if pin:
@@ -154,6 +206,45 @@ class SlotTable:
             if slots is not None:
                 slots.append(slot)
                 hits.append(hit)
+        return misses
+
+    def _acquire_taken(self, keys, slots: list | None, hits: list | None) -> int:
+        """`acquire_many` through the policy's `take`, which updates the table's arrays (slot_of,
+        key_of, free) itself; the counts and the free list follow from what it wrote."""
+        n = len(keys)
+        if n > len(self._out_slot):
+            self._grow(2 * n)
+        free = self.free
+        n_free = len(free)
+        slot_of = self.slot_of
+        done, misses, nv = self._take(np.array(keys, np.int64), slot_of.a, self.key_of,
+                                      self._free, n_free, self.pinned, self._out_slot,
+                                      self._out_hit, self._victims)
+        stats, unused = self.stats, self.unused_prefetch
+        if done < n:
+            keys = keys[:done]
+        stats.hits += done - misses
+        if misses:
+            stats.misses += misses
+            stats.evictions += nv
+            if misses > nv:             # the others took free slots, from the end
+                del free[n_free - (misses - nv):]
+                slot_of.n += misses - nv
+                if slot_of.n > stats.resident_peak:
+                    stats.resident_peak = slot_of.n
+            if nv and unused:
+                unused.difference_update(self._victims[:nv].tolist())
+        if unused:
+            for key in keys:
+                if key in unused:       # resident, so a hit
+                    unused.discard(key)
+                    stats.prefetch_used += 1
+        self.pinned.update(keys)
+        if slots is not None:
+            slots.extend(self._out_slot[:done].tolist())
+            hits.extend(self._out_hit[:done].tolist())
+        if done < n:
+            raise RuntimeError("every resident expert is pinned; cannot evict")
         return misses
 
     def host(self, key: int) -> None:
@@ -179,8 +270,7 @@ class SlotTable:
             if not self.policy.admit_prefetch(key, victim):
                 return None
             slot, evicted = self._make_room(victim)
-        self.slot_of[key] = slot
-        self.key_of[slot] = key
+        self._place(key, slot)
         self.unused_prefetch.add(key)
         self.stats.prefetched += 1
         self.policy.on_insert(key, prefetch=True)
@@ -197,9 +287,11 @@ class SlotTable:
         if key in self.pinned:
             raise RuntimeError(f"cannot release pinned key {key}")
         del self.slot_of[key]
-        self.key_of[slot] = None
+        self.key_of[slot] = -1
         self.unused_prefetch.discard(key)
         self.free.append(slot)
+        if self._take is not None:
+            self._free[len(self.free) - 1] = slot
         self.stats.released += 1
         self.policy.on_evict(key)
         return slot

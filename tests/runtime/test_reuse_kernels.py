@@ -11,7 +11,7 @@ from fmoe.runtime import reuse_kernels
 from fmoe.runtime.policies.fmoe import FmoePolicy
 from fmoe.runtime.reuse_features import _COUNT_LUT, _GAP_LUT, _NEXT_EDGES, _NONE, NC, NG, NP, NQ
 from fmoe.runtime.reuse_model import ReuseModel
-from fmoe.runtime.slots import SlotTable
+from fmoe.runtime.slots import SlotArray, SlotTable
 
 
 class PerUse(FmoePolicy):
@@ -22,7 +22,10 @@ class PerUse(FmoePolicy):
         super().on_hit(key)
 
 
-def drive(policy, capacity, routes, pins):
+def drive(policy, capacity, routes, pins, other=None):
+    """Drive `routes` through a table of `policy`; `pins` and `other` ((token, layer) -> keys)
+    are keys pinned by someone else, and keys prefetched (even) or released (odd) before the
+    layer's uses."""
     table = SlotTable(capacity, policy)
     log = []
     policy.on_request_start(0)
@@ -32,10 +35,16 @@ def drive(policy, capacity, routes, pins):
             for key in pins.get((t, layer), ()):       # keys pinned by someone else
                 if key in table:
                     table.pinned.add(key)
+            for key in (other or {}).get((t, layer), ()):
+                got = table.prefetch(key) if key % 2 == 0 else table.release(key)
+                log.append(None if got is None else getattr(got, "slot", got))
             keys = [layer * policy.num_experts + int(e) for e in experts]
             slots, hits = [], []
             misses = table.acquire_many(keys, slots=slots, hits=hits)
             log.append((misses, slots, hits, dict(table.slot_of)))
+            # slot -> key agrees with key -> slot, and the count with both
+            assert {int(k): s for s, k in enumerate(table.key_of) if k >= 0} == dict(table.slot_of)
+            assert len(table) == int((table.key_of >= 0).sum()) == capacity - len(table.free)
             policy.on_routed(layer, np.asarray(experts))
             table.pinned.clear()
         policy.on_token_end()
@@ -64,9 +73,28 @@ def test_take_equals_per_use_events(seed, frac, K):
     assert got_stats.evictions > 100
     assert got == want
     assert got_stats == want_stats
-    fast.rule._touch()                 # touches of layers without victims are deferred
     np.testing.assert_array_equal(fast.rule.touch, slow.rule.touch)
     np.testing.assert_array_equal(fast.rule.resident, slow.rule.resident)
+
+
+@given(seed=st.integers(0, 10_000))
+@settings(max_examples=8, deadline=None)
+def test_take_between_prefetches_and_releases(seed):
+    """Prefetches and releases between layers (per-use events, which free and take slots
+    outside `take`) leave the one-call path and the per-use one in the same state: the same
+    slots, victims, prefetch uses and counts."""
+    L, E, K = 6, 16, 4
+    rng = np.random.default_rng(seed)
+    routes = [[rng.choice(E, K, replace=False) for _ in range(L)] for _ in range(60)]
+    other = {(int(t), int(l)): rng.integers(0, L * E, 3).tolist()
+             for t, l in zip(rng.integers(0, 60, 80), rng.integers(0, L, 80))}
+    cap = int(0.3 * L * E)
+    fast, slow = FmoePolicy(L, E, cap, top_k=K), PerUse(L, E, cap, top_k=K)
+    got, got_stats = drive(fast, cap, routes, {}, other)
+    want, want_stats = drive(slow, cap, routes, {}, other)
+    assert got_stats.prefetched > 20 and got_stats.released > 20
+    assert got == want
+    assert got_stats == want_stats
 
 
 def test_take_refuses_when_everything_is_pinned():
@@ -169,3 +197,21 @@ def test_lookup_tables_cover_the_kernels_range():
     # the kernels index the gap and count tables up to 65 and 18
     assert len(_GAP_LUT) == 66 and len(_COUNT_LUT) == 19
     assert len(_NEXT_EDGES) == NQ - 2
+
+
+def test_slot_array_is_a_mapping():
+    """The array form of `slot_of` answers as the dictionary did: membership, lookups, deletes
+    and the count; a missing key raises KeyError."""
+    m = SlotArray(8)
+    m[5] = 2
+    m[1] = 0
+    m[5] = 3                       # a move keeps the count
+    assert len(m) == 2 and 5 in m and 4 not in m
+    assert m[5] == 3 and m.get(4) is None and m.get(1) == 0
+    assert list(m) == [1, 5] and dict(m) == {1: 0, 5: 3} and m == {5: 3, 1: 0}
+    assert m.pop(1) == 0 and len(m) == 1 and 1 not in m
+    with pytest.raises(KeyError):
+        m[1]
+    with pytest.raises(KeyError):
+        del m[1]
+    assert m.a.tolist() == [-1, -1, -1, -1, -1, 3, -1, -1]

@@ -49,6 +49,7 @@ class EvictionRule:
         self.touch = np.zeros(n, np.float64)     # last hit or insert (event counter)
         self.clock = 0
         self.l_now = 0
+        self.demand = 0                          # demand inserts (not prefetched) so far
 
     # events (forward thread)
     def layer_start(self, layer: int) -> None:
@@ -67,10 +68,12 @@ class EvictionRule:
         self.clock += 1
         self.touch[key] = self.clock
 
-    def on_insert(self, key: int, prefetch: bool) -> None:
+    def on_insert(self, key: int, prefetch: bool = False) -> None:
         self.clock += 1
         self.touch[key] = self.clock
         self.resident[key] = True
+        if not prefetch:
+            self.demand += 1
 
     def on_evict(self, key: int) -> None:
         self.resident[key] = False
@@ -113,7 +116,7 @@ class LruRule(EvictionRule):
         super().on_hit(key)
         self.order.move_to_end(key)
 
-    def on_insert(self, key: int, prefetch: bool) -> None:
+    def on_insert(self, key: int, prefetch: bool = False) -> None:
         super().on_insert(key, prefetch)
         self.order[key] = None
         self.order.move_to_end(key)
@@ -171,7 +174,7 @@ class _Frequency(EvictionRule):
         self.freq[key] += 1
         self.used[key] = True
 
-    def on_insert(self, key: int, prefetch: bool) -> None:
+    def on_insert(self, key: int, prefetch: bool = False) -> None:
         super().on_insert(key, prefetch)
         if not prefetch:
             self.freq[key] += 1
@@ -269,16 +272,6 @@ class ReuseRule(EvictionRule):
         n = num_layers * num_experts
         self._pin = np.zeros(n, np.int64)         # == _epoch: pinned in the running `take`
         self._epoch = 0
-        self._victims = np.empty(16, np.int64)
-        # touches of layers that needed no victim, applied when something reads `touch`: a
-        # layer of hits then costs a list append, not a call into numpy
-        self._touched: list[int] = []
-
-    def _touch(self) -> None:
-        """Apply the deferred touches (in order: the clock has already counted them)."""
-        keys = self._touched
-        kernels().touch_all(self.touch, np.array(keys, np.int64), self.clock - len(keys))
-        self._touched = []
 
     def _forget(self) -> None:
         self._score = self._masked = self._score_clock = None
@@ -294,26 +287,18 @@ class ReuseRule(EvictionRule):
         self._forget()
 
     def on_hit(self, key: int) -> None:
-        if self._touched:
-            self._touch()
         super().on_hit(key)
         if self._masked is not None:
             self._masked[key] = -np.inf
 
-    def on_host(self, key: int) -> None:
-        if self._touched:
-            self._touch()
-        super().on_host(key)
-
-    def on_insert(self, key: int, prefetch: bool) -> None:
-        if self._touched:
-            self._touch()
+    def on_insert(self, key: int, prefetch: bool = False) -> None:
         super().on_insert(key, prefetch)
-        if self._masked is not None:
-            if prefetch:
-                self._masked = None       # a prefetched key is a candidate like any other
-            else:
-                self._masked[key] = -np.inf
+        if prefetch:
+            # a prefetched key is a candidate like any other, with its touch just now (as
+            # `take` ranks it)
+            self._masked = self._score = None
+        elif self._masked is not None:
+            self._masked[key] = -np.inf
 
     def on_evict(self, key: int) -> None:
         super().on_evict(key)
@@ -323,8 +308,6 @@ class ReuseRule(EvictionRule):
     def scores(self) -> np.ndarray:
         score = self._score
         if score is None:
-            if self._touched:
-                self._touch()
             if self._score_clock is None:
                 self._score_clock = self.clock
             score = self.reuse.next_use_score(self.l_now)
@@ -342,42 +325,33 @@ class ReuseRule(EvictionRule):
             raise RuntimeError("every resident expert is pinned; cannot evict")
         return key
 
-    def take(self, keys: list[int], n_free: int, pinned, victims_needed: bool) -> tuple[list[int], int]:
-        """A layer's uses in one compiled call (`fmoe.runtime.reuse_kernels.take`): the same
-        hits, inserts, victims and touches as the per-key events `on_hit` / `victim` /
-        `on_evict` / `on_insert` in order, each use pinned. Returns (victims in order, misses)."""
-        if not victims_needed:
-            # no victim to name (the table knows; were it wrong, it would fail on the missing
-            # victim): mark the inserts resident and defer the touches
-            res, misses = self.resident, 0
-            for key in keys:
-                if not res[key]:
-                    res[key] = True
-                    misses += 1
-            self._touched.extend(keys)
-            self.clock += len(keys)
-            self._masked = None
-            return [], misses
-        if self._touched:
-            self._touch()
+    def take(self, keys: np.ndarray, slot_of: np.ndarray, key_of: np.ndarray, free: np.ndarray,
+             n_free: int, pinned, out_slot: np.ndarray, out_hit: np.ndarray,
+             victims: np.ndarray) -> tuple[int, int, int]:
+        """`Policy.take`: a layer's uses in one compiled call (`fmoe.runtime.reuse_kernels.take`)
+        on the table's arrays, with the same hits, inserts, victims and touches as the per-use
+        events `on_hit` / `victim` / `on_evict` / `on_insert` in order, each use pinned."""
         self._epoch += 1
         ep, pin = self._epoch, self._pin
         for key in pinned:
             pin[key] = ep
-        n = len(keys)
-        if n > len(self._victims):
-            self._victims = np.empty(2 * n, np.int64)
-        cur = self.reuse.running(self.l_now)
-        clock0 = -1 if self._score_clock is None else self._score_clock
-        nv, misses, self.clock, sc = kernels().take(
-            np.array(keys, np.int64), n_free, self.resident, pin, ep, self.touch, self.clock,
-            clock0, cur, self.l_now, self._victims)
+        sc = -1 if self._score_clock is None else self._score_clock
+        take = kernels().take
+        status, stop, nf, self.clock, sc, misses, nv = take(
+            keys, slot_of, key_of, free, n_free, self.resident, pin, ep, self.touch, self.clock,
+            sc, *self.reuse.running_arrays(), self.l_now, self.E, 0, 0, 0, out_slot, out_hit,
+            victims)
+        if status == 1:                 # the first victim of the pass: make its scores
+            self.reuse.running(self.l_now)
+            status, stop, nf, self.clock, sc, misses, nv = take(
+                keys, slot_of, key_of, free, nf, self.resident, pin, ep, self.touch, self.clock,
+                sc, *self.reuse.running_arrays(), self.l_now, self.E, stop, misses, nv, out_slot,
+                out_hit, victims)
         self._score = self._masked = None
         if sc >= 0:
             self._score_clock = int(sc)
-        if nv < 0:
-            raise RuntimeError("every resident expert is pinned; cannot evict")
-        return self._victims[:nv].tolist(), misses
+        self.demand += misses
+        return stop, misses, nv
 
     def keep(self, key: int, victim: int) -> bool:
         # `key` is being used in this layer: its next use is estimated as for a key used in

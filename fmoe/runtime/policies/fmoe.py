@@ -127,14 +127,14 @@ class FmoePolicy(Policy):
         self.rule: EvictionRule = make_rule(opts.eviction, L, E, reuse=self.reuse, decay=opts.decay)
         # the cache events go straight to the rule (the hottest calls: one per expert use)
         events = ("on_hit", "on_insert", "on_evict", "victim")
-        for name in ("on_hit", "on_evict"):
+        for name in ("on_hit", "on_insert", "on_evict"):
             if getattr(type(self), name) is getattr(FmoePolicy, name):
                 setattr(self, name, getattr(self.rule, name))
         # a layer's uses in one compiled call, where the rule has one and no subclass listens
         # to the per-use events
         if hasattr(self.rule, "take") and all(getattr(type(self), n) is getattr(FmoePolicy, n)
                                               for n in events):
-            self.take = self._take
+            self.take = self.rule.take
         self.prefetches = self.max_orders > 0
         self._keep_maps = False
         self.predictor: MapPredictor | None = None
@@ -150,7 +150,7 @@ class FmoePolicy(Policy):
         self.gated = opts.prefetch == "auto" and opts.max_orders is None and self.prefetches
         self._copy_s, self._layer_s = opts.copy_seconds or 0.0, opts.layer_seconds or 0.0
         self.demand_per_layer = float(opts.top_k or 1)
-        self._demand = 0
+        self._demand_seen = 0       # the rule's demand inserts at the last layer start
         self._update_caps()
 
     # -- capabilities ---------------------------------------------------------------------------
@@ -252,9 +252,10 @@ class FmoePolicy(Policy):
             return []
         closed = False
         if self.gated:
+            demand = self.rule.demand - self._demand_seen
+            self._demand_seen = self.rule.demand
             self.demand_per_layer = (DEMAND_DECAY * self.demand_per_layer
-                                     + (1 - DEMAND_DECAY) * self._demand)
-            self._demand = 0
+                                     + (1 - DEMAND_DECAY) * demand)
             # the link is busy with demand loads: no room to prefetch
             closed = self.demand_per_layer * self._copy_s > LINK_SLACK * self._layer_s
             if closed and not self.rule.reads_maps:
@@ -300,8 +301,6 @@ class FmoePolicy(Policy):
         self.rule.on_hit(key)
 
     def on_insert(self, key: int, prefetch: bool = False) -> None:
-        if not prefetch:
-            self._demand += 1
         self.rule.on_insert(key, prefetch)
 
     def on_evict(self, key: int) -> None:
@@ -309,12 +308,6 @@ class FmoePolicy(Policy):
 
     def victim(self, resident: Iterable[int], pinned: set[int]) -> int:
         return self.rule.victim(pinned)
-
-    def _take(self, keys: list[int], n_free: int, pinned, victims_needed: bool) -> list[int]:
-        # `Policy.take`: the events of a layer's uses, in one call
-        victims, misses = self.rule.take(keys, n_free, pinned, victims_needed)
-        self._demand += misses
-        return victims
 
     def admit_prefetch(self, key: int, victim: int | None) -> bool:
         if victim is None:
