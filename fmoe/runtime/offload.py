@@ -253,6 +253,7 @@ class OffloadRuntime:
         # the policy's predictor runner, if any (a worker thread when it prefetches); every
         # policy event below comes from this (the forward) thread
         self.scheduler = getattr(self.policy, "runner", None)
+        self._started = -1          # the MoE layer whose on_layer_start this token has had
         self.recorder = None
         if trace_path is not None:
             from .recorder import TraceRecorder
@@ -310,6 +311,7 @@ class OffloadRuntime:
             self.policy.set_token_embedding(emb)
 
     def on_token_end(self) -> None:
+        self._started = -1
         t0 = time.perf_counter()
         self.policy.on_token_end()
         self.policy_time += time.perf_counter() - t0
@@ -317,6 +319,7 @@ class OffloadRuntime:
             self.recorder.end_step()
 
     def on_request_start(self, seq_id: int = 0, prompt: str | None = None, token_ids=None) -> None:
+        self._started = -1
         self.policy.on_request_start(seq_id, prompt, token_ids)
 
     def on_request_end(self, seq_id: int = 0) -> None:
@@ -325,6 +328,18 @@ class OffloadRuntime:
             self.recorder.end_request(seq_id)
 
     # -- the layer ---------------------------------------------------------------------------
+    def _start_layer(self, layer: int) -> None:
+        """`on_layer_start(layer)` and its prefetch orders. The runtime sees a MoE layer only
+        when its router has run, so it starts layer l + 1 as soon as layer l is done: before
+        l + 1's attention, as the event protocol (and the simulator) has it, so an order for
+        l + 1 has that attention's time to land. The first MoE layer of a token starts when it
+        runs."""
+        t0 = time.perf_counter()
+        orders = self.policy.on_layer_start(layer)
+        self.policy_time += time.perf_counter() - t0
+        self._started = layer
+        self._prefetch(orders)
+
     def _prefetch(self, orders) -> None:
         if not orders or self.engine.queued_prefetches():
             return   # the link is still busy with earlier orders: newer ones would only queue
@@ -382,17 +397,20 @@ class OffloadRuntime:
     def run_layer(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, router_probs: torch.Tensor | None) -> torch.Tensor:
         """x [N, H], topk_weights [N, K], topk_ids [N, K] expert ids -> [N, H]."""
-        t0 = time.perf_counter()
-        orders = self.policy.on_layer_start(layer)
-        self.policy_time += time.perf_counter() - t0
-        self._prefetch(orders)
+        if self._started != layer:
+            self._start_layer(layer)
         # first-appearance order (for one token: the router's order), as a trace replays it
         experts = list(dict.fromkeys(topk_ids.reshape(-1).tolist()))
+        run = self._run_loaded if self.host is None else self._run_split
+        out = run(layer, x, topk_weights, topk_ids, experts)
+        self._routed(layer, topk_ids, experts, router_probs)
+        return out
+
+    def _run_loaded(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """The layer with every used expert loaded into the cache (in chunks when they do not
+        fit at once)."""
         base = layer * self.E
-        if self.host is not None:
-            out = self._run_split(layer, x, topk_weights, topk_ids, experts)
-            self._routed(layer, topk_ids, experts, router_probs)
-            return out
         if len(experts) <= self.capacity:
             chunks = [experts]
         else:
@@ -419,7 +437,6 @@ class OffloadRuntime:
             self.table.unpin(keys)
         if chunked:
             out = terms.sum(dim=1)
-        self._routed(layer, topk_ids, experts, router_probs)
         return out
 
     def _routed(self, layer: int, topk_ids: torch.Tensor, experts: list[int],
@@ -432,6 +449,8 @@ class OffloadRuntime:
         self.policy_time += time.perf_counter() - t0
         if self.recorder is not None:
             self.recorder.record(layer, topk_ids, probs)
+        if layer + 1 < self.L:
+            self._start_layer(layer + 1)
 
     def _cost(self, loads: int, hosted: int) -> MissCost | None:
         """The hybrid rule's estimate for one more miss after `loads` loads and `hosted` host

@@ -90,6 +90,39 @@ _POLICY_EVENTS = ("on_request_start", "on_layer_start", "on_routed", "on_token_e
                   "on_request_end", "on_hit", "on_insert", "on_evict", "victim", "admit_prefetch")
 
 
+def test_layer_start_comes_before_the_layers_attention(resident):
+    """The event protocol as the runtime drives it: on_layer_start(l) for l > 0 comes after
+    on_routed(l - 1) and before the attention of MoE layer l (a prefetch for l has that
+    attention's time to land, as in the simulator); the first MoE layer of a token starts when
+    its experts run. Once per layer and token."""
+    path, ids, ref = resident
+    model = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="lru")
+    log = []
+    pol = model.runtime.policy
+    for name in ("on_layer_start", "on_routed", "on_token_end"):
+        orig = getattr(pol, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            log.append((_name, a[0] if a else None))
+            return _orig(*a, **k)
+        setattr(pol, name, spy)
+    moe_ids = model.config.moe_layer_ids
+    hooks = [model.module.model.layers[d].self_attn.register_forward_pre_hook(
+        lambda mod, args, _l=l: log.append(("attn", _l))) for l, d in enumerate(moe_ids)]
+    try:
+        assert torch.equal(model.generate(ids, 6, eos_token_id=[]), ref[:, :ids.shape[1] + 6])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.close()
+    L = len(moe_ids)
+    want = [("attn", 0), ("on_layer_start", 0), ("on_routed", 0)]
+    for l in range(1, L):
+        want += [("on_layer_start", l), ("attn", l), ("on_routed", l)]
+    want.append(("on_token_end", None))
+    assert log == want * 6            # six tokens: the prompt's forward and five decode steps
+
+
 def test_policy_state_has_one_owner_thread(resident):
     """Regression (a race): with prefetch on, the worker used to run the policy's own events
     (on_routed, on_token_end: the reuse model, the running iteration) while the forward thread
