@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .align import moe_align_block_size
+from .cpu_gemv import expert_linear
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,6 +30,15 @@ def _combine(y: torch.Tensor, topk_weights: torch.Tensor, T: int, K: int,
     return y.sum(dim=1) if reduce else y
 
 
+def swiglu_expert(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert on its rows: xs [n, H], w13 [2I, H] (gate rows, then up rows), w2 [H, I] ->
+    ``w2 @ (silu(w13[:I] @ x) * (w13[I:] @ x))`` per row, [n, H]. Every path that computes
+    experts one at a time (gather, mapped, host) calls this, so they agree bit for bit."""
+    inter = w2.shape[1]
+    gu = expert_linear(xs, w13)
+    return expert_linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2)
+
+
 def moe_gather(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """Loop over the slots that received tokens: gather their rows, two matmuls, scatter back.
@@ -38,7 +48,6 @@ def moe_gather(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     """
     T, H = x.shape
     K = topk_ids.shape[1]
-    inter = w2.shape[2]
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     sorted_ids = flat_ids[order]
@@ -48,10 +57,7 @@ def moe_gather(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     for slot, n in zip(slots.tolist(), counts.tolist()):
         pairs = order[start:start + n]
         start += n
-        xs = x[pairs // K]
-        gu = xs @ w13[slot].t()
-        h = F.silu(gu[:, :inter]) * gu[:, inter:]
-        y[pairs] = h @ w2[slot].t()
+        y[pairs] = swiglu_expert(x[pairs // K], w13[slot], w2[slot])
     return _combine(y, topk_weights, T, K, reduce)
 
 

@@ -21,8 +21,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
+from ..kernels.torch_moe import swiglu_expert
 from ..models.mapped import MappedFiles, _span
 
 
@@ -85,9 +85,7 @@ def expert_terms(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Te
         if pairs.numel() == 0:
             continue
         w13, w2 = weights(e)
-        inter = w2.shape[1]
-        gu = x[pairs // K] @ w13.t()
-        y[pairs] = (F.silu(gu[:, :inter]) * gu[:, inter:]) @ w2.t()
+        y[pairs] = swiglu_expert(x[pairs // K], w13, w2)
     return y.view(T, K, H) * topk_weights.to(y.dtype).unsqueeze(-1)
 
 

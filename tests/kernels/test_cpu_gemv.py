@@ -1,0 +1,93 @@
+"""The CPU bf16 matrix-vector kernel against an fp64 loop, and the experts' paths that use it."""
+
+import numpy as np
+import pytest
+import torch
+
+from fmoe.kernels import fused_moe
+from fmoe.kernels.cpu_gemv import GEMV_MAX_ROWS, expert_linear, linear
+from fmoe.kernels.torch_moe import moe_gather
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.t() summed in fp64, one dot product at a time, then rounded to bf16 once."""
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64)
+    xd, wd = x.double(), w.double()
+    for r in range(x.shape[0]):
+        for n in range(w.shape[0]):
+            out[r, n] = (xd[r] * wd[n]).sum()
+    return out
+
+
+@pytest.mark.parametrize("N,K,R", [(1, 1, 1), (3, 5, 1), (7, 33, 2), (64, 256, 1), (130, 96, 3)])
+def test_linear_equals_the_fp64_product_to_bf16_rounding(N, K, R):
+    """fp32 sums rounded once: within one bf16 step (2^-8 relative) of the exact product,
+    plus the fp32 sum's own error bound (K * 2^-24 of the sum of |terms|). Rows of w beyond a
+    multiple of four take the tail loop."""
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    x = torch.randn(R, K, generator=g).to(torch.bfloat16)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    got = linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (R, N)
+    ref = reference(x, w)
+    scale = (x.double().abs() @ w.double().abs().t())
+    err = (got.double() - ref).abs()
+    assert (err <= ref.abs() * 2.0 ** -8 + scale * K * 2.0 ** -24 + 1e-30).all()
+
+
+def test_linear_rounds_to_nearest_even_and_keeps_nan():
+    # w = [1, 2^-8]: x = [1, 1] sums to 1 + 2^-8, halfway between bf16 1 and 1 + 2^-7: even (1)
+    w = torch.tensor([[1.0, 2.0 ** -8], [1.0, 3 * 2.0 ** -8], [float("nan"), 1.0],
+                      [float("inf"), 1.0]]).to(torch.bfloat16)
+    x = torch.ones(1, 2, dtype=torch.bfloat16)
+    got = linear(x, w)[0].float()
+    assert got[0] == 1.0                    # ties to even
+    assert got[1] == 1.0 + 2.0 ** -6        # 1 + 3 * 2^-8: a tie too, to the even 1 + 4 * 2^-8
+    assert torch.isnan(got[2]) and got[3] == float("inf")
+
+
+def test_linear_refuses_other_dtypes_and_shapes():
+    w = torch.zeros(4, 3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16"):
+        linear(torch.zeros(1, 3), w)
+    with pytest.raises(ValueError, match="shape"):
+        linear(torch.zeros(1, 2, dtype=torch.bfloat16), w)
+
+
+def test_expert_linear_uses_the_kernel_only_for_bf16_decode_rows():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 24, generator=g).to(torch.bfloat16)
+    x = torch.randn(GEMV_MAX_ROWS + 1, 24, generator=g).to(torch.bfloat16)
+    assert torch.equal(expert_linear(x[:GEMV_MAX_ROWS], w), linear(x[:GEMV_MAX_ROWS], w))
+    assert torch.equal(expert_linear(x, w), x @ w.t())
+    xf, wf = x.float(), w.float()
+    assert torch.equal(expert_linear(xf[:1], wf), xf[:1] @ wf.t())
+
+
+def test_decode_step_agrees_across_slot_numberings_and_the_per_expert_list():
+    """One token through the experts in bf16 (the kernel's case): the resident numbering, a
+    cache's slots and a per-expert list (the mapped checkpoint's form) give the same bits, and
+    the result is within bf16 rounding of an fp64 loop."""
+    g = torch.Generator().manual_seed(3)
+    E, H, I, K = 8, 64, 48, 3
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / 8).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g) / 8).to(torch.bfloat16)
+    x = torch.randn(1, H, generator=g).to(torch.bfloat16)
+    ids = torch.tensor([[5, 1, 6]])
+    wts = torch.tensor([[0.5, 0.3, 0.2]]).to(torch.bfloat16)
+    resident = fused_moe(x, w13, w2, wts, ids)
+    perm = torch.randperm(E, generator=g)              # expert e sits in slot perm[e]
+    s13, s2 = torch.empty_like(w13), torch.empty_like(w2)
+    s13[perm], s2[perm] = w13, w2
+    assert torch.equal(fused_moe(x, s13, s2, wts, perm[ids]), resident)
+
+    class Listed(list):
+        shape = property(lambda self: (len(self), *self[0].shape))
+    assert torch.equal(moe_gather(x, Listed(w13.unbind()), Listed(w2.unbind()), wts, ids), resident)
+    want = np.zeros(H)
+    for k in range(K):
+        e = int(ids[0, k])
+        gu = w13[e].double() @ x[0].double()
+        h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+        want += float(wts[0, k]) * (w2[e].double() @ h).numpy()
+    assert np.allclose(resident[0].double().numpy(), want, rtol=0.05, atol=0.02)
