@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .config import RopeConfig, read_rope
 from .experts import PendingExperts
-from .layers import KVCache, RMSNorm, Rotary, apply_rotary, attention_mask, gqa_attention, softmax_topk
+from .layers import KVCache, Linear, RMSNorm, Rotary, apply_rotary, attention_mask, gqa_attention, softmax_topk
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,10 +93,10 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.heads, self.kv_heads, self.head_dim = (cfg.num_attention_heads,
                                                     cfg.num_key_value_heads, cfg.head_dim)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=o_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias=o_bias)
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)     # over each head's dims
@@ -124,7 +124,7 @@ class SoftmaxMoE(nn.Module):
     def __init__(self, hidden: int, num_experts: int, top_k: int, moe_layer: int, renormalize: bool):
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = Linear(hidden, num_experts, bias=False)
         self.experts = PendingExperts(moe_layer)
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,7 +182,7 @@ class MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, lambda layer, moe_layer: self.build_layer(cfg, layer, moe_layer))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rope, rope_dim, cfg.max_position_embeddings)
 
     def build_layer(self, cfg: MoeConfig, layer: int, moe_layer: int | None) -> DecoderLayer:

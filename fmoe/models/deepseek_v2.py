@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from .base import DecoderLayer, MoeConfig, MoeForCausalLM
 from .config import RopeConfig, first, require
 from .experts import ExpertShape, PendingExperts
-from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, gqa_attention, yarn_mscale
+from .layers import KVCache, Linear, RMSNorm, SwiGLU, apply_rotary, gqa_attention, yarn_mscale
 
 # (topk_method, scoring_func) pairs the reference code defines
 _ROUTING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}
@@ -160,16 +160,16 @@ class MLAttention(nn.Module):
         self.q_lora = cfg.q_lora_rank is not None
         qk_dim = self.nope + self.rope
         if not self.q_lora:
-            self.q_proj = nn.Linear(cfg.hidden_size, self.heads * qk_dim, bias=False)
+            self.q_proj = Linear(cfg.hidden_size, self.heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope,
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.rank + self.rope,
                                             bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(self.heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         """x [B, T, H] -> [B, T, H]."""

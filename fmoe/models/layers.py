@@ -9,7 +9,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.cpu_gemv import GEMV_MAX_ROWS
+from ..kernels.cpu_gemv import linear as gemv_bf16
 from .config import RopeConfig
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same checkpoint keys) whose bf16 products of up to
+    GEMV_MAX_ROWS rows on the CPU (a decode step) run fmoe's streaming kernel
+    (`fmoe.kernels.cpu_gemv`): torch's bf16 matrix-vector product reads the weights at about
+    half the rate the memory allows on the CPUs measured. Any other product is torch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu":
+            rows = x.numel() // x.shape[-1]
+            if rows <= GEMV_MAX_ROWS:
+                y = gemv_bf16(x.reshape(rows, -1), w).view(*x.shape[:-1], w.shape[0])
+                return y if self.bias is None else y + self.bias
+        return F.linear(x, w, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -217,9 +235,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, inter: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -15,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from .base import Attention, DecoderLayer, MoeConfig, MoeForCausalLM, SoftmaxMoE
 from .config import first, require
 from .experts import ExpertShape
-from .layers import SwiGLU
+from .layers import Linear, SwiGLU
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +91,7 @@ class SparseMoE(SoftmaxMoE):
         super().__init__(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, moe_layer,
                          renormalize=cfg.norm_topk_prob)
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]."""

@@ -91,3 +91,19 @@ def test_decode_step_agrees_across_slot_numberings_and_the_per_expert_list():
         h = torch.nn.functional.silu(gu[:I]) * gu[I:]
         want += float(wts[0, k]) * (w2[e].double() @ h).numpy()
     assert np.allclose(resident[0].double().numpy(), want, rtol=0.05, atol=0.02)
+
+
+def test_model_linear_runs_the_kernel_for_a_bf16_decode_row():
+    """The models' `Linear`: the kernel for one bf16 row on the CPU (bias added after), torch's
+    product for more rows and other dtypes; same parameters as nn.Linear."""
+    from fmoe.models.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(24, 40, bias=True).to(torch.bfloat16)
+    assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight", "bias"}
+    x = torch.randn(1, 1, 24).to(torch.bfloat16)
+    assert torch.equal(lin(x), (linear(x[0], lin.weight) + lin.bias).view(1, 1, 40))
+    xs = torch.randn(2, 3, 24).to(torch.bfloat16)
+    assert torch.equal(lin(xs), torch.nn.functional.linear(xs, lin.weight, lin.bias))
+    lin32 = lin.float()
+    assert torch.equal(lin32(x.float()), torch.nn.functional.linear(x.float(), lin32.weight, lin32.bias))
