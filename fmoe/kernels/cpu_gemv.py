@@ -24,76 +24,21 @@ GEMV_MAX_ROWS = 1       # rows per expert call computed here (a decode step rout
 
 
 def _kernels():
+    """`fmoe.kernels.gemv_numba.gemv`, imported on first use (numba takes a moment to load)."""
     global _gemv
     if _gemv is None:
-        _gemv = _build()
+        from .gemv_numba import gemv
+
+        _gemv = gemv
     return _gemv
 
 
 _gemv = None
 
 
-def _build():
-    import numba
-    from llvmlite import ir
-    from numba import prange, types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def bf16_to_f32(typingctx, h):
-        def codegen(context, builder, signature, args):
-            v = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(v, ir.FloatType())
-        return types.float32(types.uint16), codegen
-
-    @intrinsic
-    def f32_bits(typingctx, f):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-        return types.uint32(types.float32), codegen
-
-    @numba.njit(inline="always")
-    def to_bf16(v):  # pragma: no cover - compiled
-        u = f32_bits(v)
-        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):      # NaN: stays a quiet NaN
-            return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
-        u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-        return np.uint16(u >> np.uint32(16))
-
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def gemv(w, x, out):  # pragma: no cover - compiled
-        """out [R, N] uint16 (bf16 bits) = x [R, K] float32 @ w.T, w [N, K] uint16 (bf16
-        bits): four rows of w per step, each widened in registers, summed in fp32."""
-        N, K = w.shape
-        R = x.shape[0]
-        nb = (N + 3) // 4
-        for b in prange(nb):
-            n = b * 4
-            if n + 4 <= N:
-                for r in range(R):
-                    a0 = np.float32(0.0)
-                    a1 = np.float32(0.0)
-                    a2 = np.float32(0.0)
-                    a3 = np.float32(0.0)
-                    for k in range(K):
-                        xk = x[r, k]
-                        a0 += bf16_to_f32(w[n, k]) * xk
-                        a1 += bf16_to_f32(w[n + 1, k]) * xk
-                        a2 += bf16_to_f32(w[n + 2, k]) * xk
-                        a3 += bf16_to_f32(w[n + 3, k]) * xk
-                    out[r, n] = to_bf16(a0)
-                    out[r, n + 1] = to_bf16(a1)
-                    out[r, n + 2] = to_bf16(a2)
-                    out[r, n + 3] = to_bf16(a3)
-            else:
-                for m in range(n, N):
-                    for r in range(R):
-                        a = np.float32(0.0)
-                        for k in range(K):
-                            a += bf16_to_f32(w[m, k]) * x[r, k]
-                        out[r, m] = to_bf16(a)
-
-    return gemv
+def warm() -> None:
+    """Load the kernel (numba, then its cached machine code) and run it once."""
+    linear(torch.zeros(1, 4, dtype=torch.bfloat16), torch.zeros(4, 4, dtype=torch.bfloat16))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

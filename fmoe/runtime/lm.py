@@ -156,6 +156,10 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
         # the weights now live in the model's own memory: their cached file pages would only
         # crowd out the expert cache (and count against a memory cgroup until reclaimed)
         drop_cached_pages({info.file for info in index.tensors.values()})
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        from ..kernels.cpu_gemv import warm
+
+        warm()      # the decode kernel's first call loads numba: here, not in the first token
     tokenizer = None
     if (root / "tokenizer.json").exists():
         from .tokenizer import Tokenizer
