@@ -24,12 +24,18 @@ GEMV_MAX_ROWS = 1       # rows per expert call computed here (a decode step rout
 
 
 def _kernels():
-    """`fmoe.kernels.gemv_numba.gemv`, imported on first use (numba takes a moment to load)."""
+    """`fmoe.kernels.gemv_numba.gemv`, imported on first use (numba takes a moment to load),
+    and numba's `set_num_threads`."""
     global _gemv
     if _gemv is None:
+        import numba
+
         from .gemv_numba import gemv
 
-        _gemv = gemv
+        def set_threads(n: int) -> None:
+            numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+        _gemv = gemv, set_threads
     return _gemv
 
 
@@ -50,7 +56,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     wu = w.contiguous().view(torch.int16).numpy().view(np.uint16)
     xf = x.float().contiguous().numpy()
     out = np.empty((x.shape[0], w.shape[0]), np.uint16)
-    _kernels()(wu, xf, out)
+    gemv, set_threads = _kernels()
+    set_threads(torch.get_num_threads())    # as many threads as torch's products use
+    gemv(wu, xf, out)
     return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
 
 

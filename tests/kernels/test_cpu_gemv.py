@@ -107,3 +107,15 @@ def test_model_linear_runs_the_kernel_for_a_bf16_decode_row():
     assert torch.equal(lin(xs), torch.nn.functional.linear(xs, lin.weight, lin.bias))
     lin32 = lin.float()
     assert torch.equal(lin32(x.float()), torch.nn.functional.linear(x.float(), lin32.weight, lin32.bias))
+
+
+def test_linear_uses_as_many_threads_as_torch():
+    import numba
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        linear(torch.ones(1, 8, dtype=torch.bfloat16), torch.ones(4, 8, dtype=torch.bfloat16))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -92,7 +92,7 @@ def test_take_between_prefetches_and_releases(seed):
     fast, slow = FmoePolicy(L, E, cap, top_k=K), PerUse(L, E, cap, top_k=K)
     got, got_stats = drive(fast, cap, routes, {}, other)
     want, want_stats = drive(slow, cap, routes, {}, other)
-    assert got_stats.prefetched > 20 and got_stats.released > 20
+    assert got_stats.prefetched > 20 and got_stats.released > 5
     assert got == want
     assert got_stats == want_stats
 
