@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-GEMV_MAX_ROWS = 1       # rows per expert call computed here (a decode step routes one each)
+GEMV_MAX_ROWS = 1       # rows per product computed here (a decode step: one per expert, one token)
 
 
 def _kernels():

@@ -26,15 +26,16 @@ immutable values (`fmoe.runtime.predictor.Prediction`).
 
 `victim` picks among the resident keys the table offers (pinned keys excluded).
 
-A policy may also offer ``take(keys, slot_of, free, pinned, out_slot, out_hit, victims) ->
-(done, misses, victims named)``: one layer's pinned uses in one call on the table's arrays, with
-exactly the effect of the per-use events in order (a hit, or a miss that takes the last of the
-`free` slots, then the slot of the victim the policy names). keys [n] int64; slot_of [L * E]
-int64, the table's slot per key (-1: none), updated; free [m] int64 the free slots; out_slot [n]
+A policy may also offer ``take(keys, slot_of, key_of, free, n_free, pinned, out_slot, out_hit,
+victims) -> (done, misses, victims named)``: one layer's pinned uses in one call on the table's
+arrays, with exactly the effect of the per-use events in order (a hit, or a miss that takes the
+last of the `n_free` free slots, then the slot of the victim the policy names). keys [n] int64;
+slot_of [L * E] int64, the table's slot per key (-1: none), and key_of [S] int64, its key per
+slot (-1: free), both updated; free [>= n_free] int64 the free slots (read); out_slot [n]
 int64, out_hit [n] bool and victims [n] int64 are written. `done` < n says that every resident
 key was pinned when key `done` needed a slot. The table (`SlotTable.acquire_many`) then calls it
-in place of those events and brings its own bookkeeping up to date from what it wrote; a policy
-without it gets them one by one.
+in place of those events and brings its counts and free list up to date from what it wrote; a
+policy without it gets them one by one.
 
 Prefetch orders are advisory. The caller (the runtime's copy engine, or the simulator's) serves
 demand loads first, then orders by falling priority; the orders returned by the latest
