@@ -3,48 +3,74 @@
 At batch 1 a MoE layer's routed experts are matrix-vector products, bound by how fast the
 weights stream from memory. torch's bf16 product (oneDNN) streams them at about half the rate
 of its fp32 one on the development machine's CPU, so the bf16 model decoded slower than
-llama.cpp with the weights in memory; `linear` here widens four weight rows at a time to fp32 in
-registers and accumulates in fp32 (docs/benchmarks.md § Real scale on one box).
+llama.cpp with the weights in memory; the kernels here widen four weight rows at a time to fp32
+in registers and accumulate in fp32 (docs/benchmarks.md § Real scale on one box).
 
-`expert_linear(x, w)` is ``x @ w.t()`` for the experts' computation: this kernel for bf16 rows
-on the CPU, one row at a time (so a row's result does not depend on the batch it came in), and
-torch otherwise. The choice depends only on the dtype, the device and the number of rows, and
-every path that computes experts (resident, offloaded, mapped, on the host) calls it, so they
-still agree bit for bit. The result is rounded to bf16 once, from the fp32 sum (round to nearest
-even), as torch's product rounds its fp32 accumulator; the order of the sum differs from
-torch's, so the bits differ from torch's product by rounding.
+- `linear(x, w)`: ``x @ w.t()``, the models' `Linear` for one bf16 row.
+- `mla_decode(...)`: DeepSeek's latent attention for one query row, all heads in one call.
+- `swiglu_rows(x, ...)`: whole SwiGLU experts on one row, several experts in one call (the
+  routed experts of a decode step, a dense or shared MLP), so that a layer is one call rather
+  than dozens of small torch ops.
+
+`expert_rows_kernel(x, w)` says whether an experts path computes a row with `swiglu_rows`: it
+depends only on the dtype, the device and the number of rows, and every path that computes
+experts (resident, offloaded, mapped, on the host) asks it, so they still agree bit for bit.
+Each result is rounded to bf16 once, from the fp32 sum (round to nearest even), as torch's
+product rounds its fp32 accumulator; the order of the sum differs from torch's, so the bits
+differ from torch's product by rounding.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
 
 GEMV_MAX_ROWS = 1       # rows per product computed here (a decode step: one per expert, one token)
 
+_kernels_mod = None
+_local = threading.local()
 
-def _kernels():
-    """`fmoe.kernels.gemv_numba.gemv`, imported on first use (numba takes a moment to load),
-    and numba's `set_num_threads`."""
-    global _gemv
-    if _gemv is None:
+
+def _k():
+    """`fmoe.kernels.gemv_numba`, imported on first use (numba takes a moment to load), with
+    numba's thread count set to torch's for the calling thread (numba's count is per thread)."""
+    global _kernels_mod
+    if _kernels_mod is None:
+        from . import gemv_numba
+        _kernels_mod = gemv_numba
+    n = torch.get_num_threads()
+    if getattr(_local, "threads", None) != n:
         import numba
-
-        from .gemv_numba import gemv
-
-        def set_threads(n: int) -> None:
-            numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-
-        _gemv = gemv, set_threads
-    return _gemv
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _local.threads = n
+    return _kernels_mod
 
 
-_gemv = None
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A contiguous bf16 tensor's storage as uint16 (no copy when already contiguous)."""
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _bf16(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
 
 
 def warm() -> None:
-    """Load the kernel (numba, then its cached machine code) and run it once."""
-    linear(torch.zeros(1, 4, dtype=torch.bfloat16), torch.zeros(4, 4, dtype=torch.bfloat16))
+    """Load the kernels (numba, then their cached machine code) and run each once."""
+    x = torch.zeros(1, 4, dtype=torch.bfloat16)
+    w = torch.zeros(4, 4, dtype=torch.bfloat16)
+    linear(x, w)
+    swiglu_rows(x, w[None], 0, w[None], 2, w[None, :, :2], torch.zeros(1, dtype=torch.int64))
+    sq = w[None, :2, :2]
+    mla_decode(w[:1, :2], w[:1, 2:], sq, w[:, :2], w[:, 2:], torch.ones(4, dtype=torch.bool), sq, 1.0)
+
+
+def _check_bf16(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu":
+            raise ValueError(f"the CPU GEMV kernels want bf16 CPU tensors, got {t.dtype} on {t.device}")
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -53,18 +79,67 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"linear wants bf16 x and w, got {x.dtype} and {w.dtype}")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w {tuple(w.shape)}")
-    wu = w.contiguous().view(torch.int16).numpy().view(np.uint16)
-    xf = x.float().contiguous().numpy()
+    k = _k()
     out = np.empty((x.shape[0], w.shape[0]), np.uint16)
-    gemv, set_threads = _kernels()
-    set_threads(torch.get_num_threads())    # as many threads as torch's products use
-    gemv(wu, xf, out)
-    return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    k.gemv(_bits(w), x.float().contiguous().numpy(), out)
+    return _bf16(out)
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, latent: torch.Tensor,
+               k_pe: torch.Tensor, keep: torch.Tensor, w_uv: torch.Tensor, scale: float) -> torch.Tensor:
+    """Multi-head latent attention of one query row in latent space, bf16 on the CPU.
+
+    q_nope [h, nope], q_pe [h, rope]; w_uk_t [h, r, nope], w_uv [h, v, r] (kv_b_proj's halves,
+    the latent last); latent [S, r], k_pe [S, rope] (the cache); keep [S] bool -> [h, v] bf16,
+    ``w_uv[h] @ (softmax(scale * (q_lat . latent + q_pe . k_pe)) @ latent)`` per head, with
+    ``q_lat = w_uk_t[h] @ q_nope[h]``."""
+    _check_bf16(q_nope, q_pe, w_uk_t, latent, k_pe, w_uv)
+    heads, rank, nope = w_uk_t.shape
+    S, rope = k_pe.shape
+    if (q_nope.shape != (heads, nope) or q_pe.shape != (heads, rope) or latent.shape != (S, rank)
+            or keep.shape != (S,) or w_uv.shape[0] != heads or w_uv.shape[2] != rank):
+        raise ValueError(f"shape mismatch: q_nope {tuple(q_nope.shape)}, q_pe {tuple(q_pe.shape)}, "
+                         f"w_uk_t {tuple(w_uk_t.shape)}, latent {tuple(latent.shape)}, "
+                         f"k_pe {tuple(k_pe.shape)}, keep {tuple(keep.shape)}, w_uv {tuple(w_uv.shape)}")
+    k = _k()
+    out = np.empty((heads, w_uv.shape[1]), np.uint16)
+    k.mla_decode(q_nope.float().contiguous().numpy(), q_pe.float().contiguous().numpy(), _bits(w_uk_t),
+                 _bits(latent), _bits(k_pe), keep.contiguous().numpy(), _bits(w_uv), np.float32(scale), out)
+    return _bf16(out)
+
+
+def swiglu_rows(x: torch.Tensor, wg: torch.Tensor, g0: int, wu: torch.Tensor, u0: int,
+                wd: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts on one row: x [1, H] bf16; for each j, with s = slots[j], gate rows
+    g0..g0+I of wg[s], up rows u0..u0+I of wu[s] (wg/wu [S, *, H]) and down wd[s] [H, I] ->
+    y [J, H] bf16, ``y[j] = wd[s] @ (silu(g) * u)``. A stacked [S, 2I, H] gate-then-up tensor
+    passes as wg = wu = w13, g0 = 0, u0 = I; a dense MLP as its three weights with a leading
+    dimension of one and slots = [0]."""
+    _check_bf16(x, wg, wu, wd)
+    S, H, inter = wd.shape
+    if (x.shape != (1, H) or wg.shape[0] != S or wu.shape[0] != S or wg.shape[2] != H
+            or wu.shape[2] != H or g0 + inter > wg.shape[1] or u0 + inter > wu.shape[1]):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, wg {tuple(wg.shape)} from {g0}, "
+                         f"wu {tuple(wu.shape)} from {u0}, wd {tuple(wd.shape)}")
+    ids = slots.to(torch.int64).contiguous().numpy()      # the kernel checks their range
+    k = _k()
+    wg_u = _bits(wg)
+    wu_u = wg_u if wu is wg else _bits(wu)
+    y = np.empty((ids.size, H), np.uint16)
+    k.swiglu(wg_u, g0, wu_u, u0, _bits(wd), ids, x.float().contiguous().numpy(), y)
+    return _bf16(y)
+
+
+def expert_rows_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the experts' paths compute x [R, H] with `swiglu_rows` (one bf16 row on the
+    CPU, a decode step) rather than torch."""
+    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.shape[0] == 1)
 
 
 def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.t()`` (x [R, K], w [N, K]) for the routed experts: `linear` for up to
-    GEMV_MAX_ROWS bf16 rows on the CPU, torch otherwise."""
+    """``x @ w.t()`` (x [R, K], w [N, K]): `linear` for up to GEMV_MAX_ROWS bf16 rows on the
+    CPU, torch otherwise."""
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.shape[0] <= GEMV_MAX_ROWS):
         return linear(x, w)

@@ -70,3 +70,160 @@ def gemv(w, x, out):  # pragma: no cover - compiled
                     for k in range(K):
                         a += bf16_to_f32(w[m, k]) * x[r, k]
                     out[r, m] = to_bf16(a)
+
+
+@numba.njit(inline="always", cache=True)
+def bf16_round(v):  # pragma: no cover - compiled
+    """float32 -> the nearest bf16 value, as a float32 (exact)."""
+    return bf16_to_f32(to_bf16(v))
+
+
+@numba.njit(inline="always", cache=True)
+def _dot4(w, s, n, x, r):  # pragma: no cover - compiled
+    """fp32 sums of rows n..n+3 of w[s] (uint16 bf16 bits [S, N, K]) times x[r] (float32)."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for k in range(w.shape[2]):
+        xk = x[r, k]
+        a0 += bf16_to_f32(w[s, n, k]) * xk
+        a1 += bf16_to_f32(w[s, n + 1, k]) * xk
+        a2 += bf16_to_f32(w[s, n + 2, k]) * xk
+        a3 += bf16_to_f32(w[s, n + 3, k]) * xk
+    return a0, a1, a2, a3
+
+
+@numba.njit(inline="always", cache=True)
+def _dot1(w, s, n, x, r):  # pragma: no cover - compiled
+    a = np.float32(0.0)
+    for k in range(w.shape[2]):
+        a += bf16_to_f32(w[s, n, k]) * x[r, k]
+    return a
+
+
+@numba.njit(inline="always", cache=True)
+def _products(w, slots, row0, rows, x, each, out):  # pragma: no cover - compiled
+    """out[j, i] (float32, bf16 values) = row row0 + i of w[slots[j]] . x[j if each else 0],
+    for i < rows: the matrices' rows in blocks of four, every (matrix, block) one parallel
+    item. A sum depends only on its row and x, never on how many matrices there are."""
+    nb = (rows + 3) // 4
+    for item in prange(slots.shape[0] * nb):
+        j = item // nb
+        i = (item - j * nb) * 4
+        s = slots[j]
+        r = j if each else 0
+        if i + 4 <= rows:
+            a0, a1, a2, a3 = _dot4(w, s, row0 + i, x, r)
+            out[j, i] = bf16_round(a0)
+            out[j, i + 1] = bf16_round(a1)
+            out[j, i + 2] = bf16_round(a2)
+            out[j, i + 3] = bf16_round(a3)
+        else:
+            for m in range(i, rows):
+                out[j, m] = bf16_round(_dot1(w, s, row0 + m, x, r))
+
+
+@numba.njit(inline="always", cache=True)
+def _silu_mul(g, u):  # pragma: no cover - compiled
+    """bf16(bf16(silu(g)) * u) for bf16 values g, u (float32), silu in fp32."""
+    return bf16_round(bf16_round(g / (np.float32(1.0) + np.exp(-g))) * u)
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def swiglu(wg, g0, wu, u0, wd, slots, x, y):  # pragma: no cover - compiled
+    """y [J, H] uint16 (bf16 bits): for each j, with s = slots[j], the SwiGLU expert
+    ``wd[s] @ (silu(g) * u)`` on x [1, H] float32 (bf16 values), where g and u are rows
+    g0..g0+I of wg[s] and u0..u0+I of wu[s] times x (wg/wu [S, *, H], wd [S, H, I], uint16
+    bf16 bits; a stacked [S, 2I, H] gate-then-up tensor passes as wg = wu with u0 = I).
+
+    Rounded to bf16 where torch's bf16 ops round: g and u, silu(g) (computed in fp32), its
+    product with u, and each output. Two parallel passes: four gate rows and the four up rows
+    beside them per item (then their activations), and the down rows."""
+    J = slots.shape[0]
+    S, H, inter = wd.shape
+    for j in range(J):
+        if slots[j] < 0 or slots[j] >= S:
+            raise IndexError("swiglu: an expert slot is out of range")
+    act = np.empty((J, inter), np.float32)
+    nb = (inter + 3) // 4
+    for item in prange(J * nb):
+        j = item // nb
+        i = (item - j * nb) * 4
+        s = slots[j]
+        if i + 4 <= inter:
+            a0, a1, a2, a3 = _dot4(wg, s, g0 + i, x, 0)
+            b0, b1, b2, b3 = _dot4(wu, s, u0 + i, x, 0)
+            act[j, i] = _silu_mul(bf16_round(a0), bf16_round(b0))
+            act[j, i + 1] = _silu_mul(bf16_round(a1), bf16_round(b1))
+            act[j, i + 2] = _silu_mul(bf16_round(a2), bf16_round(b2))
+            act[j, i + 3] = _silu_mul(bf16_round(a3), bf16_round(b3))
+        else:
+            for m in range(i, inter):
+                act[j, m] = _silu_mul(bf16_round(_dot1(wg, s, g0 + m, x, 0)),
+                                      bf16_round(_dot1(wu, s, u0 + m, x, 0)))
+    res = np.empty((J, H), np.float32)
+    _products(wd, slots, 0, H, act, True, res)
+    for j in range(J):
+        for n in range(H):
+            y[j, n] = to_bf16(res[j, n])
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, scale, out):  # pragma: no cover
+    """Multi-head latent attention for one query row, in latent space, a head per parallel item.
+
+    q_nope [h, nope], q_pe [h, rope] float32 (bf16 values); w_uk_t [h, r, nope], w_uv [h, v, r],
+    latent [S, r], k_pe [S, rope] uint16 bf16 bits; keep [S] bool (the key mask); scale: the
+    softmax scale. out [h, v] uint16: ``w_uv[h] @ softmax(scale * (q_lat . latent + q_pe .
+    k_pe)) @ latent`` with ``q_lat = w_uk_t[h] @ q_nope[h]``. Rounded to bf16 where the
+    torch path rounds (q_lat, the attention's output, the result); fp32 in between."""
+    heads, rank, nope = w_uk_t.shape
+    S, rope = k_pe.shape
+    v_dim = w_uv.shape[1]
+    for h in prange(heads):
+        q_lat = np.empty((1, rank), np.float32)
+        for i in range(0, rank - 3, 4):
+            a0, a1, a2, a3 = _dot4(w_uk_t, h, i, q_nope, h)
+            q_lat[0, i] = bf16_round(a0)
+            q_lat[0, i + 1] = bf16_round(a1)
+            q_lat[0, i + 2] = bf16_round(a2)
+            q_lat[0, i + 3] = bf16_round(a3)
+        for i in range(rank - rank % 4, rank):
+            q_lat[0, i] = bf16_round(_dot1(w_uk_t, h, i, q_nope, h))
+        scores = np.empty(S, np.float32)
+        top = -np.inf
+        for s in range(S):
+            if keep[s]:
+                a = np.float32(0.0)
+                for i in range(rank):
+                    a += q_lat[0, i] * bf16_to_f32(latent[s, i])
+                for j in range(rope):
+                    a += q_pe[h, j] * bf16_to_f32(k_pe[s, j])
+                a *= scale
+                scores[s] = a
+                top = max(top, a)
+        total = np.float32(0.0)
+        for s in range(S):
+            if keep[s]:
+                p = np.exp(scores[s] - top)
+                scores[s] = p
+                total += p
+            else:
+                scores[s] = 0.0
+        ctx = np.zeros((1, rank), np.float32)
+        for s in range(S):
+            p = scores[s]
+            if p != 0.0:
+                for i in range(rank):
+                    ctx[0, i] += p * bf16_to_f32(latent[s, i])
+        for i in range(rank):
+            ctx[0, i] = bf16_round(ctx[0, i] / total)
+        for c in range(0, v_dim - 3, 4):
+            a0, a1, a2, a3 = _dot4(w_uv, h, c, ctx, 0)
+            out[h, c] = to_bf16(a0)
+            out[h, c + 1] = to_bf16(a1)
+            out[h, c + 2] = to_bf16(a2)
+            out[h, c + 3] = to_bf16(a3)
+        for c in range(v_dim - v_dim % 4, v_dim):
+            out[h, c] = to_bf16(_dot1(w_uv, h, c, ctx, 0))

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from .align import moe_align_block_size
-from .cpu_gemv import expert_linear
+from .cpu_gemv import expert_linear, expert_rows_kernel, swiglu_rows
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SLOT0 = torch.zeros(1, dtype=torch.int64)
 
 
 def _combine(y: torch.Tensor, topk_weights: torch.Tensor, T: int, K: int,
@@ -33,8 +34,12 @@ def _combine(y: torch.Tensor, topk_weights: torch.Tensor, T: int, K: int,
 def swiglu_expert(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One expert on its rows: xs [n, H], w13 [2I, H] (gate rows, then up rows), w2 [H, I] ->
     ``w2 @ (silu(w13[:I] @ x) * (w13[I:] @ x))`` per row, [n, H]. Every path that computes
-    experts one at a time (gather, mapped, host) calls this, so they agree bit for bit."""
+    experts one at a time (gather, mapped, host) calls this, so they agree bit for bit; a bf16
+    decode row runs the whole expert in one compiled call (`cpu_gemv.swiglu_rows`), the same one
+    `moe_gather` makes for all of a token's experts at once."""
     inter = w2.shape[1]
+    if expert_rows_kernel(xs, w13):
+        return swiglu_rows(xs, w13[None], 0, w13[None], inter, w2[None], _SLOT0)
     gu = expert_linear(xs, w13)
     return expert_linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2)
 
@@ -44,10 +49,15 @@ def moe_gather(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     """Loop over the slots that received tokens: gather their rows, two matmuls, scatter back.
 
     x [T, H]; w13 [S, 2I, H]; w2 [S, H, I]; topk_weights [T, K]; topk_ids [T, K] -> [T, H].
-    One host sync (the list of used slots). Cheapest when few slots are used (decode).
+    One host sync (the list of used slots). Cheapest when few slots are used (decode). A bf16
+    decode row on the CPU with stacked weights computes its K experts in one compiled call,
+    each exactly as `swiglu_expert` would.
     """
     T, H = x.shape
     K = topk_ids.shape[1]
+    if isinstance(w13, torch.Tensor) and expert_rows_kernel(x, w13) and T == 1:
+        y = swiglu_rows(x, w13, 0, w13, w2.shape[2], w2, topk_ids[0])
+        return _combine(y, topk_weights, T, K, reduce)
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     sorted_ids = flat_ids[order]

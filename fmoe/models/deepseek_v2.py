@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..kernels.cpu_gemv import mla_decode
 from .base import DecoderLayer, MoeConfig, MoeForCausalLM
 from .config import RopeConfig, first, require
 from .experts import ExpertShape, PendingExperts
@@ -208,8 +209,14 @@ class MLAttention(nn.Module):
         heads: score = (q_nope W_uk) . latent + q_pe . k_pe; out = (p @ latent) W_uv^T."""
         B, T, heads, _ = q_nope.shape
         S = latent.shape[1]
-        w_uk, w_uv_t = self._absorbed()                                # [h, nope, r], [h, r, v]
-        q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(heads, B * T, self.nope), w_uk)
+        w_uk_t, w_uv = self._absorbed()                                # [h, r, nope], [h, v, r]
+        if B * T == 1 and w_uv.dtype == torch.bfloat16 and w_uv.device.type == "cpu":
+            # one bf16 row on the CPU: every head's products and attention in one kernel call
+            out = mla_decode(q_nope.reshape(heads, self.nope), q_pe.reshape(heads, self.rope), w_uk_t,
+                             latent[0], k_pe[0], mask.reshape(S), w_uv, self.scale)
+            return out.view(B, T, heads, self.v_dim)
+        q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(heads, B * T, self.nope),
+                             w_uk_t.transpose(1, 2))
         q_lat = q_lat.view(heads, B, T, self.rank).permute(1, 2, 0, 3)  # [B, T, h, r]
         q = torch.cat((q_lat, q_pe), dim=-1)
         q = q.reshape(B, 1, T * heads, self.rank + self.rope)         # heads as extra query rows
@@ -217,17 +224,18 @@ class MLAttention(nn.Module):
         mask = mask[:, :, :, None, :].expand(-1, -1, T, heads, S).reshape(mask.shape[0], 1, T * heads, S)
         ctx = F.scaled_dot_product_attention(q, k, latent[:, None], attn_mask=mask, scale=self.scale)
         ctx = ctx.view(B, T, heads, self.rank).permute(2, 0, 1, 3).reshape(heads, B * T, self.rank)
-        return torch.matmul(ctx, w_uv_t).view(heads, B, T, self.v_dim).permute(1, 2, 0, 3)
+        return torch.matmul(ctx, w_uv.transpose(1, 2)).view(heads, B, T, self.v_dim).permute(1, 2, 0, 3)
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split for decoding, made contiguous once (not copied every step):
-        W_uk [h, nope, r] and W_uv^T [h, r, v]."""
+        W_uk^T [h, r, nope] and W_uv [h, v, r], each head's matrix with the latent last (the
+        layout of a matrix-vector product over the latent, and of its transpose)."""
         w = self.kv_b_proj.weight
         key = (w.data_ptr(), w._version)
         cached = self.__dict__.get("_absorb")
         if cached is None or cached[0] != key:
             w3 = w.detach().view(self.heads, self.nope + self.v_dim, self.rank)
-            cached = (key, w3[:, : self.nope].contiguous(), w3[:, self.nope:].transpose(1, 2).contiguous())
+            cached = (key, w3[:, : self.nope].transpose(1, 2).contiguous(), w3[:, self.nope:].contiguous())
             self.__dict__["_absorb"] = cached
         return cached[1], cached[2]
 

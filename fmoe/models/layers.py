@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.cpu_gemv import GEMV_MAX_ROWS
+from ..kernels.cpu_gemv import GEMV_MAX_ROWS, swiglu_rows
 from ..kernels.cpu_gemv import linear as gemv_bf16
 from .config import RopeConfig
 
@@ -240,7 +240,16 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u, d = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if (self.gate_proj.bias is None and x.dtype == g.dtype == torch.bfloat16
+                and x.device.type == "cpu" and x.numel() == x.shape[-1]):
+            # one decode row: the whole MLP in one call of the CPU kernel (the routed experts' one)
+            y = swiglu_rows(x.reshape(1, -1), g[None], 0, u[None], 0, d[None], _SLOT0)
+            return y.view(x.shape)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+_SLOT0 = torch.zeros(1, dtype=torch.int64)
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool

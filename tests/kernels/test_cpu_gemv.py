@@ -119,3 +119,92 @@ def test_linear_uses_as_many_threads_as_torch():
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _swiglu_fp64(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+    xd = x.double()[0]
+    g, u = wg.double() @ xd, wu.double() @ xd
+    return wd.double() @ (torch.nn.functional.silu(g) * u)
+
+
+@pytest.mark.parametrize("inter", [48, 46])          # 46: the rows beyond a multiple of four
+def test_swiglu_rows_equals_the_fp64_expert_and_each_expert_alone(inter):
+    """Several experts in one call: each within bf16 rounding of an fp64 SwiGLU, and bit for bit
+    what the same expert gives alone (a decode step's experts in one call, the host's one at a
+    time)."""
+    from fmoe.kernels.cpu_gemv import swiglu_rows
+
+    g = torch.Generator().manual_seed(inter)
+    S, H = 5, 64
+    w13 = (torch.randn(S, 2 * inter, H, generator=g) / 8).to(torch.bfloat16)
+    w2 = (torch.randn(S, H, inter, generator=g) / 8).to(torch.bfloat16)
+    x = torch.randn(1, H, generator=g).to(torch.bfloat16)
+    slots = torch.tensor([4, 0, 2, 4])
+    y = swiglu_rows(x, w13, 0, w13, inter, w2, slots)
+    assert y.dtype == torch.bfloat16 and y.shape == (4, H)
+    for j, s in enumerate(slots.tolist()):
+        alone = swiglu_rows(x, w13, 0, w13, inter, w2, torch.tensor([s]))
+        assert torch.equal(alone[0], y[j])
+        want = _swiglu_fp64(x, w13[s, :inter], w13[s, inter:], w2[s])
+        assert torch.allclose(y[j].double(), want, rtol=0.03, atol=0.03 * want.abs().max().item())
+
+
+def test_swiglu_rows_checks_slots_and_shapes():
+    from fmoe.kernels.cpu_gemv import swiglu_rows
+
+    w13 = torch.zeros(3, 8, 16, dtype=torch.bfloat16)
+    w2 = torch.zeros(3, 16, 4, dtype=torch.bfloat16)
+    x = torch.zeros(1, 16, dtype=torch.bfloat16)
+    with pytest.raises(IndexError, match="slot is out of range"):
+        swiglu_rows(x, w13, 0, w13, 4, w2, torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        swiglu_rows(torch.zeros(2, 16, dtype=torch.bfloat16), w13, 0, w13, 4, w2, torch.tensor([0]))
+    with pytest.raises(ValueError, match="bf16"):
+        swiglu_rows(x.float(), w13, 0, w13, 4, w2, torch.tensor([0]))
+
+
+def test_dense_swiglu_runs_the_kernel_for_a_bf16_decode_row():
+    """The models' SwiGLU (dense layers, shared experts): one bf16 row in one kernel call, within
+    bf16 rounding of torch's three products; more rows stay on torch."""
+    from fmoe.kernels.cpu_gemv import swiglu_rows
+    from fmoe.models.layers import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(32, 20).to(torch.bfloat16)
+    x = torch.randn(1, 1, 32).to(torch.bfloat16)
+    got = mlp(x)
+    p = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    assert torch.equal(got[0], swiglu_rows(x[0], p[0][None], 0, p[1][None], 0, p[2][None],
+                                           torch.tensor([0])))
+    want = _swiglu_fp64(x[0], *p)
+    assert torch.allclose(got[0, 0].double(), want, rtol=0.03, atol=0.03 * want.abs().max().item())
+    xs = torch.randn(2, 3, 32).to(torch.bfloat16)
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(xs)) * mlp.up_proj(xs))
+    assert torch.equal(mlp(xs), ref)
+
+
+def test_mla_decode_equals_the_fp64_latent_attention():
+    """All heads of one query row in one call, masked keys ignored: within the bf16 roundings
+    (latent query, attention output, result) of an fp64 computation."""
+    from fmoe.kernels.cpu_gemv import mla_decode
+
+    g = torch.Generator().manual_seed(7)
+    h, r, nope, rope, v, S = 4, 32, 16, 8, 12, 9
+    q_nope = torch.randn(h, nope, generator=g).to(torch.bfloat16)
+    q_pe = torch.randn(h, rope, generator=g).to(torch.bfloat16)
+    w_uk_t = (torch.randn(h, r, nope, generator=g) / 4).to(torch.bfloat16)
+    w_uv = (torch.randn(h, v, r, generator=g) / 4).to(torch.bfloat16)
+    latent = torch.randn(S, r, generator=g).to(torch.bfloat16)
+    k_pe = torch.randn(S, rope, generator=g).to(torch.bfloat16)
+    keep = torch.tensor([True, False, True, True, False, True, True, True, True])
+    got = mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, 0.2).double()
+    q_lat = torch.einsum("hrn,hn->hr", w_uk_t.double(), q_nope.double())
+    scores = (q_lat @ latent.double().T + q_pe.double() @ k_pe.double().T) * 0.2
+    scores[:, ~keep] = float("-inf")
+    ctx = scores.softmax(-1) @ latent.double()
+    want = torch.einsum("hvr,hr->hv", w_uv.double(), ctx)
+    assert torch.allclose(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())
+    # a masked key changes nothing
+    latent2 = latent.clone()
+    latent2[1] = 100
+    assert torch.equal(mla_decode(q_nope, q_pe, w_uk_t, latent2, k_pe, keep, w_uv, 0.2).double(), got)

@@ -135,6 +135,26 @@ def test_mla_latent_attention_in_chunks_matches_full_forward(tmp_path, q_lora_ra
     assert rel_err(torch.cat(chunks, 1), model(ids)) < 1e-5
 
 
+@torch.no_grad()
+def test_mla_bf16_decode_row_through_the_cpu_kernel_matches_the_batched_path(tmp_path):
+    """bf16 on the CPU, one decode row attends through `cpu_gemv.mla_decode` (all heads in one
+    call); two identical rows take torch's batched products and attention. Both stay within
+    bf16 rounding of each other and of the float32 model."""
+    hf = v2(q_lora_rank=None)
+    path = save(hf, tmp_path)
+    model = fmoe.models.from_pretrained(path, dtype=torch.bfloat16)
+    ref = fmoe.models.from_pretrained(path)
+    ids = prompt(batch=1, length=6)
+
+    def decode(m, rows):
+        cache = m.module.new_cache()
+        m.module(ids[:, :5].expand(rows, 5), cache=cache)
+        return m.module(ids[:, 5:].expand(rows, 1), cache=cache)[:1].float()
+
+    one, two, full = decode(model, 1), decode(model, 2), decode(ref, 1)
+    assert rel_err(one, two) < 0.03 and rel_err(one, full) < 0.05 and rel_err(two, full) < 0.05
+
+
 def test_mla_left_padded_batch_matches_single_rows(tmp_path):
     hf = v3(q_lora_rank=24)
     model = fmoe.models.from_pretrained(save(hf, tmp_path))
