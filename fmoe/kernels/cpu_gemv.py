@@ -8,6 +8,7 @@ in registers and accumulate in fp32 (docs/benchmarks.md § Real scale on one box
 
 - `linear(x, w)`: ``x @ w.t()``, the models' `Linear` for one bf16 row.
 - `mla_decode(...)`: DeepSeek's latent attention for one query row, all heads in one call.
+- `rms_norm_row`, `rope_rows`: a decode row's norm and rotary embedding, one call each.
 - `swiglu_rows(x, ...)`: whole SwiGLU experts on one row, several experts in one call (the
   routed experts of a decode step, a dense or shared MLP), so that a layer is one call rather
   than dozens of small torch ops.
@@ -64,6 +65,8 @@ def warm() -> None:
     linear(x, w)
     swiglu_rows(x, w[None], 0, w[None], 2, w[None, :, :2], torch.zeros(1, dtype=torch.int64))
     sq = w[None, :2, :2]
+    rms_norm_row(w[0], w[1], 1e-6)
+    rope_rows(w, w[0], w[1], True)
     mla_decode(w[:1, :2], w[:1, 2:], sq, w[:, :2], w[:, 2:], torch.ones(4, dtype=torch.bool), sq, 1.0)
 
 
@@ -105,6 +108,28 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, l
     out = np.empty((heads, w_uv.shape[1]), np.uint16)
     k.mla_decode(q_nope.float().contiguous().numpy(), q_pe.float().contiguous().numpy(), _bits(w_uk_t),
                  _bits(latent), _bits(k_pe), keep.contiguous().numpy(), _bits(w_uv), np.float32(scale), out)
+    return _bf16(out)
+
+
+def rms_norm_row(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The models' RMSNorm of one bf16 row x [H] with a bf16 weight w [H] -> [H] bf16."""
+    _check_bf16(x, w)
+    if x.shape != w.shape or x.dim() != 1:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    out = np.empty(x.shape[0], np.uint16)
+    _k().rms_norm(_bits(x), _bits(w), eps, out)
+    return _bf16(out)
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of x [n, D] bf16 at one position (cos, sin [D] bf16) -> [n, D] bf16:
+    ``x * cos + rotate_half(x) * sin`` after `deinterleave` when `interleaved`, bit for bit
+    what those torch ops give."""
+    _check_bf16(x, cos, sin)
+    if x.dim() != 2 or cos.shape != (x.shape[1],) or sin.shape != cos.shape or x.shape[1] % 2:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    out = np.empty(tuple(x.shape), np.uint16)
+    _k().rope(_bits(x), _bits(cos), _bits(sin), interleaved, out)
     return _bf16(out)
 
 

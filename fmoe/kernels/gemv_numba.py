@@ -227,3 +227,41 @@ def mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, scale, out):  # p
             out[h, c + 3] = to_bf16(a3)
         for c in range(v_dim - v_dim % 4, v_dim):
             out[h, c] = to_bf16(_dot1(w_uv, h, c, ctx, 0))
+
+
+@numba.njit(cache=True)
+def rms_norm(x, w, eps, out):  # pragma: no cover - compiled
+    """out [H] uint16 = bf16(w * bf16(x / sqrt(mean(x^2) + eps))): x, w [H] uint16 bf16 bits,
+    the statistics in fp32 (as the models' RMSNorm on a bf16 row)."""
+    H = x.shape[0]
+    ss = np.float32(0.0)
+    for i in range(H):
+        v = bf16_to_f32(x[i])
+        ss += v * v
+    r = np.float32(1.0) / np.sqrt(ss / np.float32(H) + np.float32(eps))
+    for i in range(H):
+        out[i] = to_bf16(bf16_to_f32(w[i]) * bf16_round(bf16_to_f32(x[i]) * r))
+
+
+@numba.njit(cache=True)
+def rope(x, cos, sin, interleaved, out):  # pragma: no cover - compiled
+    """Rotary embedding of rows x [n, D] uint16 (bf16 bits) by cos, sin [D] (bf16 bits):
+    ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to bf16 as torch's
+    bf16 ops round. `interleaved`: x's pairs (x0, x1), (x2, x3), ... are first reordered to
+    evens then odds (DeepSeek's layout), as `deinterleave` does."""
+    n, D = x.shape
+    half = D // 2
+    for r in range(n):
+        for j in range(D):
+            if interleaved:
+                xj = x[r, 2 * j] if j < half else x[r, 2 * (j - half) + 1]
+                o = j + half if j < half else j - half
+                xo = x[r, 2 * o] if o < half else x[r, 2 * (o - half) + 1]
+            else:
+                xj = x[r, j]
+                xo = x[r, j + half] if j < half else x[r, j - half]
+            a = bf16_to_f32(xj)
+            b = bf16_to_f32(xo)
+            if j < half:
+                b = -b
+            out[r, j] = to_bf16(bf16_round(a * bf16_to_f32(cos[j])) + bf16_round(b * bf16_to_f32(sin[j])))

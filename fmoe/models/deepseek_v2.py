@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..kernels.cpu_gemv import mla_decode
+from ..kernels.cpu_gemv import mla_decode, rope_rows
 from .base import DecoderLayer, MoeConfig, MoeForCausalLM
 from .config import RopeConfig, first, require
 from .experts import ExpertShape, PendingExperts
@@ -182,10 +182,16 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.view(B, T, self.heads, -1).split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)                          # [B, T, r]
-        if self.interleave:
-            q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
-        q_pe = apply_rotary(q_pe, cos, sin)                           # [B, T, heads, rope]
-        k_pe = apply_rotary(k_pe[:, :, None], cos, sin)[:, :, 0]      # [B, T, rope]
+        if B * T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # one decode row: both rotations in one kernel call (the same bits as below)
+            pe = rope_rows(torch.cat((q_pe.reshape(self.heads, self.rope), k_pe.reshape(1, self.rope))),
+                           cos.reshape(-1), sin.reshape(-1), self.interleave)
+            q_pe, k_pe = pe[:self.heads].view(B, T, self.heads, self.rope), pe[self.heads:].view(B, T, self.rope)
+        else:
+            if self.interleave:
+                q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
+            q_pe = apply_rotary(q_pe, cos, sin)                       # [B, T, heads, rope]
+            k_pe = apply_rotary(k_pe[:, :, None], cos, sin)[:, :, 0]  # [B, T, rope]
         decoding = cache is not None and cache.seen > 0
         if cache is not None:
             latent, k_pe = cache.update(self.layer, latent, k_pe)     # [B, S, r], [B, S, rope]

@@ -208,3 +208,38 @@ def test_mla_decode_equals_the_fp64_latent_attention():
     latent2 = latent.clone()
     latent2[1] = 100
     assert torch.equal(mla_decode(q_nope, q_pe, w_uk_t, latent2, k_pe, keep, w_uv, 0.2).double(), got)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_rows_gives_torchs_bits(interleaved):
+    """The decode row's rotary embedding equals `deinterleave` + `apply_rotary` bit for bit."""
+    from fmoe.kernels.cpu_gemv import rope_rows
+    from fmoe.models.deepseek_v2 import deinterleave
+    from fmoe.models.layers import apply_rotary
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 16, generator=g).to(torch.bfloat16)
+    cos = torch.randn(16, generator=g).to(torch.bfloat16)
+    sin = torch.randn(16, generator=g).to(torch.bfloat16)
+    xr = deinterleave(x) if interleaved else x
+    want = apply_rotary(xr[None, None], cos[None, None], sin[None, None])[0, 0]
+    assert torch.equal(rope_rows(x, cos, sin, interleaved), want)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        rope_rows(x, cos[:8], sin[:8], interleaved)
+
+
+def test_rms_norm_of_a_decode_row_is_within_one_bf16_step_of_torchs():
+    """The models' RMSNorm on one bf16 row (the kernel) against its torch form on two rows: the
+    mean of squares is summed in another order, so an element may differ by one bf16 step."""
+    from fmoe.models.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(12)
+    norm = RMSNorm(256).to(torch.bfloat16)
+    norm.weight.data = torch.randn(256, generator=g).to(torch.bfloat16)
+    x = (3 * torch.randn(2, 256, generator=g)).to(torch.bfloat16)
+    one, two = norm(x[:1]), norm(x)
+    assert one.shape == (1, 256) and one.dtype == torch.bfloat16
+    assert torch.allclose(one.float(), two[:1].float(), rtol=2.0 ** -7, atol=0)
+    xd = x[0].double()
+    want = norm.weight.double() * xd / (xd.pow(2).mean() + norm.eps).sqrt()
+    assert torch.allclose(one[0].double(), want, rtol=2.0 ** -7, atol=1e-6)
