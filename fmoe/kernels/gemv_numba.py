@@ -37,41 +37,6 @@ def to_bf16(v):  # pragma: no cover - compiled
     return np.uint16(u >> np.uint32(16))
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def gemv(w, x, out):  # pragma: no cover - compiled
-    """out [R, N] uint16 (bf16 bits) = x [R, K] float32 @ w.T, w [N, K] uint16 (bf16 bits):
-    four rows of w per step, each widened in registers, summed in fp32; every row of x is
-    summed in the same order whatever R is."""
-    N, K = w.shape
-    R = x.shape[0]
-    nb = (N + 3) // 4
-    for b in prange(nb):
-        n = b * 4
-        if n + 4 <= N:
-            for r in range(R):
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                a3 = np.float32(0.0)
-                for k in range(K):
-                    xk = x[r, k]
-                    a0 += bf16_to_f32(w[n, k]) * xk
-                    a1 += bf16_to_f32(w[n + 1, k]) * xk
-                    a2 += bf16_to_f32(w[n + 2, k]) * xk
-                    a3 += bf16_to_f32(w[n + 3, k]) * xk
-                out[r, n] = to_bf16(a0)
-                out[r, n + 1] = to_bf16(a1)
-                out[r, n + 2] = to_bf16(a2)
-                out[r, n + 3] = to_bf16(a3)
-        else:
-            for m in range(n, N):
-                for r in range(R):
-                    a = np.float32(0.0)
-                    for k in range(K):
-                        a += bf16_to_f32(w[m, k]) * x[r, k]
-                    out[r, m] = to_bf16(a)
-
-
 @numba.njit(inline="always", cache=True)
 def bf16_round(v):  # pragma: no cover - compiled
     """float32 -> the nearest bf16 value, as a float32 (exact)."""
@@ -100,6 +65,28 @@ def _dot1(w, s, n, x, r):  # pragma: no cover - compiled
     for k in range(w.shape[2]):
         a += bf16_to_f32(w[s, n, k]) * x[r, k]
     return a
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def gemv(w, x, out):  # pragma: no cover - compiled
+    """out [R, N] uint16 (bf16 bits) = x [R, K] float32 @ w.T, w [N, K] uint16 (bf16 bits):
+    four rows of w per step, each widened in registers, summed in fp32; every row of x is
+    summed in the same order whatever R is."""
+    N, K = w.shape
+    w3 = w.reshape(1, N, K)
+    nb = (N + 3) // 4
+    for b in prange(nb):
+        n = b * 4
+        for r in range(x.shape[0]):
+            if n + 4 <= N:
+                a0, a1, a2, a3 = _dot4(w3, 0, n, x, r)
+                out[r, n] = to_bf16(a0)
+                out[r, n + 1] = to_bf16(a1)
+                out[r, n + 2] = to_bf16(a2)
+                out[r, n + 3] = to_bf16(a3)
+            else:
+                for m in range(n, N):
+                    out[r, m] = to_bf16(_dot1(w3, 0, m, x, r))
 
 
 @numba.njit(inline="always", cache=True)
