@@ -44,8 +44,12 @@ def bf16_round(v):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", cache=True)
-def _dot4(w, s, n, x, r):  # pragma: no cover - compiled
-    """fp32 sums of rows n..n+3 of w[s] (uint16 bf16 bits [S, N, K]) times x[r] (float32)."""
+def _dot4(w, s, n, q, x, r):  # pragma: no cover - compiled
+    """fp32 sums of rows n, n+q, n+2q, n+3q of w[s] (uint16 bf16 bits [S, N, K]) times x[r]
+    (float32). The callers step n by one over a quarter of the rows, so each of the four is
+    one long sequential read (adjacent rows are adjacent in memory), which the hardware
+    prefetchers follow far better than four adjacent rows that restart every row (1.2-1.7x the
+    read rate on the development machine, most for short rows)."""
     a0 = np.float32(0.0)
     a1 = np.float32(0.0)
     a2 = np.float32(0.0)
@@ -53,9 +57,9 @@ def _dot4(w, s, n, x, r):  # pragma: no cover - compiled
     for k in range(w.shape[2]):
         xk = x[r, k]
         a0 += bf16_to_f32(w[s, n, k]) * xk
-        a1 += bf16_to_f32(w[s, n + 1, k]) * xk
-        a2 += bf16_to_f32(w[s, n + 2, k]) * xk
-        a3 += bf16_to_f32(w[s, n + 3, k]) * xk
+        a1 += bf16_to_f32(w[s, n + q, k]) * xk
+        a2 += bf16_to_f32(w[s, n + 2 * q, k]) * xk
+        a3 += bf16_to_f32(w[s, n + 3 * q, k]) * xk
     return a0, a1, a2, a3
 
 
@@ -70,45 +74,41 @@ def _dot1(w, s, n, x, r):  # pragma: no cover - compiled
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def gemv(w, x, out):  # pragma: no cover - compiled
     """out [R, N] uint16 (bf16 bits) = x [R, K] float32 @ w.T, w [N, K] uint16 (bf16 bits):
-    four rows of w per step, each widened in registers, summed in fp32; every row of x is
-    summed in the same order whatever R is."""
+    four rows of w a quarter of the matrix apart per step, each widened in registers, summed in
+    fp32; every row of x is summed in the same order whatever R is."""
     N, K = w.shape
     w3 = w.reshape(1, N, K)
-    nb = (N + 3) // 4
-    for b in prange(nb):
-        n = b * 4
+    q = N // 4
+    for n in prange(q):
         for r in range(x.shape[0]):
-            if n + 4 <= N:
-                a0, a1, a2, a3 = _dot4(w3, 0, n, x, r)
-                out[r, n] = to_bf16(a0)
-                out[r, n + 1] = to_bf16(a1)
-                out[r, n + 2] = to_bf16(a2)
-                out[r, n + 3] = to_bf16(a3)
-            else:
-                for m in range(n, N):
-                    out[r, m] = to_bf16(_dot1(w3, 0, m, x, r))
+            a0, a1, a2, a3 = _dot4(w3, 0, n, q, x, r)
+            out[r, n] = to_bf16(a0)
+            out[r, n + q] = to_bf16(a1)
+            out[r, n + 2 * q] = to_bf16(a2)
+            out[r, n + 3 * q] = to_bf16(a3)
+    for m in range(4 * q, N):           # the rows beyond a multiple of four
+        for r in range(x.shape[0]):
+            out[r, m] = to_bf16(_dot1(w3, 0, m, x, r))
 
 
 @numba.njit(inline="always", cache=True)
 def _products(w, slots, row0, rows, x, each, out):  # pragma: no cover - compiled
     """out[j, i] (float32, bf16 values) = row row0 + i of w[slots[j]] . x[j if each else 0],
-    for i < rows: the matrices' rows in blocks of four, every (matrix, block) one parallel
-    item. A sum depends only on its row and x, never on how many matrices there are."""
-    nb = (rows + 3) // 4
-    for item in prange(slots.shape[0] * nb):
-        j = item // nb
-        i = (item - j * nb) * 4
-        s = slots[j]
+    for i < rows: four rows a quarter of the rows apart per parallel item (`_dot4`), for every
+    matrix. A sum depends only on its row and x, never on how many matrices there are."""
+    q = rows // 4
+    for item in prange(slots.shape[0] * q):
+        j = item // q
+        i = item - j * q
         r = j if each else 0
-        if i + 4 <= rows:
-            a0, a1, a2, a3 = _dot4(w, s, row0 + i, x, r)
-            out[j, i] = bf16_round(a0)
-            out[j, i + 1] = bf16_round(a1)
-            out[j, i + 2] = bf16_round(a2)
-            out[j, i + 3] = bf16_round(a3)
-        else:
-            for m in range(i, rows):
-                out[j, m] = bf16_round(_dot1(w, s, row0 + m, x, r))
+        a0, a1, a2, a3 = _dot4(w, slots[j], row0 + i, q, x, r)
+        out[j, i] = bf16_round(a0)
+        out[j, i + q] = bf16_round(a1)
+        out[j, i + 2 * q] = bf16_round(a2)
+        out[j, i + 3 * q] = bf16_round(a3)
+    for j in range(slots.shape[0]):     # the rows beyond a multiple of four
+        for m in range(4 * q, rows):
+            out[j, m] = bf16_round(_dot1(w, slots[j], row0 + m, x, j if each else 0))
 
 
 @numba.njit(inline="always", cache=True)
@@ -125,30 +125,29 @@ def swiglu(wg, g0, wu, u0, wd, slots, x, y):  # pragma: no cover - compiled
     bf16 bits; a stacked [S, 2I, H] gate-then-up tensor passes as wg = wu with u0 = I).
 
     Rounded to bf16 where torch's bf16 ops round: g and u, silu(g) (computed in fp32), its
-    product with u, and each output. Two parallel passes: four gate rows and the four up rows
-    beside them per item (then their activations), and the down rows."""
+    product with u, and each output. Two parallel passes: four gate rows and the four matching
+    up rows per item (then their activations), and the down rows."""
     J = slots.shape[0]
     S, H, inter = wd.shape
     for j in range(J):
         if slots[j] < 0 or slots[j] >= S:
             raise IndexError("swiglu: an expert slot is out of range")
     act = np.empty((J, inter), np.float32)
-    nb = (inter + 3) // 4
-    for item in prange(J * nb):
-        j = item // nb
-        i = (item - j * nb) * 4
+    q = inter // 4
+    for item in prange(J * q):
+        j = item // q
+        i = item - j * q
         s = slots[j]
-        if i + 4 <= inter:
-            a0, a1, a2, a3 = _dot4(wg, s, g0 + i, x, 0)
-            b0, b1, b2, b3 = _dot4(wu, s, u0 + i, x, 0)
-            act[j, i] = _silu_mul(bf16_round(a0), bf16_round(b0))
-            act[j, i + 1] = _silu_mul(bf16_round(a1), bf16_round(b1))
-            act[j, i + 2] = _silu_mul(bf16_round(a2), bf16_round(b2))
-            act[j, i + 3] = _silu_mul(bf16_round(a3), bf16_round(b3))
-        else:
-            for m in range(i, inter):
-                act[j, m] = _silu_mul(bf16_round(_dot1(wg, s, g0 + m, x, 0)),
-                                      bf16_round(_dot1(wu, s, u0 + m, x, 0)))
+        a0, a1, a2, a3 = _dot4(wg, s, g0 + i, q, x, 0)
+        b0, b1, b2, b3 = _dot4(wu, s, u0 + i, q, x, 0)
+        act[j, i] = _silu_mul(bf16_round(a0), bf16_round(b0))
+        act[j, i + q] = _silu_mul(bf16_round(a1), bf16_round(b1))
+        act[j, i + 2 * q] = _silu_mul(bf16_round(a2), bf16_round(b2))
+        act[j, i + 3 * q] = _silu_mul(bf16_round(a3), bf16_round(b3))
+    for j in range(J):                  # the rows beyond a multiple of four
+        for m in range(4 * q, inter):
+            act[j, m] = _silu_mul(bf16_round(_dot1(wg, slots[j], g0 + m, x, 0)),
+                                  bf16_round(_dot1(wu, slots[j], u0 + m, x, 0)))
     res = np.empty((J, H), np.float32)
     _products(wd, slots, 0, H, act, True, res)
     for j in range(J):
@@ -170,13 +169,14 @@ def mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, scale, out):  # p
     v_dim = w_uv.shape[1]
     for h in prange(heads):
         q_lat = np.empty((1, rank), np.float32)
-        for i in range(0, rank - 3, 4):
-            a0, a1, a2, a3 = _dot4(w_uk_t, h, i, q_nope, h)
+        q = rank // 4
+        for i in range(q):
+            a0, a1, a2, a3 = _dot4(w_uk_t, h, i, q, q_nope, h)
             q_lat[0, i] = bf16_round(a0)
-            q_lat[0, i + 1] = bf16_round(a1)
-            q_lat[0, i + 2] = bf16_round(a2)
-            q_lat[0, i + 3] = bf16_round(a3)
-        for i in range(rank - rank % 4, rank):
+            q_lat[0, i + q] = bf16_round(a1)
+            q_lat[0, i + 2 * q] = bf16_round(a2)
+            q_lat[0, i + 3 * q] = bf16_round(a3)
+        for i in range(4 * q, rank):
             q_lat[0, i] = bf16_round(_dot1(w_uk_t, h, i, q_nope, h))
         scores = np.empty(S, np.float32)
         top = -np.inf
@@ -206,13 +206,14 @@ def mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, scale, out):  # p
                     ctx[0, i] += p * bf16_to_f32(latent[s, i])
         for i in range(rank):
             ctx[0, i] = bf16_round(ctx[0, i] / total)
-        for c in range(0, v_dim - 3, 4):
-            a0, a1, a2, a3 = _dot4(w_uv, h, c, ctx, 0)
+        q = v_dim // 4
+        for c in range(q):
+            a0, a1, a2, a3 = _dot4(w_uv, h, c, q, ctx, 0)
             out[h, c] = to_bf16(a0)
-            out[h, c + 1] = to_bf16(a1)
-            out[h, c + 2] = to_bf16(a2)
-            out[h, c + 3] = to_bf16(a3)
-        for c in range(v_dim - v_dim % 4, v_dim):
+            out[h, c + q] = to_bf16(a1)
+            out[h, c + 2 * q] = to_bf16(a2)
+            out[h, c + 3 * q] = to_bf16(a3)
+        for c in range(4 * q, v_dim):
             out[h, c] = to_bf16(_dot1(w_uv, h, c, ctx, 0))
 
 
