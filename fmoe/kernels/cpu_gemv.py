@@ -4,7 +4,9 @@ At batch 1 a MoE layer's routed experts are matrix-vector products, bound by how
 weights stream from memory. torch's bf16 product (oneDNN) streams them at about half the rate
 of its fp32 one on the development machine's CPU, so the bf16 model decoded slower than
 llama.cpp with the weights in memory; the kernels here widen four weight rows at a time to fp32
-in registers and accumulate in fp32 (docs/benchmarks.md § Real scale on one box).
+in registers and accumulate in fp32, and read each matrix as four long sequential streams
+(rows a quarter of the matrix apart), which the hardware prefetchers follow (docs/benchmarks.md
+§ Real scale on one box).
 
 - `linear(x, w)`: ``x @ w.t()``, the models' `Linear` for one bf16 row.
 - `mla_decode(...)`: DeepSeek's latent attention for one query row, all heads in one call.
