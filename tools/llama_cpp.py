@@ -18,12 +18,16 @@ fmoe reads), with two settings a random-weight checkpoint needs:
   not touch what is measured;
 - llama.cpp recognises DeepSeek-V2-Lite (no q-LoRA) by its layer count (27), so a model with
   fewer layers gets ``q_lora_rank = 0`` written into the GGUF.
+
+Mixtral's conversion (a Llama vocabulary) also needs ``pip install sentencepiece``.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -92,7 +96,15 @@ def build(root: Path, jobs: int) -> Path:
     return bench
 
 
+# model types whose conversion reads a Llama-style vocabulary through sentencepiece
+SENTENCEPIECE_TYPES = ("llama", "mistral", "mixtral")
+
+
 def convert(root: Path, model: Path, out: Path) -> None:
+    model_type = json.loads((model / "config.json").read_text()).get("model_type")
+    if model_type in SENTENCEPIECE_TYPES and importlib.util.find_spec("sentencepiece") is None:
+        raise SystemExit(f"converting a {model_type} checkpoint needs sentencepiece, which llama.cpp's "
+                         f"converter imports: pip install sentencepiece")
     src = source_dir(root)
     tmp = out.with_name(out.name + ".partial")
     env = dict(os.environ, NO_LOCAL_GGUF="")
