@@ -15,9 +15,9 @@ in registers and accumulate in fp32, and read each matrix as four long sequentia
   routed experts of a decode step, a dense or shared MLP), so that a layer is one call rather
   than dozens of small torch ops.
 
-`expert_rows_kernel(x, w)` says whether an experts path computes a row with `swiglu_rows`: it
-depends only on the dtype, the device and the number of rows, and every path that computes
-experts (resident, offloaded, mapped, on the host) asks it, so they still agree bit for bit.
+`decode_row(x, *weights)` says whether a caller takes these kernels: it depends only on the
+dtype, the device and the number of rows, and every path that computes experts (resident,
+offloaded, mapped, on the host) asks it, so they still agree bit for bit.
 Each result is rounded to bf16 once, from the fp32 sum (round to nearest even), as torch's
 product rounds its fp32 accumulator; the order of the sum differs from torch's, so the bits
 differ from torch's product by rounding.
@@ -34,6 +34,7 @@ GEMV_MAX_ROWS = 1       # rows per product computed here (a decode step: one per
 
 _kernels_mod = None
 _local = threading.local()
+_SLOT0 = np.zeros(1, np.int64)
 
 
 def _k():
@@ -65,7 +66,7 @@ def warm() -> None:
     x = torch.zeros(1, 4, dtype=torch.bfloat16)
     w = torch.zeros(4, 4, dtype=torch.bfloat16)
     linear(x, w)
-    swiglu_rows(x, w[None], 0, w[None], 2, w[None, :, :2], torch.zeros(1, dtype=torch.int64))
+    swiglu_rows(x, w[None], 0, w[None], 2, w[None, :, :2])
     sq = w[None, :2, :2]
     rms_norm_row(w[0], w[1], 1e-6)
     rope_rows(w, w[0], w[1], True)
@@ -136,19 +137,20 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved
 
 
 def swiglu_rows(x: torch.Tensor, wg: torch.Tensor, g0: int, wu: torch.Tensor, u0: int,
-                wd: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                wd: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU experts on one row: x [1, H] bf16; for each j, with s = slots[j], gate rows
     g0..g0+I of wg[s], up rows u0..u0+I of wu[s] (wg/wu [S, *, H]) and down wd[s] [H, I] ->
     y [J, H] bf16, ``y[j] = wd[s] @ (silu(g) * u)``. A stacked [S, 2I, H] gate-then-up tensor
-    passes as wg = wu = w13, g0 = 0, u0 = I; a dense MLP as its three weights with a leading
-    dimension of one and slots = [0]."""
+    passes as wg = wu = w13, g0 = 0, u0 = I; one expert or a dense MLP as its weights with a
+    leading dimension of one and no slots (slot 0)."""
     _check_bf16(x, wg, wu, wd)
     S, H, inter = wd.shape
     if (x.shape != (1, H) or wg.shape[0] != S or wu.shape[0] != S or wg.shape[2] != H
             or wu.shape[2] != H or g0 + inter > wg.shape[1] or u0 + inter > wu.shape[1]):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, wg {tuple(wg.shape)} from {g0}, "
                          f"wu {tuple(wu.shape)} from {u0}, wd {tuple(wd.shape)}")
-    ids = slots.to(torch.int64).contiguous().numpy()      # the kernel checks their range
+    # the kernel checks the slots' range
+    ids = _SLOT0 if slots is None else slots.to(torch.int64).contiguous().numpy()
     k = _k()
     wg_u = _bits(wg)
     wu_u = wg_u if wu is wg else _bits(wu)
@@ -157,11 +159,12 @@ def swiglu_rows(x: torch.Tensor, wg: torch.Tensor, g0: int, wu: torch.Tensor, u0
     return _bf16(y)
 
 
-def expert_rows_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the experts' paths compute x [R, H] with `swiglu_rows` (one bf16 row on the
-    CPU, a decode step) rather than torch."""
-    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.shape[0] == 1)
+def decode_row(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether x (and `weights`) are the kernels' case: one bf16 row on the CPU (x.numel() ==
+    x.shape[-1], a decode step). Every caller decides by this alone (dtype, device, rows), so
+    resident, offloaded, mapped and host runs take the same path and agree bit for bit."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
+            and all(w.dtype == torch.bfloat16 for w in weights))
 
 
 def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

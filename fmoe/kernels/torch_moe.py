@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .align import moe_align_block_size
-from .cpu_gemv import expert_linear, expert_rows_kernel, swiglu_rows
+from .cpu_gemv import decode_row, expert_linear, swiglu_rows
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SLOT0 = torch.zeros(1, dtype=torch.int64)
 
 
 def _combine(y: torch.Tensor, topk_weights: torch.Tensor, T: int, K: int,
@@ -38,8 +37,8 @@ def swiglu_expert(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torc
     decode row runs the whole expert in one compiled call (`cpu_gemv.swiglu_rows`), the same one
     `moe_gather` makes for all of a token's experts at once."""
     inter = w2.shape[1]
-    if expert_rows_kernel(xs, w13):
-        return swiglu_rows(xs, w13[None], 0, w13[None], inter, w2[None], _SLOT0)
+    if decode_row(xs, w13):
+        return swiglu_rows(xs, w13[None], 0, w13[None], inter, w2[None])
     gu = expert_linear(xs, w13)
     return expert_linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2)
 
@@ -55,7 +54,7 @@ def moe_gather(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     """
     T, H = x.shape
     K = topk_ids.shape[1]
-    if isinstance(w13, torch.Tensor) and expert_rows_kernel(x, w13) and T == 1:
+    if isinstance(w13, torch.Tensor) and decode_row(x, w13):
         y = swiglu_rows(x, w13, 0, w13, w2.shape[2], w2, topk_ids[0])
         return _combine(y, topk_weights, T, K, reduce)
     flat_ids = topk_ids.reshape(-1)

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..kernels.cpu_gemv import mla_decode, rope_rows
+from ..kernels.cpu_gemv import decode_row, mla_decode, rope_rows
 from .base import DecoderLayer, MoeConfig, MoeForCausalLM
 from .config import RopeConfig, first, require
 from .experts import ExpertShape, PendingExperts
@@ -182,7 +182,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.view(B, T, self.heads, -1).split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)                          # [B, T, r]
-        if B * T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        row = decode_row(x, self.kv_b_proj.weight)    # one bf16 row on the CPU: the kernels
+        if row:
             # one decode row: both rotations in one kernel call (the same bits as below)
             pe = rope_rows(torch.cat((q_pe.reshape(self.heads, self.rope), k_pe.reshape(1, self.rope))),
                            cos.reshape(-1), sin.reshape(-1), self.interleave)
@@ -196,7 +197,7 @@ class MLAttention(nn.Module):
         if cache is not None:
             latent, k_pe = cache.update(self.layer, latent, k_pe)     # [B, S, r], [B, S, rope]
         if decoding:
-            out = self._attend_latent(q_nope, q_pe, latent, k_pe, mask)
+            out = self._attend_latent(q_nope, q_pe, latent, k_pe, mask, row)
         else:
             out = self._attend_expanded(q_nope, q_pe, latent, k_pe, mask)
         return self.o_proj(out.reshape(B, T, -1))
@@ -210,14 +211,13 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         return gqa_attention(q, k, v, mask, scale=self.scale)         # [B, T, heads, v]
 
-    def _attend_latent(self, q_nope, q_pe, latent, k_pe, mask):
+    def _attend_latent(self, q_nope, q_pe, latent, k_pe, mask, row: bool):
         """Decode: attend in latent space ("absorbed" kv_b_proj), one key per token shared by all
         heads: score = (q_nope W_uk) . latent + q_pe . k_pe; out = (p @ latent) W_uv^T."""
         B, T, heads, _ = q_nope.shape
         S = latent.shape[1]
         w_uk_t, w_uv = self._absorbed()                                # [h, r, nope], [h, v, r]
-        if B * T == 1 and w_uv.dtype == torch.bfloat16 and w_uv.device.type == "cpu":
-            # one bf16 row on the CPU: every head's products and attention in one kernel call
+        if row:                    # every head's products and attention in one kernel call
             out = mla_decode(q_nope.reshape(heads, self.nope), q_pe.reshape(heads, self.rope), w_uk_t,
                              latent[0], k_pe[0], mask.reshape(S), w_uv, self.scale)
             return out.view(B, T, heads, self.v_dim)

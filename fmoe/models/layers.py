@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.cpu_gemv import GEMV_MAX_ROWS, rms_norm_row, swiglu_rows
+from ..kernels.cpu_gemv import GEMV_MAX_ROWS, decode_row, rms_norm_row, swiglu_rows
 from ..kernels.cpu_gemv import linear as gemv_bf16
 from .config import RopeConfig
 
@@ -38,8 +38,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if (dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and x.numel() == x.shape[-1]):     # one decode row: one kernel call, same bits
+        if decode_row(x, self.weight):     # one call; within one bf16 step of the lines below
             return rms_norm_row(x.reshape(-1), self.weight, self.eps).view(x.shape)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -244,15 +243,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u, d = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
-        if (self.gate_proj.bias is None and x.dtype == g.dtype == torch.bfloat16
-                and x.device.type == "cpu" and x.numel() == x.shape[-1]):
+        if self.gate_proj.bias is None and decode_row(x, g, u, d):
             # one decode row: the whole MLP in one call of the CPU kernel (the routed experts' one)
-            y = swiglu_rows(x.reshape(1, -1), g[None], 0, u[None], 0, d[None], _SLOT0)
-            return y.view(x.shape)
+            return swiglu_rows(x.reshape(1, -1), g[None], 0, u[None], 0, d[None]).view(x.shape)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-_SLOT0 = torch.zeros(1, dtype=torch.int64)
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool
