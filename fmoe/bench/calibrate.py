@@ -4,7 +4,9 @@ Measured, not modelled:
 
 - **reads**: cold reads of randomly chosen experts through the store's own read path (the same
   `ExpertStore` and `FileReader` settings, O_DIRECT included, that an offloaded run uses), the
-  files' cached pages dropped first. Their median is the profile's copy time per expert.
+  files' cached pages dropped first, by as many threads at once as the CPU copy engine runs:
+  the wall time over the count is the profile's copy time per expert, and the thread count its
+  ``lanes`` (the simulator then lands a layer's misses that many at a time).
 - **compute**: decode steps with the same K experts resident in every MoE layer (so nothing
   loads), timed per part with forward pre-hooks: before the first MoE layer (embedding, dense
   layers), each MoE layer, after the last (final norm, lm_head). The same steps with the routed
@@ -197,7 +199,10 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
         "timing": {"attn": comp["attn"], "shared": 0.0, "expert": comp["expert"],
                    "copy": reads["read_seconds"], "attn_ctx": 0.0, "token_pre": comp["token_pre"],
                    "token_pre_ctx": 0.0, "token_post": comp["token_post"],
-                   "expert_bytes": reads["expert_bytes"]},
+                   "expert_bytes": reads["expert_bytes"],
+                   # on CPU the copy engine reads with this many threads at once (the simulator's
+                   # lanes); on CUDA one copy stream
+                   "lanes": reads["readers"] if torch.device(device).type == "cpu" else 1},
         "measured": {"reads": reads, "token_seconds": comp["token_seconds"],
                      "token_seconds_no_routed": comp["token_seconds_no_routed"],
                      "h2d_bytes_per_s": h2d},

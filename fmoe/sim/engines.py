@@ -135,7 +135,10 @@ def demand_misses(trace: Trace, table: SlotTable, progress=None) -> np.ndarray:
 
 def demand_stall(trace: Trace, misses: np.ndarray, tm: TimingModel) -> np.ndarray:
     _, _, shared = tm.per_layer(trace.num_layers)
-    per_layer = np.maximum(misses.astype(np.float64) * tm.copy - shared[None, :], 0.0)
+    lanes = max(1, int(tm.lanes))
+    # a layer's misses are read `lanes` at a time, each read taking lanes * copy
+    rounds = (misses.astype(np.int64) + lanes - 1) // lanes
+    per_layer = np.maximum(rounds * (lanes * tm.copy) - shared[None, :], 0.0)
     return per_layer.sum(axis=1)
 
 
@@ -157,7 +160,8 @@ def events(trace: Trace, table: SlotTable, tm: TimingModel,
     E = trace.num_experts
     rows_of = _router_rows(trace, policy)
     attn, attn_ctx, shared = (a.tolist() for a in tm.per_layer(L))
-    copy = float(tm.copy)
+    nl = max(1, int(tm.lanes))
+    copy = float(tm.copy) * nl          # one read on one lane (lanes share the link's rate)
     expert = float(tm.expert)
     pre, pre_ctx, post = float(tm.token_pre), float(tm.token_pre_ctx), float(tm.token_post)
     slot_of = table.slot_of
@@ -171,12 +175,19 @@ def events(trace: Trace, table: SlotTable, tm: TimingModel,
     orders: list[int] = []
     oi = 0
     no = 0
-    busy = 0.0                          # the copy engine is free from this time on
+    busy = 0.0                          # the earliest lane is free from this time on
+    lanes = [0.0] * nl                  # when each lane of the copy engine is free
     demand = 0
     t = 0.0
 
+    def take_lane(start: float) -> float:
+        # a read on the earliest free lane, from `start` on; returns when it lands
+        i = lanes.index(min(lanes)) if nl > 1 else 0
+        lanes[i] = (lanes[i] if lanes[i] > start else start) + copy
+        return lanes[i]
+
     def advance(now: float, busy: float, orders: list[int], oi: int) -> tuple[float, int]:
-        # start queued prefetches whose start time (engine free) is before `now`
+        # start queued prefetches whose start time (a lane free) is before `now`
         n = len(orders)
         while oi < n and busy < now:
             key = orders[oi]
@@ -189,8 +200,8 @@ def events(trace: Trace, table: SlotTable, tm: TimingModel,
             ev = acq.evicted
             if ev is not None:
                 ready_at.pop(ev, None)
-            busy += copy
-            ready_at[key] = busy
+            ready_at[key] = take_lane(busy)
+            busy = min(lanes)
             counters[0] += 1
         return busy, oi
 
@@ -210,7 +221,8 @@ def events(trace: Trace, table: SlotTable, tm: TimingModel,
                 if new:
                     orders = [k for k, _ in new]   # highest priority first (Policy contract)
                     if busy < t:
-                        busy = t
+                        lanes[:] = [x if x > t else t for x in lanes]
+                        busy = min(lanes)
                 else:
                     orders = []
                 oi = 0
@@ -237,7 +249,7 @@ def events(trace: Trace, table: SlotTable, tm: TimingModel,
                                 wait = r
                         ndev += 1
                         continue
-                    tl = (busy if busy > t else t) + copy
+                    tl = (busy if busy > t else t) + copy     # on the earliest lane
                     if split:
                         th = (hfree if hfree > t else t) + host_s
                         if not place(execution, table, key,
@@ -250,9 +262,8 @@ def events(trace: Trace, table: SlotTable, tm: TimingModel,
                     ev = acq.evicted
                     if ev is not None:
                         ready_at.pop(ev, None)
-                    busy = tl
-                    ready_at[key] = busy
-                    wait = busy
+                    ready_at[key] = wait = take_lane(t)
+                    busy = min(lanes)
                     demand += 1
                     ndev += 1
                 ready = t + shared[l]

@@ -72,7 +72,8 @@ class CalibratedProfile(HardwareProfile):
                            # what a resident one does (a profile may carry its own figure)
                            host=float(t.get("host", t["expert"])),
                            host_latency=float(t.get("host_latency", 0.0)),
-                           expert_bytes=int(t["expert_bytes"]), name=self.name,
+                           expert_bytes=int(t["expert_bytes"]), lanes=int(t.get("lanes", 1)),
+                           name=self.name,
                            details={"hardware": self.name, "calibrated": True, **self.model,
                                     "copy_ms": float(t["copy"]) * 1e3})
 

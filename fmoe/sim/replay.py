@@ -11,7 +11,8 @@ Semantics (the same as the live runtime's, see `fmoe.runtime.policies`):
   sequence.
 * A use is a hit only when the expert is resident *and its copy has finished* when the routing
   is known; a prefetch still in flight is a miss (``late``) and the wait is stall.
-* One copy engine (`timing.copy` seconds per expert): demand loads first, in acquire order;
+* One copy engine (`timing.copy` seconds per expert; with ``timing.lanes`` = n, n reads at once
+  of n * copy seconds each, as a CPU's reader threads): demand loads first, in acquire order;
   then prefetch orders by priority. The orders returned by the latest ``on_layer_start``
   replace the unstarted ones. A prefetch takes its slot (``SlotTable.prefetch``, which may evict
   and asks ``admit_prefetch``) when its copy starts; a copy never stops once started (an
@@ -19,8 +20,8 @@ Semantics (the same as the live runtime's, see `fmoe.runtime.policies`):
 
 Three engines give identical counts (tests hold them to it): ``events`` (the discrete-event loop
 above, any policy), ``demand`` (policies that never prefetch: the copy engine is idle whenever a
-layer routes, so stall per layer is ``max(0, misses * copy - shared)``, computed vectorised after
-the table loop) and ``lru`` (a plain-LRU kernel, the same counts as `LRUPolicy` in a `SlotTable`
+layer routes, so stall per layer is ``max(0, ceil(misses / n) * n * copy - shared)``, computed
+vectorised after the table loop) and ``lru`` (a plain-LRU kernel, the same counts as `LRUPolicy` in a `SlotTable`
 whenever the pool holds at least one layer's experts).
 """
 

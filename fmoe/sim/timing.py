@@ -12,7 +12,10 @@ Per token::
 Each part costs its roofline time ``max(bytes / mem_bw, flops / matmul)`` on the hardware
 profile (at batch one every weight matrix is read once per token, so the GEMMs are
 memory-bound). One host->device copy engine moves one expert in ``copy = expert_bytes /
-link_bw`` seconds, demand loads first, then prefetches by priority. A layer's routed experts
+link_bw`` seconds, demand loads first, then prefetches by priority. A disk read by `lanes`
+reader threads (a CPU machine's profile from `fmoe calibrate`) is `lanes` copies in flight at
+once, each taking ``lanes * copy``: the same rate, but a layer's k misses land after
+``ceil(k / lanes)`` such reads, not k copies. A layer's routed experts
 start when every one of them is ready; the wait past the shared experts is stall.
 TPOT = compute + stall.
 
@@ -47,6 +50,7 @@ class TimingModel:
     host: float = 0.0                    # s per routed expert computed on the host (0: no host path)
     host_latency: float = 0.0            # s per layer with host work (activations there and back)
     expert_bytes: int = 1                # bytes per expert copy
+    lanes: int = 1                       # copies in flight at once, each lanes * copy seconds
     name: str = "custom"
     details: dict = field(default_factory=dict)
 

@@ -9,6 +9,7 @@ import pytest
 
 from bench_helpers import random_trace
 from fmoe.bench.calibrate import calibrate
+from fmoe.runtime.transfer import CopyEngine
 from fmoe.serve.cli import main
 from fmoe.sim.hardware import UnknownHardwareError, get_hardware
 
@@ -29,12 +30,20 @@ def test_profile_fields(profile):
     assert t["expert_bytes"] == 3 * 64 * 32 * 4                       # float32 expert of the tiny shape
     assert prof["model"]["num_experts"] == 8 and prof["model"]["top_k"] == 2
     assert prof["measured"]["reads"]["samples"] == 6
+    # the reads ran with the CPU copy engine's reader count: the simulator's lanes
+    assert t["lanes"] == prof["measured"]["reads"]["readers"] == CopyEngine.cpu_readers
 
 
 def test_simulate_takes_the_profile(profile, tiny_synth, tmp_path, capsys):
     path, prof = profile
     tm = get_hardware(str(path)).timing_model()
     assert tm.copy == prof["timing"]["copy"] and tm.expert_bytes == prof["timing"]["expert_bytes"]
+    assert tm.lanes == prof["timing"]["lanes"]
+    # a profile from before lanes were recorded reads as one copy at a time
+    old = json.loads(path.read_text())
+    del old["timing"]["lanes"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert get_hardware(str(tmp_path / "old.json")).timing_model().lanes == 1
     random_trace(tmp_path / "t.npz", tokens=(20, 20), layers=2)
     rc = main(["simulate", "--trace", str(tmp_path / "t.npz"), "--policy", "lru", "--cache-fraction", "0.5",
                "--hardware", str(path), "--model-config", str(tiny_synth / "config.json"), "--json",

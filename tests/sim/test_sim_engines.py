@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,32 +17,34 @@ from sim_helpers import make_trace
 
 TM = TimingModel(attn=1e-4, shared=2e-5, expert=1e-5, copy=7e-4, attn_ctx=1e-7,
                  token_pre=3e-4, token_post=4e-4)
+TIMING = {1: TM, 2: dataclasses.replace(TM, lanes=2)}    # lanes -> timing
 
 
 def counts(r):
     return (r.hits, r.misses, r.late, r.demand_loads, r.prefetched, r.prefetch_used)
 
 
-@pytest.mark.parametrize("seed,missing", [(0, 0.0), (1, 0.1), (2, 0.0)])
+@pytest.mark.parametrize("seed,missing,lanes", [(0, 0.0, 1), (1, 0.1, 1), (2, 0.0, 1), (3, 0.0, 2)])
 @pytest.mark.parametrize("frac", [0.1, 0.3, 0.6])
-def test_engines_agree_on_demand_policies(seed, missing, frac):
+def test_engines_agree_on_demand_policies(seed, missing, frac, lanes):
+    tm = TIMING[lanes]
     t = make_trace(T=250, L=4, E=8, K=3, nseq=6, seed=seed, missing=missing)
     cap = max(3, int(frac * 32))
-    ref = simulate(t, "lru", TM, capacity=cap, engine="events", use_cache=False)
+    ref = simulate(t, "lru", tm, capacity=cap, engine="events", use_cache=False)
     for eng in ["lru", "demand"]:
-        r = simulate(t, "lru", TM, capacity=cap, engine=eng, use_cache=False)
+        r = simulate(t, "lru", tm, capacity=cap, engine=eng, use_cache=False)
         assert counts(r) == counts(ref)
         assert r.tpot_ms == pytest.approx(ref.tpot_ms, rel=1e-9)
         assert r.stall_ms_per_token == pytest.approx(ref.stall_ms_per_token, rel=1e-9, abs=1e-12)
     for pol in ["lfu", "belady"]:
-        a = simulate(t, pol, TM, capacity=cap, engine="events", use_cache=False)
-        b = simulate(t, pol, TM, capacity=cap, engine="demand", use_cache=False)
+        a = simulate(t, pol, tm, capacity=cap, engine="events", use_cache=False)
+        b = simulate(t, pol, tm, capacity=cap, engine="demand", use_cache=False)
         assert counts(a) == counts(b)
         assert a.tpot_ms == pytest.approx(b.tpot_ms, rel=1e-9)
     # Belady is the floor of demand paging
-    bel = simulate(t, "belady", TM, capacity=cap, use_cache=False)
+    bel = simulate(t, "belady", tm, capacity=cap, use_cache=False)
     for pol in ["lru", "lfu"]:
-        assert simulate(t, pol, TM, capacity=cap).misses >= bel.misses
+        assert simulate(t, pol, tm, capacity=cap).misses >= bel.misses
 
 
 @settings(max_examples=25, deadline=None, database=None)

@@ -125,6 +125,24 @@ def test_demand_stall_overlaps_shared_experts(engine):
     assert r.tpot_ms == pytest.approx(r.compute_ms_per_token + r.stall_ms_per_token)
 
 
+@pytest.mark.parametrize("engine", ["lru"] + DEMAND_ENGINES)
+def test_lanes_land_misses_side_by_side_and_a_lone_miss_takes_a_whole_read(engine):
+    # the trace and timing of the test above with 2 lanes: the link's rate is the same (copy 3
+    # per expert), so one read takes 6 on its lane. Token 0: each layer's 2 misses land together
+    # at 6 -> stall 6 - 1 = 5 (as with one lane). Token 1, layer 0: its one miss lands at 6 ->
+    # stall 5, where one lane gives 3 - 1 = 2.
+    t = trace_from_lists([[[[0, 1], [0, 1]], [[0, 2], [1, 0]]]], E=4)
+    tm = TimingModel(attn=1.0, shared=1.0, expert=0.5, copy=3.0, token_pre=0.25,
+                     token_post=0.25, lanes=2)
+    r = simulate(t, "lru", tm, capacity=4, engine=engine)
+    assert (r.hits, r.misses) == (3, 5)
+    assert r.stall_ms_per_token == pytest.approx((5 + 5 + 5) / 2 * 1e3)
+    # 3 misses in one layer with 2 lanes: two reads one after the other (12), not 3 x 3
+    t = trace_from_lists([[[[0, 1, 2]]]], E=4)
+    r = simulate(t, "lru", TimingModel(attn=1.0, copy=3.0, lanes=2), capacity=4, engine=engine)
+    assert r.stall_ms_per_token == pytest.approx(12e3)
+
+
 def test_context_cost_grows_with_position():
     t = trace_from_lists([[[0], [0], [0]], [[0]]], E=2)
     tm = TimingModel(attn=1.0, attn_ctx=0.5, copy=1.0)
@@ -180,6 +198,18 @@ def test_demand_loads_go_before_queued_prefetches():
     assert (r.hits, r.misses, r.late, r.demand_loads) == (1, 2, 0, 2)
     assert (r.prefetched, r.prefetch_used) == (1, 1)
     assert r.stall_ms_per_token * 3 == pytest.approx(5e3)
+
+
+def test_prefetches_take_every_free_lane_and_a_demand_load_waits_for_one():
+    # copy 2 at the link's rate, 2 lanes: a read takes 4. tok0 [5]: orders [1, 2] at 0; both
+    # start at once (lanes free), till 4; the miss on 5 at 1 waits for a lane: 4 -> 8 (stall
+    # 7). tok1 [2] and tok2 [1]: prefetched, landed -> hits.
+    t = one_layer([5, 2, 1], E=8)
+    pol = Scripted(1, 8, 4, {0: [(1, 2.0), (2, 1.0)]})
+    r = simulate(t, pol, TimingModel(attn=1.0, copy=2.0, lanes=2), capacity=4)
+    assert (r.hits, r.misses, r.late, r.demand_loads) == (2, 1, 0, 1)
+    assert (r.prefetched, r.prefetch_used) == (2, 2)
+    assert r.stall_ms_per_token * 3 == pytest.approx(7e3)
 
 
 def test_wasted_prefetch_counted():
