@@ -46,6 +46,7 @@ class SimResult:
     execution: str = "load"
     host_computed: int = 0               # routed-expert uses computed on the host
     host_computed_per_token: float = 0.0
+    copy_lanes: int = 1                  # reads in flight at once, each copy_lanes * copy_ms
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -125,4 +126,5 @@ def make_result(trace: Trace, name: str, capacity: int, tm: TimingModel, c: "Cou
         cache_fraction=float(fraction) if fraction is not None else capacity / (L * E),
         expert_bytes=int(tm.expert_bytes),
         copy_ms=float(tm.copy * 1e3), timing=tm.name, engine=engine, wall_s=wall,
-        execution=c.execution, host_computed=n_host, host_computed_per_token=n_host / T)
+        execution=c.execution, host_computed=n_host, host_computed_per_token=n_host / T,
+        copy_lanes=max(1, int(tm.lanes)))

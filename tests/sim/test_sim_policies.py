@@ -141,6 +141,7 @@ def test_lanes_land_misses_side_by_side_and_a_lone_miss_takes_a_whole_read(engin
     t = trace_from_lists([[[[0, 1, 2]]]], E=4)
     r = simulate(t, "lru", TimingModel(attn=1.0, copy=3.0, lanes=2), capacity=4, engine=engine)
     assert r.stall_ms_per_token == pytest.approx(12e3)
+    assert r.to_dict()["copy_lanes"] == 2 and r.copy_ms == pytest.approx(3e3)
 
 
 def test_context_cost_grows_with_position():
