@@ -107,8 +107,8 @@ def take(keys, slot_of, key_of, free, n_free, resident, pin, epoch, touch, clock
     The candidates are ranked once, at the first victim: a use changes only its own key's
     touch, and that key is pinned from then on, so the ranking of the others holds for the
     layer; 2n + 1 candidates cover n victims past up to 2n keys pinned or evicted meanwhile.
-    First the routed layer pending in `pend` ([layer (-1: none), k, k experts]) gets its
-    after-scores (`score_after`, with tab, c_after0, c_used0, tp [L, E, E] and edges); before
+    First the routed layers pending in `pend` ([n, then n records (layer, k, k experts)]) get
+    their after-scores (`score_after`, with tab, c_after0, c_used0, tp [L, E, E] and edges); before
     ranking, the running scores catch up: ``cur[upto * E : l_now * E] = after[...]``
     (`ReuseScoring.running`).
 
@@ -124,11 +124,14 @@ def take(keys, slot_of, key_of, free, n_free, resident, pin, epoch, touch, clock
     every key is taken (stop = n); 1 when a victim needs scores the pass does not have yet
     (stop = the key that needs it, nothing done for it: make them, then call again from there);
     2 when every cached key is pinned (no room for key `stop`)."""
-    if pend[0] >= 0 and after.shape[0] > 0:
-        lay = pend[0]
-        score_after(after, cur, tab, c_after0, c_used0, tp[lay], pend[2:2 + pend[1]], edges, lay,
-                    tp.shape[0], lay < upto[0], NO_ROW)
-        pend[0] = -1
+    if pend[0] > 0 and after.shape[0] > 0:
+        j = 1
+        for _ in range(pend[0]):
+            lay, k = pend[j], pend[j + 1]
+            score_after(after, cur, tab, c_after0, c_used0, tp[lay], pend[j + 2:j + 2 + k], edges,
+                        lay, tp.shape[0], lay < upto[0], NO_ROW)
+            j += 2 + k
+        pend[0] = 0
     ranked = np.empty(0, np.int64)
     n_ranked = -1
     for i in range(start, keys.shape[0]):
@@ -175,6 +178,16 @@ def take(keys, slot_of, key_of, free, n_free, resident, pin, epoch, touch, clock
         touch[key] = clock
         pin[key] = epoch
     return 0, keys.shape[0], n_free, clock, score_clock, misses, n_vict
+
+
+@numba.njit(cache=True)
+def touch_keys(touch, keys, clock):  # pragma: no cover - compiled
+    """Touch `keys` [n] int64 in order on the clock: ``touch[key] = clock += 1`` for each (the
+    hits `take` would have touched). Returns the clock."""
+    for i in range(keys.shape[0]):
+        clock += 1
+        touch[keys[i]] = clock
+    return clock
 
 
 @numba.njit(cache=True)

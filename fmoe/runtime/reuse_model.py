@@ -105,9 +105,10 @@ class ReuseModel(ReuseScoring):
         self._cur: np.ndarray | None = None      # per pass: the running scores
         self._upto = np.zeros(1, np.int64)       # ... layers before this hold after-scores
         self._arrays: tuple | None = None        # per pass: what `running_arrays` hands out
-        # a routed layer whose after-scores wait for the next reader: [layer (-1: none), k,
-        # its k experts]
-        self._pend = np.full(2 + num_experts, -1, np.int64)
+        # the routed layers whose after-scores wait for the next reader, in order: [n, then n
+        # records (layer, k, its k experts)]; at most one record per layer and pass
+        self._pend = np.zeros(1 + num_layers * (2 + num_experts), np.int64)
+        self._pend_end = 1                       # ... where the next record goes
         self._coarse_of: np.ndarray | None = None
         self._edges: tuple | None = None         # (K, next-pass edges times K / E)
         self._vectors: tuple | None = None       # per pass: (now, after unused, after used)
@@ -235,17 +236,18 @@ class ReuseModel(ReuseScoring):
         self._used = None
         if self._after is None or not keys:
             return
-        pend = self._pend
-        if pend[0] >= 0:
-            self._apply_pending()
         if layer in self._observed:
+            self._apply_pending()
             self._score_after([layer])
             return
         self._observed.add(layer)
-        k = len(keys)
-        pend[2:2 + k] = experts
-        pend[1] = k
-        pend[0] = layer
+        pend = self._pend
+        k, i = len(keys), (self._pend_end if pend[0] else 1)   # a reader emptied it: restart
+        pend[i] = layer
+        pend[i + 1] = k
+        pend[i + 2:i + 2 + k] = experts
+        pend[0] += 1
+        self._pend_end = i + 2 + k
 
     def end_pass(self) -> None:
         """The token is done: roll the stream on. Pure Python: the arrays (last use, counts)

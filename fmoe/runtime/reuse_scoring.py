@@ -16,7 +16,7 @@ from .reuse_features import _COUNT_LUT, _GAP_LUT, _NEXT_EDGES, NC, NG, NP, NQ, W
 # `running_arrays` before a pass has scores: empty, of the types the compiled `take` expects
 _NO_ARRAYS = (np.empty(0), np.empty(0), np.zeros(1, np.int64), np.empty(0),
               np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0, 0)), np.empty(0),
-              np.full(1, -1, np.int64))
+              np.zeros(1, np.int64))
 
 
 def kernels():
@@ -100,7 +100,7 @@ class ReuseScoring:
             c_after0, c_used0 = self._after_cells
             self._arrays = (self._after, self._cur, self._upto, self.wait_table(), c_after0,
                             c_used0, self.transition(), self.next_edges(), self._pend)
-        elif self._pend[0] >= 0:
+        elif self._pend[0]:
             self._apply_pending()
         upto = int(self._upto[0])
         if l_now > upto:                    # the layers before l_now have had their pass
@@ -116,17 +116,21 @@ class ReuseScoring:
         return _NO_ARRAYS if self._now is None else self._arrays
 
     def _apply_pending(self) -> None:
-        """The after-scores of the routed layer `observe_layer` left pending, if any."""
+        """The after-scores of the routed layers `observe_layer` left pending, in order."""
         pend = self._pend
-        layer = int(pend[0])
-        if layer >= 0:
-            pend[0] = -1
-            self._score_after([layer], pend[2:2 + int(pend[1])].copy())
+        i = 1
+        for _ in range(int(pend[0])):
+            layer, k = int(pend[i]), int(pend[i + 1])
+            self._score_after([layer], pend[i + 2:i + 2 + k].copy())
+            i += 2 + k
+        pend[0] = 0
+        self._pend_end = 1
 
     def _drop_scores(self) -> None:
-        """Forget this pass's scores (and the layer pending for them)."""
+        """Forget this pass's scores (and the layers pending for them)."""
         self._now = self._after = self._arrays = None
-        self._pend[0] = -1
+        self._pend[0] = 0
+        self._pend_end = 1
 
     # -- per-pass score vectors (the eviction rule's hot path) ---------------------------------
     def wait_table(self) -> np.ndarray:

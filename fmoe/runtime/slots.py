@@ -99,6 +99,8 @@ class SlotTable:
         self.capacity = capacity
         self.policy = policy
         self._take = getattr(policy, "take", None)   # the policy's one-call form of a layer
+        # ... and of a layer whose uses all hit
+        self._hit_all = getattr(policy, "hit_all", None) if self._take is not None else None
         # key -> slot; with `take`, an array the policy's compiled call updates in place
         self.slot_of: MutableMapping[int, int] = (
             SlotArray(policy.num_layers * policy.num_experts) if self._take is not None else {})
@@ -212,6 +214,10 @@ class SlotTable:
         """`acquire_many` through the policy's `take`, which updates the table's arrays (slot_of,
         key_of, free) itself; the counts and the free list follow from what it wrote."""
         n = len(keys)
+        if self._hit_all is not None and n:
+            got = [self.slot_of.a[key] for key in keys]
+            if min(got) >= 0:
+                return self._hit_many(keys, got, slots, hits)
         if n > len(self._out_slot):
             self._grow(2 * n)
         free = self.free
@@ -246,6 +252,23 @@ class SlotTable:
         if done < n:
             raise RuntimeError("every resident expert is pinned; cannot evict")
         return misses
+
+    def _hit_many(self, keys, got: list, slots: list | None, hits: list | None) -> int:
+        """`_acquire_taken` of keys that are all resident (slots `got`): the policy's
+        `hit_all`, and the counts; no compiled call (most layers of a large cache)."""
+        self._hit_all(keys)
+        self.stats.hits += len(keys)
+        unused = self.unused_prefetch
+        if unused:
+            for key in keys:
+                if key in unused:
+                    unused.discard(key)
+                    self.stats.prefetch_used += 1
+        self.pinned.update(keys)
+        if slots is not None:
+            slots.extend(map(int, got))
+            hits.extend([True] * len(keys))
+        return 0
 
     def host(self, key: int) -> None:
         """A use of `key` (not resident) computed on the host: counted apart from hits and

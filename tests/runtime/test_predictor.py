@@ -321,8 +321,10 @@ def test_incremental_scores_equal_direct_formula(seed):
                 m.observe(keys[:1])
                 np.testing.assert_allclose(m.next_use_score(layer), direct(layer))
                 m.observe(keys[1:])
+            elif t % 2:                              # whole layers, queued for the reader
+                m.observe_layer(layer, keys, rows[layer])
             else:
                 m.observe(keys)
-            if t % 2 == 0:
+            if t % 2 == 0 or layer == L - 1:
                 np.testing.assert_allclose(m.next_use_score(layer), direct(layer))
         m.end_pass()

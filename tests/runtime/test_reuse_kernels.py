@@ -97,6 +97,24 @@ def test_take_between_prefetches_and_releases(seed):
     assert got_stats == want_stats
 
 
+def test_all_hit_layers_skip_the_compiled_call():
+    """A layer whose keys are all resident goes through `hit_all` (no compiled call), with the
+    same slots, counts and touch order as the per-use events; `take` runs only for the layers
+    with a miss."""
+    L, E, K = 4, 8, 3
+    rng = np.random.default_rng(5)
+    routes = [[rng.choice(E, K, replace=False) for _ in range(L)] for _ in range(30)]
+    fast, slow = FmoePolicy(L, E, L * E, top_k=K), PerUse(L, E, L * E, top_k=K)
+    calls = []
+    take = fast.take
+    fast.take = lambda *a: calls.append(1) or take(*a)
+    got, got_stats = drive(fast, L * E, routes, {})
+    want, want_stats = drive(slow, L * E, routes, {})
+    assert got == want and got_stats == want_stats
+    np.testing.assert_array_equal(fast.rule.touch, slow.rule.touch)
+    assert len(calls) == sum(1 for misses, *_ in got if misses) < len(got) // 2
+
+
 def test_take_refuses_when_everything_is_pinned():
     p = FmoePolicy(1, 4, 2, top_k=2)
     table = SlotTable(2, p)

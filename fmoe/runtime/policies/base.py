@@ -35,7 +35,8 @@ slot (-1: free), both updated; free [>= n_free] int64 the free slots (read); out
 int64, out_hit [n] bool and victims [n] int64 are written. `done` < n says that every resident
 key was pinned when key `done` needed a slot. The table (`SlotTable.acquire_many`) then calls it
 in place of those events and brings its counts and free list up to date from what it wrote; a
-policy without it gets them one by one.
+policy without it gets them one by one. A policy with `take` may also offer ``hit_all(keys)``:
+the effect of `take` when every key is resident (the table checks, then calls it instead).
 
 Prefetch orders are advisory. The caller (the runtime's copy engine, or the simulator's) serves
 demand loads first, then orders by falling priority; the orders returned by the latest

@@ -272,26 +272,49 @@ class ReuseRule(EvictionRule):
         n = num_layers * num_experts
         self._pin = np.zeros(n, np.int64)         # == _epoch: pinned in the running `take`
         self._epoch = 0
+        self._touched: list[int] = []             # hits not yet on the clock (`hit_all`)
 
     def _forget(self) -> None:
         self._score = self._masked = self._score_clock = None
 
+    def _settle(self) -> None:
+        """Put the hits `hit_all` deferred on the clock, in order (before the clock or a touch
+        is read or moved)."""
+        if self._touched:
+            self.clock = kernels().touch_keys(self.touch, np.array(self._touched, np.int64),
+                                              self.clock)
+            self._touched = []
+
     def layer_start(self, layer: int) -> None:
         self.l_now = layer
-        self._forget()
+        self._score = self._masked = self._score_clock = None
 
     def routed(self, layer: int, keys) -> None:
-        self._forget()
+        self._score = self._masked = self._score_clock = None
 
     def token_end(self) -> None:
+        self._settle()
         self._forget()
 
+    def hit_all(self, keys: list[int]) -> None:
+        """`take` of a layer's uses that are all hits (the table has checked): the same
+        touches, deferred to the next reader of the clock (most layers of a large cache hit
+        throughout; this keeps them off the compiled call)."""
+        self._touched.extend(keys)
+        self._score = self._masked = None
+
     def on_hit(self, key: int) -> None:
+        self._settle()
         super().on_hit(key)
         if self._masked is not None:
             self._masked[key] = -np.inf
 
+    def on_host(self, key: int) -> None:
+        self._settle()
+        super().on_host(key)
+
     def on_insert(self, key: int, prefetch: bool = False) -> None:
+        self._settle()
         super().on_insert(key, prefetch)
         if prefetch:
             # a prefetched key is a candidate like any other, with its touch just now (as
@@ -308,6 +331,7 @@ class ReuseRule(EvictionRule):
     def scores(self) -> np.ndarray:
         score = self._score
         if score is None:
+            self._settle()
             if self._score_clock is None:
                 self._score_clock = self.clock
             score = self.reuse.next_use_score(self.l_now)
@@ -331,6 +355,8 @@ class ReuseRule(EvictionRule):
         """`Policy.take`: a layer's uses in one compiled call (`fmoe.runtime.reuse_kernels.take`)
         on the table's arrays, with the same hits, inserts, victims and touches as the per-use
         events `on_hit` / `victim` / `on_evict` / `on_insert` in order, each use pinned."""
+        if self._touched:
+            self._settle()
         self._epoch += 1
         ep, pin = self._epoch, self._pin
         for key in pinned:

@@ -135,6 +135,7 @@ class FmoePolicy(Policy):
         if hasattr(self.rule, "take") and all(getattr(type(self), n) is getattr(FmoePolicy, n)
                                               for n in events):
             self.take = self.rule.take
+            self.hit_all = self.rule.hit_all
         self.prefetches = self.max_orders > 0
         self._keep_maps = False
         self.predictor: MapPredictor | None = None
