@@ -98,13 +98,14 @@ def _profile_timing(profile) -> dict:
     return data["timing"]
 
 
-def profile_seconds(profile, top_k: int) -> tuple[float, float]:
-    """(one expert copy, one MoE layer's compute) in seconds from a calibrated profile (a path
-    or its dict): the ratio prefetch is decided by."""
+def profile_seconds(profile, top_k: int) -> tuple[float, float, int]:
+    """(the link's seconds per expert, one MoE layer's compute in seconds, copies in flight at
+    once) from a calibrated profile (a path or its dict): what prefetch is decided by."""
     t = _profile_timing(profile)
     attn = t["attn"]
     attn = sum(attn) / len(attn) if isinstance(attn, list) else float(attn)
-    return float(t["copy"]), attn + float(t.get("shared", 0.0)) + top_k * float(t["expert"])
+    layer = attn + float(t.get("shared", 0.0)) + top_k * float(t["expert"])
+    return float(t["copy"]), layer, int(t.get("lanes", 1))
 
 
 def miss_seconds(profile) -> tuple[float, float]:
@@ -208,9 +209,10 @@ class OffloadRuntime:
             if hardware_profile is not None:
                 # a calibrated profile (fmoe calibrate): copy vs. per-layer compute decides
                 # whether and how far ahead the policy prefetches
-                copy_s, layer_s = profile_seconds(hardware_profile, self.K)
+                copy_s, layer_s, lanes = profile_seconds(hardware_profile, self.K)
                 opts.setdefault("copy_seconds", copy_s)
                 opts.setdefault("layer_seconds", layer_s)
+                opts.setdefault("lanes", lanes)
         elif prefetch_distance is not None or map_store is not None:
             raise ValueError(f"prefetch_distance and map_store need policy='fmoe', not {policy!r}")
         if map_store is not None:

@@ -116,7 +116,7 @@ def build_policy(name: str, trace: Trace, capacity: int, *, use_cache: bool = Tr
     """A policy by name. Sim-only policies ("belady", "oracle", "horizon") get the trace's
     future. `options` go to the policy when its options dataclass has them (others are
     ignored: a sweep passes one set to every policy); `top_k` and, from `timing`, the hardware
-    profile (`copy_seconds`, `layer_seconds`) are filled in for policies that take them."""
+    profile (`copy_seconds`, `layer_seconds`, `lanes`) are filled in for policies that take them."""
     L, E = trace.num_layers, trace.num_experts
     cls = policy_class(name)
     accepted = option_names(cls)
@@ -127,6 +127,8 @@ def build_policy(name: str, trace: Trace, capacity: int, *, use_cache: bool = Tr
     if timing is not None and "copy_seconds" in accepted:
         kw.setdefault("copy_seconds", float(timing.copy))
         kw.setdefault("layer_seconds", timing.layer_seconds(L, trace.top_k))
+        if "lanes" in accepted:
+            kw.setdefault("lanes", int(getattr(timing, "lanes", 1)))
     data = {}
     if name in SIM_ONLY:
         keys, nxt = access_sequence(trace, use_cache)

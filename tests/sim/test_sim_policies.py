@@ -436,3 +436,24 @@ def test_oracle_tpot_at_most_belady(case):
     orc = simulate(trace, "oracle", tm, capacity=cap, use_cache=False)
     bel = simulate(trace, "belady", tm, capacity=cap, use_cache=False)
     assert orc.tpot_ms <= bel.tpot_ms + 1e-9
+
+
+def test_profiles_hand_the_lanes_to_the_prefetch_rule():
+    """A calibrated profile's `lanes` reaches the fmoe policy in the runtime
+    (`profile_seconds`) and in the simulator (`build_policy`); a profile without it is one
+    lane."""
+    from fmoe.runtime.offload import profile_seconds
+    from fmoe.sim.replay import build_policy
+
+    prof = {"timing": {"attn": [0.007, 0.0074], "expert": 0.0006, "copy": 0.0131, "lanes": 2}}
+    copy, layer, lanes = profile_seconds(prof, 6)
+    assert (copy, lanes) == (0.0131, 2) and layer == pytest.approx(0.0072 + 6 * 0.0006)
+    del prof["timing"]["lanes"]
+    assert profile_seconds(prof, 6)[2] == 1
+    trace = trace_from_lists([[[[0, 1]], [[1, 2]]]], 4)
+    timing = TimingModel(attn=0.0072, expert=0.0006, copy=0.0131, lanes=2)
+    two = build_policy("fmoe", trace, 3, timing=timing, use_cache=False)
+    assert two.options.lanes == 2 and not two.prefetches
+    one = build_policy("fmoe", trace, 3, timing=TimingModel(attn=0.0072, expert=0.0006,
+                                                             copy=0.0131), use_cache=False)
+    assert one.options.lanes == 1 and one.prefetches       # a read in 1.2 layers: on

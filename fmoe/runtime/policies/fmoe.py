@@ -13,8 +13,9 @@ events, like every policy; every event comes from one thread.
   iteration-stamped `Prediction` values, applied at the start of a layer: orders whose target
   layer has passed are dropped, and a worker's error is raised by the next event.
 
-Prefetch is decided from the hardware: with `copy_seconds` (one expert copy) and `layer_seconds`
-(one MoE layer's compute) given, `prefetch="auto"` turns it on only when a copy is covered by
+Prefetch is decided from the hardware: with `copy_seconds` (the link's time per expert),
+`layer_seconds` (one MoE layer's compute) and `lanes` (copies in flight at once, each taking
+lanes x copy_seconds) given, `prefetch="auto"` turns it on only when one copy is covered by
 at most `PREFETCH_MAX_RATIO` layers of compute, and the prefetch distance d is the number of
 layers whose compute covers one copy (`prefetch_plan`); and while it is on, orders go out only
 while the demand loads of recent layers keep the link less than half busy (`LINK_SLACK`: a
@@ -47,20 +48,24 @@ LINK_SLACK = 0.5            # ... and only while demand loads leave the link thi
 DEMAND_DECAY = 0.98         # per layer: the running mean of demand loads per layer
 
 
-def prefetch_plan(copy_seconds: float | None, layer_seconds: float | None) -> tuple[bool, int, int]:
+def prefetch_plan(copy_seconds: float | None, layer_seconds: float | None,
+                  lanes: int = 1) -> tuple[bool, int, int]:
     """The automatic rule: (prefetch on, distance d, orders per layer) for a link that copies
-    one expert in `copy_seconds` beside MoE layers of `layer_seconds` compute each.
+    one expert per `copy_seconds` (its rate) beside MoE layers of `layer_seconds` compute each,
+    with `lanes` copies in flight at once (a CPU's reader threads), so that one copy takes
+    lanes x copy_seconds from start to end.
 
-    d = ceil(copy / layer), at least 1: a prefetch ordered at the start of layer l for layer
-    l + d has d layers of compute to land in. On only when d <= PREFETCH_MAX_RATIO layers: with
-    a longer copy an order lands late (a miss and a wasted slot) and the link is the
-    bottleneck, where every wrong prefetch costs a copy. Orders per layer: the copies one
-    layer's compute covers (at least 1, at most MAX_AUTO_ORDERS). Without a profile: off."""
+    d = ceil(lanes x copy / layer), at least 1: a prefetch ordered at the start of layer l for
+    layer l + d has d layers of compute to land in. On only when d <= PREFETCH_MAX_RATIO
+    layers: with a longer copy an order lands late (a miss and a wasted slot) and the link is
+    the bottleneck, where every wrong prefetch costs a copy. Orders per layer: the copies one
+    layer's compute covers at the link's rate (at least 1, at most MAX_AUTO_ORDERS). Without a
+    profile: off."""
     if not copy_seconds or not layer_seconds or copy_seconds <= 0 or layer_seconds <= 0:
         return False, DEFAULT_DISTANCE, 1
-    ratio = copy_seconds / layer_seconds
+    ratio = max(1, int(lanes)) * copy_seconds / layer_seconds
     d = max(1, math.ceil(ratio - 1e-9))
-    orders = max(1, min(MAX_AUTO_ORDERS, int(1.0 / ratio)))
+    orders = max(1, min(MAX_AUTO_ORDERS, int(layer_seconds / copy_seconds)))
     return ratio <= PREFETCH_MAX_RATIO, d, orders
 
 
@@ -74,8 +79,9 @@ class FmoeOptions:
                                           # an explicit value > 0 with prefetch="auto" turns
                                           # prefetch on, 0 turns it off
     prefetch_distance: int | None = None  # d; None: from the profile, else 3
-    copy_seconds: float | None = None     # hardware profile: one expert copy ...
-    layer_seconds: float | None = None    # ... and one MoE layer's compute
+    copy_seconds: float | None = None     # hardware profile: the link's time per expert ...
+    layer_seconds: float | None = None    # ... one MoE layer's compute ...
+    lanes: int = 1                        # ... and the copies it runs at once
     lead: bool = True                     # orders lead across the token boundary
     worker: bool = False                  # predictor on a worker thread (when prefetching)
     top_k: int | None = None              # the model's top-k (None: from the routing seen)
@@ -110,7 +116,8 @@ class FmoePolicy(Policy):
             raise ValueError(f"fmoe prefetch must be 'auto', true or false, not {opts.prefetch!r}")
         self.options = opts
         L, E = num_layers, num_experts
-        auto_on, auto_d, auto_orders = prefetch_plan(opts.copy_seconds, opts.layer_seconds)
+        auto_on, auto_d, auto_orders = prefetch_plan(opts.copy_seconds, opts.layer_seconds,
+                                                       opts.lanes)
         if opts.max_orders is not None and opts.max_orders <= 0:
             on = False
         elif opts.prefetch == "auto":
