@@ -110,6 +110,8 @@ class SlotTable:
         self.unused_prefetch: set[int] = set()  # prefetched keys not used yet
         self.stats = SlotStats()
         if self._take is not None:
+            # the slot array read from Python without numpy scalars (the all-hit check)
+            self._slot_mv = memoryview(self.slot_of.a)
             # the free list as an array for `take`: its first len(free) entries are the list's
             self._free = np.array(self.free, np.int64)
             self._grow(16)
@@ -215,9 +217,12 @@ class SlotTable:
         key_of, free) itself; the counts and the free list follow from what it wrote."""
         n = len(keys)
         if self._hit_all is not None and n:
-            got = [self.slot_of.a[key] for key in keys]
-            if min(got) >= 0:
-                return self._hit_many(keys, got, slots, hits)
+            mv = self._slot_mv
+            for key in keys:            # stops at the first miss (most layers of a small cache)
+                if mv[key] < 0:
+                    break
+            else:
+                return self._hit_many(keys, slots, hits)
         if n > len(self._out_slot):
             self._grow(2 * n)
         free = self.free
@@ -253,9 +258,9 @@ class SlotTable:
             raise RuntimeError("every resident expert is pinned; cannot evict")
         return misses
 
-    def _hit_many(self, keys, got: list, slots: list | None, hits: list | None) -> int:
-        """`_acquire_taken` of keys that are all resident (slots `got`): the policy's
-        `hit_all`, and the counts; no compiled call (most layers of a large cache)."""
+    def _hit_many(self, keys, slots: list | None, hits: list | None) -> int:
+        """`_acquire_taken` of keys that are all resident: the policy's `hit_all`, and the
+        counts; no compiled call (most layers of a large cache)."""
         self._hit_all(keys)
         self.stats.hits += len(keys)
         unused = self.unused_prefetch
@@ -266,7 +271,8 @@ class SlotTable:
                     self.stats.prefetch_used += 1
         self.pinned.update(keys)
         if slots is not None:
-            slots.extend(map(int, got))
+            mv = self._slot_mv
+            slots.extend([mv[key] for key in keys])
             hits.extend([True] * len(keys))
         return 0
 
