@@ -113,8 +113,11 @@ def measure_compute(model, steps: int = 6) -> dict:
             "token_seconds": total_full, "token_seconds_no_routed": total_bare}
 
 
-def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None) -> dict:
-    """Cold reads of random experts through the store's read path: seconds per read."""
+def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None,
+                  memory_limit: int | None = None) -> dict:
+    """Cold reads of random experts through the store's read path: seconds per read. O_DIRECT
+    or not as the runtime decides it in this process, or, with `memory_limit` (bytes), in a
+    process limited to that much (a run inside a memory cgroup)."""
     from ..bench.cgroup import drop_file_pages
     from ..io.checkpoint import FileReader
     from ..models.loading import expert_layouts
@@ -125,7 +128,7 @@ def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None
     cfg, _, _, _, layouts, _, dtype = expert_layouts(Path(model_path), dtype)
     shp = cfg.experts
     reader = FileReader()
-    OffloadRuntime._direct_reads(layouts, reader)
+    OffloadRuntime._direct_reads(layouts, reader, room=memory_limit)
     store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, 0, pin=False, reader=reader)
     files = sorted({s.info.file for row in layouts for lay in row for s in lay.w13 + lay.w2})
     drop_file_pages(files)
@@ -158,8 +161,10 @@ def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None
 
 
 def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device: str = "cpu",
-              out=print) -> dict:
-    """The profile dict (see the module docstring); `out` gets progress lines."""
+              out=print, memory_limit: int | None = None) -> dict:
+    """The profile dict (see the module docstring); `out` gets progress lines. `memory_limit`
+    (bytes): the limit the runs will have, so that the reads go the way they will there
+    (O_DIRECT once the experts exceed half of it)."""
     from ..models import from_pretrained
     from ..runtime.lm import parse_dtype
     from ..sim.shapes import shape_from_config
@@ -167,7 +172,7 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
     dtype = parse_dtype(dtype)
     path = Path(model_path)
     out(f"calibrate: cold reads of {samples} experts ...")
-    reads = measure_reads(path, samples, dtype=dtype)
+    reads = measure_reads(path, samples, dtype=dtype, memory_limit=memory_limit)
     out(f"calibrate: {reads['expert_bytes'] / 2**20:.1f} MiB per expert, {reads['read_seconds'] * 1e3:.1f} ms "
         f"each with {reads['readers']} readers ({reads['read_GBps']:.2f} GB/s; one read's latency "
         f"{reads['read_latency_median'] * 1e3:.1f} ms median; O_DIRECT {reads['o_direct']})")

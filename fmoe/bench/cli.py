@@ -29,7 +29,16 @@ def cmd_bench(args) -> int:
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
 
-    profile = calibrate(args.model, dtype=args.dtype, samples=args.samples, out=print)
+    limit = None
+    if args.memory_limit is not None:
+        from ..runtime.offload import parse_bytes
+
+        try:
+            limit = parse_bytes(args.memory_limit)
+        except ValueError as e:
+            raise SystemExit(f"fmoe calibrate: --memory-limit: {e}") from None
+    profile = calibrate(args.model, dtype=args.dtype, samples=args.samples, out=print,
+                        memory_limit=limit)
     text = json.dumps(profile, indent=2)
     if args.out:
         from ..models.synthetic import _write_json
@@ -85,6 +94,10 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--samples", type=int, default=48, help="experts read cold (default 48)")
     p.add_argument("--out", default=None, help="write the profile JSON here (default: stdout)")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="the memory limit the runs will have (e.g. 12GiB): the reads go as they "
+                        "will there, O_DIRECT once the experts exceed half of it (default: this "
+                        "process's own limit)")
     p.set_defaults(func=cmd_calibrate)
 
 

@@ -267,16 +267,18 @@ class OffloadRuntime:
             block.experts = OffloadedExperts(self, layer)
 
     @staticmethod
-    def _direct_reads(layouts, reader) -> None:
-        """Experts of a model larger than half the memory this process may use are read with
-        O_DIRECT: the cache holds them, and a page-cache copy would only be evicted again
-        (and, under a memory cgroup, be reclaimed at the forward's expense)."""
+    def _direct_reads(layouts, reader, room: int | None = None) -> None:
+        """Experts of a model larger than half the memory this process may use (`room` bytes
+        when given) are read with O_DIRECT: the cache holds them, and a page-cache copy would
+        only be evicted again (and, under a memory cgroup, be reclaimed at the forward's
+        expense)."""
         from .memory import memory_limit
 
         files = {s.info.file for row in layouts for lay in row for s in lay.w13 + lay.w2}
         total = sum(lay.nbytes for row in layouts for lay in row)
-        lim = memory_limit()
-        room = lim.limit if lim.limit is not None else lim.available
+        if room is None:
+            lim = memory_limit()
+            room = lim.limit if lim.limit is not None else lim.available
         for f in files:
             reader.use_direct(f, large=total > room // 2)
 

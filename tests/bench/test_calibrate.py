@@ -70,3 +70,23 @@ def test_cli_writes_profile(tiny_synth, tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["calibrate", str(tiny_synth), "--samples", "4", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["format"] == "fmoe-hardware-profile"
+
+
+def test_memory_limit_sets_the_read_path(tiny_synth, monkeypatch):
+    """`memory_limit` reads as the runtime would under that limit: experts larger than half of
+    it go O_DIRECT (where the filesystem allows it), a limit far above them through the page
+    cache; the CLI takes it as a size and refuses a bad one."""
+    import os
+
+    from fmoe.bench.calibrate import measure_reads
+
+    monkeypatch.delenv("FMOE_DIRECT_IO", raising=False)
+    files = sorted(tiny_synth.glob("*.safetensors"))
+    try:
+        os.close(os.open(files[0], os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    assert measure_reads(tiny_synth, 4, memory_limit=1)["o_direct"] is True
+    assert measure_reads(tiny_synth, 4, memory_limit=1 << 50)["o_direct"] is False
+    with pytest.raises(SystemExit, match="--memory-limit"):
+        main(["calibrate", str(tiny_synth), "--samples", "2", "--memory-limit", "lots"])
