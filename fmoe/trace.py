@@ -109,6 +109,22 @@ class Trace:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    def first_layers(self, n: int) -> "Trace":
+        """The first `n` MoE layers: the routing a model with `n` MoE layers sees when this
+        trace is replayed into it (`fmoe.bench.replay`)."""
+        if n >= self.num_layers:
+            return self
+        if n < 1:
+            raise TraceError("a trace needs at least one MoE layer")
+
+        def cut(a):
+            return None if a is None else a[:, :n]
+
+        return Trace(self.expert_ids[:, :n], self.seq_offsets, self.num_experts, self.model,
+                     None if self.moe_layers is None else self.moe_layers[:n], cut(self.weights),
+                     cut(self.gate_probs), self.phase, self.token_ids, self.texts, self.path,
+                     self.model_config)
+
     def head(self, max_tokens: int) -> "Trace":
         """The first `max_tokens` tokens (the sequence cut there is truncated)."""
         T = self.num_tokens

@@ -218,6 +218,10 @@ def _resolve_shape(args, trace):
                          "--model NAME (deepseek-v2-lite, mixtral-8x7b, qwen1.5-moe-a2.7b, "
                          "qwen3-30b-a3b) or --model-config config.json")
     shape = shape.with_dtype(args.dtype)
+    explicit = bool(args.model or args.model_config)
+    if (explicit and shape.num_experts == trace.num_experts
+            and shape.num_moe_layers < trace.num_layers):
+        return shape        # a shrunk model (fmoe synth --layers): the trace's first layers
     if (shape.num_moe_layers, shape.num_experts) != (trace.num_layers, trace.num_experts):
         raise UsageError(f"trace has {trace.num_layers} MoE layers x {trace.num_experts} experts "
                          f"but model shape {shape.name!r} has {shape.num_moe_layers} x "
@@ -279,6 +283,13 @@ def _run(args) -> int:
         trace = trace.head(args.max_tokens)
     history = load_trace(args.history, gate_probs=probs) if args.history else None
     shape = _resolve_shape(args, trace)
+    if shape.num_moe_layers < trace.num_layers:
+        # as the live routing replay does: a model with fewer MoE layers gets the first ones
+        print(f"fmoe simulate: the trace's first {shape.num_moe_layers} of {trace.num_layers} MoE "
+              f"layers (model shape {shape.name!r})", file=sys.stderr)
+        trace = trace.first_layers(shape.num_moe_layers)
+        if history is not None:
+            history = history.first_layers(shape.num_moe_layers)
     from .timing import TimingModel
 
     # a calibrated profile carries its own measured timing (it replaces the built-in shape's)

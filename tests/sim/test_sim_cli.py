@@ -272,3 +272,34 @@ def test_no_progress_bar_for_a_short_run(capsys, monkeypatch, trace_path, tiny_c
                              "--cache-fraction", "0.25", "--model-config", tiny_config, "--json")
     assert code == 0 and err == ""
     json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_shrunk_model_takes_the_traces_first_layers(capsys, tmp_path, tiny_config):
+    """A model shape with fewer MoE layers than the trace (a checkpoint from `fmoe synth
+    --layers`) replays the trace's first layers, as the live routing replay does: the same
+    figures as a trace cut to those layers; more layers than the trace are still refused."""
+    ids = synthetic_ids(120, 3, 8, 2, seed=4)
+    full = write_trace(tmp_path / "full.npz", expert_ids=ids, seq_offsets=[0, 40, 90, 120],
+                       num_experts=8, model="test/tiny-moe")
+    cut = write_trace(tmp_path / "cut.npz", expert_ids=ids[:, :2].copy(),
+                      seq_offsets=[0, 40, 90, 120], num_experts=8, model="test/tiny-moe")
+    cfg = json.loads(tiny_config.read_text())
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    got = []
+    for trace in (full, cut):
+        code, out, err = run_cli(capsys, "simulate", "--trace", trace, "--policy", "lru",
+                                 "--capacity", "5", "--model-config", small, "--json",
+                                 "--no-cache")
+        assert code == 0, err
+        got.append(json.loads(out.strip().splitlines()[-1]))
+    assert "first 2 of 3 MoE layers" in run_cli(
+        capsys, "simulate", "--trace", full, "--policy", "lru", "--capacity", "5",
+        "--model-config", small, "--no-cache")[2]
+    for key in ("hit_rate", "tpot_ms", "loads_per_token", "tokens"):
+        assert got[0][key] == got[1][key]
+    (small / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
+    code, _, err = run_cli(capsys, "simulate", "--trace", full, "--policy", "lru",
+                           "--capacity", "5", "--model-config", small)
+    assert code == 2 and "3 MoE layers" in err
