@@ -90,3 +90,29 @@ def test_memory_limit_sets_the_read_path(tiny_synth, monkeypatch):
     assert measure_reads(tiny_synth, 4, memory_limit=1 << 50)["o_direct"] is False
     with pytest.raises(SystemExit, match="--memory-limit"):
         main(["calibrate", str(tiny_synth), "--samples", "2", "--memory-limit", "lots"])
+
+
+def test_unaligned_direct_reads_suggest_the_store(tiny_synth, tmp_path, capsys, monkeypatch):
+    """Experts read with O_DIRECT from a checkpoint whose tensors are not 4096-aligned (every
+    read through a bounce buffer) print a hint to convert; the converted store, whose experts
+    start aligned, reads without it."""
+    import os
+
+    from fmoe.bench.calibrate import measure_reads
+    from fmoe.models.convert import convert
+
+    monkeypatch.delenv("FMOE_DIRECT_IO", raising=False)
+    try:
+        os.close(os.open(sorted(tiny_synth.glob("*.safetensors"))[0], os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    capsys.readouterr()
+    measure_reads(tiny_synth, 2, memory_limit=1)
+    assert "fmoe convert" in capsys.readouterr().err
+    measure_reads(tiny_synth, 2, memory_limit=1 << 50)        # buffered reads: no hint
+    assert "fmoe convert" not in capsys.readouterr().err
+    store = tmp_path / "store"
+    convert(tiny_synth, store, progress=False)
+    capsys.readouterr()
+    assert measure_reads(store, 2, memory_limit=1)["o_direct"] is True
+    assert "fmoe convert" not in capsys.readouterr().err
