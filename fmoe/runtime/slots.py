@@ -245,12 +245,7 @@ class SlotTable:
                     stats.resident_peak = slot_of.n
             if nv and unused:
                 unused.difference_update(self._victims[:nv].tolist())
-        if unused:
-            for key in keys:
-                if key in unused:       # resident, so a hit
-                    unused.discard(key)
-                    stats.prefetch_used += 1
-        self.pinned.update(keys)
+        self._pin_used(keys)
         if slots is not None:
             slots.extend(self._out_slot[:done].tolist())
             hits.extend(self._out_hit[:done].tolist())
@@ -258,11 +253,8 @@ class SlotTable:
             raise RuntimeError("every resident expert is pinned; cannot evict")
         return misses
 
-    def _hit_many(self, keys, slots: list | None, hits: list | None) -> int:
-        """`_acquire_taken` of keys that are all resident: the policy's `hit_all`, and the
-        counts; no compiled call (most layers of a large cache)."""
-        self._hit_all(keys)
-        self.stats.hits += len(keys)
+    def _pin_used(self, keys) -> None:
+        """Pin the taken `keys`; a prefetched one among them (resident, so a hit) is used."""
         unused = self.unused_prefetch
         if unused:
             for key in keys:
@@ -270,6 +262,13 @@ class SlotTable:
                     unused.discard(key)
                     self.stats.prefetch_used += 1
         self.pinned.update(keys)
+
+    def _hit_many(self, keys, slots: list | None, hits: list | None) -> int:
+        """`_acquire_taken` of keys that are all resident: the policy's `hit_all`, and the
+        counts; no compiled call (most layers of a large cache)."""
+        self._hit_all(keys)
+        self.stats.hits += len(keys)
+        self._pin_used(keys)
         if slots is not None:
             mv = self._slot_mv
             slots.extend([mv[key] for key in keys])

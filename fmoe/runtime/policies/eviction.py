@@ -287,10 +287,10 @@ class ReuseRule(EvictionRule):
 
     def layer_start(self, layer: int) -> None:
         self.l_now = layer
-        self._score = self._masked = self._score_clock = None
+        self._forget()
 
     def routed(self, layer: int, keys) -> None:
-        self._score = self._masked = self._score_clock = None
+        self._forget()
 
     def token_end(self) -> None:
         self._settle()
@@ -355,8 +355,7 @@ class ReuseRule(EvictionRule):
         """`Policy.take`: a layer's uses in one compiled call (`fmoe.runtime.reuse_kernels.take`)
         on the table's arrays, with the same hits, inserts, victims and touches as the per-use
         events `on_hit` / `victim` / `on_evict` / `on_insert` in order, each use pinned."""
-        if self._touched:
-            self._settle()
+        self._settle()
         self._epoch += 1
         ep, pin = self._epoch, self._pin
         for key in pinned:
