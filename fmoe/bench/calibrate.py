@@ -5,8 +5,12 @@ Measured, not modelled:
 - **reads**: cold reads of randomly chosen experts through the store's own read path (the same
   `ExpertStore` and `FileReader` settings, O_DIRECT included, that an offloaded run uses), the
   files' cached pages dropped first, by as many threads at once as the CPU copy engine runs:
-  the wall time over the count is the profile's copy time per expert, and the thread count its
-  ``lanes`` (the simulator then lands a layer's misses that many at a time).
+  the wall time over the count is the profile's copy time per expert. Then reads one at a
+  time: a read alone takes as long as `lanes` reads side by side take per expert. A disk that
+  serves each read at a fixed latency (reads side by side overlap) gives ``lanes`` = the
+  thread count; a disk capped in bandwidth (reads side by side split its rate: a throttled
+  virtual disk) gives 1. The simulator lands a layer's misses `lanes` at a time, each taking
+  ``lanes`` x copy.
 - **compute**: decode steps with the same K experts resident in every MoE layer (so nothing
   loads), timed per part with forward pre-hooks: before the first MoE layer (embedding, dense
   layers), each MoE layer, after the last (final norm, lm_head). The same steps with the routed
@@ -133,7 +137,9 @@ def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None
     files = sorted({s.info.file for row in layouts for lay in row for s in lay.w13 + lay.w2})
     drop_file_pages(files)
     rng = random.Random(seed)
-    keys = rng.sample(range(shp.num_layers * shp.num_experts), min(samples, shp.num_layers * shp.num_experts))
+    n_all = shp.num_layers * shp.num_experts
+    picked = rng.sample(range(n_all), min(samples + max(1, samples // 2), n_all))
+    keys, alone = picked[:samples], picked[samples:] or picked[:1]
     # as many readers as the CPU copy engine runs: a layer's misses are read side by side, so
     # the time per expert that matters is the wall time over the count, not one read's latency
     readers = CopyEngine.cpu_readers
@@ -151,13 +157,30 @@ def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None
     with ThreadPoolExecutor(readers) as pool:
         list(pool.map(one, range(readers)))
     wall = time.perf_counter() - t0
+    # then one at a time (other experts, still cold): what a read costs when it is alone
+    single = []
+    for key in alone:
+        t1 = time.perf_counter()
+        store.read_into(key, *bufs[0])
+        single.append(time.perf_counter() - t1)
     direct = any(reader.is_direct(f) for f in files)
     reader.close()
     per = wall / len(keys)
+    alone_s = statistics.median(single)
     return {"read_seconds": per, "read_latency_median": statistics.median(times),
             "read_latency_p90": sorted(times)[int(0.9 * (len(times) - 1))], "readers": readers,
+            "read_alone_seconds": alone_s, "lanes": read_lanes(alone_s, per, readers),
             "expert_bytes": store.expert_bytes, "read_GBps": store.expert_bytes / per / 1e9,
             "samples": len(times), "o_direct": direct}
+
+
+def read_lanes(alone: float, per: float, readers: int) -> int:
+    """Reads in flight that the simulator should model: a read alone taking `alone` seconds,
+    `readers` side by side `per` seconds per expert. Side by side reads that overlap fully
+    (alone = readers x per) are `readers` lanes; reads that split one rate (alone = per) one."""
+    if per <= 0:
+        return 1
+    return max(1, min(int(readers), round(alone / per)))
 
 
 def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device: str = "cpu",
@@ -175,7 +198,8 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
     reads = measure_reads(path, samples, dtype=dtype, memory_limit=memory_limit)
     out(f"calibrate: {reads['expert_bytes'] / 2**20:.1f} MiB per expert, {reads['read_seconds'] * 1e3:.1f} ms "
         f"each with {reads['readers']} readers ({reads['read_GBps']:.2f} GB/s; one read's latency "
-        f"{reads['read_latency_median'] * 1e3:.1f} ms median; O_DIRECT {reads['o_direct']})")
+        f"{reads['read_latency_median'] * 1e3:.1f} ms median; alone {reads['read_alone_seconds'] * 1e3:.1f} ms, "
+        f"so {reads['lanes']} lane(s); O_DIRECT {reads['o_direct']})")
     out("calibrate: decode compute ...")
     probe = from_pretrained(path, device=device, dtype=dtype, expert_cache=_probe_cache(path), policy="lru")
     try:
@@ -205,9 +229,9 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
                    "copy": reads["read_seconds"], "attn_ctx": 0.0, "token_pre": comp["token_pre"],
                    "token_pre_ctx": 0.0, "token_post": comp["token_post"],
                    "expert_bytes": reads["expert_bytes"],
-                   # on CPU the copy engine reads with this many threads at once (the simulator's
-                   # lanes); on CUDA one copy stream
-                   "lanes": reads["readers"] if torch.device(device).type == "cpu" else 1},
+                   # on CPU the reads in flight that overlap (`read_lanes`); on CUDA one copy
+                   # stream
+                   "lanes": reads["lanes"] if torch.device(device).type == "cpu" else 1},
         "measured": {"reads": reads, "token_seconds": comp["token_seconds"],
                      "token_seconds_no_routed": comp["token_seconds_no_routed"],
                      "h2d_bytes_per_s": h2d},

@@ -30,8 +30,23 @@ def test_profile_fields(profile):
     assert t["expert_bytes"] == 3 * 64 * 32 * 4                       # float32 expert of the tiny shape
     assert prof["model"]["num_experts"] == 8 and prof["model"]["top_k"] == 2
     assert prof["measured"]["reads"]["samples"] == 6
-    # the reads ran with the CPU copy engine's reader count: the simulator's lanes
-    assert t["lanes"] == prof["measured"]["reads"]["readers"] == CopyEngine.cpu_readers
+    # the reads ran with the CPU copy engine's reader count; the lanes come from them and the
+    # reads alone
+    reads = prof["measured"]["reads"]
+    assert reads["readers"] == CopyEngine.cpu_readers and reads["read_alone_seconds"] > 0
+    assert t["lanes"] == reads["lanes"] and 1 <= t["lanes"] <= reads["readers"]
+
+
+def test_read_lanes():
+    from fmoe.bench.calibrate import read_lanes
+
+    assert read_lanes(0.030, 0.015, 2) == 2      # reads overlap: two at once, each 30 ms
+    assert read_lanes(0.015, 0.015, 2) == 1      # one capped rate split between them
+    assert read_lanes(0.016, 0.015, 4) == 1
+    assert read_lanes(0.045, 0.015, 4) == 3
+    assert read_lanes(0.200, 0.015, 2) == 2      # never more lanes than readers
+    assert read_lanes(0.001, 0.015, 2) == 1
+    assert read_lanes(0.010, 0.0, 2) == 1
 
 
 def test_simulate_takes_the_profile(profile, tiny_synth, tmp_path, capsys):
