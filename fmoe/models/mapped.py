@@ -7,13 +7,17 @@ the speed of the page cache. fmoe uses it for ``expert_cache=None`` on CPU when 
 not fit in memory (or when asked with ``expert_cache="mmap"``), and as the baseline of the
 real-scale benchmarks.
 
-The mapping is private and read-only in use (``MAP_PRIVATE``): pages stay shared with the page
-cache, never dirty, and count against a memory cgroup as page cache, which the kernel reclaims.
+The mapping is private and read-only (``MAP_PRIVATE``, ``PROT_READ``): pages stay shared with
+the page cache, never dirty, and count against a memory cgroup as page cache, which the kernel
+reclaims. Read-only also means no commit charge: a writable private mapping of a file larger
+than RAM (the expert store's single `experts.bin`) is refused with ENOMEM under the kernel's
+default overcommit heuristic.
 """
 
 from __future__ import annotations
 
 import mmap
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,19 +27,24 @@ from .experts import Experts
 
 
 class MappedFiles:
-    """One private read-only-in-use mapping per checkpoint file."""
+    """One private read-only mapping per checkpoint file."""
 
     def __init__(self):
         self._maps: dict[Path, mmap.mmap] = {}
 
     def view(self, file: Path, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        """A tensor over bytes [offset, offset + nbytes) of `file`. Read-only: the kernels only
+        read expert weights; a write would fault."""
         mm = self._maps.get(file)
         if mm is None:
             with open(file, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
             self._maps[file] = mm
         count = nbytes // dtype.itemsize
-        return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset).view(shape)
+        with warnings.catch_warnings():
+            # torch warns that it has no read-only tensors; these are never written
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset).view(shape)
 
     def advise(self, advice: int) -> None:
         for mm in self._maps.values():

@@ -155,6 +155,25 @@ def test_mmap_experts_equal_resident(tiny_synth):
     torch.testing.assert_close(mm(ids), res(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_mmap_maps_a_file_larger_than_memory(tmp_path):
+    # the expert store keeps every expert in one file (28.8 GB for DeepSeek-V2-Lite); a writable
+    # private mapping of a file larger than RAM + swap is refused with ENOMEM by the kernel's
+    # default overcommit heuristic, so the mapping must be read-only
+    from fmoe.models.mapped import MappedFiles
+
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    total = sum(int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    big = tmp_path / "experts.bin"
+    with open(big, "wb") as f:                     # sparse: takes no disk
+        f.truncate(2 * total + 8192)
+        f.seek(2 * total)
+        f.write(np.arange(1024, dtype=np.float32).tobytes())
+    files = MappedFiles()
+    t = files.view(big, 2 * total, 4096, torch.float32, (32, 32))
+    assert torch.equal(t.reshape(-1), torch.arange(1024, dtype=torch.float32))
+    assert files.view(big, 0, 64, torch.float32, (16,)).eq(0).all()
+
+
 def test_mmap_refuses_other_dtype(tiny_synth):
     with pytest.raises(ValueError, match="checkpoint's dtype"):
         fmoe.models.from_pretrained(tiny_synth, expert_cache="mmap", dtype=torch.bfloat16)
