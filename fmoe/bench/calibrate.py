@@ -118,14 +118,16 @@ def measure_compute(model, steps: int = 6) -> dict:
 
 
 def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None,
-                  memory_limit: int | None = None) -> dict:
+                  memory_limit: int | None = None, device: str = "cpu") -> dict:
     """Cold reads of random experts through the store's read path: seconds per read. O_DIRECT
     or not as the runtime decides it in this process, or, with `memory_limit` (bytes), in a
-    process limited to that much (a run inside a memory cgroup)."""
+    process limited to that much (a run inside a memory cgroup). On CPU the reads land in
+    buffers made like the cache's slots (huge pages where allowed), as the runtime's do; on
+    CUDA in the copy engine's staging buffers."""
     from ..bench.cgroup import drop_file_pages
     from ..io.checkpoint import FileReader
     from ..models.loading import expert_layouts
-    from ..runtime.offload import OffloadRuntime
+    from ..runtime.offload import OffloadRuntime, _zeros
     from ..runtime.store import ExpertStore
     from ..runtime.transfer import CopyEngine
 
@@ -143,7 +145,17 @@ def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None
     # as many readers as the CPU copy engine runs: a layer's misses are read side by side, so
     # the time per expert that matters is the wall time over the count, not one read's latency
     readers = CopyEngine.cpu_readers
-    bufs = [store.new_staging() for _ in range(readers)]
+    if torch.device(device).type == "cpu":
+        # the destination's pages matter: an O_DIRECT read into 4 KiB pages goes to the disk as
+        # many more requests than one into huge pages, and a throttled virtual disk counts
+        # requests (measured on one: 22-25 ms per expert into 4 KiB pages, 15-16 into huge
+        # pages, against 13.5-16.9 ms per miss in the runs)
+        cpu, H, I = torch.device("cpu"), store.hidden, store.inter
+        w13 = _zeros((readers, 2 * I, H), cpu, store.dtype)
+        w2 = _zeros((readers, H, I), cpu, store.dtype)
+        bufs = [(w13[i], w2[i]) for i in range(readers)]
+    else:
+        bufs = [store.new_staging() for _ in range(readers)]
     times = []
 
     def one(i):
@@ -195,7 +207,7 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
     dtype = parse_dtype(dtype)
     path = Path(model_path)
     out(f"calibrate: cold reads of {samples} experts ...")
-    reads = measure_reads(path, samples, dtype=dtype, memory_limit=memory_limit)
+    reads = measure_reads(path, samples, dtype=dtype, memory_limit=memory_limit, device=device)
     out(f"calibrate: {reads['expert_bytes'] / 2**20:.1f} MiB per expert, {reads['read_seconds'] * 1e3:.1f} ms "
         f"each with {reads['readers']} readers ({reads['read_GBps']:.2f} GB/s; one read's latency "
         f"{reads['read_latency_median'] * 1e3:.1f} ms median; alone {reads['read_alone_seconds'] * 1e3:.1f} ms, "

@@ -131,3 +131,22 @@ def test_unaligned_direct_reads_suggest_the_store(tiny_synth, tmp_path, capsys, 
     capsys.readouterr()
     assert measure_reads(store, 2, memory_limit=1)["o_direct"] is True
     assert "fmoe convert" not in capsys.readouterr().err
+
+
+def test_reads_land_in_buffers_made_like_the_slots(tiny_synth, monkeypatch):
+    # O_DIRECT reads into 4 KiB pages cost a throttled disk more requests than reads into the
+    # cache's huge-page slots: on CPU the calibration reads into buffers made the slots' way
+    import fmoe.runtime.offload as offload
+    from fmoe.bench.calibrate import measure_reads
+    from fmoe.runtime.transfer import CopyEngine
+
+    made = []
+    real = offload._zeros
+
+    def spy(shape, device, dtype):
+        made.append((tuple(shape), device.type))
+        return real(shape, device, dtype)
+
+    monkeypatch.setattr(offload, "_zeros", spy)
+    measure_reads(tiny_synth, 4)
+    assert [m[1] for m in made] == ["cpu", "cpu"] and all(m[0][0] == CopyEngine.cpu_readers for m in made)
