@@ -4,6 +4,7 @@ timing is the measured one."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,28 @@ def test_reads_land_in_buffers_made_like_the_slots(tiny_synth, monkeypatch):
     monkeypatch.setattr(offload, "_zeros", spy)
     measure_reads(tiny_synth, 4)
     assert [m[1] for m in made] == ["cpu", "cpu"] and all(m[0][0] == CopyEngine.cpu_readers for m in made)
+
+
+def _bench_reads():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_reads.py"
+    spec = importlib.util.spec_from_file_location("bench_reads_tool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_reads_tool(tiny_synth, capsys):
+    tool = _bench_reads()
+    assert tool.main([str(tiny_synth), "--rounds", "2", "--reads", "2", "--memory-limit", "1GiB"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines[:2]] == ["round 1", "round 2"]
+    res = json.loads(lines[-1])
+    assert set(res["ms_per_expert_median"]) == {"staging", "slots", "alone"}
+    assert all(v > 0 for v in res["ms_per_expert_median"].values())
+    # every read is a different cold expert: more than the model has is refused by name
+    with pytest.raises(SystemExit, match="--rounds x --reads x 3"):
+        tool.main([str(tiny_synth), "--rounds", "50", "--reads", "40"])
+    with pytest.raises(SystemExit, match="--memory-limit"):
+        tool.main([str(tiny_synth), "--memory-limit", "lots"])
