@@ -25,13 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
-from fmoe.bench.cgroup import drop_file_pages
-from fmoe.io.checkpoint import FileReader
-from fmoe.models.loading import expert_layouts
-from fmoe.runtime.offload import OffloadRuntime, _zeros, parse_bytes
-from fmoe.runtime.store import ExpertStore
+from fmoe.bench.calibrate import cold_store, slot_buffers
+from fmoe.runtime.offload import parse_bytes
 
 
 def main(argv=None) -> int:
@@ -47,24 +42,16 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise SystemExit(f"bench_reads: --memory-limit: {e}") from None
 
-    cfg, _, _, _, layouts, _, dtype = expert_layouts(args.model, None)
-    shp = cfg.experts
-    n_all = shp.num_layers * shp.num_experts
+    store, reader, files, n_all = cold_store(args.model, None, room)
     need = args.rounds * args.reads * 3
     if need > n_all:
+        reader.close()
         raise SystemExit(f"--rounds x --reads x 3 = {need} reads, but the model has {n_all} experts "
                          f"(every read is a different, cold expert)")
-    reader = FileReader()
-    OffloadRuntime._direct_reads(layouts, reader, room=room)
-    store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, 0, pin=False, reader=reader)
-    files = sorted({s.info.file for row in layouts for lay in row for s in lay.w13 + lay.w2})
-    drop_file_pages(files)
     keys = random.Random(args.seed).sample(range(n_all), need)
 
     staging = [store.new_staging() for _ in range(2)]
-    cpu, H, I = torch.device("cpu"), store.hidden, store.inter
-    w13, w2 = _zeros((2, 2 * I, H), cpu, store.dtype), _zeros((2, H, I), cpu, store.dtype)
-    slots = [(w13[i], w2[i]) for i in range(2)]
+    slots = slot_buffers(store, 2)
     pool = ThreadPoolExecutor(2)
     taken = [0]
 
@@ -99,8 +86,8 @@ def main(argv=None) -> int:
             rows[name].append(side_by_side(staging) if name == "staging"
                               else side_by_side(slots) if name == "slots" else alone())
         print(f"round {r + 1}: " + " | ".join(f"{n} {rows[n][-1] * 1e3:.1f} ms" for n in rows), flush=True)
-    reader.close()
     direct = any(reader.is_direct(f) for f in files)
+    reader.close()
     summary = {n: statistics.median(v) * 1e3 for n, v in rows.items()}
     print(json.dumps({"model": str(args.model), "o_direct": direct, "expert_bytes": store.expert_bytes,
                       "ms_per_expert_median": summary,

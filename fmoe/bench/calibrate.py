@@ -117,19 +117,15 @@ def measure_compute(model, steps: int = 6) -> dict:
             "token_seconds": total_full, "token_seconds_no_routed": total_bare}
 
 
-def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None,
-                  memory_limit: int | None = None, device: str = "cpu") -> dict:
-    """Cold reads of random experts through the store's read path: seconds per read. O_DIRECT
-    or not as the runtime decides it in this process, or, with `memory_limit` (bytes), in a
-    process limited to that much (a run inside a memory cgroup). On CPU the reads land in
-    buffers made like the cache's slots (huge pages where allowed), as the runtime's do; on
-    CUDA in the copy engine's staging buffers."""
+def cold_store(model_path: Path, dtype=None, memory_limit: int | None = None):
+    """(store, reader, files, keys): the model's `ExpertStore` with the runtime's read settings
+    (O_DIRECT as decided in this process, or under `memory_limit` bytes), its files with their
+    cached pages dropped, and its count of routed experts. Close `reader` when done."""
     from ..bench.cgroup import drop_file_pages
     from ..io.checkpoint import FileReader
     from ..models.loading import expert_layouts
-    from ..runtime.offload import OffloadRuntime, _zeros
+    from ..runtime.offload import OffloadRuntime
     from ..runtime.store import ExpertStore
-    from ..runtime.transfer import CopyEngine
 
     cfg, _, _, _, layouts, _, dtype = expert_layouts(Path(model_path), dtype)
     shp = cfg.experts
@@ -138,22 +134,41 @@ def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None
     store = ExpertStore(layouts, shp.hidden, shp.inter, dtype, 0, pin=False, reader=reader)
     files = sorted({s.info.file for row in layouts for lay in row for s in lay.w13 + lay.w2})
     drop_file_pages(files)
+    return store, reader, files, shp.num_layers * shp.num_experts
+
+
+def slot_buffers(store, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` (w13, w2) read targets made like the CPU cache's slots (anonymous memory, huge pages
+    where allowed). Where a read lands matters: an O_DIRECT read into 4 KiB pages reaches the
+    disk as more requests than one into huge pages, and a throttled virtual disk counts requests
+    (measured on one: 22-25 ms per expert into 4 KiB pages, 15-16 into huge pages, against
+    13.5-16.9 ms per miss in the runs)."""
+    from ..runtime.offload import _zeros
+
+    cpu, H, I = torch.device("cpu"), store.hidden, store.inter
+    w13 = _zeros((n, 2 * I, H), cpu, store.dtype)
+    w2 = _zeros((n, H, I), cpu, store.dtype)
+    return [(w13[i], w2[i]) for i in range(n)]
+
+
+def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None,
+                  memory_limit: int | None = None, device: str = "cpu") -> dict:
+    """Cold reads of random experts through the store's read path: seconds per read. O_DIRECT
+    or not as the runtime decides it in this process, or, with `memory_limit` (bytes), in a
+    process limited to that much (a run inside a memory cgroup). On CPU the reads land in
+    buffers made like the cache's slots (huge pages where allowed), as the runtime's do; on
+    CUDA in the copy engine's staging buffers."""
+    from ..runtime.transfer import CopyEngine
+
+    store, reader, files, n_all = cold_store(model_path, dtype, memory_limit)
     rng = random.Random(seed)
-    n_all = shp.num_layers * shp.num_experts
     picked = rng.sample(range(n_all), min(samples + max(1, samples // 2), n_all))
     keys, alone = picked[:samples], picked[samples:] or picked[:1]
     # as many readers as the CPU copy engine runs: a layer's misses are read side by side, so
     # the time per expert that matters is the wall time over the count, not one read's latency
     readers = CopyEngine.cpu_readers
     if torch.device(device).type == "cpu":
-        # the destination's pages matter: an O_DIRECT read into 4 KiB pages goes to the disk as
-        # many more requests than one into huge pages, and a throttled virtual disk counts
-        # requests (measured on one: 22-25 ms per expert into 4 KiB pages, 15-16 into huge
-        # pages, against 13.5-16.9 ms per miss in the runs)
-        cpu, H, I = torch.device("cpu"), store.hidden, store.inter
-        w13 = _zeros((readers, 2 * I, H), cpu, store.dtype)
-        w2 = _zeros((readers, H, I), cpu, store.dtype)
-        bufs = [(w13[i], w2[i]) for i in range(readers)]
+        bufs = slot_buffers(store, readers)
     else:
         bufs = [store.new_staging() for _ in range(readers)]
     times = []
