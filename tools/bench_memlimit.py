@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from fmoe.bench.cgroup import MemoryCgroup, drop_file_pages
+from fmoe.bench.cgroup import MemoryCgroup, cpu_times, drop_file_pages, steal_fraction
 
 FMOE_CONTENDERS = {
     "fmoe": ["--expert-cache", "auto"],
@@ -108,6 +108,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                                                if r.get("policy_seconds") is not None and r.get("wall_seconds")]
                                               or [float("nan")]),
             "capacity": rs[-1].get("capacity"),
+            "steal_max": max((r.get("steal_fraction") or 0.0) for r in rs),
             "output_sha256": sorted({r.get("output_sha256") for r in rs if r.get("output_sha256")}),
         })
     return table
@@ -116,7 +117,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 def markdown(table: list[dict]) -> str:
     """The summary as a Markdown table (medians over runs)."""
     lines = ["| limit | contender | routing | runs | decode tokens/s (runs) | TTFT s | load s | hit rate | "
-             "policy share | peak GiB | OOM kills | output sha256 |", "|" + "---|" * 12]
+             "policy share | peak GiB | OOM kills | CPU steal (max) | output sha256 |", "|" + "---|" * 13]
     for t in table:
         rates = ", ".join(f"{r:.3f}" for r in t["tokens_per_s_all"])
         def f(x, fmt):
@@ -125,7 +126,8 @@ def markdown(table: list[dict]) -> str:
         lines.append(f"| {t['limit_gib']:g} GiB | {t['contender']} | {t.get('routing', '')} | {t['runs']} | "
                      f"{f(t['tokens_per_s'], '.3f')} ({rates}) | {f(t['ttft_s'], '.2f')} | {f(t['load_s'], '.1f')} | "
                      f"{f(t['hit_rate'], '.3f')} | {f(share, '.2f')}% | "
-                     f"{t['peak_gib']:.2f} | {t['oom_kills']} | {', '.join(h[:12] for h in t['output_sha256'])} |")
+                     f"{t['peak_gib']:.2f} | {t['oom_kills']} | {100 * t.get('steal_max', 0.0):.1f}% | "
+                     f"{', '.join(h[:12] for h in t['output_sha256'])} |")
     return "\n".join(lines)
 
 
@@ -225,8 +227,10 @@ def main(argv=None) -> int:
                 dropped = drop_file_pages(files)
                 print(f"[{time.strftime('%H:%M:%S')}] {name} at {limit:g} GiB, round {rnd + 1} "
                       f"({dropped / 2**30:.1f} GiB of file pages dropped)", flush=True)
+                ticks = cpu_times()
                 with group:
                     res = group.run(cmd, timeout=args.timeout, realtime=args.realtime)
+                steal = steal_fraction(ticks, cpu_times())
                 parsed = {}
                 try:
                     parsed = parse_llama(res.stdout) if name in LLAMA_CONTENDERS else parse_fmoe(res.stdout)
@@ -234,14 +238,15 @@ def main(argv=None) -> int:
                     parsed = {"parse_error": str(e)}
                 row = {"contender": name, "limit_gib": limit, "round": rnd, "returncode": res.returncode,
                        "oom_killed": res.oom_killed, "peak_bytes": res.peak_bytes,
-                       "run_wall_seconds": res.wall_seconds, "command": cmd, **parsed}
+                       "run_wall_seconds": res.wall_seconds, "steal_fraction": steal, "command": cmd,
+                       **parsed}
                 if res.returncode != 0:
                     row["stderr_tail"] = res.stderr[-2000:]
                 rows.append(row)
                 rate = row.get("tokens_per_s")
                 print(f"  rc {res.returncode}{' OOM-KILLED' if res.oom_killed else ''}, peak "
                       f"{(res.peak_bytes or 0) / 2**30:.2f} GiB, {rate if rate is not None else 'n/a'} tokens/s, "
-                      f"{res.wall_seconds:.0f} s", flush=True)
+                      f"{res.wall_seconds:.0f} s, CPU steal {100 * (steal or 0):.1f}%", flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")

@@ -131,6 +131,27 @@ class MemoryCgroup:
         return RunResult(proc.returncode, oom, self.peak(), wall, out, err)
 
 
+def cpu_times(stat: str | Path = "/proc/stat") -> tuple[int, int]:
+    """(all, steal): the machine's CPU time in clock ticks since boot, from the first line of
+    `stat` (the kernel's /proc/stat), and the part of it the hypervisor gave other guests."""
+    try:
+        first = Path(stat).read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return 0, 0
+    if not first or first[0] != "cpu":
+        return 0, 0
+    ticks = [int(x) for x in first[1:9]]         # user nice system idle iowait irq softirq steal
+    ticks += [0] * (8 - len(ticks))
+    return sum(ticks), ticks[7]
+
+
+def steal_fraction(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two `cpu_times` readings: on a
+    shared virtual machine a run with a high share is slowed by other tenants, not by itself."""
+    total = after[0] - before[0]
+    return (after[1] - before[1]) / total if total > 0 else None
+
+
 def drop_file_pages(paths) -> int:
     """Drop the cached pages of every file under `paths` (files or directories), so the next run
     starts cold. Returns the bytes covered."""

@@ -64,3 +64,19 @@ def test_tool_dry_run(tmp_path):
                     "# pagecache at 12 GiB (round 2)", "# fmoe at 12 GiB (round 2)"]
     assert f"write {tmp_path}/memory/" in out and "--expert-cache mmap" in out
     assert "fadvise DONTNEED" in out
+
+
+def test_steal_fraction_from_proc_stat(tmp_path):
+    from fmoe.bench.cgroup import cpu_times, steal_fraction
+
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    before = cpu_times(stat)
+    assert before == (1000, 40)
+    stat.write_text("cpu  200 0 100 1500 10 0 0 190 0 0\n")
+    after = cpu_times(stat)
+    assert after == (2000, 190)
+    assert steal_fraction(before, after) == 0.15     # 150 stolen of 1000 ticks
+    assert steal_fraction(after, after) is None
+    assert cpu_times(tmp_path / "missing") == (0, 0)
