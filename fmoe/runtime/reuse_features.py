@@ -27,6 +27,7 @@ NP = 8     # popularity classes: octiles of the long-run use counts
 NQ = len(_NEXT_EDGES) + 2
 TRANSITION_REFRESH = 64   # passes between refreshes of the transition probabilities
 FLUSH_PASSES = 64         # online counting runs in batches of this many passes
+COUNT_LAG = 4             # ... each on the counting thread, landing this many passes after it starts
 POP_REFRESH = 64          # passes between refreshes of the popularity classes
 WAIT_REFRESH = 1.1        # rebuild the wait table once the samples grew by this factor
 _NONE = -(1 << 40)        # "no use yet" as a pass index

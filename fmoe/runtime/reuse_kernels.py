@@ -8,7 +8,9 @@ each is one compiled loop over the layer's E keys or the cache's L * E keys.
 
 Every kernel reproduces the numpy formula it replaces operation for operation (same
 floating-point expressions, first index on ties), so decisions do not change; the tests compare
-them with the numpy forms. Compiled on first use and cached on disk (``cache=True``).
+them with the numpy forms. Compiled on first use and cached on disk (``cache=True``). The counting kernels
+(`count_segment`, `backoffs`, `wait_table`) release the GIL: they run on the counting thread
+beside the forward pass.
 """
 
 from __future__ import annotations
@@ -269,7 +271,7 @@ def sync(last, count, uses, keys, first_pos, lengths):  # pragma: no cover - com
             uses[k] += 1.0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def count_segment(u, last0, count0, prev0, m, pop, tp, edges, horizon, cell_base, gap_lut,
                   count_lut, n_count, n_pop, n_next, none, seen, reused, trans, trans_from,
                   transitions):  # pragma: no cover - compiled
@@ -331,7 +333,7 @@ def count_segment(u, last0, count0, prev0, m, pop, tp, edges, horizon, cell_base
     return last, cnt
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _wait(p, horizon, num_layers):  # pragma: no cover - compiled
     # the fourth root (the default horizon) as two square roots: a pow per cell is most of a
     # rebuild's time
@@ -340,7 +342,7 @@ def _wait(p, horizon, num_layers):  # pragma: no cover - compiled
     return num_layers * (1.0 / max(1.0 - r, 1e-3) - 1.0)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def wait_table(seen, reused, rate, coarse_of, min_count, horizon, num_layers,
                out):  # pragma: no cover - compiled
     """out [cells] = the expected wait (`ReuseScoring._wait`) of each cell's P(reuse): its own
@@ -357,7 +359,7 @@ def wait_table(seen, reused, rate, coarse_of, min_count, horizon, num_layers,
             out[c] = coarse[coarse_of[c]]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def backoffs(seen, reused, n_gap, n_count, n_pop, n_next, c_seen, c_reused):  # pragma: no cover - compiled
     """The (gap, count, next-pass) back-off counts c_seen, c_reused [NG * NC * NQ] (written):
     sums of the full cells [L, NG, NC, NP, NQ] over layers and popularity classes."""

@@ -5,12 +5,21 @@ layer) from counts over cells of five features (`fmoe.runtime.reuse_features`). 
 holds the features of the running stream, the counting (online, batched, and from a history
 trace) and the saved state; the scores the eviction rule reads come from its base class
 `fmoe.runtime.reuse_scoring.ReuseScoring`. Everything here is numpy on the host.
+
+Online counting runs off the forward thread: every FLUSH_PASSES passes a batch of passes is
+counted on one shared counting thread (compiled loops that release the GIL), and the new counts
+(and the wait table, when due) land at the end of the pass COUNT_LAG passes later, or earlier
+when something reads the counts. When they land depends only on the passes, never on the
+thread's speed, so decisions are the same with the thread (`background=True`) or without it.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +27,7 @@ from .reuse_features import (
     _COUNT_LUT,
     _GAP_LUT,
     _NONE,
+    COUNT_LAG,
     FLUSH_PASSES,
     NC,
     NG,
@@ -25,10 +35,34 @@ from .reuse_features import (
     NQ,
     POP_REFRESH,
     TRANSITION_REFRESH,
+    WAIT_REFRESH,
 )
 from .reuse_scoring import ReuseScoring, kernels
 
 log = logging.getLogger(__name__)
+
+_counter: ThreadPoolExecutor | None = None
+_counter_lock = threading.Lock()
+
+
+def _counting_thread() -> ThreadPoolExecutor:
+    """The one thread that counts every model's batches (each model has at most one in flight)."""
+    global _counter
+    with _counter_lock:
+        if _counter is None:
+            _counter = ThreadPoolExecutor(1, thread_name_prefix="fmoe-reuse-count")
+        return _counter
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """A counted batch of passes, applied to the model when it lands."""
+
+    m: int                   # passes counted (the first m of the batch)
+    last: np.ndarray         # [L * E] last use relative to the batch's first pass, as of pass m
+    count: np.ndarray        # [L * E] uses in the stream as of pass m
+    prev: list               # keys of pass m - 1 (the row before the passes left)
+    tables: tuple | None     # `_tables` output when the wait table was due, else None
 
 
 class ReuseModel(ReuseScoring):
@@ -55,12 +89,14 @@ class ReuseModel(ReuseScoring):
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, horizon: int = 4,
-                 min_count: int = 50):
+                 min_count: int = 50, background: bool = True):
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         L, E = num_layers, num_experts
         self.L, self.E, self.K = L, E, max(1, top_k)
         self.horizon, self.min_count = horizon, min_count
+        self.background = background             # count on the counting thread
+        self._pending: tuple | None = None       # (Future or _Counted, pass at which it lands)
         n = L * E
         self.layer_of = np.repeat(np.arange(L), E)
         self.cell_base = self.layer_of * (NG * NC * NP * NQ)
@@ -109,7 +145,8 @@ class ReuseModel(ReuseScoring):
         # records (layer, k, its k experts)]; at most one record per layer and pass
         self._pend = np.zeros(1 + num_layers * (2 + num_experts), np.int64)
         self._pend_end = 1                       # ... where the next record goes
-        self._coarse_of: np.ndarray | None = None
+        rest = np.arange(cells) % (NG * NC * NP * NQ)
+        self._coarse_of = (rest // (NP * NQ)) * NQ + rest % NQ   # cell -> its back-off cell
         self._edges: tuple | None = None         # (K, next-pass edges times K / E)
         self._vectors: tuple | None = None       # per pass: (now, after unused, after used)
         self._now: np.ndarray | None = None      # per pass: score of keys whose pass is to come
@@ -130,6 +167,7 @@ class ReuseModel(ReuseScoring):
         """[L, E, E] P(e' at the next pass | e at this one), refreshed every
         TRANSITION_REFRESH passes (rows never seen: uniform top_k / E)."""
         if self._tprob is None or self._tprob_age >= TRANSITION_REFRESH:
+            self._land()              # it reads the transition counts a batch in flight writes
             uniform = self.K / self.E
             f = self.trans_from[:, :, None]
             self._tprob = np.where(f > 0, self.trans / np.maximum(f, 1), uniform)
@@ -171,7 +209,7 @@ class ReuseModel(ReuseScoring):
         `min_count` times backs off to its (gap, count, next-pass) rate, then to its gap
         bucket's."""
         cells, coarse, g = cells
-        self._backoffs()
+        self._backoffs()              # lands a batch in flight
         seen = self.seen[cells]
         g_rate = np.where(self.g_seen > 0, self.g_reused / np.maximum(self.g_seen, 1),
                           1.0 / (2.0 + np.arange(NG)))    # nothing seen yet: recency order
@@ -263,8 +301,10 @@ class ReuseModel(ReuseScoring):
         self._used = self._prev_row = self._vectors = None
         self._drop_scores()
         self._observed = set()
-        if len(self._buf) >= FLUSH_PASSES + self.horizon - 1:
-            self._flush(final=False)
+        if self._pending is not None and self.pos >= self._pending[1]:
+            self._land()
+        if self._pending is None and len(self._buf) >= FLUSH_PASSES + self.horizon - 1:
+            self._start_count()
 
     def _sync(self) -> None:
         """Apply the buffered passes not yet applied to last use, counts and popularity."""
@@ -278,27 +318,70 @@ class ReuseModel(ReuseScoring):
         self._synced = len(self._buf)
 
     def _flush(self, final: bool) -> None:
-        """Count the buffered passes whose labels are complete (all of them when `final`)."""
+        """Count the buffered passes whose labels are complete (all of them when `final`), now
+        (after landing a batch in flight)."""
+        self._land()
         if not self._buf:
             return
         self._sync()
-        pos0, last0, count0, prev0 = self._blk
-        k = len(self._buf)
+        self._pending = (self._count_batch(list(self._buf), self._blk, final, self._pop_class(),
+                                           self.transition(), self.next_edges(), self.samples,
+                                           self._tab_seen), self.pos)
+        self._land()
+
+    def _start_count(self) -> None:
+        """Count the buffered passes whose labels are complete on the counting thread (or now,
+        without `background`); the result lands COUNT_LAG passes on (`_land`)."""
+        self._sync()
+        args = (list(self._buf), self._blk, False, self._pop_class(), self.transition(),
+                self.next_edges(), self.samples, self._tab_seen)
+        job = (_counting_thread().submit(self._count_batch, *args) if self.background
+               else self._count_batch(*args))
+        self._pending = (job, self.pos + COUNT_LAG)
+
+    def _count_batch(self, bufs: list, blk: tuple, final: bool, pop: np.ndarray, tp: np.ndarray,
+                     edges: np.ndarray, samples: float, tab_seen: float) -> _Counted:
+        """Count the passes `bufs` (lists of keys) given the stream state `blk` before the
+        first; rebuild the wait table when the samples have grown by WAIT_REFRESH. May run on
+        the counting thread: it reads only its arguments and writes only the count arrays
+        (seen, reused, trans, trans_from), which nothing else touches until it lands."""
+        pos0, last0, count0, prev0 = blk
+        k = len(bufs)
         u = np.zeros((k, self.L * self.E), bool)
-        u[np.repeat(np.arange(k), [len(b) for b in self._buf]),
-          np.fromiter(itertools.chain.from_iterable(self._buf), np.int64)] = True
-        m, lb, cb = self._count_segment(u, np.where(last0 >= 0, last0 - pos0, _NONE), count0,
-                                        self._dense(prev0), final, self._pop_class(), self.transition())
-        self._tprob_age += m
-        if final or m == k:
-            self._buf = []
-            self._synced = 0
+        u[np.repeat(np.arange(k), [len(b) for b in bufs]),
+          np.fromiter(itertools.chain.from_iterable(bufs), np.int64)] = True
+        m = k if final else max(0, k - (self.horizon - 1))
+        last, count = self._count_kernel(u, np.where(last0 >= 0, last0 - pos0, _NONE), count0,
+                                         self._dense(prev0), m, pop, tp, edges, True)
+        total = samples + m * u.shape[1]
+        tables = self._tables(total) if m and total > tab_seen * WAIT_REFRESH else None
+        return _Counted(m, last, count, bufs[m - 1] if m else prev0, tables)
+
+    def _land(self) -> None:
+        """Apply the batch in flight (waiting for the counting thread if it is not done; its
+        error, if any, is raised here)."""
+        if self._pending is None:
             return
-        # the passes left wait for their labels; the block restarts at pass m
-        self._blk = (pos0 + m, np.where(lb > _NONE, lb + pos0, -1), cb,
-                     self._buf[m - 1] if m else prev0)
-        self._buf = self._buf[m:]
-        self._synced -= m
+        job = self._pending[0]
+        self._pending = None
+        c = job.result() if isinstance(job, Future) else job
+        if not c.m:
+            return
+        pos0 = self._blk[0]
+        self.samples += c.m * self.L * self.E
+        self._tprob_age += c.m
+        if c.tables is not None:
+            self._install_tables(c.tables)
+        else:
+            self._backoff_dirty = True
+        self._blk = (pos0 + c.m, np.where(c.last > _NONE, c.last + pos0, -1), c.count, c.prev)
+        self._buf = self._buf[c.m:]
+        self._synced -= c.m
+
+    def __getstate__(self) -> dict:
+        # a copy gets the counts landed, never a batch in flight
+        self._land()
+        return dict(self.__dict__)
 
     def _count_segment(self, u: np.ndarray, last0: np.ndarray, count0: np.ndarray, prev0: np.ndarray,
                        final: bool, pop: np.ndarray, tp: np.ndarray, transitions: bool = True):
@@ -308,17 +391,24 @@ class ReuseModel(ReuseScoring):
         ended: later uses will not come), in one compiled loop
         (`fmoe.runtime.reuse_kernels.count_segment`). Returns (counted m, last use relative to
         u[0] [L * E], counts [L * E]) as of pass m."""
+        self._land()
         n, N = u.shape
         m = n if final else max(0, n - (self.horizon - 1))
-        last, count = kernels().count_segment(
-            np.ascontiguousarray(u), np.asarray(last0, np.int64), np.asarray(count0, np.int64),
-            np.asarray(prev0, bool), m, np.asarray(pop, np.int64), tp, self.next_edges(),
-            self.horizon, self.cell_base, _GAP_LUT, _COUNT_LUT, NC, NP, NQ, _NONE, self.seen,
-            self.reused, self.trans, self.trans_from, transitions)
+        last, count = self._count_kernel(u, last0, count0, prev0, m, pop, tp, self.next_edges(),
+                                         transitions)
         if m:
             self.samples += m * N
             self._backoff_dirty = True
         return m, last, count
+
+    def _count_kernel(self, u, last0, count0, prev0, m: int, pop, tp, edges, transitions: bool):
+        """The first `m` passes of u into seen, reused (and trans, trans_from with
+        `transitions`): (last use relative to u[0], counts) as of pass m."""
+        return kernels().count_segment(
+            np.ascontiguousarray(u), np.asarray(last0, np.int64), np.asarray(count0, np.int64),
+            np.asarray(prev0, bool), m, np.asarray(pop, np.int64), tp, edges,
+            self.horizon, self.cell_base, _GAP_LUT, _COUNT_LUT, NC, NP, NQ, _NONE, self.seen,
+            self.reused, self.trans, self.trans_from, transitions)
 
     def _count_transitions(self, prev: np.ndarray, cur: np.ndarray) -> None:
         """prev, cur [n, L, E] bool: consecutive passes."""
@@ -330,19 +420,25 @@ class ReuseModel(ReuseScoring):
     def _backoffs(self) -> None:
         """Back-off counts from the full ones: (gap, count, next-pass) over layers and
         popularity classes, and the gap bucket alone."""
+        self._land()
         if not self._backoff_dirty:
             return
-        # counts are whole numbers: any summation order gives the same sums
-        self.c_seen, self.c_reused = np.empty(NG * NC * NQ), np.empty(NG * NC * NQ)
-        kernels().backoffs(self.seen, self.reused, NG, NC, NP, NQ, self.c_seen, self.c_reused)
-        self.g_seen = self.c_seen.reshape(NG, -1).sum(axis=1)
-        self.g_reused = self.c_reused.reshape(NG, -1).sum(axis=1)
+        self.c_seen, self.c_reused, self.g_seen, self.g_reused = self._backoff_counts()
         self._backoff_dirty = False
+
+    def _backoff_counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(c_seen, c_reused, g_seen, g_reused) from seen and reused (new arrays)."""
+        # counts are whole numbers: any summation order gives the same sums
+        c_seen, c_reused = np.empty(NG * NC * NQ), np.empty(NG * NC * NQ)
+        kernels().backoffs(self.seen, self.reused, NG, NC, NP, NQ, c_seen, c_reused)
+        return (c_seen, c_reused, c_seen.reshape(NG, -1).sum(axis=1),
+                c_reused.reshape(NG, -1).sum(axis=1))
 
     # -- history ---------------------------------------------------------------------------------
     def learn(self, used: np.ndarray, seq_offsets: np.ndarray) -> None:
         """Count a history: used [T, L * E] bool, sequences split by seq_offsets [S + 1].
         Popularity classes and transitions use the history's own counts (added first)."""
+        self._land()
         L, E = self.L, self.E
         spans = [(a, b) for a, b in zip(seq_offsets[:-1].tolist(), seq_offsets[1:].tolist()) if b > a]
         self.uses += used.sum(axis=0)
@@ -361,6 +457,7 @@ class ReuseModel(ReuseScoring):
 
     def state(self) -> dict[str, np.ndarray]:
         """The learned counts, for saving next to the map store."""
+        self._land()
         self._sync()
         self._backoffs()
         return {"reuse_seen": self.seen, "reuse_reused": self.reused, "reuse_uses": self.uses,
@@ -371,6 +468,7 @@ class ReuseModel(ReuseScoring):
 
     def set_state(self, state: dict[str, np.ndarray]) -> bool:
         """Restore `state()` output; a mismatched one is reported and ignored."""
+        self._land()
         names = {"seen": "reuse_seen", "reused": "reuse_reused", "uses": "reuse_uses",
                  "trans": "reuse_trans", "trans_from": "reuse_trans_from",
                  "g_seen": "reuse_g_seen", "g_reused": "reuse_g_reused",

@@ -136,26 +136,33 @@ class ReuseScoring:
     def wait_table(self) -> np.ndarray:
         """[cells] the expected wait (`_wait` of `probability`, back-offs folded in) of every
         cell; rebuilt once the counted samples have grown by WAIT_REFRESH (often while a model
-        learns from an empty start, rarely once it holds a long history)."""
-        total = self.samples
-        if self._wait_tab is None or total > self._tab_seen * WAIT_REFRESH:
-            self._backoffs()
-            # back-off rates per (gap, count, next-pass) cell, then spread over every cell
-            coarse = np.arange(NG * NC * NQ)
-            g = coarse // (NC * NQ)
-            g_rate = np.where(self.g_seen > 0, self.g_reused / np.maximum(self.g_seen, 1),
-                              1.0 / (2.0 + np.arange(NG)))    # nothing seen yet: recency order
-            rate = np.where(self.c_seen >= self.min_count,
-                            self.c_reused / np.maximum(self.c_seen, 1), g_rate[g])
-            if self._coarse_of is None:
-                rest = np.arange(len(self.seen)) % (NG * NC * NP * NQ)
-                self._coarse_of = (rest // (NP * NQ)) * NQ + rest % NQ
-            tab = np.empty(len(self.seen))
-            kernels().wait_table(self.seen, self.reused, rate, self._coarse_of, self.min_count,
-                                 self.horizon, self.L, tab)
-            self._wait_tab = tab
-            self._tab_seen = max(total, 1.0)
+        learns from an empty start, rarely once it holds a long history). A batch counted
+        online brings its own rebuild when it lands."""
+        if self._wait_tab is None or self.samples > self._tab_seen * WAIT_REFRESH:
+            self._land()
+            self._install_tables(self._tables(self.samples))
         return self._wait_tab
+
+    def _tables(self, total: float) -> tuple:
+        """(c_seen, c_reused, g_seen, g_reused, wait table, `total`): the back-off counts and
+        the wait table from the counts as they are (new arrays; may run on the counting
+        thread)."""
+        c_seen, c_reused, g_seen, g_reused = self._backoff_counts()
+        # back-off rates per (gap, count, next-pass) cell, then spread over every cell
+        coarse = np.arange(NG * NC * NQ)
+        g = coarse // (NC * NQ)
+        g_rate = np.where(g_seen > 0, g_reused / np.maximum(g_seen, 1),
+                          1.0 / (2.0 + np.arange(NG)))    # nothing seen yet: recency order
+        rate = np.where(c_seen >= self.min_count, c_reused / np.maximum(c_seen, 1), g_rate[g])
+        tab = np.empty(len(self.seen))
+        kernels().wait_table(self.seen, self.reused, rate, self._coarse_of, self.min_count,
+                             self.horizon, self.L, tab)
+        return c_seen, c_reused, g_seen, g_reused, tab, total
+
+    def _install_tables(self, tables: tuple) -> None:
+        self.c_seen, self.c_reused, self.g_seen, self.g_reused, self._wait_tab, total = tables
+        self._backoff_dirty = False
+        self._tab_seen = max(total, 1.0)
 
     def pass_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Three [L * E] estimates, in layers from the start of the current pass, of when each

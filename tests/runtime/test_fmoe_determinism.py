@@ -226,3 +226,75 @@ def test_auto_prefetch_follows_profile_and_link_slack():
         p.on_insert(key % 8)                     # 30 demand loads in one layer
     assert p.on_layer_start(0) == []             # the mean: 0.02 x 30 = 0.6 loads x 1 s > 0.5 s
 
+
+
+def _cache_states(policy: FmoePolicy, routes, capacity: int):
+    """Drive `policy` through a SlotTable (no prefetch); returns (the slots' keys after every
+    layer, table stats)."""
+    table = SlotTable(capacity, policy)
+    E = policy.num_experts
+    states = []
+    for n, seq in enumerate(routes):
+        policy.on_request_start(n)
+        for tok in seq:
+            for layer, experts in enumerate(tok):
+                policy.on_layer_start(layer)
+                table.acquire_many([layer * E + e for e in experts])
+                policy.on_routed(layer, np.array(experts, dtype=np.int64))
+                table.unpin()
+                states.append(table.key_of.tolist())
+            policy.on_token_end()
+        policy.on_request_end(n)
+    return states, table.stats
+
+
+def test_background_counting_decides_as_counting_in_place():
+    """The reuse model counts each batch of passes on the counting thread; the counts land a
+    fixed number of passes later whatever the thread's speed, so the victims are the same as
+    with the batches counted on the forward thread."""
+    from fmoe.runtime.reuse_features import COUNT_LAG, FLUSH_PASSES
+
+    routes = _routes(3, L=4, E=16, K=2, seqs=3, tokens=2 * FLUSH_PASSES + COUNT_LAG + 9)
+    runs = []
+    for background in (True, False, True):
+        p = make_policy("fmoe", 4, 16, 16, top_k=2, reuse_background=background)
+        assert p.reuse.background is background
+        runs.append(_cache_states(p, routes, 16) + (p.reuse.samples,))
+    assert runs[0][2] > 0 and runs[0][1].misses > 100
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_online_counts_land_count_lag_passes_after_the_batch(background):
+    from fmoe.runtime.reuse_features import COUNT_LAG, FLUSH_PASSES
+    from fmoe.runtime.reuse_model import ReuseModel
+
+    L, E = 2, 4
+    m = ReuseModel(L, E, 1, horizon=4, background=background)
+    rng = np.random.default_rng(0)
+    landed = []
+    for _ in range(FLUSH_PASSES + 3 + COUNT_LAG):
+        m.observe([l * E + int(rng.integers(E)) for l in range(L)])
+        m.end_pass()
+        landed.append(m.samples)
+    start = FLUSH_PASSES + 3 - 1           # the pass at whose end the batch starts (0-based)
+    assert set(landed[:start + COUNT_LAG]) == {0}
+    assert landed[start + COUNT_LAG] == FLUSH_PASSES * L * E
+    assert len(m._buf) == 3 + COUNT_LAG    # the passes whose labels were not complete, and later
+
+
+def test_counting_thread_error_raised_at_landing():
+    from fmoe.runtime.reuse_features import COUNT_LAG, FLUSH_PASSES
+    from fmoe.runtime.reuse_model import ReuseModel
+
+    class Broken(ReuseModel):
+        def _count_batch(self, *args):
+            raise ZeroDivisionError("bad batch")
+
+    m = Broken(2, 4, 1)
+    for _ in range(FLUSH_PASSES + 3 + COUNT_LAG - 1):
+        m.observe([1, 5])
+        m.end_pass()
+    m.observe([1, 5])
+    with pytest.raises(ZeroDivisionError, match="bad batch"):
+        m.end_pass()

@@ -95,6 +95,7 @@ class FmoeOptions:
     learn: bool = True                    # add each finished iteration's map to the store
     reuse_horizon: int = 4                # reuse model: passes of the label window
     reuse_min_count: int = 50             # reuse model: samples before a cell is trusted
+    reuse_background: bool = True         # reuse model: count on the counting thread
     prompt_encoder: Any = field(default=None, compare=False)
 
 
@@ -130,7 +131,7 @@ class FmoePolicy(Policy):
         self.eviction = opts.eviction
         self.learn = opts.learn
         self.reuse = ReuseModel(L, E, opts.top_k or 1, horizon=opts.reuse_horizon,
-                                min_count=opts.reuse_min_count)
+                                min_count=opts.reuse_min_count, background=opts.reuse_background)
         self.rule: EvictionRule = make_rule(opts.eviction, L, E, reuse=self.reuse, decay=opts.decay)
         # the cache events go straight to the rule (the hottest calls: one per expert use)
         events = ("on_hit", "on_insert", "on_evict", "victim")
