@@ -28,10 +28,13 @@ def test_five_live_runs_identical_stats(mixtral_ckpt):
     for _ in range(5):
         model = fmoe.models.from_pretrained(path, expert_cache=0.25, policy="fmoe")
         try:
-            assert not model.runtime.policy.prefetches
-            for p in prompts:
-                model.generate(p, 16, eos_token_id=[])
+            policy = model.runtime.policy
+            assert not policy.prefetches and policy.reuse.background
+            for p, n in zip(prompts, (16, 16, 80)):
+                # the long one: a batch of its passes is counted on the counting thread
+                model.generate(p, n, eos_token_id=[])
             s = model.expert_stats()
+            assert policy.reuse.samples > 0
         finally:
             model.close()
         runs.append({k: s[k] for k in COUNTS if k in s})
