@@ -176,3 +176,21 @@ def test_bench_reads_tool(tiny_synth, capsys):
         tool.main([str(tiny_synth), "--rounds", "50", "--reads", "40"])
     with pytest.raises(SystemExit, match="--memory-limit"):
         tool.main([str(tiny_synth), "--memory-limit", "lots"])
+
+
+def test_bench_blas_spin_tool(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_blas_spin.py"
+    spec = importlib.util.spec_from_file_location("bench_blas_spin_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--rows", "3,5", "--dim", "8", "--reps", "1", "--sleep-ms", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["rows"], r["form"]) for r in rows] == [(3, "numpy @"), (3, "fmoe matvec"),
+                                                      (5, "numpy @"), (5, "fmoe matvec")]
+    assert all(r["product_us"] >= 0 and r["spin_cpu_ms"] >= 0 for r in rows)
+    with pytest.raises(SystemExit):
+        tool.main(["--rows", "a,b"])
+    with pytest.raises(SystemExit):
+        tool.main(["--rows", "0"])

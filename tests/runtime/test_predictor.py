@@ -328,3 +328,24 @@ def test_incremental_scores_equal_direct_formula(seed):
             if t % 2 == 0 or layer == L - 1:
                 np.testing.assert_allclose(m.next_use_score(layer), direct(layer))
         m.end_pass()
+
+
+def test_store_searches_match_a_float64_loop():
+    """The store's products run in numpy's own loops (`matvec`, not a multi-threaded BLAS whose
+    threads would spin beside the model's compute); they agree with a float64 loop."""
+    from fmoe.runtime.expert_maps import matvec
+
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((37, 19)).astype(np.float32)
+    v = rng.standard_normal(19).astype(np.float32)
+    want = [sum(float(a[i, j]) * float(v[j]) for j in range(19)) for i in range(37)]
+    np.testing.assert_allclose(matvec(a, v), want, rtol=1e-5, atol=1e-5)
+    s = MapStore(capacity=40, num_layers=2, num_experts=3, dim=19)
+    embs = rng.standard_normal((30, 19)).astype(np.float32)
+    for e in embs:
+        s.add(rng.random((2, 3)).astype(np.float32), e)
+    q = rng.standard_normal(19)
+    unit = embs.astype(np.float64) / np.linalg.norm(embs.astype(np.float64), axis=1, keepdims=True)
+    cos = [float(u @ (q / np.linalg.norm(q))) for u in unit]
+    i, sim = s.semantic(q)
+    assert i == int(np.argmax(cos)) and sim == pytest.approx(max(cos), abs=1e-5)

@@ -8,6 +8,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..expert_maps import matvec
 from .base import Policy, register
 
 
@@ -133,7 +134,7 @@ class MoEInfinityPolicy(Policy):
         rows = self.eam.reshape(L, E)
         norm = np.linalg.norm(rows, axis=1, keepdims=True)
         cur = np.divide(rows, norm, out=np.zeros_like(rows), where=norm > 0)
-        sims = self._unit[:n] @ cur.reshape(-1).astype(np.float32)
+        sims = matvec(self._unit[:n], cur.reshape(-1).astype(np.float32))
         best = int(np.argmax(sims))
         self._matched[best] += 1
         self.pred = self._ratio[best].astype(np.float64)
