@@ -34,9 +34,10 @@ STORE_FORMAT = 1
 
 def matvec(a: np.ndarray, v: np.ndarray) -> np.ndarray:
     """a [n, d] @ v [d] -> [n], in numpy's own loops, not BLAS. A multi-threaded BLAS leaves its
-    threads spinning for about 0.1 s after a product large enough to split (measured: 130 ms of
-    CPU after one 415 x 2048 product, with two threads): on a CPU box that takes a core from the
-    model's compute at every token. One thread is as fast here (memory-bound)."""
+    threads spinning for about 0.1 s after a product large enough to split (two threads: 76-94
+    ms of CPU in the 200 ms after one 415- or 1024-row product, `tools/bench_blas_spin.py`): on
+    a CPU box that takes a core from the model's compute at every token. One thread is as fast
+    here (memory-bound)."""
     return np.einsum("ij,j->i", a, v)
 
 

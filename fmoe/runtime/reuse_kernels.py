@@ -8,9 +8,9 @@ each is one compiled loop over the layer's E keys or the cache's L * E keys.
 
 Every kernel reproduces the numpy formula it replaces operation for operation (same
 floating-point expressions, first index on ties), so decisions do not change; the tests compare
-them with the numpy forms. Compiled on first use and cached on disk (``cache=True``). The counting kernels
-(`count_segment`, `backoffs`, `wait_table`) release the GIL: they run on the counting thread
-beside the forward pass.
+them with the numpy forms. Compiled on first use and cached on disk (``cache=True``). The
+counting kernels (`count_segment`, `backoffs`, `wait_table`) release the GIL: they run on the
+counting thread beside the forward pass.
 """
 
 from __future__ import annotations

@@ -290,7 +290,8 @@ class ReuseModel(ReuseScoring):
     def end_pass(self) -> None:
         """The token is done: roll the stream on. Pure Python: the arrays (last use, counts)
         catch up in `_sync` when a score or a count needs them, and counting (labels need the
-        next passes) is batched every FLUSH_PASSES passes and at the end of the stream."""
+        next passes) is batched every FLUSH_PASSES passes, on the counting thread, and at the
+        end of the stream."""
         if not self._buf:
             self._blk = (self.pos, self.last.copy(), self.count.copy(), self._prev)
         self._buf.append(self._keys)
@@ -323,21 +324,23 @@ class ReuseModel(ReuseScoring):
         self._land()
         if not self._buf:
             return
-        self._sync()
-        self._pending = (self._count_batch(list(self._buf), self._blk, final, self._pop_class(),
-                                           self.transition(), self.next_edges(), self.samples,
-                                           self._tab_seen), self.pos)
+        self._pending = (self._count_batch(*self._batch_args(final)), self.pos)
         self._land()
 
     def _start_count(self) -> None:
         """Count the buffered passes whose labels are complete on the counting thread (or now,
         without `background`); the result lands COUNT_LAG passes on (`_land`)."""
-        self._sync()
-        args = (list(self._buf), self._blk, False, self._pop_class(), self.transition(),
-                self.next_edges(), self.samples, self._tab_seen)
+        args = self._batch_args(False)
         job = (_counting_thread().submit(self._count_batch, *args) if self.background
                else self._count_batch(*args))
         self._pending = (job, self.pos + COUNT_LAG)
+
+    def _batch_args(self, final: bool) -> tuple:
+        """`_count_batch`'s arguments for the buffered passes, as of now (buffered passes
+        applied to the stream state first)."""
+        self._sync()
+        return (list(self._buf), self._blk, final, self._pop_class(), self.transition(),
+                self.next_edges(), self.samples, self._tab_seen)
 
     def _count_batch(self, bufs: list, blk: tuple, final: bool, pop: np.ndarray, tp: np.ndarray,
                      edges: np.ndarray, samples: float, tab_seen: float) -> _Counted:
@@ -350,7 +353,7 @@ class ReuseModel(ReuseScoring):
         u = np.zeros((k, self.L * self.E), bool)
         u[np.repeat(np.arange(k), [len(b) for b in bufs]),
           np.fromiter(itertools.chain.from_iterable(bufs), np.int64)] = True
-        m = k if final else max(0, k - (self.horizon - 1))
+        m = self._countable(k, final)
         last, count = self._count_kernel(u, np.where(last0 >= 0, last0 - pos0, _NONE), count0,
                                          self._dense(prev0), m, pop, tp, edges, True)
         total = samples + m * u.shape[1]
@@ -393,13 +396,18 @@ class ReuseModel(ReuseScoring):
         u[0] [L * E], counts [L * E]) as of pass m."""
         self._land()
         n, N = u.shape
-        m = n if final else max(0, n - (self.horizon - 1))
+        m = self._countable(n, final)
         last, count = self._count_kernel(u, last0, count0, prev0, m, pop, tp, self.next_edges(),
                                          transitions)
         if m:
             self.samples += m * N
             self._backoff_dirty = True
         return m, last, count
+
+    def _countable(self, n: int, final: bool) -> int:
+        """Of n buffered passes, those whose labels are complete: all when `final` (the stream
+        ended), else all but the last horizon - 1."""
+        return n if final else max(0, n - (self.horizon - 1))
 
     def _count_kernel(self, u, last0, count0, prev0, m: int, pop, tp, edges, transitions: bool):
         """The first `m` passes of u into seen, reused (and trans, trans_from with

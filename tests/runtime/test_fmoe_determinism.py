@@ -42,9 +42,10 @@ def test_five_live_runs_identical_stats(mixtral_ckpt):
     assert all(r == runs[0] for r in runs), runs
 
 
-def _drive(policy: FmoePolicy, routes, capacity: int):
+def _drive(policy: FmoePolicy, routes, capacity: int, states: list | None = None):
     """Drive `policy` through a SlotTable with `routes` [[token [layer [experts]]]] per
-    sequence, placing every prefetch order at once; returns (orders log, table stats)."""
+    sequence, placing every prefetch order at once; returns (orders log, table stats).
+    `states`, when given, gets the slots' keys after every layer."""
     table = SlotTable(capacity, policy)
     E = policy.num_experts
     log = []
@@ -59,6 +60,8 @@ def _drive(policy: FmoePolicy, routes, capacity: int):
                 table.acquire_many([layer * E + e for e in experts])
                 policy.on_routed(layer, np.array(experts, dtype=np.int64))
                 table.unpin()
+                if states is not None:
+                    states.append(table.key_of.tolist())
             policy.on_token_end()
         policy.on_request_end(n)
     return log, table.stats
@@ -231,26 +234,6 @@ def test_auto_prefetch_follows_profile_and_link_slack():
 
 
 
-def _cache_states(policy: FmoePolicy, routes, capacity: int):
-    """Drive `policy` through a SlotTable (no prefetch); returns (the slots' keys after every
-    layer, table stats)."""
-    table = SlotTable(capacity, policy)
-    E = policy.num_experts
-    states = []
-    for n, seq in enumerate(routes):
-        policy.on_request_start(n)
-        for tok in seq:
-            for layer, experts in enumerate(tok):
-                policy.on_layer_start(layer)
-                table.acquire_many([layer * E + e for e in experts])
-                policy.on_routed(layer, np.array(experts, dtype=np.int64))
-                table.unpin()
-                states.append(table.key_of.tolist())
-            policy.on_token_end()
-        policy.on_request_end(n)
-    return states, table.stats
-
-
 def test_background_counting_decides_as_counting_in_place():
     """The reuse model counts each batch of passes on the counting thread; the counts land a
     fixed number of passes later whatever the thread's speed, so the victims are the same as
@@ -262,8 +245,10 @@ def test_background_counting_decides_as_counting_in_place():
     for background in (True, False, True):
         p = make_policy("fmoe", 4, 16, 16, top_k=2, reuse_background=background)
         assert p.reuse.background is background
-        runs.append(_cache_states(p, routes, 16) + (p.reuse.samples,))
-    assert runs[0][2] > 0 and runs[0][1].misses > 100
+        states = []
+        _, stats = _drive(p, routes, 16, states)
+        runs.append((states, stats, p.reuse.samples))
+    assert runs[0][2] > 0 and runs[0][1].misses > 100 and runs[0][1].prefetched == 0
     assert runs[0] == runs[1] == runs[2]
 
 
