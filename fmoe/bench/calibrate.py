@@ -117,6 +117,63 @@ def measure_compute(model, steps: int = 6) -> dict:
             "token_seconds": total_full, "token_seconds_no_routed": total_bare}
 
 
+def measure_misses(model, steps: int = 8, token_seconds: float = 0.0, lanes: int = 1,
+                   seed: int = 0) -> dict:
+    """Decode steps that miss, on an offloaded `MoEModel` whose cache is small against its
+    experts (the probe: K slots per MoE layer): random tokens, so nearly every routed expert is
+    a demand read through the runtime's own copy engine, reader threads and slots. Per miss:
+
+    - ``stall_per_miss``: the forward's wait, as the runs' ``stall_seconds`` count it;
+    - ``cpu_per_miss``: what a miss adds to the rest of the step, beyond `token_seconds` (the
+      same probe's resident decode compute): measured on a 2-core box, 0.6-0.9 ms per miss in
+      the runs, which the cold reads alone do not show;
+    - ``copy``: the simulator's copy time per expert (with `lanes` reads in flight) that gives
+      this decode's stall plus that CPU time: the stall the simulator lands for a layer's k
+      misses is ceil(k / lanes) x lanes x copy (`fmoe.sim.engines.demand_stall`)."""
+    rt = model.runtime
+    module = model.module
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    blocks = module.moe_blocks()
+    layers = list(module.model.layers)
+    moe_ids = [i for i, layer in enumerate(layers) if any(layer.mlp is b for b in blocks)]
+    marks: list[int] = []
+    hooks = [layers[i].register_forward_pre_hook(lambda m, a: marks.append(rt.misses)) for i in moe_ids]
+    hooks.append(module.model.norm.register_forward_pre_hook(lambda m, a: marks.append(rt.misses)))
+    lanes = max(1, int(lanes))
+    walls, stalls, cpu, misses, rounds = [], [], [], [], 0
+    try:
+        cache = model.new_cache()
+        with torch.inference_mode():
+            module(torch.randint(vocab, (1, 4), generator=gen).to(model.device), cache=cache, last_only=True)
+            for i in range(steps + 2):            # two steps first: the cache holds routed experts
+                tok = torch.randint(vocab, (1, 1), generator=gen).to(model.device)
+                marks.clear()
+                m0, s0, p0 = rt.misses, rt.stall, rt.policy_time
+                t0 = time.perf_counter()
+                module(tok, cache=cache, last_only=True)
+                wall = time.perf_counter() - t0
+                if i < 2:
+                    continue
+                stall, policy = rt.stall - s0, rt.policy_time - p0
+                walls.append(wall)
+                stalls.append(stall)
+                misses.append(rt.misses - m0)
+                cpu.append(wall - stall - policy)
+                rounds += sum((b - a + lanes - 1) // lanes for a, b in zip(marks, marks[1:]))
+    finally:
+        for h in hooks:
+            h.remove()
+    n = sum(misses)
+    if n == 0:
+        raise RuntimeError("calibrate: the decode with a small cache missed nothing")
+    extra = max(0.0, statistics.median(cpu) - token_seconds) * steps / n
+    stall = sum(stalls)
+    return {"steps": steps, "misses": n, "misses_per_step": n / steps,
+            "step_seconds": statistics.median(walls), "stall_per_miss": stall / n,
+            "cpu_per_miss": extra, "lanes": lanes, "copy": (stall + extra * n) / (rounds * lanes)}
+
+
 def cold_store(model_path: Path, dtype=None, memory_limit: int | None = None):
     """(store, reader, files, keys): the model's `ExpertStore` with the runtime's read settings
     (O_DIRECT as decided in this process, or under `memory_limit` bytes), its files with their
@@ -211,7 +268,7 @@ def read_lanes(alone: float, per: float, readers: int) -> int:
 
 
 def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device: str = "cpu",
-              out=print, memory_limit: int | None = None) -> dict:
+              out=print, memory_limit: int | None = None, miss_steps: int = 8) -> dict:
     """The profile dict (see the module docstring); `out` gets progress lines. `memory_limit`
     (bytes): the limit the runs will have, so that the reads go the way they will there
     (O_DIRECT once the experts exceed half of it)."""
@@ -229,14 +286,29 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
         f"so {reads['lanes']} lane(s); O_DIRECT {reads['o_direct']})")
     out("calibrate: decode compute ...")
     probe = from_pretrained(path, device=device, dtype=dtype, expert_cache=_probe_cache(path), policy="lru")
+    cpu = torch.device(device).type == "cpu"
+    misses = None
     try:
+        if memory_limit is not None and probe.runtime is not None:
+            rt = probe.runtime
+            rt._direct_reads(rt.store.layouts, rt.store.reader, room=memory_limit)
         comp = measure_compute(probe, steps)
         shp = probe.config.experts
         model_dtype = probe.dtype
+        out(f"calibrate: {comp['token_seconds'] * 1e3:.0f} ms per token with {shp.top_k} experts per layer "
+            f"resident; {comp['expert'] * 1e3:.2f} ms per routed expert")
+        if cpu and miss_steps > 0 and probe.runtime is not None:
+            out(f"calibrate: {miss_steps} decode steps that miss ...")
+            misses = measure_misses(probe, miss_steps, comp["token_seconds"], reads["lanes"])
+            out(f"calibrate: {misses['misses_per_step']:.0f} misses per step, "
+                f"{misses['stall_per_miss'] * 1e3:.1f} ms stall and {misses['cpu_per_miss'] * 1e3:.2f} ms "
+                f"of compute each: copy {misses['copy'] * 1e3:.1f} ms per expert "
+                f"(cold reads alone: {reads['read_seconds'] * 1e3:.1f})")
     finally:
         probe.close()
-    out(f"calibrate: {comp['token_seconds'] * 1e3:.0f} ms per token with {shp.top_k} experts per layer "
-        f"resident; {comp['expert'] * 1e3:.2f} ms per routed expert")
+    # on CPU the copy time is the runtime's own per miss (its readers, its slots, what a miss
+    # costs the forward thread); the cold reads alone ran 10-25% faster than the runs' misses
+    copy = misses["copy"] if misses is not None else reads["read_seconds"]
     import json
 
     raw = json.loads((path / "config.json").read_text())
@@ -251,15 +323,15 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
         "model": {"path": str(path), "model_type": raw.get("model_type"), "num_layers": shp.num_layers,
                   "num_experts": shp.num_experts, "top_k": shp.top_k, "hidden": shp.hidden,
                   "inter": shp.inter, "dtype": str(model_dtype).replace("torch.", "")},
-        "link_bw": reads["expert_bytes"] / reads["read_seconds"],
+        "link_bw": reads["expert_bytes"] / copy,
         "timing": {"attn": comp["attn"], "shared": 0.0, "expert": comp["expert"],
-                   "copy": reads["read_seconds"], "attn_ctx": 0.0, "token_pre": comp["token_pre"],
+                   "copy": copy, "attn_ctx": 0.0, "token_pre": comp["token_pre"],
                    "token_pre_ctx": 0.0, "token_post": comp["token_post"],
                    "expert_bytes": reads["expert_bytes"],
                    # on CPU the reads in flight that overlap (`read_lanes`); on CUDA one copy
                    # stream
                    "lanes": reads["lanes"] if torch.device(device).type == "cpu" else 1},
-        "measured": {"reads": reads, "token_seconds": comp["token_seconds"],
+        "measured": {"reads": reads, "misses": misses, "token_seconds": comp["token_seconds"],
                      "token_seconds_no_routed": comp["token_seconds_no_routed"],
                      "h2d_bytes_per_s": h2d},
         "shape": shape.name if shape is not None else None,

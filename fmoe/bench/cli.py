@@ -37,8 +37,10 @@ def cmd_calibrate(args) -> int:
             limit = parse_bytes(args.memory_limit)
         except ValueError as e:
             raise SystemExit(f"fmoe calibrate: --memory-limit: {e}") from None
+    if args.miss_steps < 0:
+        raise SystemExit(f"fmoe calibrate: --miss-steps must be >= 0, got {args.miss_steps}")
     profile = calibrate(args.model, dtype=args.dtype, samples=args.samples, out=print,
-                        memory_limit=limit)
+                        memory_limit=limit, miss_steps=args.miss_steps)
     text = json.dumps(profile, indent=2)
     if args.out:
         from ..models.synthetic import _write_json
@@ -93,6 +95,9 @@ def register(sub) -> None:
     p.add_argument("model", help="local checkpoint directory")
     p.add_argument("--dtype", default=None)
     p.add_argument("--samples", type=int, default=48, help="experts read cold (default 48)")
+    p.add_argument("--miss-steps", type=int, default=8,
+                   help="decode steps with a small cache, timing the runtime's own misses (CPU; "
+                        "default 8; 0: the copy time from the cold reads)")
     p.add_argument("--out", default=None, help="write the profile JSON here (default: stdout)")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="the memory limit the runs will have (e.g. 12GiB): the reads go as they "
