@@ -142,6 +142,7 @@ def measure_misses(model, steps: int = 8, token_seconds: float = 0.0, lanes: int
     hooks.append(module.model.norm.register_forward_pre_hook(lambda m, a: marks.append(rt.misses)))
     lanes = max(1, int(lanes))
     walls, stalls, cpu, misses, rounds = [], [], [], [], 0
+    per_layer = [0] * len(moe_ids)
     try:
         cache = model.new_cache()
         with torch.inference_mode():
@@ -160,7 +161,9 @@ def measure_misses(model, steps: int = 8, token_seconds: float = 0.0, lanes: int
                 stalls.append(stall)
                 misses.append(rt.misses - m0)
                 cpu.append(wall - stall - policy)
-                rounds += sum((b - a + lanes - 1) // lanes for a, b in zip(marks, marks[1:]))
+                for j, (a, b) in enumerate(zip(marks, marks[1:])):
+                    per_layer[j] += b - a
+                    rounds += (b - a + lanes - 1) // lanes
     finally:
         for h in hooks:
             h.remove()
@@ -171,7 +174,8 @@ def measure_misses(model, steps: int = 8, token_seconds: float = 0.0, lanes: int
     stall = sum(stalls)
     return {"steps": steps, "misses": n, "misses_per_step": n / steps,
             "step_seconds": statistics.median(walls), "stall_per_miss": stall / n,
-            "cpu_per_miss": extra, "lanes": lanes, "copy": (stall + extra * n) / (rounds * lanes)}
+            "cpu_per_miss": extra, "lanes": lanes, "rounds": rounds, "layer_misses": per_layer,
+            "copy": (stall + extra * n) / (rounds * lanes)}
 
 
 def cold_store(model_path: Path, dtype=None, memory_limit: int | None = None):

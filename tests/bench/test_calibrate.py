@@ -194,3 +194,42 @@ def test_bench_blas_spin_tool(capsys):
         tool.main(["--rows", "a,b"])
     with pytest.raises(SystemExit):
         tool.main(["--rows", "0"])
+
+
+def test_misses_time_the_runtimes_own_reads(tiny_synth):
+    """The decode with a small cache: the misses counted per MoE layer add up to the runtime's
+    count; with one lane a layer's k misses are k rounds, so the copy time is the stall per miss
+    plus the compute each adds; with as many lanes as a layer can miss (top-2, one token), a
+    layer's misses are one round."""
+    from fmoe.bench.calibrate import measure_misses
+    from fmoe.models import from_pretrained
+
+    probe = from_pretrained(tiny_synth, expert_cache=4, policy="lru")
+    try:
+        one = measure_misses(probe, steps=4, lanes=1)
+        two = measure_misses(probe, steps=4, lanes=2)
+    finally:
+        probe.close()
+    assert one["misses"] > 0 and len(one["layer_misses"]) == 2
+    assert sum(one["layer_misses"]) == one["misses"] and one["rounds"] == one["misses"]
+    assert one["copy"] == pytest.approx(one["stall_per_miss"] + one["cpu_per_miss"])
+    assert one["stall_per_miss"] >= 0 and one["cpu_per_miss"] >= 0
+    assert sum(two["layer_misses"]) == two["misses"]
+    assert two["misses"] / 2 <= two["rounds"] <= min(two["misses"], 4 * 2)
+    assert two["copy"] * 2 * two["rounds"] == pytest.approx(
+        (two["stall_per_miss"] + two["cpu_per_miss"]) * two["misses"])
+
+
+def test_copy_from_the_misses_or_the_reads(profile, tiny_synth, tmp_path):
+    """By default a CPU profile's copy time is the decode's per miss; `--miss-steps 0` keeps the
+    cold reads' and leaves the decode out; a negative count is refused."""
+    _, prof = profile
+    assert prof["timing"]["copy"] == prof["measured"]["misses"]["copy"]
+    assert prof["measured"]["misses"]["steps"] == 8
+    out = tmp_path / "reads.json"
+    assert main(["calibrate", str(tiny_synth), "--samples", "2", "--miss-steps", "0", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["measured"]["misses"] is None
+    assert got["timing"]["copy"] == got["measured"]["reads"]["read_seconds"]
+    with pytest.raises(SystemExit, match="--miss-steps"):
+        main(["calibrate", str(tiny_synth), "--miss-steps", "-1"])
