@@ -280,8 +280,11 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
     from ..runtime.lm import parse_dtype
     from ..sim.shapes import shape_from_config
 
+    from .cgroup import cpu_times, steal_fraction
+
     dtype = parse_dtype(dtype)
     path = Path(model_path)
+    ticks = cpu_times()
     out(f"calibrate: cold reads of {samples} experts ...")
     reads = measure_reads(path, samples, dtype=dtype, memory_limit=memory_limit, device=device)
     out(f"calibrate: {reads['expert_bytes'] / 2**20:.1f} MiB per expert, {reads['read_seconds'] * 1e3:.1f} ms "
@@ -310,6 +313,11 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
                 f"(cold reads alone: {reads['read_seconds'] * 1e3:.1f})")
     finally:
         probe.close()
+    # a calibration taken while other guests held the CPUs describes them, not this machine
+    steal = steal_fraction(ticks, cpu_times())
+    if steal is not None and steal > 0.05:
+        out(f"calibrate: the hypervisor gave {steal:.0%} of the CPU time to other guests during "
+            f"this calibration: its timings are slower than this machine's")
     # on CPU the copy time is the runtime's own per miss (its readers, its slots, what a miss
     # costs the forward thread); the cold reads alone ran 10-25% faster than the runs' misses
     copy = misses["copy"] if misses is not None else reads["read_seconds"]
@@ -335,7 +343,8 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
                    # on CPU the reads in flight that overlap (`read_lanes`); on CUDA one copy
                    # stream
                    "lanes": reads["lanes"] if torch.device(device).type == "cpu" else 1},
-        "measured": {"reads": reads, "misses": misses, "token_seconds": comp["token_seconds"],
+        "measured": {"reads": reads, "misses": misses, "steal_fraction": steal,
+                     "token_seconds": comp["token_seconds"],
                      "token_seconds_no_routed": comp["token_seconds_no_routed"],
                      "h2d_bytes_per_s": h2d},
         "shape": shape.name if shape is not None else None,

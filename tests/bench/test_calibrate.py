@@ -233,3 +233,21 @@ def test_copy_from_the_misses_or_the_reads(profile, tiny_synth, tmp_path):
     assert got["timing"]["copy"] == got["measured"]["reads"]["read_seconds"]
     with pytest.raises(SystemExit, match="--miss-steps"):
         main(["calibrate", str(tiny_synth), "--miss-steps", "-1"])
+
+
+def test_steal_during_calibration_is_recorded(tiny_synth, monkeypatch):
+    """The share of CPU time the hypervisor gave other guests while calibrating goes into the
+    profile, with a warning above 5%."""
+    import fmoe.bench.cgroup as cgroup
+
+    readings = iter([(1000, 10), (2000, 310)])          # 300 of 1000 ticks stolen
+    monkeypatch.setattr(cgroup, "cpu_times", lambda stat="/proc/stat": next(readings))
+    lines = []
+    prof = calibrate(tiny_synth, samples=2, steps=2, miss_steps=2, out=lines.append)
+    assert prof["measured"]["steal_fraction"] == pytest.approx(0.3)
+    assert any("30% of the CPU time" in ln for ln in lines)
+    readings = iter([(1000, 10), (2000, 20)])           # 1%: no warning
+    lines.clear()
+    prof = calibrate(tiny_synth, samples=2, steps=2, miss_steps=2, out=lines.append)
+    assert prof["measured"]["steal_fraction"] == pytest.approx(0.01)
+    assert not any("other guests" in ln for ln in lines)
