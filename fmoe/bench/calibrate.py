@@ -11,6 +11,11 @@ Measured, not modelled:
   thread count; a disk capped in bandwidth (reads side by side split its rate: a throttled
   virtual disk) gives 1. The simulator lands a layer's misses `lanes` at a time, each taking
   ``lanes`` x copy.
+- **misses** (CPU): decode steps on a probe whose cache holds K experts per MoE layer, fed
+  random tokens, so nearly every routed expert is a demand read through the runtime's copy
+  engine: per miss, the forward's wait and the compute a miss adds beside it. Their sum (per
+  read lane) is the profile's copy time on CPU: it is what the runs' misses cost, which the
+  cold reads alone under-count (`measure_misses`; ``miss_steps=0`` keeps the cold reads').
 - **compute**: decode steps with the same K experts resident in every MoE layer (so nothing
   loads), timed per part with forward pre-hooks: before the first MoE layer (embedding, dense
   layers), each MoE layer, after the last (final norm, lm_head). The same steps with the routed
@@ -279,7 +284,6 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
     from ..models import from_pretrained
     from ..runtime.lm import parse_dtype
     from ..sim.shapes import shape_from_config
-
     from .cgroup import cpu_times, steal_fraction
 
     dtype = parse_dtype(dtype)
