@@ -11,6 +11,12 @@ dropped first; contenders alternate run by run; medians and ratios at the end.
     python tools/bench_memlimit.py --model DIR --gguf model.gguf --llama-bench BIN --limits 12 \\
         --contenders fmoe,llama.cpp --prompt-tokens 64 --new-tokens 32
 
+    # each fmoe run calibrated right before it (profile given to the run), then simulated on the
+    # same tokens with that profile: rows get simulated_tokens_per_s and sim_over_live
+    python tools/bench_memlimit.py --model DIR --limits 12,8 --contenders fmoe-lru,fmoe \\
+        --routing-trace ../shared/data/traces/deepseek-v2-lite-puffin-dev.npz --sequences 12 \\
+        --calibrate calibrations/ --out results.jsonl
+
     # show the cgroup steps without running anything
     python tools/bench_memlimit.py --model DIR --limits 8 --dry-run
 
@@ -28,6 +34,7 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,6 +68,39 @@ def llama_command(args, extra: list[str]) -> list[str]:
         raise SystemExit("llama.cpp contenders need --gguf and --llama-bench (see tools/llama_cpp.py)")
     return [str(args.llama_bench), "-m", str(args.gguf), "-t", str(args.threads), "-p", str(args.prompt_tokens),
             "-n", str(args.new_tokens), "-r", "1", "-o", "jsonl"] + extra
+
+
+def calibrates(name: str, cmd: list[str]) -> bool:
+    """Whether `--calibrate` covers this contender: an fmoe run with a cache the simulator
+    models (not llama.cpp, not the page cache)."""
+    return name not in LLAMA_CONTENDERS and "mmap" not in cmd
+
+
+def calibrate_command(args, limit: float, path: Path) -> list[str]:
+    """`fmoe calibrate` for a run at `limit` GiB (outside its cgroup: the calibration reads as
+    the run will, by `--memory-limit`)."""
+    return [args.python, "-m", "fmoe.serve.cli", "calibrate", str(args.model),
+            "--memory-limit", f"{limit:g}GiB", "--out", str(path)]
+
+
+def simulate_command(args, row: dict, cmd: list[str], profile: Path) -> list[str]:
+    """`fmoe simulate` of a finished run: its policy (with the run's `--policy-option`s),
+    capacity and execution, on the tokens it replayed (the trace's first tokens + sequences:
+    the bench replays whole sequences from the first), with the calibration taken before it."""
+    sim = [args.python, "-m", "fmoe.serve.cli", "simulate", "--trace", str(args.routing_trace),
+           "--model-config", str(args.model), "--policy", str(row["policy"]),
+           "--capacity", str(row["capacity"]), "--max-tokens", str(row["tokens"] + row["sequences"]),
+           "--execution", str(row.get("execution") or "load"), "--hardware", str(profile),
+           "--no-cache", "--json"]
+    for i, a in enumerate(cmd[:-1]):
+        if a == "--policy-option":
+            sim += ["--policy-option", cmd[i + 1]]
+    return sim
+
+
+def parse_simulated(stdout: str) -> dict:
+    res = json.loads(stdout.strip().splitlines()[-1])
+    return {"simulated_tokens_per_s": 1e3 / res["tpot_ms"], "simulated_hit_rate": res["hit_rate"]}
 
 
 def parse_fmoe(stdout: str) -> dict:
@@ -109,6 +149,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                                               or [float("nan")]),
             "capacity": rs[-1].get("capacity"),
             "steal_max": max((r.get("steal_fraction") or 0.0) for r in rs),
+            "sim_over_live_all": [r["sim_over_live"] for r in rs if r.get("sim_over_live")],
             "output_sha256": sorted({r.get("output_sha256") for r in rs if r.get("output_sha256")}),
         })
     return table
@@ -117,7 +158,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def markdown(table: list[dict]) -> str:
     """The summary as a Markdown table (medians over runs)."""
     lines = ["| limit | contender | routing | runs | decode tokens/s (runs) | TTFT s | load s | hit rate | "
-             "policy share | peak GiB | OOM kills | CPU steal (max) | output sha256 |", "|" + "---|" * 13]
+             "policy share | peak GiB | OOM kills | CPU steal (max) | simulated / live (runs) | output sha256 |",
+             "|" + "---|" * 14]
     for t in table:
         rates = ", ".join(f"{r:.3f}" for r in t["tokens_per_s_all"])
         def f(x, fmt):
@@ -127,6 +169,7 @@ def markdown(table: list[dict]) -> str:
                      f"{f(t['tokens_per_s'], '.3f')} ({rates}) | {f(t['ttft_s'], '.2f')} | {f(t['load_s'], '.1f')} | "
                      f"{f(t['hit_rate'], '.3f')} | {f(share, '.2f')}% | "
                      f"{t['peak_gib']:.2f} | {t['oom_kills']} | {100 * t.get('steal_max', 0.0):.1f}% | "
+                     f"{', '.join(f'{x:.2f}' for x in t.get('sim_over_live_all', [])) or 'n/a'} | "
                      f"{', '.join(h[:12] for h in t['output_sha256'])} |")
     return "\n".join(lines)
 
@@ -179,6 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--cgroup-root", type=Path, default=Path("/sys/fs/cgroup"))
     ap.add_argument("--dry-run", action="store_true", help="print the cgroup steps; run nothing")
+    ap.add_argument("--calibrate", type=Path, default=None, metavar="DIR",
+                    help="before each fmoe run, `fmoe calibrate` at its limit (profile kept in DIR and "
+                         "given to the run); after it, `fmoe simulate` of the same tokens with that "
+                         "profile: the row gets simulated_tokens_per_s and sim_over_live")
     ap.add_argument("--realtime", type=int, default=0, metavar="PRIO",
                     help="run contenders under SCHED_FIFO at this priority (a shared machine: other "
                          "work then cannot stall their threads); 0 = off")
@@ -205,6 +252,14 @@ def main(argv=None) -> int:
         if n not in FMOE_CONTENDERS and n not in LLAMA_CONTENDERS and n not in extras:
             raise SystemExit(f"unknown contender {n!r}; known: "
                              f"{', '.join(list(FMOE_CONTENDERS) + list(LLAMA_CONTENDERS))} or --extra NAME=ARGS")
+    if args.calibrate is not None:
+        if args.routing_trace is None:
+            raise SystemExit("--calibrate needs --routing-trace (the simulator replays the run's tokens)")
+        if args.max_tokens and args.sequences > 1:
+            raise SystemExit("--calibrate simulates the trace's first tokens: use it without --max-tokens "
+                             "or with one sequence")
+        if not args.dry_run:
+            args.calibrate.mkdir(parents=True, exist_ok=True)
     files = [args.model] + ([args.gguf] if args.gguf else [])
     rows = []
     for rnd in range(args.rounds):
@@ -215,15 +270,30 @@ def main(argv=None) -> int:
                     cmd = llama_command(args, LLAMA_CONTENDERS[name])
                 else:
                     cmd = fmoe_command(args, extras.get(name) or FMOE_CONTENDERS[name])
+                profile = None
+                if args.calibrate is not None and calibrates(name, cmd):
+                    profile = args.calibrate / f"cal-{rnd + 1}-{limit:g}-{name}.json"
+                    if "--hardware-profile" not in cmd:
+                        cmd = cmd + ["--hardware-profile", str(profile)]
                 group = MemoryCgroup(f"fmoe-bench-{os.getpid()}-{len(rows)}", int(limit * 2**30),
                                      root=args.cgroup_root, dry_run=args.dry_run)
                 if args.dry_run:
                     with group:
                         group.run(cmd, realtime=args.realtime)
                     print(f"# {name} at {limit:g} GiB (round {rnd + 1})")
-                    print("\n".join(f"  {s}" for s in [f"fadvise DONTNEED {', '.join(map(str, files))}"] + group.steps))
+                    steps = [f"fadvise DONTNEED {', '.join(map(str, files))}"] + group.steps
+                    if profile is not None:
+                        steps = [shlex.join(calibrate_command(args, limit, profile))] + steps
+                        steps.append("then: " + shlex.join(simulate_command(
+                            args, {"policy": "POLICY", "capacity": "CAPACITY", "tokens": 0, "sequences": 0},
+                            cmd, profile)).replace("--max-tokens 0", "--max-tokens TOKENS"))
+                    print("\n".join(f"  {s}" for s in steps))
                     rows.append({})
                     continue
+                if profile is not None:
+                    print(f"[{time.strftime('%H:%M:%S')}] calibrating for {name} at {limit:g} GiB", flush=True)
+                    subprocess.run(calibrate_command(args, limit, profile), check=True,
+                                   stdout=subprocess.DEVNULL, timeout=args.timeout)
                 dropped = drop_file_pages(files)
                 print(f"[{time.strftime('%H:%M:%S')}] {name} at {limit:g} GiB, round {rnd + 1} "
                       f"({dropped / 2**30:.1f} GiB of file pages dropped)", flush=True)
@@ -242,6 +312,15 @@ def main(argv=None) -> int:
                        **parsed}
                 if res.returncode != 0:
                     row["stderr_tail"] = res.stderr[-2000:]
+                if profile is not None and res.returncode == 0 and "capacity" in row:
+                    sim = subprocess.run(simulate_command(args, row, cmd, profile), capture_output=True,
+                                         text=True, timeout=args.timeout)
+                    try:
+                        row |= parse_simulated(sim.stdout)
+                        row["sim_over_live"] = row["simulated_tokens_per_s"] / row["tokens_per_s"]
+                    except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+                        row["simulate_error"] = f"{e}: {sim.stderr[-500:]}"
+                    row["calibration"] = str(profile)
                 rows.append(row)
                 rate = row.get("tokens_per_s")
                 print(f"  rc {res.returncode}{' OOM-KILLED' if res.oom_killed else ''}, peak "

@@ -122,19 +122,41 @@ def measure_compute(model, steps: int = 6) -> dict:
             "token_seconds": total_full, "token_seconds_no_routed": total_bare}
 
 
-def measure_misses(model, steps: int = 8, token_seconds: float = 0.0, lanes: int = 1,
-                   seed: int = 0) -> dict:
-    """Decode steps that miss, on an offloaded `MoEModel` whose cache is small against its
-    experts (the probe: K slots per MoE layer): random tokens, so nearly every routed expert is
-    a demand read through the runtime's own copy engine, reader threads and slots. Per miss:
+class _Repeat(Experts):
+    """Records the experts the layer routes to, or (`again`) routes to the recorded ones."""
+
+    def __init__(self, inner: Experts):
+        super().__init__()
+        self.inner = inner
+        self.moe_layer = inner.moe_layer
+        self.ids: torch.Tensor | None = None
+        self.again = False
+
+    def forward(self, x, topk_weights, topk_ids, router_probs=None):
+        if self.again:
+            topk_ids = self.ids.expand(x.shape[0], -1)
+        else:
+            self.ids = topk_ids[-1:].clone()
+        return self.inner(x, topk_weights, topk_ids, router_probs)
+
+
+def measure_misses(model, steps: int = 8, lanes: int = 1, seed: int = 0) -> dict:
+    """Decode steps that miss, on an offloaded `MoEModel` whose cache holds K experts per MoE
+    layer (the probe, LRU): random tokens, so nearly every routed expert is a demand read
+    through the runtime's own copy engine, reader threads and slots. Each is followed by a step
+    routed to the same experts, which are then all cached: the same compute with no miss, a
+    moment later (this VM's speed drifts by tens of percent within minutes). Per miss:
 
     - ``stall_per_miss``: the forward's wait, as the runs' ``stall_seconds`` count it;
-    - ``cpu_per_miss``: what a miss adds to the rest of the step, beyond `token_seconds` (the
-      same probe's resident decode compute): measured on a 2-core box, 0.6-0.9 ms per miss in
-      the runs, which the cold reads alone do not show;
+    - ``cpu_per_miss``: what a miss adds to the rest of the step (wall less stall and policy)
+      over its all-hit twin: measured on a 2-core box, 0.1-0.9 ms per miss in the runs, which
+      the cold reads alone do not show;
     - ``copy``: the simulator's copy time per expert (with `lanes` reads in flight) that gives
       this decode's stall plus that CPU time: the stall the simulator lands for a layer's k
-      misses is ceil(k / lanes) x lanes x copy (`fmoe.sim.engines.demand_stall`)."""
+      misses is ceil(k / lanes) x lanes x copy (`fmoe.sim.engines.demand_stall`).
+
+    ``repeat_misses`` counts the misses of the all-hit steps (0 unless the cache is smaller
+    than K per layer)."""
     rt = model.runtime
     module = model.module
     vocab = model.config.vocab_size
@@ -142,11 +164,29 @@ def measure_misses(model, steps: int = 8, token_seconds: float = 0.0, lanes: int
     blocks = module.moe_blocks()
     layers = list(module.model.layers)
     moe_ids = [i for i, layer in enumerate(layers) if any(layer.mlp is b for b in blocks)]
+    wrappers = []
+    for b in blocks:
+        w = _Repeat(b.experts)
+        b.experts = w
+        wrappers.append(w)
     marks: list[int] = []
     hooks = [layers[i].register_forward_pre_hook(lambda m, a: marks.append(rt.misses)) for i in moe_ids]
     hooks.append(module.model.norm.register_forward_pre_hook(lambda m, a: marks.append(rt.misses)))
     lanes = max(1, int(lanes))
-    walls, stalls, cpu, misses, rounds = [], [], [], [], 0
+
+    def step(tok, cache, again: bool) -> tuple[float, float, int]:
+        """(wall less stall and policy, stall, misses) of one decode step."""
+        for w in wrappers:
+            w.again = again
+        marks.clear()
+        m0, s0, p0 = rt.misses, rt.stall, rt.policy_time
+        t0 = time.perf_counter()
+        module(tok, cache=cache, last_only=True)
+        wall = time.perf_counter() - t0
+        stall = rt.stall - s0
+        return wall - stall - (rt.policy_time - p0), stall, rt.misses - m0
+
+    walls, stalls, extra, misses, rounds, repeat = [], [], [], [], 0, 0
     per_layer = [0] * len(moe_ids)
     try:
         cache = model.new_cache()
@@ -154,33 +194,33 @@ def measure_misses(model, steps: int = 8, token_seconds: float = 0.0, lanes: int
             module(torch.randint(vocab, (1, 4), generator=gen).to(model.device), cache=cache, last_only=True)
             for i in range(steps + 2):            # two steps first: the cache holds routed experts
                 tok = torch.randint(vocab, (1, 1), generator=gen).to(model.device)
-                marks.clear()
-                m0, s0, p0 = rt.misses, rt.stall, rt.policy_time
-                t0 = time.perf_counter()
-                module(tok, cache=cache, last_only=True)
-                wall = time.perf_counter() - t0
+                rest, stall, m = step(tok, cache, False)
+                got = list(marks)
+                rest_hit, _, m_hit = step(tok, cache, True)
                 if i < 2:
                     continue
-                stall, policy = rt.stall - s0, rt.policy_time - p0
-                walls.append(wall)
+                repeat += m_hit
+                walls.append(rest + stall)
                 stalls.append(stall)
-                misses.append(rt.misses - m0)
-                cpu.append(wall - stall - policy)
-                for j, (a, b) in enumerate(zip(marks, marks[1:])):
+                misses.append(m)
+                extra.append(rest - rest_hit)
+                for j, (a, b) in enumerate(zip(got, got[1:])):
                     per_layer[j] += b - a
                     rounds += (b - a + lanes - 1) // lanes
     finally:
         for h in hooks:
             h.remove()
+        for b, w in zip(blocks, wrappers):
+            b.experts = w.inner
     n = sum(misses)
     if n == 0:
         raise RuntimeError("calibrate: the decode with a small cache missed nothing")
-    extra = max(0.0, statistics.median(cpu) - token_seconds) * steps / n
+    cpu = max(0.0, statistics.median(extra)) * steps / n
     stall = sum(stalls)
     return {"steps": steps, "misses": n, "misses_per_step": n / steps,
             "step_seconds": statistics.median(walls), "stall_per_miss": stall / n,
-            "cpu_per_miss": extra, "lanes": lanes, "rounds": rounds, "layer_misses": per_layer,
-            "copy": (stall + extra * n) / (rounds * lanes)}
+            "cpu_per_miss": cpu, "lanes": lanes, "rounds": rounds, "layer_misses": per_layer,
+            "repeat_misses": repeat, "copy": (stall + cpu * n) / (rounds * lanes)}
 
 
 def cold_store(model_path: Path, dtype=None, memory_limit: int | None = None):
@@ -310,7 +350,7 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
             f"resident; {comp['expert'] * 1e3:.2f} ms per routed expert")
         if cpu and miss_steps > 0 and probe.runtime is not None:
             out(f"calibrate: {miss_steps} decode steps that miss ...")
-            misses = measure_misses(probe, miss_steps, comp["token_seconds"], reads["lanes"])
+            misses = measure_misses(probe, miss_steps, reads["lanes"])
             out(f"calibrate: {misses['misses_per_step']:.0f} misses per step, "
                 f"{misses['stall_per_miss'] * 1e3:.1f} ms stall and {misses['cpu_per_miss'] * 1e3:.2f} ms "
                 f"of compute each: copy {misses['copy'] * 1e3:.1f} ms per expert "

@@ -198,9 +198,9 @@ def test_bench_blas_spin_tool(capsys):
 
 def test_misses_time_the_runtimes_own_reads(tiny_synth):
     """The decode with a small cache: the misses counted per MoE layer add up to the runtime's
-    count; with one lane a layer's k misses are k rounds, so the copy time is the stall per miss
-    plus the compute each adds; with as many lanes as a layer can miss (top-2, one token), a
-    layer's misses are one round."""
+    count, and the all-hit twin steps miss nothing; with one lane a layer's k misses are k
+    rounds, so the copy time is the stall per miss plus the compute each adds; with as many
+    lanes as a layer can miss (top-2, one token), a layer's misses are one round."""
     from fmoe.bench.calibrate import measure_misses
     from fmoe.models import from_pretrained
 
@@ -211,6 +211,8 @@ def test_misses_time_the_runtimes_own_reads(tiny_synth):
     finally:
         probe.close()
     assert one["misses"] > 0 and len(one["layer_misses"]) == 2
+    # each miss step's twin, routed to the same experts, finds them all cached
+    assert one["repeat_misses"] == 0 and two["repeat_misses"] == 0
     assert sum(one["layer_misses"]) == one["misses"] and one["rounds"] == one["misses"]
     assert one["copy"] == pytest.approx(one["stall_per_miss"] + one["cpu_per_miss"])
     assert one["stall_per_miss"] >= 0 and one["cpu_per_miss"] >= 0

@@ -80,3 +80,65 @@ def test_steal_fraction_from_proc_stat(tmp_path):
     assert steal_fraction(before, after) == 0.15     # 150 stolen of 1000 ticks
     assert steal_fraction(after, after) is None
     assert cpu_times(tmp_path / "missing") == (0, 0)
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memlimit_tool", ROOT / "tools/bench_memlimit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tool_calibrates_and_simulates_each_fmoe_run(tmp_path):
+    """`--calibrate DIR`: before each fmoe run a calibration at its limit, given to the run;
+    after it a simulation of the same tokens on that profile, with the run's policy options;
+    none for the page cache. Without a trace, or with per-sequence truncation, it is refused."""
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("0")
+    cal = tmp_path / "cal"
+    base = [sys.executable, str(ROOT / "tools/bench_memlimit.py"), "--model", str(tmp_path), "--limits", "8",
+            "--cgroup-root", str(tmp_path), "--dry-run", "--calibrate", str(cal), "--sequences", "2"]
+    out = subprocess.run(base + ["--contenders", "fmoe-lru,pagecache", "--routing-trace", "t.npz",
+                                 "--extra", "fmoe-pf=--expert-cache auto --policy-option prefetch=true"],
+                         capture_output=True, text=True, check=True).stdout
+    blocks = {b.splitlines()[0]: b for b in out.split("# ")[1:]}
+    lru, pf, pc = (blocks[f"{n} at 8 GiB (round 1)"] for n in ("fmoe-lru", "fmoe-pf", "pagecache"))
+    for name, block in (("fmoe-lru", lru), ("fmoe-pf", pf)):
+        prof = f"{cal}/cal-1-8-{name}.json"
+        steps = block.splitlines()[1:]
+        assert "fmoe.serve.cli calibrate" in steps[0] and f"--memory-limit 8GiB --out {prof}" in steps[0]
+        assert any("fmoe.serve.cli bench" in s and f"--hardware-profile {prof}" in s for s in steps)
+        assert "fmoe.serve.cli simulate" in steps[-1] and f"--hardware {prof}" in steps[-1]
+        assert "--trace t.npz" in steps[-1]
+    assert "--policy-option prefetch=true" in pf.splitlines()[-1]
+    assert "--policy-option" not in lru.splitlines()[-1]
+    assert "cli calibrate" not in pc and "cli simulate" not in pc and "--hardware" not in pc
+    bad = subprocess.run(base + ["--contenders", "fmoe"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--calibrate needs --routing-trace" in bad.stderr
+    bad = subprocess.run(base + ["--contenders", "fmoe", "--routing-trace", "t.npz", "--max-tokens", "50"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "without --max-tokens" in bad.stderr
+
+
+def test_simulate_command_replays_the_runs_tokens():
+    """The simulation of a finished run: its policy, capacity and execution, the trace's first
+    tokens + sequences tokens (whole sequences from the first), its policy options; tokens/s
+    from the simulator's TPOT."""
+    import argparse
+
+    tool = _tool()
+    args = argparse.Namespace(python="py", routing_trace=Path("t.npz"), model=Path("m"))
+    row = {"policy": "lru", "capacity": 247, "tokens": 403, "sequences": 12, "execution": "host"}
+    cmd = tool.simulate_command(args, row, ["bench", "--policy-option", "a=1", "--threads", "2"], Path("p.json"))
+    flag = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+    assert cmd[:4] == ["py", "-m", "fmoe.serve.cli", "simulate"]
+    assert flag["--policy"] == "lru" and flag["--capacity"] == "247" and flag["--max-tokens"] == "415"
+    assert flag["--execution"] == "host" and flag["--hardware"] == "p.json" and flag["--trace"] == "t.npz"
+    assert flag["--policy-option"] == "a=1" and "--threads" not in cmd
+    got = tool.parse_simulated('progress\n{"tpot_ms": 500.0, "hit_rate": 0.5}\n')
+    assert got == {"simulated_tokens_per_s": 2.0, "simulated_hit_rate": 0.5}
+    assert tool.calibrates("fmoe", ["--expert-cache", "auto"])
+    assert not tool.calibrates("pagecache", ["--expert-cache", "mmap"])
+    assert not tool.calibrates("llama.cpp", ["-lm", "mmap"])
