@@ -13,7 +13,8 @@ Measured, not modelled:
   ``lanes`` x copy.
 - **misses** (CPU): decode steps on a probe whose cache holds K experts per MoE layer, fed
   random tokens, so nearly every routed expert is a demand read through the runtime's copy
-  engine: per miss, the forward's wait and the compute a miss adds beside it. Their sum (per
+  engine, each step followed by a twin routed to the same (now cached) experts: per miss, the
+  forward's wait and the compute a miss adds over the twin. Their sum (per
   read lane) is the profile's copy time on CPU: it is what the runs' misses cost, which the
   cold reads alone under-count (`measure_misses`; ``miss_steps=0`` keeps the cold reads').
 - **compute**: decode steps with the same K experts resident in every MoE layer (so nothing
@@ -60,6 +61,32 @@ class _FixedExperts(Experts):
         return self.inner(x, topk_weights, ids, None)
 
 
+def _wrap_experts(blocks, make) -> list[Experts]:
+    """Put `make(experts)` in place of each MoE block's experts; returns the wrappers (undo with
+    `_unwrap_experts`)."""
+    wrappers = []
+    for b in blocks:
+        w = make(b.experts)
+        b.experts = w
+        wrappers.append(w)
+    return wrappers
+
+
+def _unwrap_experts(blocks, wrappers) -> None:
+    for b, w in zip(blocks, wrappers):
+        b.experts = w.inner
+
+
+def _boundary_hooks(module, blocks, mark) -> list:
+    """Forward pre-hooks calling `mark()` at the start of each MoE layer and of the final norm
+    (so consecutive marks bound one MoE layer); returns the handles."""
+    layers = list(module.model.layers)
+    hooks = [layer.register_forward_pre_hook(lambda m, a: mark()) for layer in layers
+             if any(layer.mlp is b for b in blocks)]
+    hooks.append(module.model.norm.register_forward_pre_hook(lambda m, a: mark()))
+    return hooks
+
+
 def _time_steps(model, steps: int, marks: list) -> list[list[float]]:
     """Run `steps` decode steps; returns per-step lists of time stamps taken at `marks`."""
     cache = model.new_cache()
@@ -84,17 +111,10 @@ def measure_compute(model, steps: int = 6) -> dict:
     K = shp.top_k
     blocks = module.moe_blocks()
     ids = torch.arange(K, device=model.device).view(1, K)
-    wrappers = []
-    for b in blocks:
-        w = _FixedExperts(b.experts, ids)
-        b.experts = w
-        wrappers.append(w)
+    wrappers = _wrap_experts(blocks, lambda inner: _FixedExperts(inner, ids))
     marks: list[float] = []
-    layers = list(module.model.layers)
-    moe_ids = [i for i, layer in enumerate(layers) if any(layer.mlp is b for b in blocks)]
-    hooks = [layers[i].register_forward_pre_hook(lambda m, a: marks.append(time.perf_counter()))
-             for i in moe_ids]
-    hooks.append(module.model.norm.register_forward_pre_hook(lambda m, a: marks.append(time.perf_counter())))
+    hooks = _boundary_hooks(module, blocks, lambda: marks.append(time.perf_counter()))
+    n = len(hooks) - 1                      # MoE layers
     try:
         full = _time_steps(model, steps, marks)
         for w in wrappers:
@@ -103,20 +123,18 @@ def measure_compute(model, steps: int = 6) -> dict:
     finally:
         for h in hooks:
             h.remove()
-        for b, w in zip(blocks, wrappers):
-            b.experts = w.inner
+        _unwrap_experts(blocks, wrappers)
 
     def parts(rows):
         # rows: [t0, start of MoE layer 0..L-1, start of norm, end]
         pre = statistics.median(r[1] - r[0] for r in rows[1:])
-        layer = [statistics.median(r[i + 2] - r[i + 1] for r in rows[1:]) for i in range(len(moe_ids))]
+        layer = [statistics.median(r[i + 2] - r[i + 1] for r in rows[1:]) for i in range(n)]
         post = statistics.median(r[-1] - r[-2] for r in rows[1:])
         total = statistics.median(r[-1] - r[0] for r in rows[1:])
         return pre, layer, post, total
 
     pre, layer_full, post, total_full = parts(full)
     _, layer_bare, _, total_bare = parts(bare)
-    n = len(moe_ids)
     expert = max(0.0, (sum(layer_full) - sum(layer_bare)) / (n * K))
     return {"token_pre": pre, "attn": layer_bare, "expert": expert, "token_post": post,
             "token_seconds": total_full, "token_seconds_no_routed": total_bare}
@@ -162,16 +180,9 @@ def measure_misses(model, steps: int = 8, lanes: int = 1, seed: int = 0) -> dict
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     blocks = module.moe_blocks()
-    layers = list(module.model.layers)
-    moe_ids = [i for i, layer in enumerate(layers) if any(layer.mlp is b for b in blocks)]
-    wrappers = []
-    for b in blocks:
-        w = _Repeat(b.experts)
-        b.experts = w
-        wrappers.append(w)
+    wrappers = _wrap_experts(blocks, _Repeat)
     marks: list[int] = []
-    hooks = [layers[i].register_forward_pre_hook(lambda m, a: marks.append(rt.misses)) for i in moe_ids]
-    hooks.append(module.model.norm.register_forward_pre_hook(lambda m, a: marks.append(rt.misses)))
+    hooks = _boundary_hooks(module, blocks, lambda: marks.append(rt.misses))
     lanes = max(1, int(lanes))
 
     def step(tok, cache, again: bool) -> tuple[float, float, int]:
@@ -187,7 +198,7 @@ def measure_misses(model, steps: int = 8, lanes: int = 1, seed: int = 0) -> dict
         return wall - stall - (rt.policy_time - p0), stall, rt.misses - m0
 
     walls, stalls, extra, misses, rounds, repeat = [], [], [], [], 0, 0
-    per_layer = [0] * len(moe_ids)
+    per_layer = [0] * (len(hooks) - 1)
     try:
         cache = model.new_cache()
         with torch.inference_mode():
@@ -210,8 +221,7 @@ def measure_misses(model, steps: int = 8, lanes: int = 1, seed: int = 0) -> dict
     finally:
         for h in hooks:
             h.remove()
-        for b, w in zip(blocks, wrappers):
-            b.experts = w.inner
+        _unwrap_experts(blocks, wrappers)
     n = sum(misses)
     if n == 0:
         raise RuntimeError("calibrate: the decode with a small cache missed nothing")
@@ -386,7 +396,7 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
                    "expert_bytes": reads["expert_bytes"],
                    # on CPU the reads in flight that overlap (`read_lanes`); on CUDA one copy
                    # stream
-                   "lanes": reads["lanes"] if torch.device(device).type == "cpu" else 1},
+                   "lanes": reads["lanes"] if cpu else 1},
         "measured": {"reads": reads, "misses": misses, "steal_fraction": steal,
                      "token_seconds": comp["token_seconds"],
                      "token_seconds_no_routed": comp["token_seconds_no_routed"],
