@@ -80,7 +80,12 @@ def _candidates(key_of, pin, epoch, touch, score_clock, cur, l_now, m):  # pragm
         j = key_of[slot]
         if j < 0 or pin[j] == epoch:
             continue
-        s = (cur[j] - l_now) + 1e-3 * (1.0 - touch[j] / scale)
+        base = cur[j] - l_now
+        # the touch term lies in [0, 1e-3]: a key whose base + 1e-3 is below the m-th score
+        # cannot enter (rounding is monotone), so its division is skipped
+        if n == m and base + 1e-3 < scores[m - 1]:
+            continue
+        s = base + 1e-3 * (1.0 - touch[j] / scale)
         if n == m and not (s > scores[m - 1] or (s == scores[m - 1] and j < keys[m - 1])):
             continue
         i = n if n < m else m - 1          # insert after every better one
@@ -134,7 +139,7 @@ def take(keys, slot_of, key_of, free, n_free, resident, pin, epoch, touch, clock
                         lay, tp.shape[0], lay < upto[0], NO_ROW)
             j += 2 + k
         pend[0] = 0
-    ranked = np.empty(0, np.int64)
+    ranked = keys[:0]                   # typed for numba; set at the first victim
     n_ranked = -1
     for i in range(start, keys.shape[0]):
         key = keys[i]

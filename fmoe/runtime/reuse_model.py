@@ -125,6 +125,7 @@ class ReuseModel(ReuseScoring):
         # between torch ones cost far more than their size says
         self._keys: list[int] = []               # keys used at the current pass (token)
         self._prev: list[int] = []               # keys of the previous pass
+        self._prev_keys: tuple | None = None     # (that list, its keys as an array)
         self._used: np.ndarray | None = None     # dense views, built when asked for
         self._prev_row: np.ndarray | None = None
         self._buf: list[list[int]] = []          # passes (keys) not counted yet: labels need later ones
@@ -144,6 +145,7 @@ class ReuseModel(ReuseScoring):
         # the routed layers whose after-scores wait for the next reader, in order: [n, then n
         # records (layer, k, its k experts)]; at most one record per layer and pass
         self._pend = np.zeros(1 + num_layers * (2 + num_experts), np.int64)
+        self._pend_mv = memoryview(self._pend)   # ... its scalars, written from Python
         self._pend_end = 1                       # ... where the next record goes
         rest = np.arange(cells) % (NG * NC * NP * NQ)
         self._coarse_of = (rest // (NP * NQ)) * NQ + rest % NQ   # cell -> its back-off cell
@@ -270,21 +272,27 @@ class ReuseModel(ReuseScoring):
         """`observe(keys)` for the keys of one layer reported whole: `experts` their expert
         ids (array-like) in the same order. The layer's after-scores are computed by the next
         reader (`running`, or the compiled `take` of the next layer), in the same call."""
-        self._keys.extend(keys)
+        self._keys += keys
         self._used = None
         if self._after is None or not keys:
             return
-        if layer in self._observed:
+        observed = self._observed
+        if layer in observed:
             self._apply_pending()
             self._score_after([layer])
             return
-        self._observed.add(layer)
-        pend = self._pend
-        k, i = len(keys), (self._pend_end if pend[0] else 1)   # a reader emptied it: restart
-        pend[i] = layer
-        pend[i + 1] = k
-        pend[i + 2:i + 2 + k] = experts
-        pend[0] += 1
+        observed.add(layer)
+        # one layer per call on the forward thread: scalar writes through a memoryview (a
+        # numpy item assignment costs several times more)
+        mv = self._pend_mv
+        k, i = len(keys), (self._pend_end if mv[0] else 1)     # a reader emptied it: restart
+        mv[i] = layer
+        mv[i + 1] = k
+        try:
+            mv[i + 2:i + 2 + k] = experts       # an int64 array
+        except (TypeError, ValueError):
+            self._pend[i + 2:i + 2 + k] = experts
+        mv[0] += 1
         self._pend_end = i + 2 + k
 
     def end_pass(self) -> None:
@@ -315,6 +323,8 @@ class ReuseModel(ReuseScoring):
         keys = np.fromiter(itertools.chain.from_iterable(todo), np.int64)
         kernels().sync(self.last, self.count, self.uses, keys, self._blk[0] + self._synced,
              np.array([len(k) for k in todo], np.int64))
+        if todo[-1] is self._prev:      # its keys as an array, for `pass_vectors`
+            self._prev_keys = (self._prev, keys[len(keys) - len(self._prev):])
         self._pop_age += len(todo)
         self._synced = len(self._buf)
 
@@ -384,7 +394,13 @@ class ReuseModel(ReuseScoring):
     def __getstate__(self) -> dict:
         # a copy gets the counts landed, never a batch in flight
         self._land()
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        del state["_pend_mv"]                    # a memoryview does not copy: made anew
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pend_mv = memoryview(self._pend)
 
     def _count_segment(self, u: np.ndarray, last0: np.ndarray, count0: np.ndarray, prev0: np.ndarray,
                        final: bool, pop: np.ndarray, tp: np.ndarray, transitions: bool = True):

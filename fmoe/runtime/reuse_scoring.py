@@ -85,7 +85,7 @@ class ReuseScoring:
     def running(self, l_now: int) -> np.ndarray:
         """[L * E] `next_use_score(l_now) + l_now`: the running scores themselves (kept, not a
         copy: read them before the next event)."""
-        L, E = self.L, self.E
+        E = self.E
         if self._now is None:
             now, after, _ = self.pass_vectors()
             self._now = now
@@ -93,14 +93,14 @@ class ReuseScoring:
             self._after = after.copy()
             self._cur = now.copy()          # after for done keys, now for the others
             self._upto[0] = 0               # layers before this one hold their after-scores
-            routed = np.flatnonzero(self.used.reshape(L, E).any(axis=1)).tolist()
+            routed = sorted({key // E for key in self._keys})
             self._observed = set(routed)    # layers reported before the scores existed
             if routed:
                 self._score_after(routed)
             c_after0, c_used0 = self._after_cells
             self._arrays = (self._after, self._cur, self._upto, self.wait_table(), c_after0,
                             c_used0, self.transition(), self.next_edges(), self._pend)
-        elif self._pend[0]:
+        elif self._pend_mv[0]:
             self._apply_pending()
         upto = int(self._upto[0])
         if l_now > upto:                    # the layers before l_now have had their pass
@@ -183,8 +183,11 @@ class ReuseScoring:
             n = self.L * self.E
             now, after, used = np.empty(n), np.empty(n), np.empty(n)
             c_after0, c_used0 = np.empty(n, np.int64), np.empty(n, np.int64)
+            prev = self._prev_keys      # made by `_sync` (converting a list costs ~60 ns a key)
+            prev = (prev[1] if prev is not None and prev[0] is self._prev
+                    else np.asarray(self._prev, dtype=np.int64))
             kernels().pass_vectors(self.last, self.count, self.pos, self._pop_base[1], tab,
-                         np.sort(np.asarray(self._prev, dtype=np.int64)), self.transition(),
+                         np.sort(prev), self.transition(),
                          self.next_edges(), _GAP_LUT, _COUNT_LUT, NC, NP * NQ, NQ - 1,
                          now, after, used, c_after0, c_used0)
             self._after_cells = (c_after0, c_used0)

@@ -234,21 +234,27 @@ class SlotTable:
         stats, unused = self.stats, self.unused_prefetch
         if done < n:
             keys = keys[:done]
-        stats.hits += done - misses
         if misses:
+            stats.hits += done - misses
             stats.misses += misses
-            stats.evictions += nv
+            if nv:
+                stats.evictions += nv
+                if unused:
+                    unused.difference_update(self._victims[:nv].tolist())
             if misses > nv:             # the others took free slots, from the end
                 del free[n_free - (misses - nv):]
                 slot_of.n += misses - nv
                 if slot_of.n > stats.resident_peak:
                     stats.resident_peak = slot_of.n
-            if nv and unused:
-                unused.difference_update(self._victims[:nv].tolist())
-        self._pin_used(keys)
+        else:
+            stats.hits += done
+        if unused:
+            self._pin_used(keys)
+        else:
+            self.pinned.update(keys)
         if slots is not None:
-            slots.extend(self._out_slot[:done].tolist())
-            hits.extend(self._out_hit[:done].tolist())
+            slots += self._out_slot[:done].tolist()
+            hits += self._out_hit[:done].tolist()
         if done < n:
             raise RuntimeError("every resident expert is pinned; cannot evict")
         return misses

@@ -276,6 +276,22 @@ def test_policy_copies_are_independent():
     assert q.rule.resident is not p.rule.resident
 
 
+@pytest.mark.parametrize("as_list", [False, True])
+def test_routed_layers_queue_in_their_own_model(as_list):
+    """A routed layer's record for the next reader lands in the model that saw it (a copy
+    writes its own queue), whether the experts come as an int64 array or a list."""
+    import copy
+
+    p = FmoePolicy(2, 4, 3, top_k=2)
+    p.on_request_start(0)
+    p.reuse.running(0)                       # the pass has scores: routed layers are queued
+    q = copy.deepcopy(p)
+    q.on_routed(0, [3, 1] if as_list else np.array([3, 1]))
+    assert q.reuse._pend[:5].tolist() == [1, 0, 2, 3, 1]
+    assert p.reuse._pend[0] == 0 and p.reuse._keys == []
+    assert q.reuse._keys == [3, 1]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_incremental_scores_equal_direct_formula(seed):
     """The reuse model's per-pass vectors, wait table and running scores give the scores of the

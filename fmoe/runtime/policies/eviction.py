@@ -27,6 +27,14 @@ EVICTIONS = ("reuse", "distance", "lru-pred", "pfreq", "lru")
 MAP_EVICTIONS = ("distance", "lru-pred", "pfreq")   # the rules that read expert maps
 
 
+_TAKE: list = [None]     # the compiled `take`, once loaded (one global lookup per layer)
+
+
+def _load_take():
+    _TAKE[0] = kernels().take
+    return _TAKE[0]
+
+
 def best(score: np.ndarray, pinned) -> int | None:
     """The key with the highest score once `pinned` keys are masked (in place); None when
     nothing finite is left. Non-resident keys must already be -inf."""
@@ -290,7 +298,7 @@ class ReuseRule(EvictionRule):
         self._forget()
 
     def routed(self, layer: int, keys) -> None:
-        self._forget()
+        self._score = self._masked = self._score_clock = None     # `_forget`, once per layer
 
     def token_end(self) -> None:
         self._settle()
@@ -355,26 +363,32 @@ class ReuseRule(EvictionRule):
         """`Policy.take`: a layer's uses in one compiled call (`fmoe.runtime.reuse_kernels.take`)
         on the table's arrays, with the same hits, inserts, victims and touches as the per-use
         events `on_hit` / `victim` / `on_evict` / `on_insert` in order, each use pinned."""
-        self._settle()
+        if self._touched:
+            self._settle()
         self._epoch += 1
-        ep, pin = self._epoch, self._pin
-        for key in pinned:
-            pin[key] = ep
-        sc = -1 if self._score_clock is None else self._score_clock
-        take = kernels().take
+        ep = self._epoch
+        if pinned:
+            pin = self._pin
+            for key in pinned:
+                pin[key] = ep
+        sc = self._score_clock
+        if sc is None:
+            sc = -1
+        take = _TAKE[0] or _load_take()
+        reuse = self.reuse
         status, stop, nf, self.clock, sc, misses, nv = take(
-            keys, slot_of, key_of, free, n_free, self.resident, pin, ep, self.touch, self.clock,
-            sc, *self.reuse.running_arrays(), self.l_now, self.E, 0, 0, 0, out_slot, out_hit,
-            victims)
+            keys, slot_of, key_of, free, n_free, self.resident, self._pin, ep, self.touch,
+            self.clock, sc, *reuse.running_arrays(), self.l_now, self.E, 0, 0, 0, out_slot,
+            out_hit, victims)
         if status == 1:                 # the first victim of the pass: make its scores
-            self.reuse.running(self.l_now)
+            reuse.running(self.l_now)
             status, stop, nf, self.clock, sc, misses, nv = take(
-                keys, slot_of, key_of, free, nf, self.resident, pin, ep, self.touch, self.clock,
-                sc, *self.reuse.running_arrays(), self.l_now, self.E, stop, misses, nv, out_slot,
-                out_hit, victims)
+                keys, slot_of, key_of, free, nf, self.resident, self._pin, ep, self.touch,
+                self.clock, sc, *reuse.running_arrays(), self.l_now, self.E, stop, misses, nv,
+                out_slot, out_hit, victims)
         self._score = self._masked = None
         if sc >= 0:
-            self._score_clock = int(sc)
+            self._score_clock = sc
         self.demand += misses
         return stop, misses, nv
 
