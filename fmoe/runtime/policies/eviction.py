@@ -295,7 +295,7 @@ class ReuseRule(EvictionRule):
 
     def layer_start(self, layer: int) -> None:
         self.l_now = layer
-        self._forget()
+        self._score = self._masked = self._score_clock = None     # `_forget`, once per layer
 
     def routed(self, layer: int, keys) -> None:
         self._score = self._masked = self._score_clock = None     # `_forget`, once per layer
