@@ -386,8 +386,12 @@ class OffloadRuntime:
         try:
             for slot in waits:
                 waited += self.engine.wait(slot)
-        except BaseException:
+        except BaseException as e:
             self.table.unpin(keys)
+            if isinstance(e, Exception):
+                # the step's other loads end (read or failed) before its error leaves, so none
+                # runs on into a later step: a read that fails there is one that step started
+                self.engine.drain()
             raise
         self.stall += waited
         return waited

@@ -142,6 +142,7 @@ def test_a_truncated_store_fails_requests_then_recovers(ckpt, tmp_path):
         assert "end of file" in broken.error, broken.error
         assert ".safetensors" in broken.error
         assert not model.runtime.engine.healthy
+        assert not model.runtime.engine._pending   # no load of the failed step runs on
         for f in files:      # repaired in place (same inode)
             with open(f, "r+b") as fh:
                 fh.write(saved[f])
@@ -186,4 +187,39 @@ def test_a_checksum_mismatch_reaches_the_request_with_its_cause(ckpt, tmp_path, 
         assert "checksum mismatch" in str(model.runtime.engine.last_error)
     finally:
         b.close()
+        model.close()
+
+
+def test_a_failed_step_leaves_no_load_running(ckpt):
+    """The step that sees a read fail returns only once its other loads have ended: a load it
+    queued cannot run on into the next step and fail there (a read started before a repair).
+    The step's second read is held until the test lets it go (or a second has passed): before
+    the fix the step returned while that read was still queued."""
+    import threading
+
+    model = fmoe.models.from_pretrained(ckpt, expert_cache=2, policy="lru")
+    engine = model.runtime.engine
+    inner, calls, gate = engine.store.read_into, [], threading.Event()
+
+    def read_into(key, w13, w2):
+        calls.append(key)
+        if len(calls) == 1:
+            raise CheckpointError("model.safetensors: unexpected end of file")
+        if len(calls) == 2:
+            gate.wait(1.0)
+            raise CheckpointError("model.safetensors: unexpected end of file")
+        inner(key, w13, w2)
+
+    engine.store.read_into = read_into
+    try:
+        with pytest.raises(ExpertReadError, match="end of file"):
+            model.generate(torch.tensor([[5, 6, 7, 8]]), 2, eos_token_id=[])
+        pending = dict(engine._pending)
+        gate.set()
+        assert len(calls) == 2 and not pending          # both reads ended with the step
+        assert len(engine._failed) == 1                 # the second's failure waits for its need
+        engine.store.read_into = inner                  # repaired: the next need reads again
+        out = model.generate(torch.tensor([[5, 6, 7, 8]]), 2, eos_token_id=[])
+        assert out.shape == (1, 6)
+    finally:
         model.close()
