@@ -82,6 +82,12 @@ class ReuseScoring:
         with the next token); the others have theirs still to come."""
         return self.running(l_now) - l_now
 
+    @property
+    def has_scores(self) -> bool:
+        """Whether this pass's running scores exist (`running` has been called since the pass
+        began)."""
+        return self._now is not None
+
     def running(self, l_now: int) -> np.ndarray:
         """[L * E] `next_use_score(l_now) + l_now`: the running scores themselves (kept, not a
         copy: read them before the next event)."""

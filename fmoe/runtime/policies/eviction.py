@@ -376,6 +376,10 @@ class ReuseRule(EvictionRule):
             sc = -1
         take = _TAKE[0] or _load_take()
         reuse = self.reuse
+        if not n_free and len(keys) and not reuse.has_scores:
+            # the table sends only layers with a miss: with no free slot it needs a victim, so
+            # the pass's scores are made now rather than after a first call that stops for them
+            reuse.running(self.l_now)
         status, stop, nf, self.clock, sc, misses, nv = take(
             keys, slot_of, key_of, free, n_free, self.resident, self._pin, ep, self.touch,
             self.clock, sc, *reuse.running_arrays(), self.l_now, self.E, 0, 0, 0, out_slot,
