@@ -27,12 +27,13 @@ EVICTIONS = ("reuse", "distance", "lru-pred", "pfreq", "lru")
 MAP_EVICTIONS = ("distance", "lru-pred", "pfreq")   # the rules that read expert maps
 
 
-_TAKE: list = [None]     # the compiled `take`, once loaded (one global lookup per layer)
+_take = None     # the compiled `take`, once loaded (one global lookup per layer)
 
 
 def _load_take():
-    _TAKE[0] = kernels().take
-    return _TAKE[0]
+    global _take
+    _take = kernels().take
+    return _take
 
 
 def best(score: np.ndarray, pinned) -> int | None:
@@ -374,7 +375,7 @@ class ReuseRule(EvictionRule):
         sc = self._score_clock
         if sc is None:
             sc = -1
-        take = _TAKE[0] or _load_take()
+        take = _take or _load_take()
         reuse = self.reuse
         if not n_free and len(keys) and not reuse.has_scores:
             # the table sends only layers with a miss: with no free slot it needs a victim, so
