@@ -10,7 +10,8 @@ Three measurements:
    a 25% cache (a victim at nearly every layer). CPU microseconds per token of the driving
    thread after a warm-up; every policy runs once per round, rounds rotate, and the figure is
    the minimum over rounds (the run least disturbed by the rest of the machine), with its ratio
-   to LRU's (`--parts cost` for this part alone, `--cost-rounds N`).
+   to LRU's (`--parts cost` for this part alone, `--cost-rounds N`; `--cost-trace FILE` drives
+   it with a recorded trace's routing instead).
 2. Forward time per token with every expert resident (expert_cache=1.0): two instances per
    policy, run in rotating rounds, so drift in the machine's load and the luck of where an
    instance's buffers land hit both alike; the ratio is the median over rounds.
@@ -69,18 +70,40 @@ def tiny_deepseek() -> Path:
     return target
 
 
-def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, **opts) -> float:
-    """Microseconds per token spent in the policy and the slot table (what the runtime's
-    `policy_seconds` covers) for skewed random top-K routing: one run on a fresh policy, timed
-    after a warm-up of `tokens` tokens. CPU time of this thread, so that other jobs on the
-    machine inflate it less than wall time."""
+def skewed_routes(L: int, E: int, K: int, n: int) -> list:
+    """n tokens of skewed random top-K routing: [token][layer] -> int64 expert ids. A Dirichlet
+    popularity per layer, as real routers have."""
     rng = np.random.default_rng(0)
-    pop = rng.dirichlet(np.full(E, 0.3), size=L)      # a skewed popularity, as real routers have
-    routes = [[rng.choice(E, K, replace=False, p=pop[l]) for l in range(L)] for _ in range(2 * tokens)]
+    pop = rng.dirichlet(np.full(E, 0.3), size=L)
+    return [[rng.choice(E, K, replace=False, p=pop[l]) for l in range(L)] for _ in range(n)]
+
+
+def trace_routes(path: Path, n: int) -> tuple[list, int, int, int]:
+    """The first n tokens of a routing trace (format v1): ([token][layer] -> int64 expert ids,
+    L, E, K)."""
+    from fmoe.sim.trace import load_trace
+
+    tr = load_trace(path)
+    ids = tr.expert_ids
+    if len(ids) < n:
+        raise SystemExit(f"{path}: {len(ids)} tokens, the cost runs need {n}")
+    L, K = ids.shape[1], ids.shape[2]
+    routes = [[row[row >= 0].astype(np.int64) for row in ids[t]] for t in range(n)]
+    return routes, L, tr.num_experts, K
+
+
+def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, routes=None,
+                **opts) -> float:
+    """Microseconds per token spent in the policy and the slot table (what the runtime's
+    `policy_seconds` covers) for `routes` ([token][layer] -> expert ids, 2 x `tokens` of them;
+    default: skewed random top-K): one run on a fresh policy, timed after a warm-up of `tokens`
+    tokens. CPU time of this thread, so that other jobs on the machine inflate it less than wall
+    time."""
+    if routes is None:
+        routes = skewed_routes(L, E, K, 2 * tokens)
     keys = [[[l * E + int(e) for e in routes[t][l]] for l in range(L)] for t in range(2 * tokens)]
     pol = make_policy(name, L, E, capacity, **opts)
     table = SlotTable(capacity, pol)
-    probs = [pop[l].astype(np.float32) if pol.wants_probs else None for l in range(L)]
     pol.on_request_start(0)
     t0 = 0
     for t in range(2 * tokens):
@@ -89,7 +112,7 @@ def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, *
         for l in range(L):
             pol.on_layer_start(l)
             table.acquire_many(keys[t][l])
-            pol.on_routed(l, routes[t][l], probs[l])
+            pol.on_routed(l, routes[t][l], None)
             table.pinned.clear()
         pol.on_token_end()
     took = (time.thread_time_ns() - t0) / tokens / 1e3
@@ -97,10 +120,15 @@ def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, *
     return took
 
 
-def cost_table(tokens: int, rounds: int) -> dict:
+def cost_table(tokens: int, rounds: int, trace: Path | None = None) -> dict:
     """`policy_cost` of each policy, resident and at a 25% cache: `rounds` rounds in rotating
-    order; the minimum per row, and its ratio to LRU's minimum."""
+    order; the minimum per row, and its ratio to LRU's minimum. With `trace`, its first
+    2 x `tokens` tokens' routing drives every run (its own shape), instead of skewed random
+    routing at DeepSeek-V2-Lite shape."""
     L, E, K = 26, 64, 6
+    routes = None
+    if trace is not None:
+        routes, L, E, K = trace_routes(trace, 2 * tokens)
     rows = [("lru", {}), ("fmoe", {"top_k": K}), ("fmoe", {"top_k": K, "eviction": "distance"}),
             ("fmoe", {"top_k": K, "max_orders": 1})]
     runs = [(i, cap) for i in range(len(rows)) for cap in (L * E, L * E // 4)]
@@ -109,10 +137,11 @@ def cost_table(tokens: int, rounds: int) -> dict:
         for j in range(len(runs)):
             i, cap = runs[(j + r) % len(runs)]
             name, opts = rows[i]
-            got[(i, cap)].append(policy_cost(name, L, E, K, cap, tokens, **opts))
+            got[(i, cap)].append(policy_cost(name, L, E, K, cap, tokens, routes=routes, **opts))
     out = {}
-    print("## policy cost per token (DeepSeek-V2-Lite shape: 26 x 64, top-6; random routing; "
-          f"minimum over {rounds} rounds, CPU us/token)")
+    what = (f"routing of {trace.name}'s first {2 * tokens} tokens ({L} x {E}, top-{K})"
+            if trace is not None else "DeepSeek-V2-Lite shape: 26 x 64, top-6; random routing")
+    print(f"## policy cost per token ({what}; minimum over {rounds} rounds, CPU us/token)")
     print("| policy | all resident | / lru | 25% cache | / lru |")
     print("|---|---|---|---|---|")
     for i, (name, opts) in enumerate(rows):
@@ -141,6 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=12, help="prompts for the stall measurement")
     ap.add_argument("--cost-tokens", type=int, default=200, help="tokens per policy-cost run")
     ap.add_argument("--cost-rounds", type=int, default=5, help="rounds of the policy-cost runs")
+    ap.add_argument("--cost-trace", type=Path, default=None,
+                    help="drive the policy-cost runs with this routing trace's first tokens "
+                         "(default: skewed random routing at DeepSeek-V2-Lite shape)")
     ap.add_argument("--parts", default="cost,resident,stall",
                     help="comma-separated subset of cost, resident, stall")
     ap.add_argument("--json", type=Path, default=None)
@@ -149,7 +181,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out: dict = {}
 
-    out["policy_cost_us"] = cost_table(args.cost_tokens, args.cost_rounds) if "cost" in parts else {}
+    out["policy_cost_us"] = (cost_table(args.cost_tokens, args.cost_rounds, args.cost_trace)
+                             if "cost" in parts else {})
 
     path = args.model or demo_checkpoint()
     if "resident" in parts:

@@ -1,0 +1,42 @@
+"""tools/bench_fmoe_live.py's policy-cost table driven by a recorded trace's routing."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmoe.sim.trace import write_trace
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("bench_fmoe_live_tool",
+                                                  ROOT / "tools/bench_fmoe_live.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_trace_routing_drives_the_cost_table(tmp_path, capsys):
+    """The routes are the trace's own ids per token and layer (padding -1 dropped), its shape
+    sets the table's, and every policy row runs on them."""
+    T, L, E, K = 8, 3, 8, 2
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)])
+                    for _ in range(T)]).astype(np.int64)
+    ids[5, 1, 1] = -1                                   # a layer that routed one expert
+    path = write_trace(tmp_path / "t.npz", expert_ids=ids, seq_offsets=[0, T], num_experts=E,
+                       model="org/m")
+    tool = _tool()
+    routes, l, e, k = tool.trace_routes(path, T)
+    assert (l, e, k) == (L, E, K)
+    assert [r.tolist() for r in routes[5]] == [ids[5, 0].tolist(), [ids[5, 1, 0]], ids[5, 2].tolist()]
+    out = tool.cost_table(T // 2, 1, trace=path)
+    assert len(out) == 4 and all(len(v) == 2 and min(v) > 0 for v in out.values())
+    assert f"routing of t.npz's first {T} tokens ({L} x {E}, top-{K})" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="the cost runs need 20"):
+        tool.trace_routes(path, 20)
