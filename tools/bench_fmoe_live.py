@@ -11,7 +11,9 @@ Three measurements:
    thread after a warm-up; every policy runs once per round, rounds rotate, and the figure is
    the minimum over rounds (the run least disturbed by the rest of the machine), with its ratio
    to LRU's (`--parts cost` for this part alone, `--cost-rounds N`; `--cost-trace FILE` drives
-   it with a recorded trace's routing instead).
+   it with a recorded trace's routing instead). `--parts floor` splits the default's cost: the
+   driving loop alone, the slot table with a policy that decides nothing, LRU, and the part
+   inside the default's compiled kernels.
 2. Forward time per token with every expert resident (expert_cache=1.0): two instances per
    policy, run in rotating rounds, so drift in the machine's load and the luck of where an
    instance's buffers land hit both alike; the ratio is the median over rounds.
@@ -36,6 +38,7 @@ import torch
 
 import fmoe
 from fmoe.runtime.policies import make_policy
+from fmoe.runtime.policies.base import Policy
 from fmoe.runtime.slots import SlotTable
 from fmoe.serve.demo import cache_dir, demo_checkpoint
 
@@ -101,13 +104,22 @@ def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, r
     time."""
     if routes is None:
         routes = skewed_routes(L, E, K, 2 * tokens)
-    keys = [[[l * E + int(e) for e in routes[t][l]] for l in range(L)] for t in range(2 * tokens)]
     pol = make_policy(name, L, E, capacity, **opts)
-    table = SlotTable(capacity, pol)
+    took = drive(pol, SlotTable(capacity, pol), routes, L, E, tokens)
+    pol.close()
+    return took
+
+
+def drive(pol, table, routes, L: int, E: int, tokens: int, at_warm=None) -> float:
+    """`policy_cost`'s run of `pol` and `table` (CPU us per token after `tokens` of warm-up;
+    `at_warm()` is called when the warm-up ends)."""
+    keys = [[[l * E + int(e) for e in routes[t][l]] for l in range(L)] for t in range(2 * tokens)]
     pol.on_request_start(0)
     t0 = 0
     for t in range(2 * tokens):
         if t == tokens:                          # warm-up done: the cache is full
+            if at_warm is not None:
+                at_warm()
             t0 = time.thread_time_ns()
         for l in range(L):
             pol.on_layer_start(l)
@@ -115,9 +127,129 @@ def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, r
             pol.on_routed(l, routes[t][l], None)
             table.pinned.clear()
         pol.on_token_end()
-    took = (time.thread_time_ns() - t0) / tokens / 1e3
-    pol.close()
-    return took
+    return (time.thread_time_ns() - t0) / tokens / 1e3
+
+
+class NullPolicy(Policy):
+    """Decides nothing (the first unpinned resident key goes): what the slot table's per-use
+    path costs by itself."""
+
+    name = "null"
+
+    def victim(self, resident, pinned: set[int]) -> int:
+        for key in resident:
+            if key not in pinned:
+                return key
+        raise RuntimeError("every resident expert is pinned; cannot evict")
+
+
+class NoEvents:
+    """A policy and a slot table whose events do nothing: the driving loop's own cost."""
+
+    pinned: set = set()
+
+    def on_request_start(self, seq_id) -> None:
+        pass
+
+    def on_layer_start(self, layer):
+        return []
+
+    def acquire_many(self, keys) -> int:
+        return 0
+
+    def on_routed(self, layer, experts, probs) -> None:
+        pass
+
+    def on_token_end(self) -> None:
+        pass
+
+
+class CompiledTime:
+    """Within the block, the wall time spent in calls to the reuse rule's compiled kernels
+    (`fmoe.runtime.reuse_kernels`, numba's dispatch included), in ns (``self.ns``); a perf
+    counter around each call, which adds its own ~0.3 us a call here."""
+
+    NAMES = ("take", "pass_vectors", "score_after", "touch_keys", "sync")
+
+    def __enter__(self):
+        from fmoe.runtime import reuse_kernels
+        from fmoe.runtime.policies import eviction
+
+        self.ns = 0
+        self._mod, self._ev, self._saved = reuse_kernels, eviction, {}
+        clock = time.perf_counter_ns
+
+        def timed(fn):
+            def call(*a):
+                t0 = clock()
+                try:
+                    return fn(*a)
+                finally:
+                    self.ns += clock() - t0
+            return call
+
+        for name in self.NAMES:
+            self._saved[name] = getattr(reuse_kernels, name)
+            setattr(reuse_kernels, name, timed(self._saved[name]))
+        self._take = eviction._take
+        eviction._take = None                # the rule fetches the timed `take` anew
+        return self
+
+    def reset(self) -> None:
+        self.ns = 0
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(self._mod, name, fn)
+        self._ev._take = self._take
+
+
+def floor_table(tokens: int, rounds: int) -> dict:
+    """Where the policy cost of the default goes, at DeepSeek-V2-Lite shape and skewed random
+    routing, resident and at a 25% cache: the driving loop alone (`NoEvents`), the slot table
+    with a policy that decides nothing (`NullPolicy`), LRU, the fmoe default, and of the
+    default's time the part inside its compiled kernels (`CompiledTime`). Minimum over
+    `rounds` rounds in rotating order, CPU us per token."""
+    from fmoe.runtime import reuse_scoring
+
+    L, E, K = 26, 64, 6
+    reuse_scoring.kernels()                 # numba loaded before any timing
+    routes = skewed_routes(L, E, K, 2 * tokens)
+    rows = ["events alone", "null policy", "lru", "fmoe", "fmoe: compiled kernels"]
+    got: dict = {}
+    for r in range(rounds):
+        for cap in (L * E, L * E // 4):
+            for j in range(4):
+                name = rows[(j + r) % 4]
+                if name == "events alone":
+                    got.setdefault((name, cap), []).append(
+                        drive(NoEvents(), NoEvents(), routes, L, E, tokens))
+                elif name == "null policy":
+                    pol = NullPolicy(L, E, cap)
+                    got.setdefault((name, cap), []).append(
+                        drive(pol, SlotTable(cap, pol), routes, L, E, tokens))
+                elif name == "lru":
+                    got.setdefault((name, cap), []).append(
+                        policy_cost("lru", L, E, K, cap, tokens, routes=routes))
+                else:
+                    pol = make_policy("fmoe", L, E, cap, top_k=K)
+                    with CompiledTime() as ct:
+                        total = drive(pol, SlotTable(cap, pol), routes, L, E, tokens,
+                                      at_warm=ct.reset)
+                    pol.close()
+                    got.setdefault(("fmoe", cap), []).append(total)
+                    got.setdefault(("fmoe: compiled kernels", cap), []).append(
+                        ct.ns / tokens / 1e3)
+    print("## where the policy cost goes (DeepSeek-V2-Lite shape: 26 x 64, top-6; random "
+          f"routing; minimum over {rounds} rounds, CPU us/token)")
+    print("| part | all resident | 25% cache |")
+    print("|---|---|---|")
+    out = {}
+    for name in rows:
+        full, quarter = min(got[(name, L * E)]), min(got[(name, L * E // 4)])
+        out[name] = [full, quarter]
+        print(f"| {name} | {full:.0f} | {quarter:.0f} |", flush=True)
+    return out
 
 
 def cost_table(tokens: int, rounds: int, trace: Path | None = None) -> dict:
@@ -174,7 +306,8 @@ def main(argv=None) -> int:
                     help="drive the policy-cost runs with this routing trace's first tokens "
                          "(default: skewed random routing at DeepSeek-V2-Lite shape)")
     ap.add_argument("--parts", default="cost,resident,stall",
-                    help="comma-separated subset of cost, resident, stall")
+                    help="comma-separated subset of cost, resident, stall, floor (where the "
+                         "policy cost goes; not in the default set)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -183,6 +316,8 @@ def main(argv=None) -> int:
 
     out["policy_cost_us"] = (cost_table(args.cost_tokens, args.cost_rounds, args.cost_trace)
                              if "cost" in parts else {})
+    if "floor" in parts:
+        out["policy_cost_parts_us"] = floor_table(args.cost_tokens, args.cost_rounds)
 
     path = args.model or demo_checkpoint()
     if "resident" in parts:

@@ -40,3 +40,22 @@ def test_trace_routing_drives_the_cost_table(tmp_path, capsys):
     assert f"routing of t.npz's first {T} tokens ({L} x {E}, top-{K})" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="the cost runs need 20"):
         tool.trace_routes(path, 20)
+
+
+def test_the_floor_table_times_the_compiled_kernels_and_restores_them(capsys):
+    """Every part has a figure, the compiled kernels' share of the default lies inside its
+    total, and the kernels are the module's own again afterwards."""
+    from fmoe.runtime import reuse_kernels
+    from fmoe.runtime.policies import eviction
+
+    before = {name: getattr(reuse_kernels, name) for name in ("take", "pass_vectors", "sync")}
+    tool = _tool()
+    out = tool.floor_table(3, 1)
+    assert set(out) == {"events alone", "null policy", "lru", "fmoe", "fmoe: compiled kernels"}
+    assert all(len(v) == 2 and min(v) > 0 for k, v in out.items() if k != "fmoe: compiled kernels")
+    resident, quarter = out["fmoe: compiled kernels"]
+    assert 0 < quarter < out["fmoe"][1]        # at 25% every pass ranks victims in `take`
+    assert resident < out["fmoe"][0]
+    assert {name: getattr(reuse_kernels, name) for name in before} == before
+    assert eviction._take in (None, before["take"])
+    assert "| fmoe: compiled kernels |" in capsys.readouterr().out
