@@ -12,16 +12,16 @@
 #    GPU_CHECK_LAYERS layers (default 4), offloaded at expert_cache=0.25 with every policy,
 #    must give the resident run's tokens; TPOT and the link's measured rate.
 #
-# Each step has its own time limit (STEP_SECONDS, default 150; the end-to-end check twice
-# that), so one that hangs cannot take the others' time; the whole round stays under ~10
-# minutes. Everything goes to RESULTS_DIR (a log per step, gpu_check.json); a summary of
-# the steps' exit codes is printed last. Runs from the repository root with the python that
+# Each step has its own time limit (STEP_SECONDS, default 120; the environment 30 s at most, the
+# end-to-end check twice STEP_SECONDS), so one that hangs cannot take the others' time; with
+# the defaults the whole round ends within 8.5 minutes. Everything goes to RESULTS_DIR (a log
+# per step, gpu_check.json); a summary of the steps' exit codes is printed last. Runs from the repository root with the python that
 # has torch (PYTHON, default python3), the package taken from the checkout.
 set -u
 out=${1:-gpu-round}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-step=${STEP_SECONDS:-150}
+step=${STEP_SECONDS:-120}
 layers=${GPU_CHECK_LAYERS:-4}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 declare -a summary
@@ -37,7 +37,7 @@ run() {    # run NAME SECONDS COMMAND...: log to $out/NAME.log, keep the tail on
     summary+=("$name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ' (time limit)')")
 }
 
-run env "$step" bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; \
+run env "$((step < 30 ? step : 30))" bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; \
     $py -c 'import sys, torch, numba; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), \"numba\", numba.__version__)'; \
     $py -c 'import triton; print(\"triton\", triton.__version__)'; \
     $py -c 'import fmoe; print(\"fmoe from\", fmoe.__file__)'"
