@@ -15,8 +15,9 @@
 # Each step has its own time limit (STEP_SECONDS, default 120; the environment 30 s at most, the
 # end-to-end check twice STEP_SECONDS), so one that hangs cannot take the others' time; with
 # the defaults the whole round ends within 8.5 minutes. Everything goes to RESULTS_DIR (a log
-# per step, gpu_check.json); a summary of the steps' exit codes is printed last. Runs from the repository root with the python that
-# has torch (PYTHON, default python3), the package taken from the checkout.
+# per step, gpu_check.json); a summary of the steps' exit codes is printed last. Runs from the
+# repository root with the python that has torch (PYTHON, default python3), the package taken
+# from the checkout.
 set -u
 out=${1:-gpu-round}
 mkdir -p "$out"
