@@ -73,17 +73,20 @@ def tiny_deepseek() -> Path:
     return target
 
 
-def skewed_routes(L: int, E: int, K: int, n: int) -> list:
-    """n tokens of skewed random top-K routing: [token][layer] -> int64 expert ids. A Dirichlet
-    popularity per layer, as real routers have."""
+def skewed_routes(L: int, E: int, K: int, n: int) -> tuple[list, list]:
+    """n tokens of skewed random top-K routing: ([token][layer] -> int64 expert ids,
+    [token][layer] -> float32 [E] router probabilities). A Dirichlet popularity per layer, as
+    real routers have; it is also every token's router output, for the policies that read one."""
     rng = np.random.default_rng(0)
     pop = rng.dirichlet(np.full(E, 0.3), size=L)
-    return [[rng.choice(E, K, replace=False, p=pop[l]) for l in range(L)] for _ in range(n)]
+    routes = [[rng.choice(E, K, replace=False, p=pop[l]) for l in range(L)] for _ in range(n)]
+    return routes, [list(pop.astype(np.float32))] * n
 
 
-def trace_routes(path: Path, n: int) -> tuple[list, int, int, int]:
+def trace_routes(path: Path, n: int) -> tuple[list, list | None, int, int, int]:
     """The first n tokens of a routing trace (format v1): ([token][layer] -> int64 expert ids,
-    L, E, K)."""
+    [token][layer] -> float32 [E] router probabilities or None when the trace has no
+    ``gate_probs``, L, E, K)."""
     from fmoe.sim.trace import load_trace
 
     tr = load_trace(path)
@@ -92,28 +95,33 @@ def trace_routes(path: Path, n: int) -> tuple[list, int, int, int]:
         raise SystemExit(f"{path}: {len(ids)} tokens, the cost runs need {n}")
     L, K = ids.shape[1], ids.shape[2]
     routes = [[row[row >= 0].astype(np.int64) for row in ids[t]] for t in range(n)]
-    return routes, L, tr.num_experts, K
+    probs = (None if tr.gate_probs is None
+             else [list(tr.gate_probs[t].astype(np.float32)) for t in range(n)])
+    return routes, probs, L, tr.num_experts, K
 
 
 def policy_cost(name: str, L: int, E: int, K: int, capacity: int, tokens: int, routes=None,
-                **opts) -> float:
+                probs=None, **opts) -> float:
     """Microseconds per token spent in the policy and the slot table (what the runtime's
-    `policy_seconds` covers) for `routes` ([token][layer] -> expert ids, 2 x `tokens` of them;
-    default: skewed random top-K): one run on a fresh policy, timed after a warm-up of `tokens`
-    tokens. CPU time of this thread, so that other jobs on the machine inflate it less than wall
-    time."""
+    `policy_seconds` covers) for `routes` ([token][layer] -> expert ids, 2 x `tokens` of them)
+    with the router probabilities `probs` (likewise, or None); default: skewed random top-K
+    (`skewed_routes`): one run on a fresh policy, timed after a warm-up of `tokens` tokens. CPU
+    time of this thread, so that other jobs on the machine inflate it less than wall time."""
     if routes is None:
-        routes = skewed_routes(L, E, K, 2 * tokens)
+        routes, probs = skewed_routes(L, E, K, 2 * tokens)
     pol = make_policy(name, L, E, capacity, **opts)
-    took = drive(pol, SlotTable(capacity, pol), routes, L, E, tokens)
+    took = drive(pol, SlotTable(capacity, pol), routes, L, E, tokens, probs=probs)
     pol.close()
     return took
 
 
-def drive(pol, table, routes, L: int, E: int, tokens: int, at_warm=None) -> float:
+def drive(pol, table, routes, L: int, E: int, tokens: int, probs=None, at_warm=None) -> float:
     """`policy_cost`'s run of `pol` and `table` (CPU us per token after `tokens` of warm-up;
-    `at_warm()` is called when the warm-up ends)."""
+    `at_warm()` is called when the warm-up ends). The router probabilities `probs` go with
+    each routed layer to a policy that reads them (`wants_probs`), as the runtime sends them."""
     keys = [[[l * E + int(e) for e in routes[t][l]] for l in range(L)] for t in range(2 * tokens)]
+    if probs is None or not getattr(pol, "wants_probs", False):
+        probs = [[None] * L] * (2 * tokens)
     pol.on_request_start(0)
     t0 = 0
     for t in range(2 * tokens):
@@ -124,7 +132,7 @@ def drive(pol, table, routes, L: int, E: int, tokens: int, at_warm=None) -> floa
         for l in range(L):
             pol.on_layer_start(l)
             table.acquire_many(keys[t][l])
-            pol.on_routed(l, routes[t][l], None)
+            pol.on_routed(l, routes[t][l], probs[t][l])
             table.pinned.clear()
         pol.on_token_end()
     return (time.thread_time_ns() - t0) / tokens / 1e3
@@ -146,7 +154,8 @@ class NullPolicy(Policy):
 class NoEvents:
     """A policy and a slot table whose events do nothing: the driving loop's own cost."""
 
-    pinned: set = set()
+    def __init__(self):
+        self.pinned: set = set()
 
     def on_request_start(self, seq_id) -> None:
         pass
@@ -214,7 +223,7 @@ def floor_table(tokens: int, rounds: int) -> dict:
 
     L, E, K = 26, 64, 6
     reuse_scoring.kernels()                 # numba loaded before any timing
-    routes = skewed_routes(L, E, K, 2 * tokens)
+    routes, probs = skewed_routes(L, E, K, 2 * tokens)
     rows = ["events alone", "null policy", "lru", "fmoe", "fmoe: compiled kernels"]
     got: dict = {}
     for r in range(rounds):
@@ -230,12 +239,12 @@ def floor_table(tokens: int, rounds: int) -> dict:
                         drive(pol, SlotTable(cap, pol), routes, L, E, tokens))
                 elif name == "lru":
                     got.setdefault((name, cap), []).append(
-                        policy_cost("lru", L, E, K, cap, tokens, routes=routes))
+                        policy_cost("lru", L, E, K, cap, tokens, routes=routes, probs=probs))
                 else:
                     pol = make_policy("fmoe", L, E, cap, top_k=K)
                     with CompiledTime() as ct:
                         total = drive(pol, SlotTable(cap, pol), routes, L, E, tokens,
-                                      at_warm=ct.reset)
+                                      probs=probs, at_warm=ct.reset)
                     pol.close()
                     got.setdefault(("fmoe", cap), []).append(total)
                     got.setdefault(("fmoe: compiled kernels", cap), []).append(
@@ -258,9 +267,9 @@ def cost_table(tokens: int, rounds: int, trace: Path | None = None) -> dict:
     2 x `tokens` tokens' routing drives every run (its own shape), instead of skewed random
     routing at DeepSeek-V2-Lite shape."""
     L, E, K = 26, 64, 6
-    routes = None
+    routes = probs = None
     if trace is not None:
-        routes, L, E, K = trace_routes(trace, 2 * tokens)
+        routes, probs, L, E, K = trace_routes(trace, 2 * tokens)
     rows = [("lru", {}), ("fmoe", {"top_k": K}), ("fmoe", {"top_k": K, "eviction": "distance"}),
             ("fmoe", {"top_k": K, "max_orders": 1})]
     runs = [(i, cap) for i in range(len(rows)) for cap in (L * E, L * E // 4)]
@@ -269,7 +278,8 @@ def cost_table(tokens: int, rounds: int, trace: Path | None = None) -> dict:
         for j in range(len(runs)):
             i, cap = runs[(j + r) % len(runs)]
             name, opts = rows[i]
-            got[(i, cap)].append(policy_cost(name, L, E, K, cap, tokens, routes=routes, **opts))
+            got[(i, cap)].append(policy_cost(name, L, E, K, cap, tokens, routes=routes,
+                                             probs=probs, **opts))
     out = {}
     what = (f"routing of {trace.name}'s first {2 * tokens} tokens ({L} x {E}, top-{K})"
             if trace is not None else "DeepSeek-V2-Lite shape: 26 x 64, top-6; random routing")

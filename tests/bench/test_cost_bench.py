@@ -29,11 +29,13 @@ def test_trace_routing_drives_the_cost_table(tmp_path, capsys):
     ids = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)])
                     for _ in range(T)]).astype(np.int64)
     ids[5, 1, 1] = -1                                   # a layer that routed one expert
+    gate = rng.dirichlet(np.ones(E), size=(T, L)).astype(np.float32)
     path = write_trace(tmp_path / "t.npz", expert_ids=ids, seq_offsets=[0, T], num_experts=E,
-                       model="org/m")
+                       model="org/m", gate_probs=gate)
     tool = _tool()
-    routes, l, e, k = tool.trace_routes(path, T)
+    routes, probs, l, e, k = tool.trace_routes(path, T)
     assert (l, e, k) == (L, E, K)
+    np.testing.assert_allclose(probs[5][1], gate[5, 1], rtol=1e-3)   # stored as float16
     assert [r.tolist() for r in routes[5]] == [ids[5, 0].tolist(), [ids[5, 1, 0]], ids[5, 2].tolist()]
     out = tool.cost_table(T // 2, 1, trace=path)
     assert len(out) == 4 and all(len(v) == 2 and min(v) > 0 for v in out.values())
@@ -59,3 +61,32 @@ def test_the_floor_table_times_the_compiled_kernels_and_restores_them(capsys):
     assert {name: getattr(reuse_kernels, name) for name in before} == before
     assert eviction._take in (None, before["take"])
     assert "| fmoe: compiled kernels |" in capsys.readouterr().out
+
+
+def test_router_probabilities_reach_only_the_policies_that_read_them():
+    """`drive` sends each routed layer its router output when the policy wants it (as the
+    runtime does: the map-reading rows use it) and None otherwise; skewed routing brings its
+    popularity as every token's router output."""
+    tool = _tool()
+    L, E, K, T = 3, 8, 2, 2
+    routes, probs = tool.skewed_routes(L, E, K, 2 * T)
+    assert len(probs) == 2 * T and all(p.shape == (E,) and p.dtype == np.float32
+                                       for p in probs[0])
+    np.testing.assert_allclose([p.sum() for p in probs[1]], 1.0, rtol=1e-5)
+
+    class Recorder(tool.NoEvents):
+        def __init__(self, wants):
+            super().__init__()
+            self.wants_probs, self.seen = wants, []
+
+        def on_routed(self, layer, experts, p):
+            self.seen.append(p)
+
+    for wants in (True, False):
+        pol = Recorder(wants)
+        tool.drive(pol, tool.NoEvents(), routes, L, E, T, probs=probs)
+        assert len(pol.seen) == 2 * T * L
+        if wants:
+            assert all(a is b for a, b in zip(pol.seen, [p for row in probs for p in row]))
+        else:
+            assert all(p is None for p in pol.seen)
