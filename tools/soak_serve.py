@@ -37,8 +37,9 @@ from pathlib import Path
 
 import httpx
 
-KINDS = ("chat", "chat_stream", "completion", "completion_stream", "dropped_stream", "bad_json",
-         "bad_types", "huge", "unknown_model", "empty_messages", "negative", "ids_out_of_vocab")
+BAD = ("bad_json", "bad_types", "huge", "unknown_model", "empty_messages", "negative",
+       "ids_out_of_vocab")         # refused with a 4xx
+KINDS = ("chat", "chat_stream", "completion", "completion_stream", "dropped_stream") + BAD
 
 
 def free_port() -> int:
@@ -109,7 +110,7 @@ async def traffic(base: str, model: str, seconds: float, clients: int, sample: f
 
     async def client_loop(i: int, client: httpx.AsyncClient) -> None:
         rnd = random.Random(i)
-        while time.monotonic() < stop:
+        while True:                     # at least one request per client, whatever the clock
             kind = rnd.choice(KINDS)
             try:
                 outcome = await request(client, kind, model, rnd)
@@ -117,6 +118,8 @@ async def traffic(base: str, model: str, seconds: float, clients: int, sample: f
                 outcome = f"error:{type(e).__name__}"
             key = f"{kind} {outcome}"
             counts[key] = counts.get(key, 0) + 1
+            if time.monotonic() >= stop:
+                return
 
     samples = []
     async with httpx.AsyncClient(base_url=base, timeout=300) as client:
