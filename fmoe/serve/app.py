@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -30,6 +31,18 @@ from .metrics import CONTENT_TYPE, Metrics
 from .protocol import MAX_BODY_BYTES, MAX_CHOICES, MAX_STOP, APIError
 
 log = logging.getLogger("fmoe.serve")
+
+# messages validated per slice, the event loop serving others between slices
+MESSAGE_SLICE = 512
+
+
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: a message that repeats the client's input (a model name
+    holding a lone surrogate) still encodes, as an escape."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode("ascii")
 
 # route path -> the `endpoint` label of fmoe_http_requests_total
 ENDPOINTS = {"/v1/models": "models", "/v1/models/{model_id:path}": "models",
@@ -93,7 +106,11 @@ def check_auth(state: ServerState, request: Request) -> None:
 
 
 async def read_body(state: ServerState, request: Request, schema):
-    """The body as a validated `schema` instance; bodies of 1 MiB and more are parsed off the loop."""
+    """The body as a validated `schema` instance; bodies of 1 MiB and more are parsed off the
+    loop, and sizes that cannot be served are refused before validation (`precheck`)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
     chunks, size = [], 0
     async for c in request.stream():
         size += len(c)
@@ -106,7 +123,48 @@ async def read_body(state: ServerState, request: Request, schema):
         data = protocol.parse_json(raw) if size < (1 << 20) else await state.off_loop(protocol.parse_json, raw)
     finally:
         del raw
+    precheck(state, data)
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if schema is protocol.ChatRequest and isinstance(messages, list) and len(messages) > MESSAGE_SLICE:
+        # a long list validated in one call would hold the event loop (and /health) for
+        # seconds: the rest of the body first, then the messages slice by slice
+        req = protocol.validate({**data, "messages": messages[:1]}, schema)
+        checked = []
+        for i in range(0, len(messages), MESSAGE_SLICE):
+            await asyncio.sleep(0)
+            checked += protocol.validate_messages(messages[i:i + MESSAGE_SLICE], i)
+        req.messages = checked
+        return req
     return protocol.validate(data, schema)
+
+
+def precheck(state: ServerState, data) -> None:
+    """Refuse, by their lengths alone, bodies that cannot be served: more chat messages than
+    the context has tokens (each message takes at least one), more completions prompts than a
+    request may hold, a token list as long as the context. Cheap, before any per-item work."""
+    if not isinstance(data, dict):
+        return
+    L = state.max_model_len
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > L:
+        raise APIError(400, f"This model's maximum context length is {L} tokens. However, your "
+                            f"messages are {len(messages)} messages, more than fit in {L} tokens. "
+                            "Please reduce the length of the messages.",
+                       param="messages", code="context_length_exceeded")
+    prompt = data.get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        return
+    if isinstance(prompt[0], int) and not isinstance(prompt[0], bool):
+        lists = [prompt]                        # one prompt of token ids
+    else:
+        if len(prompt) > MAX_CHOICES:
+            raise APIError(400, f"prompt: at most {MAX_CHOICES} prompts per request", param="prompt")
+        lists = [p for p in prompt if isinstance(p, list)]
+    for p in lists:
+        if len(p) >= L:
+            raise APIError(400, f"This model's maximum context length is {L} tokens. However, your "
+                                f"prompt has {len(p)} tokens. Please reduce the length of the prompt.",
+                           param="prompt", code="context_length_exceeded")
 
 
 def check_model(state: ServerState, name: str) -> None:
@@ -122,6 +180,8 @@ def check_common(req: protocol.SamplingRequest) -> None:
             raise APIError(400, f"{field} is not supported (must be 0 or absent)", param=field)
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if len(req.stops) > MAX_STOP:
         raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(req.stops)}", param="stop")
 
@@ -253,22 +313,26 @@ def check_chat(req: protocol.ChatRequest) -> None:
 
 
 async def chat_prompt(state: ServerState, req: protocol.ChatRequest) -> tuple[str, list[int]]:
-    """The chat template applied to the messages -> (text, token ids)."""
-    messages = []
-    for m in req.messages:
-        content = m.content
-        if isinstance(content, list):
-            content = "\n".join(p.text for p in content)
-        messages.append({"role": m.role, "content": content if content is not None else ""})
-    total = 0
-    for i, m in enumerate(messages):
-        check_text(state, m["content"], f"messages[{i}].content")
-        total += len(m["content"])
-    if total > state.max_prompt_bytes:
-        raise too_long_text(state, total, "characters", "messages")
+    """The chat template applied to the messages -> (text, token ids); the per-message checks
+    and the template run off the event loop."""
     tok = state.tokenizer
 
     def render():
+        messages = []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if content is None and m.role != "assistant":    # an assistant turn may hold tool calls only
+                raise APIError(400, f"messages[{i}].content is required for role '{m.role}'",
+                               param=f"messages[{i}].content")
+            if isinstance(content, list):
+                content = "\n".join(p.text for p in content)
+            messages.append({"role": m.role, "content": content if content is not None else ""})
+        total = 0
+        for i, m in enumerate(messages):
+            check_text(state, m["content"], f"messages[{i}].content")
+            total += len(m["content"])
+        if total > state.max_prompt_bytes:
+            raise too_long_text(state, total, "characters", "messages")
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:     # jinja TemplateError, a checkpoint without a template
@@ -280,13 +344,22 @@ async def chat_prompt(state: ServerState, req: protocol.ChatRequest) -> tuple[st
 
 
 # -- the app -------------------------------------------------------------------------------------
-def create_app(state: ServerState) -> FastAPI:
+def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> FastAPI:
+    """The app over `state`; `allowed_origins` (e.g. ``["*"]``): the origins whose browser
+    scripts may call it (CORS; none by default)."""
     app = FastAPI(title="fmoe", version=_version(), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.fmoe = state
+    if allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
 
     def error_response(status: int, message: str, type_: str = "invalid_request_error",
-                       param: str | None = None, code: str | None = None) -> JSONResponse:
-        return JSONResponse(protocol.error_body(message, type_, param, code), status_code=status)
+                       param: str | None = None, code: str | None = None,
+                       headers: dict | None = None) -> JSONResponse:
+        return ErrorResponse(protocol.error_body(message, type_, param, code), status_code=status,
+                             headers=headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -294,12 +367,14 @@ def create_app(state: ServerState) -> FastAPI:
         endpoint = ENDPOINTS.get(getattr(route, "path", None))
         if endpoint is not None:
             state.metrics.count_http(endpoint, exc.status)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return ErrorResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type_)
+        # a 405 names the allowed methods (`Allow`), as HTTP requires
+        return error_response(exc.status_code, str(exc.detail), type_,
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc):
@@ -308,20 +383,25 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def respond(request: Request, job: Job, endpoint: str, req: protocol.SamplingRequest,
                       obj: dict, chunk, prefix: list, choice):
-        """The ending completions and chat share: count the request, then stream `chunk`s
-        (after `prefix`) or wait and answer ``obj`` with ``choices`` from ``choice(i, text, seq)``."""
-        state.metrics.count_http(endpoint, 200)
+        """The ending completions and chat share: stream `chunk`s (after `prefix`), or wait and
+        answer ``obj`` with ``choices`` from ``choice(i, text, seq)``; the request is counted
+        under the status it is answered with (a stream's is 200 once it starts)."""
         if req.stream:
+            state.metrics.count_http(endpoint, 200)
             return StreamingResponse(stream_events(job, request, chunk, prefix, req.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts = await run_blocking(job, request)
         if texts is None:
+            state.metrics.count_http(endpoint, 499)
             return Response(status_code=499)      # the client has gone: nobody reads this
         err = job.first_error()
         if err:           # the sequences failed: 503 while shutting down, else 500
             if state.shutting_down:
+                state.metrics.count_http(endpoint, 503)
                 return error_response(503, err, "server_unavailable", code="shutting_down")
+            state.metrics.count_http(endpoint, 500)
             return error_response(500, err, "internal_error")
+        state.metrics.count_http(endpoint, 200)
         choices = [choice(i, t, s) for i, (t, s) in enumerate(zip(texts, job.seqs))]
         return {**obj, "choices": choices, "usage": job.usage}
 

@@ -57,7 +57,13 @@ class Job:
         self.streams.append(ts)
 
     def submit(self) -> None:
-        """Queue every sequence (all or none), or APIError 503."""
+        """Queue every sequence (all or none): APIError 400 when they outnumber the whole
+        waiting queue (no retry can help), 503 when the queue is full or the server is shutting
+        down."""
+        limit = self.state.batcher.max_queue
+        if len(self.seqs) > limit:
+            raise APIError(400, f"the request asks for {len(self.seqs)} sequences (prompts x n); "
+                                f"this server queues at most {limit}", param="n")
         try:
             self.state.batcher.submit(self.seqs)
         except QueueFull as e:
@@ -65,7 +71,7 @@ class Job:
             raise APIError(503, f"the server is busy: {e}; retry later", "server_overloaded",
                            code="queue_full") from None
         except RuntimeError as e:
-            raise APIError(503, str(e), "server_unavailable") from None
+            raise APIError(503, str(e), "server_unavailable", code="shutting_down") from None
 
     def cancel(self) -> None:
         for s in self.seqs:

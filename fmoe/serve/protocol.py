@@ -140,6 +140,32 @@ def validate(data, schema: type[BaseModel]):
         raise APIError(400, "the request body is nested too deeply") from None
 
 
+_MESSAGES = None
+
+
+def validate_messages(items: list, offset: int = 0) -> list:
+    """Chat `messages[offset:offset + len(items)]` -> `ChatMessage`s, or APIError 400 naming
+    the message at fault by its index in the whole list."""
+    global _MESSAGES
+    if _MESSAGES is None:
+        from pydantic import TypeAdapter
+
+        _MESSAGES = TypeAdapter(list[ChatMessage], config=ConfigDict(strict=True))
+    try:
+        return _MESSAGES.validate_python(items)
+    except ValidationError as e:
+        errs = e.errors()[:4]
+        parts, param = [], None
+        for err in errs:
+            loc = err.get("loc", ())
+            loc = ("messages", loc[0] + offset, *loc[1:]) if loc and isinstance(loc[0], int) \
+                else ("messages", *loc)
+            text = ".".join(str(x) for x in loc)
+            param = param or text
+            parts.append(f"{text}: {err.get('msg')}")
+        raise APIError(400, "invalid request: " + "; ".join(parts), param=param) from None
+
+
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 

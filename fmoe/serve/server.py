@@ -102,8 +102,8 @@ def _seconds(name):
 
 
 def cmd_serve(args) -> int:
-    if args.max_queue < 0:
-        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_queue < 1:      # 0 would refuse every request while /health says ok
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     sock = _bind(args.host, args.port)        # fail fast, before importing torch and loading the model
     try:
         for extra in ("fastapi", "uvicorn", "prometheus_client"):
@@ -121,14 +121,19 @@ def cmd_serve(args) -> int:
         model = load_model(args)
         if model.tokenizer is None:
             raise ValueError(f"{args.model}: no tokenizer.json beside the checkpoint; the server needs one")
-        ctx = args.max_model_len or getattr(model.config, "max_position_embeddings", None) or 4096
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if args.max_model_len and positions and args.max_model_len > positions:
+            model.close()
+            raise ValueError(f"--max-model-len {args.max_model_len} is more than the model's "
+                             f"max_position_embeddings ({positions})")
+        ctx = args.max_model_len or positions or 4096
         batcher = Batcher(model, max_batch=args.max_batch, max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens)
     except BaseException:
         sock.close()
         raise
     state = ServerState(model, batcher, served_name(args), ctx, args.api_key)
-    app = create_app(state)
+    app = create_app(state, args.allowed_origins)
     batcher.start()
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
                             access_log=args.log_level in ("debug", "trace"))
@@ -233,13 +238,17 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=_positive("--max-batch"), default=32,
                    help="most sequences decoded together (default: 32; 1 disables continuous batching)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="most waiting sequences before answering 503 (default: 256)")
+                   help="most waiting sequences before answering 503 (default: 256; at least 1; a request "
+                        "with more sequences than this is refused with 400)")
     p.add_argument("--max-prefill-tokens", type=_positive("--max-prefill-tokens"), default=8192,
                    help="padded prompt tokens per admission forward (default: 8192)")
     p.add_argument("--max-model-len", type=_positive("--max-model-len"), default=None,
                    help="context length (default: the config's max_position_embeddings)")
     p.add_argument("--api-key", default=os.environ.get("FMOE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FMOE_API_KEY, else none)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="origins whose browser scripts may call the API (CORS), e.g. '*' or "
+                        "'http://localhost:3000' (default: none)")
     p.add_argument("--map-store", default=None,
                    help="file that keeps the predictor's expert-map store across restarts")
     p.add_argument("--threads", type=_positive("--threads"), default=None,

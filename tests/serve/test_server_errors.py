@@ -174,6 +174,86 @@ def test_the_server_is_still_up(server, name):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_a_model_name_that_is_not_unicode_is_a_404(server):
+    # the message repeats the name: a lone surrogate must still encode (as an escape)
+    for path, extra in (("/completions", {"prompt": "x"}),
+                        ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        err = assert_error(post(server, path, {"model": "\ud800x", **extra}), 404, "does not exist")
+        assert err["code"] == "model_not_found"
+
+
+def test_a_405_names_the_allowed_method(server):
+    r = httpx.get(server.base_url + "/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers
+
+
+def test_more_sequences_than_the_queue_is_a_400(server, name):
+    # --max-queue 2: three choices can never be queued, so "retry later" (503) would be wrong
+    err = assert_error(post(server, "/completions", {"model": name, "prompt": "x", "max_tokens": 1,
+                                                    "n": 3}), 400, "at most 2")
+    assert err["param"] == "n"
+
+
+@pytest.mark.parametrize("body,needle,param", [
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "stream_options"),
+    ({"messages": [{"role": "user", "content": None}]}, "content is required", "messages[0].content"),
+    ({"messages": [{"role": "system"}, {"role": "user", "content": "hi"}]}, "content is required",
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}] * (CTX + 1)}, "maximum context length", "messages"),
+    ({"prompt": ["a"] * 65}, "at most 64 prompts", "prompt"),
+    ({"prompt": [1] * CTX}, "maximum context length", "prompt"),
+    ({"prompt": [[1], [1] * CTX]}, "maximum context length", "prompt"),
+])
+def test_requests_refused_by_their_shape(server, name, body, needle, param):
+    path = "/chat/completions" if "messages" in body else "/completions"
+    err = assert_error(post(server, path, {"model": name, **body}), 400, needle)
+    assert err["param"] == param
+
+
+def test_an_assistant_turn_without_content_is_served(server, name):
+    r = post(server, "/chat/completions", {"model": name, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+        {"role": "user", "content": "again"}]})
+    assert r.status_code == 200, r.text
+
+
+def test_a_declared_oversized_body_is_refused_before_it_is_sent(server):
+    host, port = server.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000000\r\n\r\n{")
+        head = s.recv(4096).decode("latin-1")
+    assert head.startswith("HTTP/1.1 413"), head
+
+
+def test_long_message_lists_are_validated_in_slices():
+    from fmoe.serve import app, protocol
+
+    ok = [{"role": "user", "content": "hi"}] * 3
+    assert [m.content for m in protocol.validate_messages(ok, 700)] == ["hi"] * 3
+    with pytest.raises(protocol.APIError) as e:
+        protocol.validate_messages(ok + [{"role": "robot", "content": "x"}], 1024)
+    assert e.value.param == "messages.1027.role" and "messages.1027.role" in e.value.message
+
+    class Req:                      # what the handlers read the body from
+        def __init__(self, body):
+            self.headers, self.body = {}, json.dumps(body).encode()
+
+        async def stream(self):
+            yield self.body
+
+    class State:
+        max_model_len = 4096
+
+    n = 3 * app.MESSAGE_SLICE + 5
+    body = {"model": "m", "messages": [{"role": "user", "content": str(i)} for i in range(n)]}
+    req = asyncio.run(app.read_body(State(), Req(body), protocol.ChatRequest))
+    assert [m.content for m in req.messages] == [str(i) for i in range(n)]
+    body["messages"][2 * app.MESSAGE_SLICE + 1]["role"] = "robot"
+    with pytest.raises(protocol.APIError, match=f"messages.{2 * app.MESSAGE_SLICE + 1}.role"):
+        asyncio.run(app.read_body(State(), Req(body), protocol.ChatRequest))
+
+
 # -- the queue bound -----------------------------------------------------------------------------
 def test_full_queue_answers_503_and_the_rest_complete(server, name):
     body = {"model": name, "prompt": "Hello", "max_tokens": 50, "temperature": 0, "ignore_eos": True}
@@ -304,6 +384,13 @@ def test_busy_port_is_one_line(ckpt, env):
         s.listen()
         r = fmoe_cli("serve", str(ckpt), "--port", str(s.getsockname()[1]), env=env)
     one_line_error(r, "cannot listen")
+
+
+def test_flags_that_would_refuse_every_request_are_one_line(ckpt, env):
+    one_line_error(fmoe_cli("serve", str(ckpt), "--port", "0", "--max-queue", "0", env=env),
+                   "--max-queue must be >= 1")
+    one_line_error(fmoe_cli("serve", str(ckpt), "--port", "0", "--max-model-len", "100000",
+                            "--threads", "1", env=env), "max_position_embeddings")
 
 
 def test_map_store_flag_reaches_from_pretrained(monkeypatch, tmp_path):
