@@ -414,3 +414,21 @@ def test_map_store_flag_reaches_from_pretrained(monkeypatch, tmp_path):
     args = parser.parse_args(["serve", str(demo_checkpoint()), "--map-store", str(tmp_path / "maps")])
     with pytest.raises(ValueError, match="--map-store needs --expert-cache"):
         load_model(args)
+
+
+def test_cors_only_for_the_allowed_origins():
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from fmoe.serve.app import create_app
+
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    with TestClient(create_app(SimpleNamespace(), ["http://localhost:3000"])) as c:
+        r = c.options("/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = c.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(SimpleNamespace())) as c:
+        r = c.options("/v1/chat/completions", headers=preflight)
+        assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
