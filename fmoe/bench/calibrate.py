@@ -82,7 +82,7 @@ def _boundary_hooks(module, blocks, mark) -> list:
     (so consecutive marks bound one MoE layer); returns the handles."""
     layers = list(module.model.layers)
     hooks = [layer.register_forward_pre_hook(lambda m, a: mark()) for layer in layers
-             if any(layer.mlp is b for b in blocks)]
+             if any(layer.ffn is b for b in blocks)]
     hooks.append(module.model.norm.register_forward_pre_hook(lambda m, a: mark()))
     return hooks
 
@@ -105,7 +105,10 @@ def _time_steps(model, steps: int, marks: list) -> list[list[float]]:
 
 
 def measure_compute(model, steps: int = 6) -> dict:
-    """Per-part decode compute of a loaded `MoEModel` (experts resident or cached)."""
+    """Per-part decode compute of a loaded `MoEModel` (experts resident or cached): medians
+    over `steps` decode steps after the first (a warm-up), so `steps` >= 2."""
+    if steps < 2:
+        raise ValueError(f"compute is timed over steps after a warm-up one: steps must be >= 2, got {steps}")
     module = model.module
     shp = model.config.experts
     K = shp.top_k

@@ -39,16 +39,19 @@ def cmd_calibrate(args) -> int:
             raise SystemExit(f"fmoe calibrate: --memory-limit: {e}") from None
     if args.miss_steps < 0:
         raise SystemExit(f"fmoe calibrate: --miss-steps must be >= 0, got {args.miss_steps}")
-    profile = calibrate(args.model, dtype=args.dtype, samples=args.samples, out=print,
+    # progress on stderr: without --out, stdout is the profile's JSON alone
+    profile = calibrate(args.model, dtype=args.dtype, samples=args.samples,
+                        out=lambda line: print(line, file=sys.stderr, flush=True),
                         memory_limit=limit, miss_steps=args.miss_steps)
-    text = json.dumps(profile, indent=2)
     if args.out:
+        from pathlib import Path
+
         from ..models.synthetic import _write_json
 
-        _write_json(__import__("pathlib").Path(args.out), profile)
-        print(f"wrote {args.out}")
+        _write_json(Path(args.out), profile)
+        print(f"wrote {args.out}", file=sys.stderr)
     else:
-        print(text)
+        print(json.dumps(profile, indent=2))
     return 0
 
 
@@ -81,7 +84,8 @@ def register(sub) -> None:
     p.add_argument("--policy-option", action="append", default=[],
                    metavar="KEY=VALUE", help="a policy option (repeatable)")
     p.add_argument("--execution", default="load", choices=["load", "host", "hybrid"],
-                   help="load (default); host and hybrid are not available yet")
+                   help="load (default): misses are read into the cache; host: misses computed where "
+                        "they live; hybrid: the policy decides per miss")
     p.add_argument("--prefetch-distance", type=int, default=None)
     p.add_argument("--hardware-profile", default=None, metavar="FILE.json",
                    help="a profile from `fmoe calibrate`: the fmoe policy decides prefetch from it")

@@ -174,7 +174,5 @@ def published_config(name: str, layers: int | None = None) -> dict:
         if layers < dense + 1:
             raise ValueError(f"--layers must be at least {dense + 1} for {name} "
                              f"({dense} dense layer(s) come first), got {layers}")
-        cfg["num_hidden_layers"] = int(layers)
-        if "max_window_layers" in cfg:
-            cfg["max_window_layers"] = min(cfg["max_window_layers"], int(layers))
+        cfg["num_hidden_layers"] = int(layers)     # nothing else: the published config otherwise
     return cfg

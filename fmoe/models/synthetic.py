@@ -62,7 +62,7 @@ def write_random_checkpoint(path: str | os.PathLike, config: dict, dtype: torch.
             size = 0
         shards[-1].append(name)
         size += n
-    weight_map = {}
+    weight_map, total = {}, 0
     for i, names in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {n: _init(n, shapes[n], dtype, gen) for n in names}
@@ -70,13 +70,19 @@ def write_random_checkpoint(path: str | os.PathLike, config: dict, dtype: torch.
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path / fname)
         weight_map.update({n: fname for n in names})
+        nbytes = sum(t.nbytes for t in tensors.values())
+        total += nbytes
         if progress is not None:
-            progress(sum(t.nbytes for t in tensors.values()))
+            progress(nbytes)
         del tensors
-    if len(shards) > 1:
-        _write_json(path / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    if len(shards) > 1:         # the hub's index: the tensors' total bytes and where each lies
+        _write_json(path / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
     out = dict(config)
-    out.setdefault("torch_dtype", str(dtype).replace("torch.", ""))
+    # the dtype written, whatever the published config says
+    out["torch_dtype"] = str(dtype).replace("torch.", "")
+    if "dtype" in out:
+        out["dtype"] = out["torch_dtype"]
     _write_json(path / "config.json", out)
     return path
 

@@ -100,8 +100,11 @@ class MoEModel(nn.Module):
 
 
 def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe", **kwargs) -> MoEModel:
-    from .policies import check_execution
+    from .policies import check_execution, policy_class, policy_names
 
+    if isinstance(policy, str) and policy_class(policy) is None:
+        # checked with or without a cache: a typo is an error, not a silent default
+        raise ValueError(f"unknown policy {policy!r}; choose one of {policy_names()}")
     execution = check_execution(kwargs.pop("execution", "load"))
     if execution != "load":
         # with every expert resident there is no miss to place: host/hybrid change nothing

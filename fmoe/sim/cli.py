@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 from ..errors import FmoeError
 
@@ -195,15 +196,39 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 # -- the command --------------------------------------------------------------------------
 
-def _resolve_shape(args, trace):
+def _profile_model(hws) -> dict | None:
+    """The model a calibrated profile among `hws` was measured with (its ``model`` block), or
+    None; profiles of different models cannot share one run."""
+    models = [h.model for h in hws if getattr(h, "model", None)]
+    keys = ("num_layers", "num_experts", "top_k", "hidden", "inter")
+    if any(tuple(m.get(k) for k in keys) != tuple(models[0].get(k) for k in keys) for m in models):
+        raise UsageError("the calibrated profiles were measured with different models; run them apart")
+    return models[0] if models else None
+
+
+def _resolve_shape(args, trace, hws=()):
+    """The model shape: --model-config, --model, a calibrated profile's model (its config.json
+    when still there, else its recorded dimensions on the trace model's shape), the trace's
+    model; checked against the trace and the profile."""
     from .shapes import get_shape, guess_shape, load_config_shape, shape_from_config
 
     if args.model_config and args.model:
         raise UsageError("give --model or --model-config, not both")
+    measured = _profile_model(hws)
+    from_profile = False
     if args.model_config:
         shape = load_config_shape(args.model_config)
     elif args.model:
         shape = get_shape(args.model)
+    elif measured is not None and measured.get("path") and (Path(measured["path"]) / "config.json").is_file():
+        shape = load_config_shape(measured["path"])
+        from_profile = True
+    elif measured is not None and guess_shape(trace.model) is not None and measured.get("num_layers"):
+        m = measured
+        shape = dataclasses.replace(get_shape(guess_shape(trace.model)), num_moe_layers=int(m["num_layers"]),
+                                    num_experts=int(m["num_experts"]), top_k=int(m["top_k"]),
+                                    hidden=int(m["hidden"]), moe_intermediate=int(m["inter"]))
+        from_profile = True
     elif guess_shape(trace.model) is not None:
         shape = get_shape(guess_shape(trace.model))
     elif trace.model_config:
@@ -218,7 +243,13 @@ def _resolve_shape(args, trace):
                          "--model NAME (deepseek-v2-lite, mixtral-8x7b, qwen1.5-moe-a2.7b, "
                          "qwen3-30b-a3b) or --model-config config.json")
     shape = shape.with_dtype(args.dtype)
-    explicit = bool(args.model or args.model_config)
+    if measured is not None and measured.get("num_layers") is not None and (
+            int(measured["num_layers"]), int(measured.get("num_experts", shape.num_experts))) \
+            != (shape.num_moe_layers, shape.num_experts):
+        raise UsageError(f"the calibrated profile was measured with {measured['num_layers']} MoE "
+                         f"layers x {measured.get('num_experts')} experts, the model shape "
+                         f"{shape.name!r} has {shape.num_moe_layers} x {shape.num_experts}")
+    explicit = bool(args.model or args.model_config or from_profile)
     if (explicit and shape.num_experts == trace.num_experts
             and shape.num_moe_layers < trace.num_layers):
         return shape        # a shrunk model (fmoe synth --layers): the trace's first layers
@@ -282,7 +313,7 @@ def _run(args) -> int:
     if args.max_tokens:
         trace = trace.head(args.max_tokens)
     history = load_trace(args.history, gate_probs=probs) if args.history else None
-    shape = _resolve_shape(args, trace)
+    shape = _resolve_shape(args, trace, hws)
     if shape.num_moe_layers < trace.num_layers:
         # as the live routing replay does: a model with fewer MoE layers gets the first ones
         print(f"fmoe simulate: the trace's first {shape.num_moe_layers} of {trace.num_layers} MoE "

@@ -86,6 +86,11 @@ def test_cli_writes_profile(tiny_synth, tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["calibrate", str(tiny_synth), "--samples", "4", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["format"] == "fmoe-hardware-profile"
+    capsys.readouterr()
+    # without --out, stdout is the profile alone (progress goes to stderr)
+    assert main(["calibrate", str(tiny_synth), "--samples", "4", "--miss-steps", "0"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["format"] == "fmoe-hardware-profile" and "calibrate:" in got.err
 
 
 def test_memory_limit_sets_the_read_path(tiny_synth, monkeypatch):
@@ -253,3 +258,32 @@ def test_steal_during_calibration_is_recorded(tiny_synth, monkeypatch):
     prof = calibrate(tiny_synth, samples=2, steps=2, miss_steps=2, out=lines.append)
     assert prof["measured"]["steal_fraction"] == pytest.approx(0.01)
     assert not any("other guests" in ln for ln in lines)
+
+
+def test_simulate_takes_the_model_shape_from_the_profile(profile, tmp_path, capsys):
+    """Without --model or --model-config, the calibrated profile's model gives the shape (its
+    config.json; the trace's first layers when the trace has more); a shape the profile was not
+    measured with is refused by name."""
+    path, prof = profile
+    random_trace(tmp_path / "t.npz", tokens=(20, 20), layers=5)       # model "test/tiny": unknown
+    run = ["simulate", "--trace", str(tmp_path / "t.npz"), "--policy", "lru", "--cache-fraction",
+           "0.5", "--hardware", str(path), "--json", "--no-cache"]
+    assert main(run) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["capacity"] == 8                 # 0.5 x 2 MoE layers x 8 experts
+    assert main(run + ["--model", "deepseek-v2-lite"]) != 0
+    assert "measured with 2 MoE layers x 8 experts" in capsys.readouterr().err
+
+
+def test_calibrate_a_mixtral_checkpoint(tmp_path):
+    import torch
+
+    from fmoe.models.synthetic import write_random_checkpoint
+
+    cfg = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+           "num_experts_per_tok": 2, "vocab_size": 256, "max_position_embeddings": 128}
+    path = write_random_checkpoint(tmp_path / "mixtral", cfg, dtype=torch.float32, seed=0)
+    prof = calibrate(path, samples=2, steps=2, out=lambda s: None)
+    assert len(prof["timing"]["attn"]) == cfg["num_hidden_layers"]
+    assert prof["model"]["model_type"] == "mixtral"

@@ -31,6 +31,13 @@ def test_layers_shrinks_and_refuses_too_few():
         published_config("llama-moe")
 
 
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_layers_changes_num_hidden_layers_only(name):
+    full, shrunk = published_config(name), published_config(name, 4)
+    assert {k: v for k, v in shrunk.items() if full.get(k) != v} == {"num_hidden_layers": 4}
+    assert set(full) == set(shrunk)
+
+
 def test_tokenizer_matches_vocab_and_specials(tmp_path):
     from tokenizers import Tokenizer
 
@@ -47,6 +54,10 @@ def test_synth_layout(tiny_synth):
     cfg = json.loads((tiny_synth / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v2" and cfg["kv_lora_rank"] == 16
     assert cfg["architectures"] == ["DeepseekV2ForCausalLM"] and cfg["topk_method"] == "greedy"
+    assert cfg["torch_dtype"] == "float32"          # the dtype written, not the published one
+    meta = json.loads((tiny_synth / "model.safetensors.index.json").read_text())["metadata"]
+    assert meta["total_size"] == sum(p.stat().st_size - 8 - int.from_bytes(p.open("rb").read(8), "little")
+                                     for p in tiny_synth.glob("*.safetensors"))
     index = json.loads((tiny_synth / "model.safetensors.index.json").read_text())["weight_map"]
     shards = sorted(set(index.values()))
     assert len(shards) > 1 and all((tiny_synth / s).exists() for s in shards)

@@ -199,3 +199,9 @@ def test_overlapping_tensor_byte_ranges_are_refused(ckpt):
     with pytest.raises(CheckpointError, match="overlap"):
         fmoe.models.from_pretrained(ckpt)
     assert_cli_error(ckpt, "model.safetensors", "overlap")
+
+
+@pytest.mark.parametrize("cache", [None, 0.5])
+def test_unknown_policy_named_with_or_without_a_cache(ckpt, cache):
+    with pytest.raises(ValueError, match="unknown policy 'bogus'.*lru"):
+        fmoe.models.from_pretrained(ckpt, expert_cache=cache, policy="bogus")
