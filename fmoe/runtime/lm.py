@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..models.checkpoint import drop_cached_pages
 from ..models.loading import build_model, install_resident_experts, resolve
-from .engine import SamplingParams, generate
+from .engine import SamplingParams, check_generate_inputs, generate
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -19,7 +19,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
         return dtype
     if isinstance(dtype, str) and dtype.lower() in ("auto", "none"):
         return None
@@ -27,6 +31,24 @@ def parse_dtype(dtype) -> torch.dtype | None:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch.device fmoe runs on ("cpu", "cuda", "cuda:N"), or ValueError naming
+    it: checked before anything is read."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device; use 'cpu' or 'cuda[:N]'") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available (this torch has no CUDA, "
+                             "or no GPU is visible)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type != "cpu":
+        raise ValueError(f"device {device!r}: fmoe runs on 'cpu' or 'cuda[:N]'")
+    return d
 
 
 class MoEModel(nn.Module):
@@ -45,6 +67,8 @@ class MoEModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """LongTensor [B, T] -> FloatTensor [B, T, vocab]; a full forward with no cache."""
+        if "cache" not in kwargs:
+            check_generate_inputs(self, input_ids, 0)
         input_ids = input_ids.to(self.device)
         rt = self.runtime if "cache" not in kwargs else None
         if rt is not None:
@@ -76,6 +100,8 @@ class MoEModel(nn.Module):
         if eos_token_id is None:
             eos_token_id = getattr(self.config, "eos_token_id", None)
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, eos_token_id, seed)
+        if not isinstance(input_ids, torch.Tensor):
+            check_generate_inputs(self, input_ids, 0)       # names what a tensor should be
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         return generate(self.module, ids, params, mask, pad_token_id, on_token, hooks=self.runtime)
@@ -99,27 +125,45 @@ class MoEModel(nn.Module):
             self.runtime.close()
 
 
+# the keyword arguments from_pretrained passes on to the offload runtime
+RUNTIME_ARGS = frozenset({"link_bandwidth", "host_cache", "trace_path", "policy_options",
+                          "prefetch_distance", "map_store", "hardware_profile", "execution",
+                          "host_workers"})
+
+
 def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe", **kwargs) -> MoEModel:
     from .policies import check_execution, policy_class, policy_names
 
     if isinstance(policy, str) and policy_class(policy) is None:
         # checked with or without a cache: a typo is an error, not a silent default
         raise ValueError(f"unknown policy {policy!r}; choose one of {policy_names()}")
+    unknown = sorted(set(kwargs) - RUNTIME_ARGS)
+    if unknown:
+        raise TypeError(f"from_pretrained() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(accepted: {', '.join(sorted(RUNTIME_ARGS))})")
+    if expert_cache is not None:
+        from .offload import cache_form
+
+        cache_form(expert_cache)        # its form, before anything is read
+    device = check_device(device)
+    dtype = parse_dtype(dtype)
     execution = check_execution(kwargs.pop("execution", "load"))
     if execution != "load":
         # with every expert resident there is no miss to place: host/hybrid change nothing
         kwargs["execution"] = execution
     root = resolve(name_or_path)
-    device = torch.device(device)
-    dtype = parse_dtype(dtype)
     cfg, module, index, layouts, dtype, reader = build_model(root, device, dtype)
     runtime = None
     mapped = isinstance(expert_cache, str) and expert_cache.strip().lower() == "mmap"
     if expert_cache is None or mapped:
         kwargs.pop("execution", None)
         kwargs.pop("host_workers", None)
-        if kwargs:
-            raise ValueError(f"{', '.join(sorted(kwargs))} need an expert cache (expert_cache=...)")
+        given = sorted(k for k, v in kwargs.items() if v is not None)     # None: not given
+        if given:
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} a "
+                             f"managed expert cache (expert_cache=a fraction, a count, a size or "
+                             f"'auto')")
+        kwargs = {}
         if not mapped and device.type == "cpu":
             from ..models.mapped import experts_fit
             from .memory import memory_limit

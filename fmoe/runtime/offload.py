@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,10 +36,45 @@ _BYTE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
 
 
 def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b)\s*", text.lower())
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]?i?b)\s*", text.lower())
     if not m:
         raise ValueError(f"cannot parse byte size {text!r} (expected e.g. '8GiB', '512MiB')")
     return int(float(m.group(1)) * _BYTE_UNITS[m.group(2)])
+
+
+CACHE_FORMS = ("a fraction in (0, 1], a count of experts >= 1, a size such as '8GiB', 'auto' or "
+               "'mmap'")
+
+
+def cache_form(expert_cache) -> tuple[str, Any]:
+    """The form of an `expert_cache` value, checked without the model: ("auto", None),
+    ("mmap", None), ("fraction", f), ("count", n) or ("bytes", n); ValueError naming the
+    accepted forms. "0.25" and "96" read as a fraction and a count."""
+    if isinstance(expert_cache, bool):
+        raise ValueError(f"expert_cache must be {CACHE_FORMS}, not a bool")
+    if isinstance(expert_cache, str):
+        text = expert_cache.strip()
+        if text.lower() in ("auto", "mmap"):
+            return text.lower(), None
+        if re.fullmatch(r"[0-9]+", text):
+            expert_cache = int(text)
+        elif re.fullmatch(r"[0-9]*\.[0-9]*", text) and text != ".":
+            expert_cache = float(text)
+        else:
+            try:
+                return "bytes", parse_bytes(text)
+            except ValueError:
+                raise ValueError(f"expert_cache: cannot parse {expert_cache!r}; give "
+                                 f"{CACHE_FORMS}") from None
+    if isinstance(expert_cache, float):
+        if not 0 < expert_cache <= 1:
+            raise ValueError(f"expert_cache fraction must be in (0, 1], got {expert_cache}")
+        return "fraction", expert_cache
+    if isinstance(expert_cache, int):
+        if expert_cache < 1:
+            raise ValueError(f"expert_cache count must be >= 1, got {expert_cache}")
+        return "count", expert_cache
+    raise ValueError(f"expert_cache must be {CACHE_FORMS}, got {expert_cache!r}")
 
 
 def min_capacity(top_k: int) -> int:
@@ -51,7 +87,8 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
     """`expert_cache` -> number of slots: a float in (0, 1] is a fraction of all routed experts,
     an int >= 1 a count, a string such as "8GiB" a byte budget ("0.25" and "96" also work)."""
     total = num_layers * num_experts
-    if isinstance(expert_cache, str) and expert_cache.strip().lower() == "auto":
+    kind, value = cache_form(expert_cache)
+    if kind == "auto":
         from .memory import auto_capacity
 
         slots, line = auto_capacity(expert_bytes, total)
@@ -60,28 +97,17 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
             raise ValueError(f"expert_cache='auto': only {slots} experts fit ({line}); the minimum "
                              f"is {min_capacity(top_k)} (top-k): free memory or raise the limit")
         return slots
-    if isinstance(expert_cache, bool):
-        raise ValueError("expert_cache must be a fraction, a count or a byte size, not a bool")
-    if isinstance(expert_cache, str):
-        text = expert_cache.strip()
-        if re.fullmatch(r"[0-9]+", text):
-            expert_cache = int(text)
-        elif re.fullmatch(r"[0-9]*\.[0-9]*", text) and text != ".":
-            expert_cache = float(text)
-        else:
-            budget = parse_bytes(text)
-            slots = budget // expert_bytes
-            what = f"{text} ({slots} experts of {expert_bytes} bytes)"
-    if isinstance(expert_cache, float):
-        if not 0 < expert_cache <= 1:
-            raise ValueError(f"expert_cache fraction must be in (0, 1], got {expert_cache}")
-        slots = int(expert_cache * total)
-        what = f"fraction {expert_cache} ({slots} of {total} experts)"
-    elif isinstance(expert_cache, int):
-        slots = expert_cache
+    if kind == "bytes":
+        slots = value // expert_bytes
+        what = f"{expert_cache.strip()} ({slots} experts of {expert_bytes} bytes)"
+    elif kind == "fraction":
+        slots = int(value * total)
+        what = f"fraction {value} ({slots} of {total} experts)"
+    elif kind == "count":
+        slots = value
         what = f"{slots} experts"
-    elif not isinstance(expert_cache, str):
-        raise ValueError(f"expert_cache must be a float, int or size string, got {expert_cache!r}")
+    else:
+        raise ValueError(f"expert_cache={expert_cache!r} is not a managed cache")
     lo = min_capacity(top_k)
     if slots < lo:
         raise ValueError(f"expert_cache {what} is below the minimum of {lo} experts "
@@ -90,12 +116,26 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
 
 
 def _profile_timing(profile) -> dict:
-    """The `timing` part of a calibrated profile (a path or its dict)."""
+    """The `timing` part of a calibrated profile (a path or its dict); ValueError naming the
+    profile when it is not one (as fmoe.sim's loader does: the runtime does not import it)."""
     import json
     from pathlib import Path
 
-    data = profile if isinstance(profile, dict) else json.loads(Path(profile).read_text())
-    return data["timing"]
+    if isinstance(profile, dict):
+        data, where = profile, "hardware_profile"
+    else:
+        where = f"hardware_profile {str(profile)!r}"
+        try:
+            data = json.loads(Path(profile).read_text())
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read the hardware profile ({e.strerror})") from None
+        except ValueError as e:
+            raise ValueError(f"{where}: not a JSON hardware profile ({e})") from None
+    t = data.get("timing") if isinstance(data, dict) else None
+    need = ("attn", "expert", "copy")
+    if not isinstance(t, dict) or any(k not in t for k in need):
+        raise ValueError(f"{where}: not a profile from `fmoe calibrate` (no timing with {', '.join(need)})")
+    return t
 
 
 def profile_seconds(profile, top_k: int) -> tuple[float, float, int]:

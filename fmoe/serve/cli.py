@@ -27,19 +27,24 @@ def _load(args, map_store=None):
     from ..models import from_pretrained
 
     kwargs = {} if map_store is None else {"map_store": map_store}
-    if args.expert_cache is None:
+    cache = args.expert_cache
+    mapped = isinstance(cache, str) and cache.strip().lower() == "mmap"
+    if cache is None or mapped:
+        # resident or memory-mapped experts: no cache for these flags to manage
         for flag, value in (("--policy", args.policy), ("--link-bandwidth", args.link_bandwidth),
-                            ("--map-store", map_store)):
+                            ("--map-store", map_store), ("--trace-out", getattr(args, "trace_out", None))):
             if value is not None:
-                raise ValueError(f"{flag} needs --expert-cache (without it every expert is resident "
-                                 "and there is no cache to manage)")
-    if args.expert_cache is not None:
-        kwargs.update(expert_cache=args.expert_cache, policy=args.policy or "fmoe",
-                      link_bandwidth=args.link_bandwidth)
+                raise ValueError(f"{flag} needs --expert-cache with a managed cache (a fraction, a count, "
+                                 f"a size or auto{'' if cache is None else '; not mmap'}; 1.0 keeps "
+                                 f"every expert on the device)")
+        if mapped:
+            kwargs["expert_cache"] = cache
+    else:
+        kwargs.update(expert_cache=cache, policy=args.policy or "fmoe")
+        if args.link_bandwidth is not None:
+            kwargs["link_bandwidth"] = args.link_bandwidth
         if getattr(args, "trace_out", None):
             kwargs["trace_path"] = args.trace_out
-    elif getattr(args, "trace_out", None):
-        raise ValueError("--trace-out needs --expert-cache (1.0 keeps every expert on the device)")
     return from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
 
 
@@ -139,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         m.register(sub)
+    # --debug after the sub-command too; SUPPRESS keeps a sub-command's default from overwriting
+    # a --debug given before it (dict.fromkeys: an alias names the same parser twice)
+    for p in dict.fromkeys(sub.choices.values()):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 

@@ -1,0 +1,98 @@
+"""`from_pretrained`'s arguments: each bad one is named before anything is read (device, dtype,
+the expert cache's form, unknown keywords), the model's own inputs are checked, and the CLI
+passes only what it was given (memory-mapped experts from the command line)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import fmoe
+from fmoe.runtime.lm import RUNTIME_ARGS
+from fmoe.runtime.offload import OffloadRuntime, cache_form, parse_capacity
+from fmoe.serve import demo
+from fmoe.serve.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FMOE_CACHE", str(tmp_path_factory.mktemp("fmoe-cache")))
+        return demo.demo_checkpoint()
+
+
+@pytest.mark.parametrize("kw, error, needle", [
+    ({"device": "mps"}, ValueError, "runs on 'cpu' or 'cuda"),
+    ({"device": "meta"}, ValueError, "runs on 'cpu' or 'cuda"),
+    ({"device": None}, ValueError, "not a device"),
+    ({"device": "gpu0"}, ValueError, "not a device"),
+    ({"dtype": torch.float64}, ValueError, "unsupported dtype"),
+    ({"dtype": torch.int8}, ValueError, "unsupported dtype"),
+    ({"expert_cache": "-1"}, ValueError, "cannot parse '-1'"),
+    ({"expert_cache": "1.2.3GiB"}, ValueError, "cannot parse"),
+    ({"expert_cache": 0}, ValueError, "count must be >= 1"),
+    ({"expert_cache": 1.5}, ValueError, "fraction must be in"),
+    ({"expert_cahce": 0.25}, TypeError, "unexpected keyword argument 'expert_cahce'"),
+    ({"expert_cache": 0.5, "foo": 1}, TypeError, "unexpected keyword argument 'foo'"),
+])
+def test_bad_arguments_are_named_before_anything_is_read(tmp_path, kw, error, needle):
+    # the path does not exist: an argument error first proves nothing was read
+    with pytest.raises(error, match=needle):
+        fmoe.models.from_pretrained(tmp_path / "missing", **kw)
+
+
+def test_cuda_without_cuda_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        fmoe.models.from_pretrained(tmp_path / "missing", device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="there are 1 CUDA device"):
+        fmoe.models.from_pretrained(tmp_path / "missing", device="cuda:3")
+
+
+def test_cache_forms_agree_with_the_capacity():
+    assert cache_form("auto") == ("auto", None) and cache_form(" MMAP ") == ("mmap", None)
+    assert cache_form("0.25") == ("fraction", 0.25) and cache_form("96") == ("count", 96)
+    assert cache_form("1MiB") == ("bytes", 1 << 20) and cache_form(".5GB") == ("bytes", 5 * 10 ** 8)
+    assert parse_capacity("0.25", 2, 8, 2, 100) == 4 and parse_capacity("1000B", 2, 8, 2, 100) == 10
+    for bad in (True, "1.2.3GiB", "-1", "abc", [3], -2, 0.0):
+        with pytest.raises(ValueError):
+            cache_form(bad)
+
+
+def test_the_runtime_keywords_are_the_runtimes():
+    sig = inspect.signature(OffloadRuntime.__init__).parameters
+    own = {"self", "module", "cfg", "layouts", "reader", "device", "dtype", "expert_cache", "policy"}
+    assert RUNTIME_ARGS == set(sig) - own
+
+
+def test_none_is_not_given_without_a_cache(ckpt):
+    m = fmoe.models.from_pretrained(ckpt, link_bandwidth=None, trace_path=None)
+    assert m.runtime is None
+    with pytest.raises(ValueError, match="link_bandwidth needs a managed expert cache"):
+        fmoe.models.from_pretrained(ckpt, link_bandwidth="1GB/s")
+
+
+def test_model_inputs_are_checked(ckpt):
+    m = fmoe.models.from_pretrained(ckpt)
+    for bad, needle in ((torch.tensor([[1.0, 2.0]]), "integer token ids"), (torch.tensor([1, 2]), "2-D"),
+                        (torch.tensor([[9999]]), "outside the vocabulary"),
+                        (torch.zeros(1, 0, dtype=torch.long), "empty"), ([[1, 2]], "2-D")):
+        with pytest.raises(ValueError, match=needle):
+            m(bad)
+    with pytest.raises(ValueError, match="2-D"):
+        m.generate([[1, 2]], max_new_tokens=1)
+    assert m(torch.tensor([[1, 2, 3]])).shape == (1, 3, m.config.vocab_size)
+
+
+def test_memory_mapped_experts_from_the_command_line(ckpt, capsys):
+    args = ["generate", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(args) == 0
+    resident = capsys.readouterr().out
+    assert main(args + ["--expert-cache", "mmap"]) == 0
+    assert capsys.readouterr().out == resident
+    assert main(args + ["--expert-cache", "mmap", "--policy", "lru"]) == 1
+    assert "--policy needs --expert-cache with a managed cache" in capsys.readouterr().err
