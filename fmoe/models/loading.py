@@ -189,7 +189,7 @@ def expert_layouts(root: Path, dtype: torch.dtype | None):
     checkpoint index, fmoe's store or None, the routed experts' layouts [L][E], the checkpoint
     names they use, the serving dtype). Also what `fmoe calibrate` reads experts by."""
     raw = read_config_json(root)
-    config_cls, model_cls = family_for(raw.get("model_type")).load()
+    config_cls, model_cls = family_for(raw.get("model_type"), str(root / "config.json")).load()
     cfg = build_config(config_cls, raw, str(root / 'config.json'))
     index = CheckpointIndex(root)
     _ = index.quant              # checked before anything is read: refuses GPTQ, AWQ, ...

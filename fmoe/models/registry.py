@@ -37,7 +37,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_for(model_type: str | None) -> Family:
+def family_for(model_type: str | None, source: str | None = None) -> Family:
+    """The family of `model_type`; ConfigError naming `source` (the config.json) when it has
+    none or one fmoe does not know."""
     if model_type not in FAMILIES:
-        raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+        where = f"{source}: " if source else ""
+        what = "no model_type" if model_type is None else f"unknown model_type {model_type!r}"
+        raise ConfigError(f"{where}{what}; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]

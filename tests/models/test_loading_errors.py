@@ -70,9 +70,13 @@ def test_unknown_model_type(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["model_type"] = "llama_moe_9000"
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="llama_moe_9000"):
+    with pytest.raises(ConfigError, match="config.json: unknown model_type 'llama_moe_9000'"):
         fmoe.models.from_pretrained(ckpt)
-    assert_cli_error(ckpt, "llama_moe_9000")
+    assert_cli_error(ckpt, "llama_moe_9000", "config.json")
+    del cfg["model_type"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="config.json: no model_type; supported"):
+        fmoe.models.from_pretrained(ckpt)
 
 
 def test_wrong_tensor_shape(ckpt):
