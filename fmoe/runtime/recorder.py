@@ -7,10 +7,34 @@ generated) and its token id. Rows of one sequence stay together, in order.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from ..trace import write_trace
+
+
+def check_trace_path(path) -> Path:
+    """Refuse (ValueError naming the path) a trace path that could not be written: checked when
+    recording starts, not after the whole run when the trace is written."""
+    p = Path(path)
+    where = f"trace_path (--trace-out) {p}"
+    if not p.name.endswith(".npz"):
+        raise ValueError(f"{where}: must end with .npz (a trace is an .npz archive)")
+    if p.is_dir():
+        raise ValueError(f"{where}: is a directory; give a file path (e.g. {p / 'trace.npz'})")
+    # the nearest directory that exists: the writer makes the missing ones below it
+    d = p.parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise ValueError(f"{where}: cannot create the directory {p.parent} ({d} is not a directory)")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"{where}: the directory {d} is not writable")
+    return p
 
 
 class TraceRecorder:
@@ -21,7 +45,7 @@ class TraceRecorder:
     request's sequence; `write` / `close` write every closed sequence to `path`."""
 
     def __init__(self, path, num_layers: int, num_experts: int, top_k: int, model: str = ""):
-        self.path = path
+        self.path = check_trace_path(path)
         self.L, self.E, self.K = num_layers, num_experts, top_k
         self.model = model
         self.done: list[dict] = []        # finished sequences, in the order they finished
@@ -68,22 +92,25 @@ class TraceRecorder:
             if seq is not None:
                 self.done.append(seq)
 
-    def write(self, path=None) -> None:
+    def write(self, path=None) -> Path | None:
+        """Write the closed sequences; returns the trace's path. With no token recorded there is
+        no trace (format v1 needs T >= 1): nothing is written, a note on stderr says so, and
+        the result is None."""
         self.end_request()
+        path = path or self.path
         seqs = [{k: np.concatenate(v) for k, v in s.items()} for s in self.done if s["ids"]]
         lengths = [len(s["ids"]) for s in seqs]
+        if not sum(lengths):
+            print(f"fmoe: no token was recorded; no trace written to {path}", file=sys.stderr)
+            return None
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
-        def cat(k, shape, dt):
-            # no sequence recorded: an empty array of the format's shape, still a valid trace
-            return np.concatenate([s[k] for s in seqs]) if seqs else np.zeros(shape, dt)
+        def cat(k):
+            return np.concatenate([s[k] for s in seqs])
 
-        write_trace(path or self.path,
-                    expert_ids=cat("experts", (0, self.L, self.K), np.int16),
-                    seq_offsets=offsets, num_experts=self.E, model=self.model,
-                    gate_probs=cat("probs", (0, self.L, self.E), np.float32),
-                    phase=cat("phase", (0,), np.uint8),
-                    token_ids=cat("ids", (0,), np.int64).astype(np.int32))
+        return write_trace(path, expert_ids=cat("experts"), seq_offsets=offsets, num_experts=self.E,
+                           model=self.model, gate_probs=cat("probs"), phase=cat("phase"),
+                           token_ids=cat("ids").astype(np.int32))
 
-    def close(self) -> None:
-        self.write()
+    def close(self) -> Path | None:
+        return self.write()
