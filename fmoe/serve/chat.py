@@ -33,6 +33,10 @@ def cmd_chat(args) -> int:
                                        else list(model.config.eos_token_id)))
     batcher = Batcher(model, max_batch=1)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):
+        # undecodable bytes arrive as lone surrogates (checked per line below) instead of a
+        # UnicodeDecodeError that would lose the rest of the buffered input
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     turn = 0
     try:
@@ -44,6 +48,14 @@ def cmd_chat(args) -> int:
             if not line:
                 break
             line = line.rstrip("\n")
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:   # the tokenizer takes text only: skip the line, not the session
+                c = ord(line[e.start])
+                what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else repr(line[e.start])
+                print(f"fmoe chat: skipped a line that is not valid text (undecodable {what} at "
+                      f"character {e.start})", file=sys.stderr)
+                continue
             if not line.strip():
                 continue
             if line.strip() == "/exit":

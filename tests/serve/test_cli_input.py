@@ -1,0 +1,114 @@
+"""What the CLI does with awkward input: --debug on either side of the sub-command, chat lines
+that are not text, and a --trace-out run that records nothing (or could not be written)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from fmoe.serve import demo
+from fmoe.serve.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FMOE_CACHE", str(tmp_path_factory.mktemp("fmoe-cache")))
+        # a smaller model of the demo's kind: these tests are about the CLI, not the weights
+        mp.setattr(demo, "DEMO_CONFIG", dict(demo.DEMO_CONFIG, hidden_size=32, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2))
+        return demo.demo_checkpoint()
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- --debug -------------------------------------------------------------------------------------
+COMMANDS = ["demo", "generate", "simulate", "serve", "chat", "convert", "synth", "bench", "calibrate"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_takes_debug(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0 and "--debug" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, debug", [
+    (["generate", "m", "--prompt", "x"], False),
+    (["--debug", "generate", "m", "--prompt", "x"], True),      # the sub-command's default stays out
+    (["generate", "m", "--prompt", "x", "--debug"], True),
+    (["generate", "--debug", "m", "--prompt", "x"], True),
+])
+def test_debug_on_either_side(argv, debug):
+    assert build_parser().parse_args(argv).debug is debug
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path, where):
+    argv = ["generate", str(tmp_path / "none"), "--prompt", "hi", "--top-p", "0"]
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    with pytest.raises(ValueError, match="--top-p"):
+        main(argv)
+
+
+def test_without_debug_one_line(capsys, tmp_path):
+    rc, _, err = run(capsys, "generate", tmp_path / "none", "--prompt", "hi", "--top-p", "0")
+    assert rc == 1 and one_line(err).startswith("fmoe generate: error: --top-p")
+
+
+# -- chat: a line that is not text is skipped, the session goes on -------------------------------
+@pytest.mark.parametrize("stdin, what", [
+    # bytes through a strict decoder, as a UTF-8 locale's stdin reads them
+    (lambda: io.TextIOWrapper(io.BytesIO(b"hi \xff\nhello\n"), encoding="utf-8"), "byte 0xff"),
+    # already decoded with surrogateescape (a C.UTF-8 locale's stdin)
+    (lambda: io.StringIO("hi \udcff\nhello\n"), "byte 0xff"),
+    (lambda: io.StringIO("hi \ud800\nhello\n"), r"'\ud800'"),
+])
+def test_chat_skips_a_line_that_is_not_text(capsys, monkeypatch, ckpt, stdin, what):
+    monkeypatch.setattr("sys.stdin", stdin())
+    rc, out, err = run(capsys, "chat", ckpt, "--max-new-tokens", "2")
+    assert rc == 0
+    line = one_line(err)
+    assert line.startswith("fmoe chat: ") and "not valid text" in line and what in line
+    assert out.count("\n") == 1        # one reply: to "hello", after the skipped line
+
+
+# -- --trace-out ---------------------------------------------------------------------------------
+def test_chat_that_records_nothing_writes_no_trace(capsys, monkeypatch, ckpt, tmp_path):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    trace = tmp_path / "t.npz"
+    rc, _, err = run(capsys, "chat", ckpt, "--expert-cache", "0.25", "--trace-out", trace)
+    assert rc == 0 and not trace.exists()
+    assert str(trace) in one_line(err) and "error" not in err
+
+
+def test_generate_of_no_tokens_writes_no_trace(capsys, ckpt, tmp_path):
+    trace = tmp_path / "t.npz"
+    rc, out, err = run(capsys, "generate", ckpt, "--prompt", "Hi", "--max-new-tokens", "0",
+                       "--expert-cache", "0.25", "--trace-out", trace)
+    assert rc == 0 and out == "Hi\n" and not trace.exists()
+    assert str(trace) in one_line(err)
+
+
+@pytest.mark.parametrize("name, needle", [("t.txt", "must end with .npz"),
+                                          ("file/t.npz", "is not a directory")])
+def test_an_unwritable_trace_out_is_one_line(capsys, ckpt, tmp_path, name, needle):
+    (tmp_path / "file").write_text("x")
+    trace = tmp_path / name
+    rc, out, err = run(capsys, "generate", ckpt, "--prompt", "Hi", "--max-new-tokens", "2",
+                       "--expert-cache", "0.25", "--trace-out", trace)
+    line = one_line(err)
+    assert rc == 1 and line.startswith("fmoe generate: error: ") and out == ""
+    assert "--trace-out" in line and str(trace) in line and needle in line
