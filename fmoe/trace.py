@@ -40,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .io.files import plain_mode
 from .trace_checks import (
     DEFAULT_MAX_BYTES,
     FORMAT_VERSION,
@@ -281,6 +282,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        plain_mode(tmp)           # not mkstemp's 0600: a trace is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         try:

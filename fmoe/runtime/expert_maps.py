@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.files import plain_mode
+
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
@@ -142,6 +144,7 @@ class MapStore:
                 np.savez(f, format=np.int64(STORE_FORMAT), shape=np.array([self.L, self.E, self.dim], np.int64),
                          maps=self.maps[: self.size], sem=self.sem[: self.size],
                          **{f"x_{k}": v for k, v in (extra or {}).items()})
+            plain_mode(tmp)       # mkstemp's 0600 is for the partial file only
             os.replace(tmp, path)
         except BaseException:
             try:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..io.files import plain_mode
+
 DEMO_CONFIG = {
     "model_type": "mixtral",
     "architectures": ["MixtralForCausalLM"],
@@ -89,6 +91,10 @@ def demo_checkpoint(dtype: torch.dtype = torch.float32) -> Path:
     try:
         write_random_checkpoint(tmp, DEMO_CONFIG, dtype=dtype, seed=0)
         write_tokenizer(tmp, DEMO_CONFIG["vocab_size"])
+        # mkdtemp's 0700 (and safetensors' 0600) are for the partial directory only
+        for f in tmp.iterdir():
+            plain_mode(f)
+        plain_mode(tmp)
         try:
             os.rename(tmp, target)
         except OSError:       # another process won the race

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.files import plain_mode
+
 
 def cache_dir() -> Path | None:
     env = os.environ.get("FMOE_SIM_CACHE")
@@ -79,6 +81,7 @@ def save(arr: np.ndarray, *parts) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.save(f, arr, allow_pickle=False)
+            plain_mode(tmp)       # not mkstemp's 0600: the cache is shared like any other file
             os.replace(tmp, p)
         except BaseException:
             try:

@@ -1,0 +1,34 @@
+"""The mode a written file should end with.
+
+Atomic writes go through `tempfile.mkstemp` / `mkdtemp`, which create owner-only entries (0o600,
+0o700) so that a partial result is private; `os.replace` / `os.rename` would carry that mode to
+the final name. `plain_mode` gives the result the mode a plain ``open()`` or ``mkdir()`` would.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def umask() -> int:
+    """The process's umask. Linux reports it in /proc/self/status; elsewhere it is set and put
+    back at once (the only portable read, but another thread creating a file in between would
+    get 0o022: the server writes from several threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: str | os.PathLike) -> None:
+    """Give `path` the mode ``open()`` (0o666) or ``mkdir()`` (0o777, a directory) gives under
+    this process's umask. Call it on the temporary path before the rename, so that the final
+    name never shows the owner-only mode."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~umask())
