@@ -2,8 +2,41 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
+import tempfile
+from pathlib import Path
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def check_writable(path: str, flag: str) -> None:
+    """`path` can be written: its directory exists and takes a new file. Checked before the
+    measurement, by creating (and removing) a file there: permission bits do not tell (root, a
+    read-only mount, /proc)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory")
+    parent = p.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: no directory {str(parent)!r} to write it in")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {str(parent)!r} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def cmd_synth(args) -> int:
@@ -39,13 +72,13 @@ def cmd_calibrate(args) -> int:
             raise SystemExit(f"fmoe calibrate: --memory-limit: {e}") from None
     if args.miss_steps < 0:
         raise SystemExit(f"fmoe calibrate: --miss-steps must be >= 0, got {args.miss_steps}")
+    if args.out:
+        check_writable(args.out, "--out")      # before the measurement, not after it
     # progress on stderr: without --out, stdout is the profile's JSON alone
     profile = calibrate(args.model, dtype=args.dtype, samples=args.samples,
                         out=lambda line: print(line, file=sys.stderr, flush=True),
                         memory_limit=limit, miss_steps=args.miss_steps)
     if args.out:
-        from pathlib import Path
-
         from ..models.synthetic import _write_json
 
         _write_json(Path(args.out), profile)
@@ -80,7 +113,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--expert-cache", default=None,
                    help="fraction, count, byte size or 'auto' (default: every expert resident)")
-    p.add_argument("--policy", default="fmoe")
+    p.add_argument("--policy", default=None,
+                   help="cache policy: fmoe, lru, lfu, moe-infinity (default: fmoe; needs --expert-cache)")
     p.add_argument("--policy-option", action="append", default=[],
                    metavar="KEY=VALUE", help="a policy option (repeatable)")
     p.add_argument("--execution", default="load", choices=["load", "host", "hybrid"],
@@ -89,7 +123,7 @@ def register(sub) -> None:
     p.add_argument("--prefetch-distance", type=int, default=None)
     p.add_argument("--hardware-profile", default=None, metavar="FILE.json",
                    help="a profile from `fmoe calibrate`: the fmoe policy decides prefetch from it")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=_at_least_one, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     p.set_defaults(func=cmd_bench)
@@ -98,7 +132,7 @@ def register(sub) -> None:
                                          "for `fmoe simulate --hardware FILE`")
     p.add_argument("model", help="local checkpoint directory")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--samples", type=int, default=48, help="experts read cold (default 48)")
+    p.add_argument("--samples", type=_at_least_one, default=48, help="experts read cold (default 48)")
     p.add_argument("--miss-steps", type=int, default=8,
                    help="decode steps with a small cache, timing the runtime's own misses (CPU; "
                         "default 8; 0: the copy time from the cold reads)")

@@ -131,44 +131,96 @@ def run_bench(model, *, trace=None, sequences: int = 1, prompt_tokens: int = 32,
     return result
 
 
+def _context(root) -> int | None:
+    """The checkpoint's context (`max_position_embeddings` as its family reads it, default
+    included) from its config.json alone: checked before any weight is read."""
+    from ..models.config import build_config, read_config_json
+    from ..models.registry import family_for
+
+    raw = read_config_json(root)
+    config_cls, _ = family_for(raw.get("model_type")).load()
+    n = getattr(build_config(config_cls, raw, str(root / "config.json")), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def bench_from_args(args) -> dict:
     from ..models import from_pretrained
+    from ..models.loading import resolve
     from ..runtime.lm import parse_dtype
 
+    # every check before the model is loaded: a bad flag costs no load and no measurement
     if args.sequences < 1:
         raise ValueError(f"--sequences must be >= 1, got {args.sequences}")
     if args.prompt_tokens < 1 or args.new_tokens < 1:
         raise ValueError("--prompt-tokens and --new-tokens must be >= 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    cache = args.expert_cache
+    mapped = isinstance(cache, str) and cache.strip().lower() == "mmap"
+    if cache is None or mapped:
+        # every expert resident, or memory-mapped (the page cache decides what stays): no cache
+        # for these flags to manage, and a policy would silently change nothing
+        why = ("without it every expert is resident and there is no cache to manage" if cache is None
+               else "a fraction, a count, a size or auto; with mmap the page cache decides what stays")
+        for flag, given in (("--policy", args.policy is not None), ("--policy-option", bool(args.policy_option)),
+                            ("--prefetch-distance", args.prefetch_distance is not None),
+                            ("--hardware-profile", args.hardware_profile is not None),
+                            (f"--execution {args.execution}", args.execution != "load")):
+            if given:
+                raise ValueError(f"{flag} needs {'a managed ' if mapped else ''}--expert-cache ({why})")
+    policy = None if cache is None or mapped else (args.policy or "fmoe")
+    if args.hardware_profile is not None:
+        from ..sim.hardware import UnknownHardwareError, load_profile
+
+        try:
+            load_profile(args.hardware_profile)
+        except UnknownHardwareError as e:
+            raise ValueError(f"--hardware-profile: {e}") from None
     trace = None
     if args.routing_trace:
         from ..sim.trace import load_trace
 
         trace = load_trace(args.routing_trace, texts=False, gate_probs=False)
+    root = resolve(args.model)
+    ctx = _context(root)
+    if ctx is not None and trace is None and args.prompt_tokens + args.new_tokens > ctx:
+        raise ValueError(f"--prompt-tokens {args.prompt_tokens} plus --new-tokens {args.new_tokens} is "
+                         f"{args.prompt_tokens + args.new_tokens} tokens, beyond the model's context of "
+                         f"{ctx} (max_position_embeddings)")
+    if ctx is not None and trace is not None:
+        # each replayed sequence runs through one KV cache, one position per token
+        n = min(args.sequences, trace.num_sequences)
+        longest = max((trace.sequence(i).stop - trace.sequence(i).start for i in range(n)), default=0)
+        if args.max_tokens is not None:
+            longest = min(longest, args.max_tokens)
+        if longest > ctx:
+            raise ValueError(f"--routing-trace: a replayed sequence has {longest} tokens, beyond the "
+                             f"model's context of {ctx} (max_position_embeddings); cap it with "
+                             f"--max-tokens {ctx}")
     kwargs = {}
-    if args.expert_cache is not None:
-        kwargs.update(expert_cache=args.expert_cache, policy=args.policy)
+    if mapped:
+        kwargs["expert_cache"] = cache
+    elif cache is not None:
+        kwargs.update(expert_cache=cache, policy=policy)
         if args.policy_option:
             from ..sim.cli import parse_policy_options
 
             kwargs["policy_options"] = parse_policy_options(args.policy_option)
         if args.prefetch_distance is not None:
             kwargs["prefetch_distance"] = args.prefetch_distance
-        if args.hardware_profile is not None and (args.policy == "fmoe" or args.execution != "load"):
+        if args.hardware_profile is not None and (policy == "fmoe" or args.execution != "load"):
             kwargs["hardware_profile"] = args.hardware_profile
-    elif args.policy_option or args.prefetch_distance is not None or args.hardware_profile:
-        raise ValueError("--policy-option, --prefetch-distance and --hardware-profile need --expert-cache")
     if args.execution != "load":
-        if args.expert_cache is None:
-            raise ValueError(f"--execution {args.execution} needs --expert-cache (with every expert "
-                             f"resident there is no miss to place)")
         kwargs["execution"] = args.execution
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = from_pretrained(args.model, device=args.device, dtype=parse_dtype(args.dtype), **kwargs)
+    model = from_pretrained(root, device=args.device, dtype=parse_dtype(args.dtype), **kwargs)
     load_s = time.perf_counter() - t0
     print(f"bench: loaded {args.model} in {load_s:.1f} s (expert_cache={args.expert_cache}, "
-          f"policy={args.policy if args.expert_cache is not None else 'resident'}, "
+          f"policy={policy or ('page cache' if mapped else 'resident')}, "
           f"capacity {model.expert_stats()['capacity']})", file=sys.stderr, flush=True)
     try:
         result = run_bench(model, trace=trace, sequences=args.sequences, prompt_tokens=args.prompt_tokens,
@@ -177,7 +229,7 @@ def bench_from_args(args) -> dict:
         model.close()
     result.update(load_seconds=load_s, model=str(args.model), device=args.device,
                   dtype=str(model.dtype).replace("torch.", ""), expert_cache=args.expert_cache,
-                  policy=args.policy if args.expert_cache is not None else None,
+                  policy=policy,
                   execution=args.execution, threads=torch.get_num_threads())
     rate = result["tokens_per_s"]
     print(f"bench: {result['tokens']} tokens at {rate or 0:.3f} tokens/s, ttft {result['ttft_s']:.3f} s, "
