@@ -99,6 +99,45 @@ def _check_options(policy_class, policies: list[str], options: dict) -> None:
             raise UsageError(f"--policy-option: {e}") from None
 
 
+def _check_destination(path: str, flag: str) -> None:
+    """A --csv/--plot destination the sweep can write, checked before the sweep (minutes) rather
+    than after it. The writers make missing directories: the nearest existing one must be a
+    directory that takes a new file (tried: permission bits do not tell for root or /proc)."""
+    import os
+    import tempfile
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    d = p.parent
+    while not os.path.lexists(d) and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise UsageError(f"{flag} {path}: {str(d)!r} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {str(d)!r} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_plot(path: str) -> None:
+    """--plot needs matplotlib (the sim extra) and a file type it writes."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'fmoe[sim]'")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kind = Path(path).suffix[1:].lower()
+    types = FigureCanvasBase.get_supported_filetypes()
+    if kind and kind not in types:
+        raise UsageError(f"--plot {path}: matplotlib cannot write .{kind} files "
+                         f"(choose one of {', '.join(sorted(types))})")
+    _check_destination(path, "--plot")
+
+
 def _progress_bar(total: int):
     """A tqdm bar over `total` replayed tokens on stderr, shown once the run passes
     `PROGRESS_DELAY_S`, or None: only on a terminal, or whatever the terminal with
@@ -292,6 +331,10 @@ def _run(args) -> int:
             raise UsageError("--policies and --fractions must not be empty")
         if args.capacity or args.cache_fraction:
             raise UsageError("--sweep takes --fractions, not --cache-fraction/--capacity")
+        if args.csv:
+            _check_destination(args.csv, "--csv")
+        if args.plot:
+            _check_plot(args.plot)
     else:
         if not args.policy:
             raise UsageError("--policy is required (or --sweep)")

@@ -108,12 +108,16 @@ def write_csv(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name("." + p.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
-    os.replace(tmp, p)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return p
 
 
@@ -185,9 +189,19 @@ def plot(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # whole or not at all: written beside it, then renamed over it (the type from the
+        # destination's name, as savefig(p) would take it, not from the temporary one's)
+        tmp = p.with_name("." + p.name + ".tmp")
+        try:
+            fig.savefig(tmp, dpi=110, format=p.suffix[1:].lower() or matplotlib.rcParams["savefig.format"])
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    finally:
+        plt.close(fig)
     return p
 
 

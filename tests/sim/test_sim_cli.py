@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +305,74 @@ def test_a_shrunk_model_takes_the_traces_first_layers(capsys, tmp_path, tiny_con
     code, _, err = run_cli(capsys, "simulate", "--trace", full, "--policy", "lru",
                            "--capacity", "5", "--model-config", small)
     assert code == 2 and "3 MoE layers" in err
+
+
+@pytest.fixture
+def no_sweep(monkeypatch):
+    """A sweep that fails loudly: a destination check must refuse before it."""
+    import fmoe.sim.sweep
+
+    def sweep(*a, **kw):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(fmoe.sim.sweep, "run_sweep", sweep)
+
+
+@pytest.mark.parametrize("flag", ["--csv", "--plot"])
+def test_sweep_destinations_checked_before_the_sweep(capsys, tmp_path, trace_path, tiny_config, no_sweep,
+                                                     flag):
+    (tmp_path / "afile").write_text("")
+    sweep = ["--trace", trace_path, "--sweep", "--fractions", "0.5", "--policies", "lru",
+             "--model-config", tiny_config]
+    name = "s.csv" if flag == "--csv" else "s.png"
+    bad = [(tmp_path / "afile" / name, "is not a directory"),          # was FileExistsError, after
+           (tmp_path / "afile" / "sub" / name, "is not a directory"),
+           (tmp_path, "is a directory")]
+    if flag == "--plot":
+        bad.append((tmp_path / "s.xyz", "matplotlib cannot write .xyz"))
+    if os.path.isdir("/proc/self"):
+        # /proc takes no new file, whoever asks (permission bits would not tell for root)
+        bad.append((Path("/proc") / name, "cannot write in '/proc'"))
+    for path, msg in bad:
+        code, out, err = run_cli(capsys, *sweep, flag, path)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert f"{flag} {path}" in lines[0] and msg in lines[0] and "sweep ran" not in err
+    assert not list(tmp_path.glob(".*")) and not (tmp_path / "afile").is_dir()   # the probes left nothing
+
+
+def test_sweep_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that dies leaves the previous file as it was and no temporary file."""
+    import csv as csv_module
+
+    import matplotlib.figure
+
+    from fmoe.sim.sweep import plot, write_csv
+
+    row = {"hardware": "h", "policy": "lru", "cache_fraction": 0.5, "capacity": 4, "hit_rate": 0.5,
+           "tpot_ms": 1.0, "compute_ms_per_token": 0.5}
+    png, table = tmp_path / "s.png", tmp_path / "s.csv"
+    png.write_bytes(b"old plot")
+    table.write_text("old rows")
+
+    def dying_savefig(self, fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    def dying_writerow(self, r):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dying_savefig)
+    monkeypatch.setattr(csv_module.DictWriter, "writerow", dying_writerow)
+    with pytest.raises(OSError, match="disk full"):
+        plot([row], png)
+    with pytest.raises(OSError, match="disk full"):
+        write_csv([row], table)
+    assert png.read_bytes() == b"old plot" and table.read_text() == "old rows"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.png"]
+    monkeypatch.undo()
+    plot([row], png)
+    write_csv([row], table)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and table.read_text().startswith("hardware,")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.png"]
