@@ -165,6 +165,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
     t0 = time.perf_counter()
     dtype = parse_dtype(dtype)
     dst = Path(dst).expanduser()
+    _check_dst_parent(dst)       # before resolving the source: a hub id downloads it
     root = resolve(src)
     real_src, real_dst = root.resolve(), dst.resolve()
     if real_dst == real_src or real_dst in real_src.parents or real_src in real_dst.parents:
@@ -200,9 +201,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
         raise CheckpointError(f"{root}: routed experts have mixed dtypes; pass --dtype")
     moe_layers = [int(x) for x in getattr(cfg, "moe_layer_ids", range(shp.num_layers))]
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # a directory of our own, unique: nothing that exists is ever touched
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # a directory of our own, unique: nothing that exists is ever touched
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    except OSError as e:
+        raise _cannot_create(dst, e) from None
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)         # mkdtemp's 0700 would carry over to DST
@@ -311,6 +315,27 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
     return {"path": str(dst), "experts": len(entries), "expert_bytes": blob_size,
             "weight_bytes": weights["size"], "dtype": str(target).replace("torch.", ""),
             "verified": verify, "seconds": time.perf_counter() - t0}
+
+
+def _cannot_create(dst: Path, e: OSError) -> ConvertError:
+    # named by DST: the temporary name in the OSError is ours, not the user's
+    return ConvertError(f"{dst}: cannot create the output next to it, in {str(dst.parent)!r} "
+                        f"({e.strerror or e})")
+
+
+def _check_dst_parent(dst: Path) -> None:
+    """DST's directory can take a new directory. convert makes missing directories, so the
+    nearest existing one is tried, by creating (and removing) one there: permission bits do
+    not tell (root, a read-only mount, /proc)."""
+    d = dst.parent
+    while not os.path.lexists(d) and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise ConvertError(f"{dst}: cannot create the output next to it ({str(d)!r} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=d))
+    except OSError as e:
+        raise _cannot_create(dst, e) from None
 
 
 def _is_fmoe_store(path: Path) -> bool:

@@ -627,3 +627,28 @@ def test_force_replaces_only_an_fmoe_store(mixtral_src, tmp_path, capsys):
     assert (mine / "data.csv").read_text() == "1,2,3"
     assert sf.open_store(dst) is not None
     assert not list(tmp_path.glob(".dst.*"))
+
+
+def test_a_destination_that_cannot_be_created_is_named(mixtral_src, tmp_path, capsys, monkeypatch):
+    """DST's directory cannot take DST: one line naming DST (was the OSError of the temporary
+    directory's name), before the source is resolved (a hub id would be downloaded first)."""
+    from fmoe.serve.cli import main
+
+    (tmp_path / "afile").write_text("")
+    dst = tmp_path / "afile" / "conv"
+    with pytest.raises(conv.ConvertError, match=f"{dst}: cannot create the output next to it"):
+        conv.convert(mixtral_src, dst, progress=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(conv.ConvertError, match=f"{dst}: cannot create"):
+        conv.convert("someone/not-downloaded", dst, progress=False)
+    if os.path.isdir("/proc/self"):
+        # /proc takes no new directory, whoever asks (permission bits would not tell for root)
+        assert main(["convert", str(mixtral_src), "/proc/conv", "--no-progress"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "/proc/conv: cannot create the output next to it" in err[0], err
+        assert ".tmp" not in err[0]
+        # and where the directory fails only when the output is made (after the early check)
+        monkeypatch.setattr(conv, "_check_dst_parent", lambda dst: None)
+        with pytest.raises(conv.ConvertError, match="/proc/conv: cannot create the output next to it"):
+            conv.convert(mixtral_src, "/proc/conv", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
