@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io.files import plain_mode
+from .files import plain_mode
 from .trace_checks import (
     DEFAULT_MAX_BYTES,
     FORMAT_VERSION,

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, FmoeError
+from ..files import plain_mode
 from ..io import store_format as sf
 from ..io.checkpoint import DTYPE_NAMES, CheckpointIndex, FileReader, TensorInfo, byte_view
 
@@ -207,9 +208,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, force
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     except OSError as e:
         raise _cannot_create(dst, e) from None
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)         # mkdtemp's 0700 would carry over to DST
+    plain_mode(tmp)                       # mkdtemp's 0700 would carry over to DST
     total_in = sum(l.nbytes for row in layouts for l in row) + sum(i.nbytes for _, i, _, _ in plan)
     reader = FileReader()
     bar = _bar(total_in, progress, f"convert {dst.name}")

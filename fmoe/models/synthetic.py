@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..files import plain_mode
 from .registry import family_for
 
 
@@ -68,6 +69,7 @@ def write_random_checkpoint(path: str | os.PathLike, config: dict, dtype: torch.
         tensors = {n: _init(n, shapes[n], dtype, gen) for n in names}
         tmp = path / (fname + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        plain_mode(tmp)           # safetensors writes 0600
         os.replace(tmp, path / fname)
         weight_map.update({n: fname for n in names})
         nbytes = sum(t.nbytes for t in tensors.values())
@@ -203,9 +205,9 @@ def synthesize(name: str, dst: str | os.PathLike, layers: int | None = None,
         write_tokenizer(tmp, vocab, specials, max_length=config.get("max_position_embeddings"))
         _write_json(tmp / "generation_config.json",
                     {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config})
-        os.chmod(tmp, 0o755)      # mkdtemp's 0700 is for the partial directory only
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+        for f in tmp.iterdir():   # mkdtemp's 0700 and mkstemp's 0600 are for the partial only
+            plain_mode(f)
+        plain_mode(tmp)
         if dst.exists():
             dst.rmdir()           # empty, checked above
         os.rename(tmp, dst)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.files import plain_mode
+from ..files import plain_mode
 
 log = logging.getLogger(__name__)
 

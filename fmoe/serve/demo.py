@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.files import plain_mode
+from ..files import plain_mode
 
 DEMO_CONFIG = {
     "model_type": "mixtral",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.files import plain_mode
+from ..files import plain_mode
 
 
 def cache_dir() -> Path | None:

@@ -72,3 +72,16 @@ def test_demo_checkpoint_directory(tmp_path, monkeypatch):
     files = list(path.iterdir())
     assert any(f.suffix == ".safetensors" for f in files)     # safetensors writes 0600 itself
     assert {f.name: mode(f) for f in files} == {f.name: FILE for f in files}
+
+
+
+def test_random_checkpoint_and_its_conversion(tmp_path):
+    from fmoe.models.convert import convert
+    from fmoe.models.synthetic import write_random_checkpoint
+    from fmoe.serve.demo import DEMO_CONFIG
+
+    src = write_random_checkpoint(tmp_path / "src", DEMO_CONFIG, dtype=torch.float32)
+    assert {mode(f) for f in src.iterdir()} == {FILE}          # safetensors alone writes 0600
+    convert(src, tmp_path / "dst", progress=False)
+    dst = tmp_path / "dst"
+    assert mode(dst) == DIR and {mode(f) for f in dst.iterdir()} == {FILE}
