@@ -32,3 +32,30 @@ def plain_mode(path: str | os.PathLike) -> None:
     name never shows the owner-only mode."""
     base = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, base & ~umask())
+
+
+def unwritable(path: str | os.PathLike, makes_dirs: bool = True) -> str | None:
+    """Why `path` could not be written, or None when it can: it is a directory, or the nearest
+    directory that exists (`makes_dirs`: the writer makes the missing ones below it; else its
+    own directory must exist) is not a directory or takes no new entry. Tried by creating and
+    removing one there: permission bits do not tell (root, a read-only mount, /proc)."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        return "is a directory"
+    d = p.parent
+    if not makes_dirs and not os.path.lexists(d):
+        return f"no directory {str(d)!r} to write it in"
+    while not os.path.lexists(d) and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        return f"{str(d)!r} is not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=d)
+    except OSError as e:
+        return f"cannot write in {str(d)!r} ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
+    return None

@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-
-def _at_least_one(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from ..sim.cli import positive_int
 
 
 def check_writable(path: str, flag: str) -> None:
-    """`path` can be written: its directory exists and takes a new file. Checked before the
-    measurement, by creating (and removing) a file there: permission bits do not tell (root, a
-    read-only mount, /proc)."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {path}: is a directory")
-    parent = p.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {path}: no directory {str(parent)!r} to write it in")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write in {str(parent)!r} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
+    """`path` can be written (`fmoe.files.unwritable`), or ValueError naming `flag`: checked
+    before the measurement, not after it."""
+    from ..files import unwritable
+
+    why = unwritable(path, makes_dirs=False)
+    if why:
+        raise ValueError(f"{flag} {path}: {why}")
 
 
 def cmd_synth(args) -> int:
@@ -123,7 +103,7 @@ def register(sub) -> None:
     p.add_argument("--prefetch-distance", type=int, default=None)
     p.add_argument("--hardware-profile", default=None, metavar="FILE.json",
                    help="a profile from `fmoe calibrate`: the fmoe policy decides prefetch from it")
-    p.add_argument("--threads", type=_at_least_one, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     p.set_defaults(func=cmd_bench)
@@ -132,7 +112,7 @@ def register(sub) -> None:
                                          "for `fmoe simulate --hardware FILE`")
     p.add_argument("model", help="local checkpoint directory")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--samples", type=_at_least_one, default=48, help="experts read cold (default 48)")
+    p.add_argument("--samples", type=positive_int, default=48, help="experts read cold (default 48)")
     p.add_argument("--miss-steps", type=int, default=8,
                    help="decode steps with a small cache, timing the runtime's own misses (CPU; "
                         "default 8; 0: the copy time from the cold reads)")

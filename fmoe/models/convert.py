@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, FmoeError
-from ..files import plain_mode
+from ..files import plain_mode, unwritable
 from ..io import store_format as sf
 from ..io.checkpoint import DTYPE_NAMES, CheckpointIndex, FileReader, TensorInfo, byte_view
 
@@ -323,18 +323,11 @@ def _cannot_create(dst: Path, e: OSError) -> ConvertError:
 
 
 def _check_dst_parent(dst: Path) -> None:
-    """DST's directory can take a new directory. convert makes missing directories, so the
-    nearest existing one is tried, by creating (and removing) one there: permission bits do
-    not tell (root, a read-only mount, /proc)."""
-    d = dst.parent
-    while not os.path.lexists(d) and d != d.parent:
-        d = d.parent
-    if not d.is_dir():
-        raise ConvertError(f"{dst}: cannot create the output next to it ({str(d)!r} is not a directory)")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=d))
-    except OSError as e:
-        raise _cannot_create(dst, e) from None
+    """DST's directory can take the output (`fmoe.files.unwritable`; convert makes missing
+    directories)."""
+    why = unwritable(dst)
+    if why and why != "is a directory":          # an existing DST is refused (or --force) later
+        raise ConvertError(f"{dst}: cannot create the output next to it ({why})")
 
 
 def _is_fmoe_store(path: Path) -> bool:

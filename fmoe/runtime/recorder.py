@@ -7,13 +7,13 @@ generated) and its token id. Rows of one sequence stay together, in order.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import unwritable
 from ..trace import write_trace
 
 
@@ -26,14 +26,9 @@ def check_trace_path(path) -> Path:
         raise ValueError(f"{where}: must end with .npz (a trace is an .npz archive)")
     if p.is_dir():
         raise ValueError(f"{where}: is a directory; give a file path (e.g. {p / 'trace.npz'})")
-    # the nearest directory that exists: the writer makes the missing ones below it
-    d = p.parent
-    while not d.exists() and d != d.parent:
-        d = d.parent
-    if not d.is_dir():
-        raise ValueError(f"{where}: cannot create the directory {p.parent} ({d} is not a directory)")
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise ValueError(f"{where}: the directory {d} is not writable")
+    why = unwritable(p)
+    if why:
+        raise ValueError(f"{where}: {why}")
     return p
 
 

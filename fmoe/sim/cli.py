@@ -46,7 +46,7 @@ def _fraction(text: str) -> float:
     return f
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -100,26 +100,13 @@ def _check_options(policy_class, policies: list[str], options: dict) -> None:
 
 
 def _check_destination(path: str, flag: str) -> None:
-    """A --csv/--plot destination the sweep can write, checked before the sweep (minutes) rather
-    than after it. The writers make missing directories: the nearest existing one must be a
-    directory that takes a new file (tried: permission bits do not tell for root or /proc)."""
-    import os
-    import tempfile
+    """A --csv/--plot destination the sweep can write (`fmoe.files.unwritable`), checked before
+    the sweep (minutes) rather than after it."""
+    from ..files import unwritable
 
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory")
-    d = p.parent
-    while not os.path.lexists(d) and d != d.parent:
-        d = d.parent
-    if not d.is_dir():
-        raise UsageError(f"{flag} {path}: {str(d)!r} is not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=d)
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write in {str(d)!r} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
+    why = unwritable(path)
+    if why:
+        raise UsageError(f"{flag} {path}: {why}")
 
 
 def _check_plot(path: str) -> None:
@@ -172,9 +159,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-fraction", type=_fraction, metavar="F",
                    help="device cache = floor(F * L * E) routed-expert slots, one pool for all "
                         "MoE layers (required unless --capacity or --sweep)")
-    p.add_argument("--capacity", type=_positive_int, metavar="N",
+    p.add_argument("--capacity", type=positive_int, metavar="N",
                    help="device cache in slots, instead of --cache-fraction")
-    p.add_argument("--prefetch-distance", type=_positive_int, metavar="D",
+    p.add_argument("--prefetch-distance", type=positive_int, metavar="D",
                    help="layers ahead a prefetching policy may prefetch (policy default if "
                         "omitted)")
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
@@ -193,7 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF config.json (or its directory) giving the model shape")
     p.add_argument("--dtype", metavar="DTYPE",
                    help="expert weight dtype (default: the config's, else bfloat16)")
-    p.add_argument("--max-tokens", type=_positive_int, metavar="N",
+    p.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="replay only the first N tokens (quick runs)")
     p.add_argument("--engine", default="auto", choices=["auto", "events", "demand", "lru"],
                    help="replay engine (all give the same counts; auto picks the fastest)")
@@ -216,7 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="policies of the sweep (default: every registered one but horizon)")
     g.add_argument("--csv", metavar="PATH", help="write the sweep rows to this CSV file")
     g.add_argument("--plot", metavar="PATH", help="write hit rate and TPOT plots to this PNG")
-    g.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+    g.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="worker processes for the sweep (default 1)")
 
 

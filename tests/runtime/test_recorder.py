@@ -70,13 +70,25 @@ def test_an_unwritable_path_is_refused_at_construction(tmp_path, name, needle):
 
 
 def test_a_read_only_directory_is_refused_at_construction(tmp_path, monkeypatch):
-    # os.access stands in for a read-only directory: root (as in CI) may write anywhere
+    # a directory that takes no new entry: root (as in CI) may write anywhere but in /proc, so a
+    # refused create stands in for it
+    import tempfile
+
     ro = tmp_path / "ro"
     ro.mkdir()
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(ro) else real(p, mode, **kw))
-    with pytest.raises(ValueError, match="not writable") as e:
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **kw):
+        if str(dir) == str(ro):
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(ValueError, match="cannot write in") as e:
         TraceRecorder(ro / "t.npz", L, E, K)
     assert str(ro / "t.npz") in str(e.value)
-    with pytest.raises(ValueError, match="not writable"):
+    with pytest.raises(ValueError, match="cannot write in"):
         TraceRecorder(ro / "new" / "t.npz", L, E, K)    # would be made inside `ro`
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(ValueError, match="cannot write in '/proc'"):
+            TraceRecorder("/proc/t.npz", L, E, K)
