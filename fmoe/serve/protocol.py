@@ -106,13 +106,37 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """pydantic's errors -> (one message naming at most four fields, the first field's path)."""
+# the names pydantic puts in an error's path for the member of a union it tried
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after"}
+
+
+def loc_text(loc) -> str:
+    """An error path as the client wrote the field: ``messages[0].content`` (list indices in
+    brackets; the union member pydantic tried, such as ``str`` or ``list[ContentPart]``, left
+    out)."""
+    out = ""
+    for x in loc:
+        if isinstance(x, int):
+            out += f"[{x}]"
+        elif isinstance(x, str) and (x in _UNION_TAGS or "[" in x):
+            continue
+        else:
+            out += f".{x}" if out else str(x)
+    return out
+
+
+def validation_message(e: ValidationError, offset: tuple = ()) -> tuple[str, str | None]:
+    """pydantic's errors -> (one message naming at most four fields, the first field's path);
+    `offset` is prepended to each path's first index (a list validated in slices)."""
     parts, param = [], None
     for err in e.errors()[:4]:
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        param = param or (loc or None)
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        loc = tuple(err.get("loc", ()))
+        if offset:
+            name, start = offset
+            loc = (name, loc[0] + start, *loc[1:]) if loc and isinstance(loc[0], int) else (name, *loc)
+        text = loc_text(loc)
+        param = param or (text or None)
+        parts.append(f"{text}: {err.get('msg')}" if text else str(err.get("msg")))
     more = len(e.errors()) - 4
     if more > 0:
         parts.append(f"... and {more} more")
@@ -154,16 +178,8 @@ def validate_messages(items: list, offset: int = 0) -> list:
     try:
         return _MESSAGES.validate_python(items)
     except ValidationError as e:
-        errs = e.errors()[:4]
-        parts, param = [], None
-        for err in errs:
-            loc = err.get("loc", ())
-            loc = ("messages", loc[0] + offset, *loc[1:]) if loc and isinstance(loc[0], int) \
-                else ("messages", *loc)
-            text = ".".join(str(x) for x in loc)
-            param = param or text
-            parts.append(f"{text}: {err.get('msg')}")
-        raise APIError(400, "invalid request: " + "; ".join(parts), param=param) from None
+        msg, param = validation_message(e, ("messages", offset))
+        raise APIError(400, msg, param=param) from None
 
 
 def _reject_constant(name):

@@ -233,7 +233,7 @@ def test_long_message_lists_are_validated_in_slices():
     assert [m.content for m in protocol.validate_messages(ok, 700)] == ["hi"] * 3
     with pytest.raises(protocol.APIError) as e:
         protocol.validate_messages(ok + [{"role": "robot", "content": "x"}], 1024)
-    assert e.value.param == "messages.1027.role" and "messages.1027.role" in e.value.message
+    assert e.value.param == "messages[1027].role" and "messages[1027].role" in e.value.message
 
     class Req:                      # what the handlers read the body from
         def __init__(self, body):
@@ -250,7 +250,7 @@ def test_long_message_lists_are_validated_in_slices():
     req = asyncio.run(app.read_body(State(), Req(body), protocol.ChatRequest))
     assert [m.content for m in req.messages] == [str(i) for i in range(n)]
     body["messages"][2 * app.MESSAGE_SLICE + 1]["role"] = "robot"
-    with pytest.raises(protocol.APIError, match=f"messages.{2 * app.MESSAGE_SLICE + 1}.role"):
+    with pytest.raises(protocol.APIError, match=rf"messages\[{2 * app.MESSAGE_SLICE + 1}\]\.role"):
         asyncio.run(app.read_body(State(), Req(body), protocol.ChatRequest))
 
 
@@ -432,3 +432,17 @@ def test_cors_only_for_the_allowed_origins():
     with TestClient(create_app(SimpleNamespace())) as c:
         r = c.options("/v1/chat/completions", headers=preflight)
         assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+
+
+def test_error_paths_name_fields_as_the_client_wrote_them():
+    from fmoe.serve import protocol
+
+    with pytest.raises(protocol.APIError) as e:
+        protocol.validate({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                          protocol.ChatRequest)
+    assert e.value.param.startswith("messages[0].content") and ".str" not in e.value.message
+    with pytest.raises(protocol.APIError) as e:
+        protocol.validate({"model": "m", "messages": [{"role": "user", "content": "hi"}, {"content": "x"}]},
+                          protocol.ChatRequest)
+    assert e.value.param == "messages[1].role"
+    assert protocol.loc_text(("stream_options", "include_usage")) == "stream_options.include_usage"
