@@ -209,3 +209,12 @@ def test_overlapping_tensor_byte_ranges_are_refused(ckpt):
 def test_unknown_policy_named_with_or_without_a_cache(ckpt, cache):
     with pytest.raises(ValueError, match="unknown policy 'bogus'.*lru"):
         fmoe.models.from_pretrained(ckpt, expert_cache=cache, policy="bogus")
+
+
+def test_errors_are_the_builtin_kinds_hf_users_catch(tmp_path, ckpt):
+    # `except OSError` / `except ValueError` around from_pretrained catch them, as with HF
+    with pytest.raises(OSError):
+        fmoe.models.from_pretrained(tmp_path / "nope")
+    (ckpt / "config.json").write_text("{}")
+    with pytest.raises(ValueError):
+        fmoe.models.from_pretrained(ckpt)
