@@ -116,12 +116,13 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        cum = probs.cumsum(-1)
-        # drop a token when the mass before it already reaches top_p (the first always stays)
-        drop = (cum - probs) >= p.top_p
-        drop[:, 0] = False
+        # as HF's top-p: sorted ascending, the least likely tokens whose mass stays within
+        # 1 - top_p go; the most likely always stays. Same sort, same order among equal
+        # logits: a tie at the cut keeps the token HF keeps, so seeded samples agree
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= (1 - p.top_p)
+        drop[:, -1] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)

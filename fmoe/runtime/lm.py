@@ -51,6 +51,32 @@ def check_device(device) -> torch.device:
     return d
 
 
+def _id_list(v) -> list[int]:
+    if v is None:
+        return []
+    return [int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def generation_defaults(root: Path, config) -> tuple[list[int], int | None]:
+    """(eos ids, pad id or None) as HF generate takes them: ``generation_config.json`` when the
+    checkpoint has one (chat models list their end-of-turn token there), else ``config.json``."""
+    from .tokenizer import _read_json
+
+    gen = _read_json(Path(root) / "generation_config.json")
+    eos = gen.get("eos_token_id")
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    pad = gen.get("pad_token_id")
+    if pad is None:
+        pad = _read_json(Path(root) / "config.json").get("pad_token_id")
+    try:
+        return _id_list(eos), (None if pad is None else int(pad))
+    except (TypeError, ValueError):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{root}: eos_token_id {eos!r} / pad_token_id {pad!r} are not token ids") from None
+
+
 class MoEModel(nn.Module):
     def __init__(self, module: nn.Module, config, path: Path, device: torch.device,
                  dtype: torch.dtype, runtime=None, tokenizer=None):
@@ -62,14 +88,23 @@ class MoEModel(nn.Module):
         self.dtype = dtype
         self.runtime = runtime          # OffloadRuntime or None (all experts resident)
         self.tokenizer = tokenizer
+        # generate's defaults, as HF's: generation_config.json, else config.json
+        self.eos_token_ids, self.pad_token_id = generation_defaults(path, config)
 
     # -- forward -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """LongTensor [B, T] -> FloatTensor [B, T, vocab]; a full forward with no cache."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        """LongTensor [B, T] -> FloatTensor [B, T, vocab]; a full forward with no cache.
+        `attention_mask` [B, T] (0 on left padding), as HF takes it: padded keys are masked and
+        each row's positions start at its first real token."""
         if "cache" not in kwargs:
-            check_generate_inputs(self, input_ids, 0)
+            check_generate_inputs(self, input_ids, 0, attention_mask)
         input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            valid = attention_mask.to(self.device).bool()
+            kwargs["key_valid"] = valid
+            kwargs["positions"] = (valid.long().cumsum(-1) - 1).clamp(min=0)
         rt = self.runtime if "cache" not in kwargs else None
         if rt is not None:
             for b in range(input_ids.shape[0]):
@@ -91,14 +126,17 @@ class MoEModel(nn.Module):
                  eos_token_id=None, pad_token_id: int | None = None, attention_mask=None,
                  seed: int | None = None, on_token=None) -> torch.Tensor:
         """LongTensor [B, T] -> [B, T + n]. Greedy unless `temperature` > 0 (or `do_sample`).
-        Stops at `eos_token_id` (default: the config's); left-padded batches need
-        `attention_mask` [B, T] with 0 on padding."""
+        Stops at `eos_token_id` (default: ``generation_config.json``'s, else ``config.json``'s);
+        finished rows are filled with `pad_token_id` (default: likewise, else the first eos);
+        left-padded batches need `attention_mask` [B, T] with 0 on padding."""
         if do_sample is False:
             temperature = 0.0
         elif do_sample and temperature == 0.0:
             temperature = 1.0
         if eos_token_id is None:
-            eos_token_id = getattr(self.config, "eos_token_id", None)
+            eos_token_id = self.eos_token_ids
+        if pad_token_id is None:
+            pad_token_id = self.pad_token_id
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, eos_token_id, seed)
         if not isinstance(input_ids, torch.Tensor):
             check_generate_inputs(self, input_ids, 0)       # names what a tensor should be

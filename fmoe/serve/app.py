@@ -64,10 +64,10 @@ class ServerState:
         self.created = int(time.time())
         cfg = getattr(model, "config", None)
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or self.tokenizer.vocab_size)
-        eos = list(getattr(self.tokenizer, "eos_token_ids", []) or [])
+        # as the Python API's generate: generation_config.json, config.json, then the tokenizer's
+        eos = list(getattr(model, "eos_token_ids", None) or [])
         if not eos:
-            e = getattr(cfg, "eos_token_id", None)
-            eos = [] if e is None else ([e] if isinstance(e, int) else list(e))
+            eos = list(getattr(self.tokenizer, "eos_token_ids", []) or [])
         self.eos_ids = [int(e) for e in eos]
         # prompts are tokenised and templated here, off the event loop (two at a time at most)
         self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fmoe-tokenize")

@@ -28,9 +28,7 @@ def cmd_chat(args) -> int:
     if not tok.chat_template:
         raise ValueError(f"{args.model}: the tokenizer has no chat_template; use `fmoe generate`")
     ctx = getattr(model.config, "max_position_embeddings", None) or 4096
-    eos = list(tok.eos_token_ids) or ([] if model.config.eos_token_id is None else
-                                      ([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
-                                       else list(model.config.eos_token_id)))
+    eos = list(getattr(model, "eos_token_ids", None) or tok.eos_token_ids)     # as generate's
     batcher = Batcher(model, max_batch=1)
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):

@@ -70,3 +70,17 @@ def test_top_p_keeps_smallest_set():
 def test_bad_sampling_params(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("probs, top_p", [([0.3, 0.4, 0.3, 1e-9], 0.5), ([0.3, 0.4, 0.3, 1e-9], 0.6),
+                                          ([0.25, 0.25, 0.25, 0.25], 0.3), ([0.5, 0.3, 0.15, 0.05], 0.7)])
+def test_top_p_keeps_what_hf_keeps_ties_included(probs, top_p):
+    """Against transformers' own top-p warper: the same tokens survive, a tie at the cut too
+    (so seeded samples agree with HF's)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.log(torch.tensor([probs]))
+    kept = set(torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone())).nonzero()[:, 1].tolist())
+    p = SamplingParams(temperature=1.0, top_p=top_p)
+    seen = {int(sample(logits, p, torch.Generator().manual_seed(s))) for s in range(300)}
+    assert seen == {k for k in kept if probs[k] > 1e-6}

@@ -96,3 +96,44 @@ def test_memory_mapped_experts_from_the_command_line(ckpt, capsys):
     assert capsys.readouterr().out == resident
     assert main(args + ["--expert-cache", "mmap", "--policy", "lru"]) == 1
     assert "--policy needs --expert-cache with a managed cache" in capsys.readouterr().err
+
+
+def test_generate_takes_eos_and_pad_from_generation_config(ckpt, tmp_path):
+    """As HF: generation_config.json's eos list and pad id are generate's defaults (a chat
+    model's end-of-turn token is listed there only); the server and chat use the same list."""
+    import json
+    import shutil
+
+    from fmoe.serve.app import ServerState
+
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    free = fmoe.models.from_pretrained(ckpt).generate(ids, 6, eos_token_id=[])
+    stop = int(free[0, 4])            # row 0's second new token: make it an end-of-turn token
+    assert int(free[0, 3]) != stop
+    dst = tmp_path / "ckpt"
+    shutil.copytree(ckpt, dst)
+    cfg_eos = json.loads((dst / "config.json").read_text()).get("eos_token_id")
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop, 511], "pad_token_id": 3}))
+    m = fmoe.models.from_pretrained(dst)
+    assert m.eos_token_ids == [stop, 511] and m.pad_token_id == 3
+    out = m.generate(ids, 6)
+    assert out[0, 3:5].tolist() == free[0, 3:5].tolist() and set(out[0, 5:].tolist()) <= {3}
+    assert ServerState(m, None, "m", 64).eos_ids == [stop, 511]
+    (dst / "generation_config.json").unlink()
+    m = fmoe.models.from_pretrained(dst)
+    assert m.eos_token_ids == ([] if cfg_eos is None else [cfg_eos]) and m.pad_token_id is None
+
+
+def test_forward_takes_an_attention_mask_as_hf(ckpt):
+    """A left-padded batch's logits at its real tokens equal each row's alone."""
+    from fmoe.runtime.engine import left_pad
+
+    m = fmoe.models.from_pretrained(ckpt, expert_cache=0.5)
+    rows = [[5, 6, 7, 8, 9], [10, 11]]
+    ids, valid = left_pad(rows, 0, "cpu")
+    out = m(ids, attention_mask=valid.long())
+    for b, r in enumerate(rows):
+        alone = m(torch.tensor([r]))[0]
+        assert torch.allclose(out[b, -len(r):], alone, atol=1e-5), b
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        m(ids, attention_mask=valid[:, 1:])
