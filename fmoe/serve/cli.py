@@ -12,8 +12,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--expert-cache", default=None,
-                   help="routed experts on the device: fraction (0.25), count (96) or bytes (8GiB); "
-                        "default: all resident")
+                   help="routed experts on the device: fraction (0.25), count (96), bytes (8GiB), auto "
+                        "(the largest cache the memory allows) or mmap (CPU: memory-mapped, the page "
+                        "cache decides); default: all resident")
     p.add_argument("--policy", default=None,
                    help="cache policy: fmoe, lru, lfu, moe-infinity (default: fmoe; needs --expert-cache)")
     p.add_argument("--link-bandwidth", default=None,

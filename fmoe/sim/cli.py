@@ -174,8 +174,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (the last stdout line)")
     p.add_argument("--model", metavar="NAME",
-                   help="built-in model shape (deepseek-v2-lite, mixtral-8x7b, "
-                        "qwen1.5-moe-a2.7b, qwen3-30b-a3b); default: from the trace's `model`")
+                   help="built-in model shape (deepseek-v2-lite, mixtral-8x7b, qwen1.5-moe-a2.7b, "
+                        "qwen3-30b-a3b, deepseek-v3, kimi-k2, qwen3-30b-a3b-fp8); default: from "
+                        "the trace's `model`")
     p.add_argument("--model-config", metavar="CONFIG",
                    help="HF config.json (or its directory) giving the model shape")
     p.add_argument("--dtype", metavar="DTYPE",
@@ -265,9 +266,10 @@ def _resolve_shape(args, trace, hws=()):
             raise UsageError(f"{args.trace}: the trace's model_config gives no model shape "
                              f"({e}); pass --model NAME or --model-config config.json") from None
     else:
+        from .shapes import MODEL_SHAPES
+
         raise UsageError(f"cannot tell the model shape of trace model {trace.model!r}; pass "
-                         "--model NAME (deepseek-v2-lite, mixtral-8x7b, qwen1.5-moe-a2.7b, "
-                         "qwen3-30b-a3b) or --model-config config.json")
+                         f"--model NAME ({', '.join(MODEL_SHAPES)}) or --model-config config.json")
     shape = shape.with_dtype(args.dtype)
     if measured is not None and measured.get("num_layers") is not None and (
             int(measured["num_layers"]), int(measured.get("num_experts", shape.num_experts))) \
