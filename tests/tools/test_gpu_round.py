@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,6 +31,7 @@ def test_a_hanging_step_is_stopped_and_the_round_goes_on(tmp_path):
                                                "gpu-check.log", "summary.txt"}
 
 
+@pytest.mark.slow            # runs the kernel tests and tools once more (~20 s)
 def test_the_steps_run_with_the_given_python(tmp_path):
     """With the real interpreter and no GPU, each step ends by itself (exit 0: the GPU tools say
     there is nothing to check) and the package comes from the checkout."""
