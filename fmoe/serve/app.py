@@ -19,6 +19,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -53,7 +54,7 @@ class ServerState:
     """What the handlers share: the model, its batcher, the served name and the limits."""
 
     def __init__(self, model, batcher, served_model_name: str, max_model_len: int,
-                 api_key: str | None = None):
+                 api_key: str | None = None, generation_config: bool = True):
         self.model = model
         self.tokenizer = model.tokenizer
         self.batcher = batcher
@@ -69,6 +70,9 @@ class ServerState:
         if not eos:
             eos = list(getattr(self.tokenizer, "eos_token_ids", []) or [])
         self.eos_ids = [int(e) for e in eos]
+        # a request's unset temperature / top_p / top_k default to the checkpoint's
+        # generation_config.json, as vLLM does (`--generation-config none`: OpenAI's defaults)
+        self.defaults = sampling_defaults(getattr(model, "path", None)) if generation_config else {}
         # prompts are tokenised and templated here, off the event loop (two at a time at most)
         self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fmoe-tokenize")
         # a text longer than this many bytes cannot fit the context: refused before tokenising
@@ -274,16 +278,39 @@ def resolve_max_tokens(state: ServerState, req_max: int | None, prompt_len: int,
     return req_max
 
 
+def sampling_defaults(root) -> dict:
+    """The sampling values a checkpoint's ``generation_config.json`` recommends (temperature,
+    top_p, top_k: the ones it sets, of the right type), or {}."""
+    if root is None:
+        return {}
+    from ..runtime.tokenizer import _read_json
+
+    gen = _read_json(Path(root) / "generation_config.json")
+    out = {}
+    for key, kind in (("temperature", float), ("top_p", float), ("top_k", int)):
+        v = gen.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer()):
+            out[key] = kind(v)
+    return out
+
+
 def sampling(state: ServerState, req: protocol.SamplingRequest, max_tokens: int, j: int) -> SamplingParams:
-    """The sampling parameters of choice `j` (seeds differ per choice, so n > 1 gives n samples)."""
-    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    """The sampling parameters of choice `j` (seeds differ per choice, so n > 1 gives n samples);
+    a value the request leaves unset comes from `state.defaults`, else OpenAI's default."""
+    d = state.defaults
+
+    def pick(name, default):
+        v = getattr(req, name)
+        return d.get(name, default) if v is None else v
+
+    temperature = float(pick("temperature", 1.0))
     seed = req.seed
     if seed is not None and j:
         seed = (seed + j) % (2 ** 63)
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                              top_p=1.0 if req.top_p is None else float(req.top_p),
-                              top_k=max(int(req.top_k or 0), 0),
+                              top_p=float(pick("top_p", 1.0)),
+                              top_k=max(int(pick("top_k", 0) or 0), 0),
                               eos_token_id=[] if req.ignore_eos else state.eos_ids, seed=seed)
     except SamplingError as e:        # the checks the CLI and the Python API share
         raise APIError(400, str(e), param=e.param) from None

@@ -132,7 +132,8 @@ def cmd_serve(args) -> int:
     except BaseException:
         sock.close()
         raise
-    state = ServerState(model, batcher, served_name(args), ctx, args.api_key)
+    state = ServerState(model, batcher, served_name(args), ctx, args.api_key,
+                        generation_config=args.generation_config == "auto")
     app = create_app(state, args.allowed_origins)
     batcher.start()
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
@@ -141,6 +142,10 @@ def cmd_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     print(f"fmoe serve: '{state.name}' on http://{host}:{port}/v1 (max batch {args.max_batch}, "
           f"context {ctx}, expert cache {args.expert_cache or 'all resident'})", file=sys.stderr, flush=True)
+    if state.defaults:
+        print("fmoe serve: sampling defaults from generation_config.json: "
+              + ", ".join(f"{k}={v}" for k, v in state.defaults.items())
+              + " (--generation-config none for OpenAI's)", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:
@@ -246,6 +251,10 @@ def register(subparsers) -> None:
                    help="context length (default: the config's max_position_embeddings)")
     p.add_argument("--api-key", default=os.environ.get("FMOE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FMOE_API_KEY, else none)")
+    p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                   help="auto: a request's unset temperature, top_p and top_k default to the "
+                        "checkpoint's generation_config.json (as vLLM); none: OpenAI's defaults "
+                        "(temperature 1, top_p 1, no top_k)")
     p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="origins whose browser scripts may call the API (CORS), e.g. '*' or "
                         "'http://localhost:3000' (default: none)")

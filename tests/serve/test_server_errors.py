@@ -446,3 +446,32 @@ def test_error_paths_name_fields_as_the_client_wrote_them():
                           protocol.ChatRequest)
     assert e.value.param == "messages[1].role"
     assert protocol.loc_text(("stream_options", "include_usage")) == "stream_options.include_usage"
+
+
+def test_unset_sampling_values_default_to_the_generation_config(tmp_path):
+    """As vLLM: temperature, top_p and top_k a request leaves unset come from the checkpoint's
+    generation_config.json; values the request sets win; `--generation-config none` (no
+    defaults) gives OpenAI's."""
+    from types import SimpleNamespace
+
+    from fmoe.serve import protocol
+    from fmoe.serve.app import sampling, sampling_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "eos_token_id": 2, "do_sample": True}))
+    d = sampling_defaults(tmp_path)
+    assert d == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert sampling_defaults(tmp_path / "none") == {}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "generation_config.json").write_text(json.dumps({"temperature": "hot", "top_k": 2.5}))
+    assert sampling_defaults(tmp_path / "bad") == {}
+
+    def params(defaults, **body):
+        state = SimpleNamespace(defaults=defaults, eos_ids=[2])
+        req = protocol.validate({"model": "m", "prompt": "x", **body}, protocol.CompletionRequest)
+        p = sampling(state, req, 4, 0)
+        return p.temperature, p.top_p, p.top_k
+
+    assert params(d) == (0.7, 0.8, 20)
+    assert params(d, temperature=0, top_k=0) == (0.0, 0.8, 0)
+    assert params({}) == (1.0, 1.0, 0)
