@@ -73,16 +73,35 @@ def cmd_chat(args) -> int:
                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     eos_token_id=eos, seed=seed)
             stream = TextStream(tok, args.stop or (), prompt_ids=ids, eos_token_ids=eos)
+            gone = []               # the reader of stdout went away (`| head`)
 
-            def on_token(seq, t, stream=stream):
+            def on_token(seq, t, stream=stream, gone=gone):
                 delta, stop = stream.push(t)
-                sys.stdout.write(delta)
-                sys.stdout.flush()
+                try:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+                except BrokenPipeError:
+                    gone.append(True)
+                    return True     # stop this reply; the session ends quietly below
                 return stop
 
             seq = Sequence(ids, params, on_token=on_token)
             batcher.submit(seq)
-            batcher.run_until_idle()
+            try:
+                batcher.run_until_idle()
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                # Ctrl-C stops the reply, not the session (as llama.cpp's interactive mode):
+                # the turn is dropped and a fresh batcher takes the next one
+                batcher.close()
+                batcher = Batcher(model, max_batch=1)
+                sys.stdout.write(stream.flush() + "\n")
+                print("fmoe chat: reply interrupted (not kept); Ctrl-C at the prompt or Ctrl-D ends "
+                      "the session", file=sys.stderr)
+                continue
+            if gone:
+                raise BrokenPipeError
             sys.stdout.write(stream.flush() + "\n")
             sys.stdout.flush()
             if seq.finish_reason == "error":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -71,6 +72,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..runtime.engine import check_generate_inputs
+    from ..runtime.text_stream import TextStream
 
     # the checks the Python API and the server share, before anything is loaded
     check_sampling_flags(args)
@@ -80,35 +82,36 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--prompt is not valid text (undecodable {args.prompt[e.start]!r} at "
                          f"character {e.start})") from None
     model = _load(args)
-    tok = model.tokenizer
-    if tok is None:
-        raise ValueError(f"{args.model}: no tokenizer.json beside the checkpoint")
-    text = args.prompt
-    if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": text}])
-        ids = tok.encode(text, add_special_tokens=False)
-    else:
-        ids = tok.encode(text)
-    check_generate_inputs(model.module, torch.tensor([ids]), args.max_new_tokens)
-    printed = ""
-    new: list[int] = []
+    try:                # closed on any exit: a trace or a map store is written either way
+        tok = model.tokenizer
+        if tok is None:
+            raise ValueError(f"{args.model}: no tokenizer.json beside the checkpoint")
+        text = args.prompt
+        if args.chat:
+            text = tok.apply_chat_template([{"role": "user", "content": text}])
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(text)
+        check_generate_inputs(model.module, torch.tensor([ids]), args.max_new_tokens)
+        # the text as it becomes final (a character split across tokens waits for its last
+        # byte), and the rest once generation ends
+        out = TextStream(tok, prompt_ids=ids, eos_token_ids=model.eos_token_ids)
 
-    def stream(t: torch.Tensor) -> None:
-        nonlocal printed
-        new.append(int(t[0]))
-        text_now = tok.decode(new)
-        if text_now.startswith(printed) and not text_now.endswith("\ufffd"):
-            sys.stdout.write(text_now[len(printed):])
-            sys.stdout.flush()
-            printed = text_now
+        def stream(t: torch.Tensor) -> None:
+            delta, _ = out.push(int(t[0]))
+            if delta:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
 
-    sys.stdout.write(args.prompt if not args.chat else "")
-    model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=stream)
-    sys.stdout.write("\n")
-    if args.stats:
-        print(model.expert_stats(), file=sys.stderr)
-    model.close()
+        sys.stdout.write(args.prompt if not args.chat else "")
+        model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=stream)
+        sys.stdout.write(out.flush() + "\n")
+        sys.stdout.flush()
+        if args.stats:
+            print(model.expert_stats(), file=sys.stderr)
+    finally:
+        model.close()
     return 0
 
 
@@ -159,6 +162,11 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, as other command-line tools do; what
+        # is still buffered for stdout goes nowhere instead of raising again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # one line naming the problem; --debug for the traceback
         if args.debug:
             raise

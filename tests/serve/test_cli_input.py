@@ -112,3 +112,68 @@ def test_an_unwritable_trace_out_is_one_line(capsys, ckpt, tmp_path, name, needl
     line = one_line(err)
     assert rc == 1 and line.startswith("fmoe generate: error: ") and out == ""
     assert "--trace-out" in line and str(trace) in line and needle in line
+
+
+# -- output --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 21])
+def test_generate_prints_the_whole_text(capsys, ckpt, n):
+    """What `fmoe generate` prints is the prompt and the decode of every token generated: a
+    character still incomplete at the last token is flushed at the end, not dropped."""
+    import torch
+
+    import fmoe
+
+    rc, out, _ = run(capsys, "generate", ckpt, "--prompt", "Hello", "--max-new-tokens", n)
+    assert rc == 0
+    m = fmoe.models.from_pretrained(ckpt)
+    ids = m.tokenizer.encode("Hello")
+    new = [t for t in m.generate(torch.tensor([ids]), n)[0, len(ids):].tolist()
+           if t not in m.eos_token_ids]
+    assert out == "Hello" + m.tokenizer.decode(new) + "\n"
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "Hello", "--max-new-tokens", "50"],
+                                     ["chat", "--max-new-tokens", "50"]])
+def test_a_closed_stdout_ends_quietly(ckpt, command):
+    """The reader of stdout gone (`| head`): exit 141 with nothing on stderr, as other tools."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)                     # closed before anything is written: every write fails
+    try:
+        p = subprocess.run([sys.executable, "-m", "fmoe.serve.cli", command[0], str(ckpt), *command[1:]],
+                           stdout=w, stderr=subprocess.PIPE, input=b"hello\n", timeout=300)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == b"", p.stderr.decode()
+
+
+def test_ctrl_c_stops_a_chat_reply_not_the_session(capsys, monkeypatch, ckpt):
+    from fmoe.runtime import text_stream
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Tty("hello\n"))
+    rc, alone, _ = run(capsys, "chat", ckpt, "--max-new-tokens", "6")
+    assert rc == 0
+
+    class Interrupted(text_stream.TextStream):
+        pushes = 0
+
+        def push(self, token_id):
+            Interrupted.pushes += 1
+            if Interrupted.pushes == 2:         # Ctrl-C during the first reply
+                raise KeyboardInterrupt
+            return super().push(token_id)
+
+    monkeypatch.setattr(text_stream, "TextStream", Interrupted)
+    monkeypatch.setattr("sys.stdin", Tty("hello\nhello\n"))
+    rc, out, err = run(capsys, "chat", ckpt, "--max-new-tokens", "6")
+    assert rc == 0 and "reply interrupted" in err and Interrupted.pushes > 2
+    # the turn was dropped: the second "hello" gets the reply a fresh session gives
+    reply = alone.split("> ", 1)[1].rsplit("> ", 1)[0]
+    assert reply.strip() and out.rsplit("> ", 1)[0].endswith(reply)
