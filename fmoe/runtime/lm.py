@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -90,6 +91,14 @@ class MoEModel(nn.Module):
         self.tokenizer = tokenizer
         # generate's defaults, as HF's: generation_config.json, else config.json
         self.eos_token_ids, self.pad_token_id = generation_defaults(path, config)
+        # one forward or generation at a time: the runtime's per-step state (pins, the policy's
+        # request) is the model's; a second thread waits its turn instead of corrupting it
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the model is closed (MoEModel.close() was called); load it again")
 
     # -- forward -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -98,8 +107,13 @@ class MoEModel(nn.Module):
         """LongTensor [B, T] -> FloatTensor [B, T, vocab]; a full forward with no cache.
         `attention_mask` [B, T] (0 on left padding), as HF takes it: padded keys are masked and
         each row's positions start at its first real token."""
+        self._check_open()
         if "cache" not in kwargs:
             check_generate_inputs(self, input_ids, 0, attention_mask)
+        with self._lock:
+            return self._forward(input_ids, attention_mask, **kwargs)
+
+    def _forward(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             valid = attention_mask.to(self.device).bool()
@@ -140,9 +154,11 @@ class MoEModel(nn.Module):
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, eos_token_id, seed)
         if not isinstance(input_ids, torch.Tensor):
             check_generate_inputs(self, input_ids, 0)       # names what a tensor should be
+        self._check_open()
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        return generate(self.module, ids, params, mask, pad_token_id, on_token, hooks=self.runtime)
+        with self._lock:
+            return generate(self.module, ids, params, mask, pad_token_id, on_token, hooks=self.runtime)
 
     # -- experts -------------------------------------------------------------------------
     def expert_stats(self) -> dict:
@@ -159,6 +175,9 @@ class MoEModel(nn.Module):
             self.runtime.reset_stats()
 
     def close(self) -> None:
+        """Stop the runtime's threads and write what it keeps (a trace, a map store); the model
+        cannot be used afterwards. Idempotent."""
+        self.closed = True
         if self.runtime is not None:
             self.runtime.close()
 

@@ -254,7 +254,10 @@ class OffloadRuntime:
                 opts.setdefault("layer_seconds", layer_s)
                 opts.setdefault("lanes", lanes)
         elif prefetch_distance is not None or map_store is not None:
-            raise ValueError(f"prefetch_distance and map_store need policy='fmoe', not {policy!r}")
+            given = [n for n, v in (("prefetch_distance", prefetch_distance), ("map_store", map_store))
+                     if v is not None]
+            raise ValueError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} "
+                             f"policy='fmoe' (--policy fmoe), not {policy!r}")
         if map_store is not None:
             check_map_store(map_store, (self.L, self.E))    # before anything is built
         self.policy = make_policy(policy, self.L, self.E, self.capacity, **opts)

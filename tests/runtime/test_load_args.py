@@ -137,3 +137,43 @@ def test_forward_takes_an_attention_mask_as_hf(ckpt):
         assert torch.allclose(out[b, -len(r):], alone, atol=1e-5), b
     with pytest.raises(ValueError, match="attention_mask shape"):
         m(ids, attention_mask=valid[:, 1:])
+
+
+def test_a_closed_model_says_so(ckpt):
+    m = fmoe.models.from_pretrained(ckpt, expert_cache=0.5)
+    m.close()
+    m.close()                                   # idempotent
+    for call in (lambda: m.generate(torch.tensor([[1, 2]]), 2), lambda: m(torch.tensor([[1, 2]]))):
+        with pytest.raises(RuntimeError, match="the model is closed"):
+            call()
+
+
+def test_two_threads_on_one_model_get_what_each_gets_alone(ckpt):
+    """The runtime's per-step state is the model's: calls from two threads take turns (they
+    gave other tokens, or 'every resident expert is pinned', before)."""
+    import threading
+
+    m = fmoe.models.from_pretrained(ckpt, expert_cache=0.25)
+    prompts = [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 10, 11, 12]])]
+    alone = [m.generate(p, 12, eos_token_id=[]) for p in prompts]
+    for _ in range(3):
+        got, errors = [None, None], []
+
+        def work(i, got=got, errors=errors):
+            try:
+                got[i] = m.generate(prompts[i], 12, eos_token_id=[])
+            except Exception as e:          # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors and all(torch.equal(g, a) for g, a in zip(got, alone))
+    m.close()
+
+
+def test_fmoe_only_arguments_are_named_alone(ckpt, tmp_path):
+    with pytest.raises(ValueError, match=r"^map_store needs policy='fmoe' \(--policy fmoe\), not 'lru'"):
+        fmoe.models.from_pretrained(ckpt, expert_cache=0.5, policy="lru", map_store=tmp_path / "m.bin")
