@@ -61,12 +61,24 @@ def cmd_chat(args) -> int:
             if line.strip() == "/reset":
                 history = history[:1] if args.system else []
                 continue
-            messages = history + [{"role": "user", "content": line}]
-            ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
-            room = ctx - len(ids)
+            # the oldest exchanges go (the system message stays) until a reply has room: up to
+            # --max-new-tokens, or half the context (llama.cpp's context shift, turn by turn)
+            keep, dropped = (1 if args.system else 0), 0
+            want = min(args.max_new_tokens, ctx // 2)
+            while True:
+                messages = history + [{"role": "user", "content": line}]
+                ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+                room = ctx - len(ids)
+                if room >= want or len(history) <= keep:
+                    break
+                history = history[:keep] + history[keep + 2:]
+                dropped += 1
+            if dropped:
+                print(f"fmoe chat: dropped the {dropped} oldest exchange(s) to fit the context ({ctx} "
+                      "tokens)", file=sys.stderr)
             if room < 1:
-                print(f"fmoe chat: the conversation ({len(ids)} tokens) fills the context ({ctx}); "
-                      "/reset to start again", file=sys.stderr)
+                print(f"fmoe chat: the message ({len(ids)} tokens with the template) fills the context "
+                      f"({ctx}) by itself", file=sys.stderr)
                 continue
             seed = None if args.seed is None else args.seed + turn
             params = SamplingParams(max_new_tokens=min(args.max_new_tokens, room),

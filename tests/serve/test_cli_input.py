@@ -177,3 +177,19 @@ def test_ctrl_c_stops_a_chat_reply_not_the_session(capsys, monkeypatch, ckpt):
     # the turn was dropped: the second "hello" gets the reply a fresh session gives
     reply = alone.split("> ", 1)[1].rsplit("> ", 1)[0]
     assert reply.strip() and out.rsplit("> ", 1)[0].endswith(reply)
+
+
+def test_chat_drops_the_oldest_exchanges_to_fit_the_context(capsys, monkeypatch, ckpt):
+    """A conversation longer than the context goes on: the oldest exchanges are dropped (the
+    system message stays), as llama.cpp shifts its context; a message too long by itself is
+    refused and the session goes on."""
+    import json
+
+    ctx = json.loads((ckpt / "config.json").read_text())["max_position_embeddings"]
+    long = "word " * (ctx // 12)                       # a few turns fill the context
+    turns = [f"{i} {long}" for i in range(8)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns + ["x " * ctx, "hi"]) + "\n"))
+    rc, out, err = run(capsys, "chat", ckpt, "--system", "be brief", "--max-new-tokens", "3")
+    assert rc == 0
+    assert "oldest exchange(s) to fit the context" in err and "by itself" in err
+    assert out.count("\n") == len(turns) + 1           # every turn but the too-long one replied
