@@ -59,3 +59,35 @@ def unwritable(path: str | os.PathLike, makes_dirs: bool = True) -> str | None:
     os.close(fd)
     os.unlink(probe)
     return None
+
+
+class FileLock:
+    """An exclusive advisory lock (``flock``) on ``PATH.lock``, so that two processes never keep
+    the same file, each writing over the other's at exit; held until `release` (or the process
+    ends). `what` names the path in the error (ValueError) when another process holds it.
+    Where ``fcntl`` does not exist the lock is a no-op."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.fd = None
+        try:
+            import fcntl
+        except ImportError:       # pragma: no cover - not on Linux or macOS
+            return
+        lock = f"{os.fspath(path)}.lock"
+        os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)     # as the file's writer does
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"{what} {os.fspath(path)} is in use by another process (it holds "
+                             f"{lock}); give each process its own file") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.release()

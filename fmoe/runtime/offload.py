@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import FileLock
 from ..kernels import fused_moe
 from ..models.experts import Experts
 from .policies import MissCost, check_execution, make_policy, place
@@ -262,7 +263,10 @@ class OffloadRuntime:
             check_map_store(map_store, (self.L, self.E))    # before anything is built
         self.policy = make_policy(policy, self.L, self.E, self.capacity, **opts)
         self.map_store = map_store
+        self._store_lock = None
         if map_store is not None:
+            # one process per store: another's save at exit would overwrite this one's
+            self._store_lock = FileLock(map_store, "map_store")
             # a store that persists should fill even when no decision reads its maps
             self.policy.keep_maps = True
             self.policy.load_state(map_store)   # checked above: missing, or a store of this model
@@ -576,6 +580,8 @@ class OffloadRuntime:
             if self.map_store is not None:
                 self.policy.save_state(self.map_store)
         finally:
+            if self._store_lock is not None:
+                self._store_lock.release()
             self.policy.close()
             if self.host is not None:
                 self.host.close()

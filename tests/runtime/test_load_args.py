@@ -177,3 +177,16 @@ def test_two_threads_on_one_model_get_what_each_gets_alone(ckpt):
 def test_fmoe_only_arguments_are_named_alone(ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"^map_store needs policy='fmoe' \(--policy fmoe\), not 'lru'"):
         fmoe.models.from_pretrained(ckpt, expert_cache=0.5, policy="lru", map_store=tmp_path / "m.bin")
+
+
+def test_one_map_store_one_process_at_a_time(ckpt, tmp_path):
+    """Two runtimes on one map store would each write over the other's at exit: the second is
+    refused by name while the first holds it, and may have it once the first closes."""
+    store = tmp_path / "maps.bin"
+    first = fmoe.models.from_pretrained(ckpt, expert_cache=0.5, map_store=store)
+    with pytest.raises(ValueError, match="maps.bin is in use by another process"):
+        fmoe.models.from_pretrained(ckpt, expert_cache=0.5, map_store=store)
+    first.close()
+    assert store.exists()
+    second = fmoe.models.from_pretrained(ckpt, expert_cache=0.5, map_store=store)
+    second.close()
