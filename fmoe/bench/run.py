@@ -155,10 +155,10 @@ def bench_from_args(args) -> dict:
         raise ValueError("--prompt-tokens and --new-tokens must be >= 1")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    cache = args.expert_cache
-    mapped = isinstance(cache, str) and cache.strip().lower() == "mmap"
+    from ..runtime.offload import cache_form
+
+    cache = args.expert_cache           # (--threads >= 1: its parser type)
+    mapped = cache is not None and cache_form(cache)[0] == "mmap"
     if cache is None or mapped:
         # every expert resident, or memory-mapped (the page cache decides what stays): no cache
         # for these flags to manage, and a policy would silently change nothing

@@ -205,9 +205,7 @@ def synthesize(name: str, dst: str | os.PathLike, layers: int | None = None,
         write_tokenizer(tmp, vocab, specials, max_length=config.get("max_position_embeddings"))
         _write_json(tmp / "generation_config.json",
                     {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config})
-        for f in tmp.iterdir():   # mkdtemp's 0700 and mkstemp's 0600 are for the partial only
-            plain_mode(f)
-        plain_mode(tmp)
+        plain_mode(tmp)           # mkdtemp's 0700 is for the partial directory only
         if dst.exists():
             dst.rmdir()           # empty, checked above
         os.rename(tmp, dst)

@@ -58,12 +58,12 @@ def _id_list(v) -> list[int]:
     return [int(v)] if isinstance(v, int) else [int(x) for x in v]
 
 
-def generation_defaults(root: Path, config) -> tuple[list[int], int | None]:
-    """(eos ids, pad id or None) as HF generate takes them: ``generation_config.json`` when the
-    checkpoint has one (chat models list their end-of-turn token there), else ``config.json``."""
+def generation_defaults(gen: dict, root: Path, config) -> tuple[list[int], int | None]:
+    """(eos ids, pad id or None) as HF generate takes them: `gen` (the checkpoint's
+    ``generation_config.json``; chat models list their end-of-turn token there), else
+    ``config.json``."""
     from .tokenizer import _read_json
 
-    gen = _read_json(Path(root) / "generation_config.json")
     eos = gen.get("eos_token_id")
     if eos is None:
         eos = getattr(config, "eos_token_id", None)
@@ -89,8 +89,11 @@ class MoEModel(nn.Module):
         self.dtype = dtype
         self.runtime = runtime          # OffloadRuntime or None (all experts resident)
         self.tokenizer = tokenizer
-        # generate's defaults, as HF's: generation_config.json, else config.json
-        self.eos_token_ids, self.pad_token_id = generation_defaults(path, config)
+        # generate's defaults, as HF's: generation_config.json ({} when none), else config.json
+        from .tokenizer import _read_json
+
+        self.generation_config = _read_json(Path(path) / "generation_config.json")
+        self.eos_token_ids, self.pad_token_id = generation_defaults(self.generation_config, path, config)
         # one forward or generation at a time: the runtime's per-step state (pins, the policy's
         # request) is the model's; a second thread waits its turn instead of corrupting it
         self._lock = threading.Lock()
@@ -198,10 +201,10 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
     if unknown:
         raise TypeError(f"from_pretrained() got an unexpected keyword argument {unknown[0]!r} "
                         f"(accepted: {', '.join(sorted(RUNTIME_ARGS))})")
-    if expert_cache is not None:
-        from .offload import cache_form
+    from .offload import cache_form
 
-        cache_form(expert_cache)        # its form, before anything is read
+    # its form, before anything is read
+    kind = None if expert_cache is None else cache_form(expert_cache)[0]
     device = check_device(device)
     dtype = parse_dtype(dtype)
     execution = check_execution(kwargs.pop("execution", "load"))
@@ -211,7 +214,7 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
     root = resolve(name_or_path)
     cfg, module, index, layouts, dtype, reader = build_model(root, device, dtype)
     runtime = None
-    mapped = isinstance(expert_cache, str) and expert_cache.strip().lower() == "mmap"
+    mapped = kind == "mmap"
     if expert_cache is None or mapped:
         kwargs.pop("execution", None)
         kwargs.pop("host_workers", None)

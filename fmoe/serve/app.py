@@ -19,7 +19,6 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -72,7 +71,8 @@ class ServerState:
         self.eos_ids = [int(e) for e in eos]
         # a request's unset temperature / top_p / top_k default to the checkpoint's
         # generation_config.json, as vLLM does (`--generation-config none`: OpenAI's defaults)
-        self.defaults = sampling_defaults(getattr(model, "path", None)) if generation_config else {}
+        self.defaults = (sampling_defaults(getattr(model, "generation_config", None) or {})
+                         if generation_config else {})
         # prompts are tokenised and templated here, off the event loop (two at a time at most)
         self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fmoe-tokenize")
         # a text longer than this many bytes cannot fit the context: refused before tokenising
@@ -278,14 +278,9 @@ def resolve_max_tokens(state: ServerState, req_max: int | None, prompt_len: int,
     return req_max
 
 
-def sampling_defaults(root) -> dict:
-    """The sampling values a checkpoint's ``generation_config.json`` recommends (temperature,
+def sampling_defaults(gen: dict) -> dict:
+    """The sampling values a ``generation_config.json`` (`gen`, parsed) recommends (temperature,
     top_p, top_k: the ones it sets, of the right type), or {}."""
-    if root is None:
-        return {}
-    from ..runtime.tokenizer import _read_json
-
-    gen = _read_json(Path(root) / "generation_config.json")
     out = {}
     for key, kind in (("temperature", float), ("top_p", float), ("top_k", int)):
         v = gen.get(key)

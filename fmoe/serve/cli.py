@@ -29,8 +29,10 @@ def _load(args, map_store=None):
     from ..models import from_pretrained
 
     kwargs = {} if map_store is None else {"map_store": map_store}
+    from ..runtime.offload import cache_form
+
     cache = args.expert_cache
-    mapped = isinstance(cache, str) and cache.strip().lower() == "mmap"
+    mapped = cache is not None and cache_form(cache)[0] == "mmap"
     if cache is None or mapped:
         # resident or memory-mapped experts: no cache for these flags to manage
         for flag, value in (("--policy", args.policy), ("--link-bandwidth", args.link_bandwidth),

@@ -91,10 +91,7 @@ def demo_checkpoint(dtype: torch.dtype = torch.float32) -> Path:
     try:
         write_random_checkpoint(tmp, DEMO_CONFIG, dtype=dtype, seed=0)
         write_tokenizer(tmp, DEMO_CONFIG["vocab_size"])
-        # mkdtemp's 0700 (and safetensors' 0600) are for the partial directory only
-        for f in tmp.iterdir():
-            plain_mode(f)
-        plain_mode(tmp)
+        plain_mode(tmp)       # mkdtemp's 0700 is for the partial directory only (the files have theirs)
         try:
             os.rename(tmp, target)
         except OSError:       # another process won the race

@@ -113,12 +113,14 @@ def test_generate_takes_eos_and_pad_from_generation_config(ckpt, tmp_path):
     dst = tmp_path / "ckpt"
     shutil.copytree(ckpt, dst)
     cfg_eos = json.loads((dst / "config.json").read_text()).get("eos_token_id")
-    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop, 511], "pad_token_id": 3}))
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop, 511], "pad_token_id": 3,
+                                                            "temperature": 0.7}))
     m = fmoe.models.from_pretrained(dst)
     assert m.eos_token_ids == [stop, 511] and m.pad_token_id == 3
     out = m.generate(ids, 6)
     assert out[0, 3:5].tolist() == free[0, 3:5].tolist() and set(out[0, 5:].tolist()) <= {3}
-    assert ServerState(m, None, "m", 64).eos_ids == [stop, 511]
+    state = ServerState(m, None, "m", 64)
+    assert state.eos_ids == [stop, 511] and state.defaults == {"temperature": 0.7}   # the server's
     (dst / "generation_config.json").unlink()
     m = fmoe.models.from_pretrained(dst)
     assert m.eos_token_ids == ([] if cfg_eos is None else [cfg_eos]) and m.pad_token_id is None
