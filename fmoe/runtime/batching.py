@@ -42,7 +42,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from .engine import DecodeBatch, NoHooks, SamplingParams, decode_step, left_pad, prefill, sample
+from .engine import DecodeBatch, NoHooks, SamplingParams, decode_step, left_pad, prefill, sample, seen_tokens
 
 log = logging.getLogger("fmoe.batching")
 
@@ -81,6 +81,7 @@ class Sequence:
         self.cancelled = False
         self._eos = frozenset(self.params.eos_ids)
         self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None       # [1, V] bool: the repetition penalty's tokens
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -356,15 +357,21 @@ class Batcher:
         for i, s in enumerate(seqs):
             p = s.params
             try:
-                if p.temperature == 0:
+                if p.temperature == 0 and not p.processes:
                     if greedy is None:
                         greedy = logits.argmax(dim=-1).tolist()
                     out.append(int(greedy[i]))
-                else:
-                    if s.generator is None:
-                        seed = p.seed if p.seed is not None else random.getrandbits(63)
-                        s.generator = torch.Generator(device=logits.device).manual_seed(int(seed))
-                    out.append(int(sample(logits[i:i + 1], p, s.generator)[0]))
+                    continue
+                if p.temperature != 0 and s.generator is None:
+                    seed = p.seed if p.seed is not None else random.getrandbits(63)
+                    s.generator = torch.Generator(device=logits.device).manual_seed(int(seed))
+                if p.repetition_penalty != 1.0 and s.seen is None:
+                    ids = torch.tensor([s.prompt + s.output], dtype=torch.long, device=logits.device)
+                    s.seen = seen_tokens(ids, None, logits.shape[-1])
+                tok = int(sample(logits[i:i + 1], p, s.generator, s.seen, len(s.output))[0])
+                if s.seen is not None:
+                    s.seen[0, tok] = True
+                out.append(tok)
             except Exception as e:
                 log.error("sampling failed for sequence %d:\n%s", s.id, traceback.format_exc())
                 self._finish(s, ERROR, error=f"sampling failed: {_public_error(e)}")

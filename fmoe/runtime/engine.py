@@ -41,7 +41,8 @@ def _real(name: str, v) -> float:
     return f
 
 
-def validate_sampling(max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None) -> None:
+def validate_sampling(max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+                      repetition_penalty=1.0, min_p=0.0, min_new_tokens=0) -> None:
     """The checks every entry point shares (Python API, CLI, server, chat): raises
     `SamplingError` (a ValueError naming the field) for a value that cannot be sampled."""
     if not _is_int(max_new_tokens):
@@ -70,6 +71,17 @@ def validate_sampling(max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, se
             raise SamplingError("seed", f"seed must be an integer, got {seed!r}")
         if not SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1]:
             raise SamplingError("seed", f"seed must be in [-2**63, 2**64 - 1], got {seed}")
+    r = _real("repetition_penalty", repetition_penalty)
+    if r < MIN_SAMPLING_VALUE:
+        raise SamplingError("repetition_penalty", f"repetition_penalty must be > 0 (1 = off), "
+                                                  f"got {repetition_penalty}")
+    m = _real("min_p", min_p)
+    if not 0 <= m <= 1:
+        raise SamplingError("min_p", f"min_p must be in [0, 1] (0 = off), got {min_p}")
+    if not _is_int(min_new_tokens):
+        raise SamplingError("min_new_tokens", f"min_new_tokens must be an integer, got {min_new_tokens!r}")
+    if int(min_new_tokens) < 0:
+        raise SamplingError("min_new_tokens", f"min_new_tokens must be >= 0, got {min_new_tokens}")
 
 
 @dataclass
@@ -80,13 +92,20 @@ class SamplingParams:
     top_k: int = 0                  # 0 -> off
     eos_token_id: int | Sequence[int] | None = None
     seed: int | None = None
+    repetition_penalty: float = 1.0  # 1 -> off; as HF: seen tokens' logits / it (x it when < 0)
+    min_p: float = 0.0              # 0 -> off; tokens below min_p x the top probability go
+    min_new_tokens: int = 0         # EOS is held back until this many tokens are out
 
     def __post_init__(self):
-        validate_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
+        validate_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
+                          self.repetition_penalty, self.min_p, self.min_new_tokens)
         self.max_new_tokens = int(self.max_new_tokens)
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         self.top_k = int(self.top_k)
+        self.repetition_penalty = float(self.repetition_penalty)
+        self.min_p = float(self.min_p)
+        self.min_new_tokens = int(self.min_new_tokens)
         if self.seed is not None:
             self.seed = int(self.seed)
         try:
@@ -103,11 +122,40 @@ class SamplingParams:
         return [int(e)] if isinstance(e, int) else [int(i) for i in e]
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B] (greedy when temperature == 0).
+    @property
+    def processes(self) -> bool:
+        """Whether `process` changes logits (a penalty, or EOS held back)."""
+        return self.repetition_penalty != 1.0 or (self.min_new_tokens > 0 and bool(self.eos_ids))
+
+
+def process(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
+            generated: int) -> torch.Tensor:
+    """The logits processors that come before greedy or sampling, in HF's order: the repetition
+    penalty (logits of the tokens in `seen` [B, V] bool, prompt and output, divided by it where
+    positive, multiplied where negative), then EOS held back (-inf) while fewer than
+    `min_new_tokens` tokens have been `generated`. logits [B, V] -> [B, V] (a new tensor when
+    anything applies)."""
+    if p.repetition_penalty != 1.0 and seen is not None:
+        r = p.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
+    if generated < p.min_new_tokens and p.eos_ids:
+        logits = logits.clone()
+        eos = [e for e in p.eos_ids if 0 <= e < logits.shape[-1]]
+        logits[:, eos] = float("-inf")
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+           seen: torch.Tensor | None = None, generated: int = 0) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B] (greedy when temperature == 0), after `process`
+    (`seen` [B, V] bool: the tokens the repetition penalty applies to; `generated`: tokens out
+    so far). HF's order: temperature, top-k, top-p, min-p.
 
     Scaling works on `logits - max`, so any temperature float32 can represent gives finite
-    probabilities (a tiny one tends to greedy); the most likely token always survives top-p."""
+    probabilities (a tiny one tends to greedy); the most likely token always survives top-p
+    and min-p."""
+    if p.processes:
+        logits = process(logits, p, seen, generated)
     if p.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -125,8 +173,20 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         drop[:, -1] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def seen_tokens(ids: torch.Tensor, valid: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """ids [B, T] long (and `valid` [B, T] bool: False on padding) -> [B, vocab] bool, True for
+    the token ids a row holds (what the repetition penalty applies to)."""
+    count = torch.zeros(ids.shape[0], vocab, dtype=torch.int32, device=ids.device)
+    ones = (torch.ones_like(ids, dtype=torch.int32) if valid is None else valid.to(torch.int32))
+    count.scatter_add_(1, ids.clamp(0, vocab - 1), ones)
+    return count > 0
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,10 +372,16 @@ def _decode(model, input_ids, params, valid, pad, eos, generator, on_token, hook
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     logits, batch = prefill(model, input_ids, valid, hooks, rows)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        # the prompt's tokens (not its left padding), then every token generated
+        seen = seen_tokens(input_ids, valid, logits.shape[-1])
     for step in range(params.max_new_tokens):
-        tok = sample(logits, params, generator)
+        tok = sample(logits, params, generator, seen, step)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out.append(tok[:, None])
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
         if on_token is not None:
             on_token(tok)
         if eos.numel():

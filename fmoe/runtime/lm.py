@@ -141,11 +141,13 @@ class MoEModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, do_sample: bool | None = None,
                  eos_token_id=None, pad_token_id: int | None = None, attention_mask=None,
-                 seed: int | None = None, on_token=None) -> torch.Tensor:
+                 seed: int | None = None, on_token=None, repetition_penalty: float = 1.0,
+                 min_p: float = 0.0, min_new_tokens: int = 0) -> torch.Tensor:
         """LongTensor [B, T] -> [B, T + n]. Greedy unless `temperature` > 0 (or `do_sample`).
         Stops at `eos_token_id` (default: ``generation_config.json``'s, else ``config.json``'s);
         finished rows are filled with `pad_token_id` (default: likewise, else the first eos);
-        left-padded batches need `attention_mask` [B, T] with 0 on padding."""
+        left-padded batches need `attention_mask` [B, T] with 0 on padding.
+        `repetition_penalty`, `min_p` and `min_new_tokens` work as HF's (1, 0 and 0: off)."""
         if do_sample is False:
             temperature = 0.0
         elif do_sample and temperature == 0.0:
@@ -154,7 +156,8 @@ class MoEModel(nn.Module):
             eos_token_id = self.eos_token_ids
         if pad_token_id is None:
             pad_token_id = self.pad_token_id
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, eos_token_id, seed)
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, eos_token_id, seed,
+                                repetition_penalty, min_p, min_new_tokens)
         if not isinstance(input_ids, torch.Tensor):
             check_generate_inputs(self, input_ids, 0)       # names what a tensor should be
         self._check_open()

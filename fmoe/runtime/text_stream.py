@@ -22,9 +22,12 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, stop: Seq[str] = (), prompt_ids: Seq[int] = (),
-                 eos_token_ids: Iterable[int] = (), context: int = 5):
+                 eos_token_ids: Iterable[int] = (), context: int = 5, include_stop: bool = False,
+                 skip_special_tokens: bool = True):
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
+        self.include_stop = include_stop          # the text ends with the stop string found
+        self.skip_special = skip_special_tokens
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.eos = frozenset(int(e) for e in eos_token_ids)
         self._ids: list[int] = list(prompt_ids)[-context:] if context else []
@@ -34,26 +37,34 @@ class TextStream:
         self._sent = 0
         self.stopped = False
 
-    def push(self, token_id: int) -> tuple[str, bool]:
+    def push(self, token_id: int, check_stop: bool = True) -> tuple[str, bool]:
+        """`check_stop=False`: this token's text is not searched for stop strings (a later
+        token's search starts where this one's text began, as it would have)."""
         if self.stopped:
             return "", True
         if int(token_id) in self.eos:
             return "", False
         self._ids.append(int(token_id))
-        prefix_text = self.tok.decode(self._ids[self._prefix:self._read])
-        new_text = self.tok.decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return "", False          # an incomplete character: wait for more tokens
         self._prefix, self._read = self._read, len(self._ids)
-        return self._add(new_text[len(prefix_text):])
+        return self._add(new_text[len(prefix_text):], check_stop)
 
-    def _add(self, piece: str) -> tuple[str, bool]:
+    def _decode(self, ids) -> str:
+        if self.skip_special:
+            return self.tok.decode(ids)
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def _add(self, piece: str, check_stop: bool = True) -> tuple[str, bool]:
         start = max(0, len(self.text) - self.hold)
         self.text += piece
-        if self.stop:
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if self.stop and check_stop:
+            hits = [(i, len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                i, n = min(hits)
+                self.text = self.text[:i + n if self.include_stop else i]
                 self.stopped = True
                 return self._release(len(self.text)), True
         return self._release(len(self.text) - self.hold), False
@@ -68,8 +79,8 @@ class TextStream:
     def flush(self) -> str:
         """The rest of the text, once no more tokens will come."""
         if not self.stopped and self._read < len(self._ids):
-            prefix_text = self.tok.decode(self._ids[self._prefix:self._read])
-            new_text = self.tok.decode(self._ids[self._prefix:])
+            prefix_text = self._decode(self._ids[self._prefix:self._read])
+            new_text = self._decode(self._ids[self._prefix:])
             self._prefix = self._read = len(self._ids)
             if len(new_text) > len(prefix_text):
                 delta, _ = self._add(new_text[len(prefix_text):])

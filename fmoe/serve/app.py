@@ -28,7 +28,7 @@ from ..runtime.engine import SamplingError, SamplingParams
 from . import protocol
 from .jobs import Job, run_blocking, stream_events
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import MAX_BODY_BYTES, MAX_CHOICES, MAX_STOP, APIError
+from .protocol import MAX_BODY_BYTES, MAX_CHOICES, MAX_STOP, MAX_STOP_IDS, APIError
 
 log = logging.getLogger("fmoe.serve")
 
@@ -128,6 +128,11 @@ async def read_body(state: ServerState, request: Request, schema):
     finally:
         del raw
     precheck(state, data)
+    ignored = protocol.ignored_fields(data, schema)
+    if ignored:
+        # as vLLM: served without them, and said so
+        names = ", ".join(repr(k[:40]) for k in ignored[:8]) + (" ..." if len(ignored) > 8 else "")
+        log.warning("request fields ignored (not part of the API): %s", names)
     messages = data.get("messages") if isinstance(data, dict) else None
     if schema is protocol.ChatRequest and isinstance(messages, list) and len(messages) > MESSAGE_SLICE:
         # a long list validated in one call would hold the event loop (and /health) for
@@ -178,6 +183,9 @@ def check_model(state: ServerState, name: str) -> None:
 
 
 def check_common(req: protocol.SamplingRequest) -> None:
+    bad = req.unsupported()
+    if bad:
+        raise APIError(400, f"{bad} is not supported by this server", param=bad)
     for field in ("presence_penalty", "frequency_penalty"):
         v = getattr(req, field)
         if v not in (None, 0, 0.0):
@@ -188,6 +196,9 @@ def check_common(req: protocol.SamplingRequest) -> None:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if len(req.stops) > MAX_STOP:
         raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(req.stops)}", param="stop")
+    if req.stop_token_ids and len(req.stop_token_ids) > MAX_STOP_IDS:
+        raise APIError(400, f"stop_token_ids: at most {MAX_STOP_IDS} ids, got {len(req.stop_token_ids)}",
+                       param="stop_token_ids")
 
 
 def check_text(state: ServerState, text: str, param: str) -> None:
@@ -278,15 +289,33 @@ def resolve_max_tokens(state: ServerState, req_max: int | None, prompt_len: int,
     return req_max
 
 
+# generation_config.json's keys the server takes as request defaults, as vLLM does
+_GEN_DEFAULTS = (("temperature", "temperature", float), ("top_p", "top_p", float),
+                 ("top_k", "top_k", int), ("repetition_penalty", "repetition_penalty", float),
+                 ("min_p", "min_p", float), ("max_new_tokens", "max_tokens", int))
+
+
 def sampling_defaults(gen: dict) -> dict:
-    """The sampling values a ``generation_config.json`` (`gen`, parsed) recommends (temperature,
-    top_p, top_k: the ones it sets, of the right type), or {}."""
+    """The request defaults a ``generation_config.json`` (`gen`, parsed) recommends (temperature,
+    top_p, top_k, repetition_penalty, min_p, and max_new_tokens as max_tokens: the ones it
+    sets, of the right type and usable), or {}."""
     out = {}
-    for key, kind in (("temperature", float), ("top_p", float), ("top_k", int)):
+    for key, name, kind in _GEN_DEFAULTS:
         v = gen.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer()):
-            out[key] = kind(v)
-    return out
+            out[name] = kind(v)
+    if out.get("max_tokens", 1) < 1:
+        out.pop("max_tokens")
+    while True:       # a value no request could use: left out (OpenAI's default instead)
+        try:
+            SamplingParams(temperature=out.get("temperature", 1.0), top_p=out.get("top_p", 1.0),
+                           top_k=max(out.get("top_k", 0), 0),
+                           repetition_penalty=out.get("repetition_penalty", 1.0),
+                           min_p=out.get("min_p", 0.0))
+            return out
+        except SamplingError as e:
+            log.warning("generation_config.json: %s; ignored", e)
+            out.pop(e.param)
 
 
 def sampling(state: ServerState, req: protocol.SamplingRequest, max_tokens: int, j: int) -> SamplingParams:
@@ -302,13 +331,30 @@ def sampling(state: ServerState, req: protocol.SamplingRequest, max_tokens: int,
     seed = req.seed
     if seed is not None and j:
         seed = (seed + j) % (2 ** 63)
+    min_tokens = req.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({min_tokens}) must not exceed the tokens to generate "
+                            f"({max_tokens})", param="min_tokens")
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
                               top_p=float(pick("top_p", 1.0)),
                               top_k=max(int(pick("top_k", 0) or 0), 0),
-                              eos_token_id=[] if req.ignore_eos else state.eos_ids, seed=seed)
+                              eos_token_id=stop_ids(state, req), seed=seed,
+                              repetition_penalty=float(pick("repetition_penalty", 1.0)),
+                              min_p=float(pick("min_p", 0.0)), min_new_tokens=min_tokens)
     except SamplingError as e:        # the checks the CLI and the Python API share
         raise APIError(400, str(e), param=e.param) from None
+
+
+def stop_ids(state: ServerState, req: protocol.SamplingRequest) -> list[int]:
+    """The token ids that end a choice: EOS (unless `ignore_eos`) and `stop_token_ids`."""
+    extra = list(req.stop_token_ids or [])
+    bad = [t for t in extra if not 0 <= t < state.vocab_size]
+    if bad:
+        raise APIError(400, f"stop_token_ids: token id {bad[0]} is outside the vocabulary "
+                            f"[0, {state.vocab_size})", param="stop_token_ids")
+    base = [] if req.ignore_eos else list(state.eos_ids)
+    return base + [t for t in dict.fromkeys(extra) if t not in base]
 
 
 def check_completion(req: protocol.CompletionRequest) -> None:
@@ -495,16 +541,18 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         if len(prompts) * n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
         job = Job(state, asyncio.get_running_loop(), n)
+        default = min(16, state.defaults.get("max_tokens", 16))
         for ids, text in prompts:
-            m = resolve_max_tokens(state, req.max_tokens, len(ids), 16, "max_tokens")
+            m = resolve_max_tokens(state, req.max_tokens, len(ids), default, "max_tokens")
             for j in range(n):
-                job.add(ids, text, sampling(state, req, m, j), req.stops)
+                job.add(ids, text, sampling(state, req, m, j), req)
         job.submit()
 
         obj = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                "model": state.name}
         tok = state.tokenizer
-        echo = [(text if text is not None else tok.decode(ids, skip_special_tokens=False)) if req.echo else ""
+        skip = req.skip_special_tokens is not False
+        echo = [(text if text is not None else tok.decode(ids, skip_special_tokens=skip)) if req.echo else ""
                 for ids, text in prompts for _ in range(n)]
         chunk = chunk_maker(obj, req.include_usage,
                             lambda i, t, f: {"index": i, "text": t, "logprobs": None, "finish_reason": f})
@@ -524,10 +572,10 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         text, ids = await chat_prompt(state, req)
         max_req = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        m = resolve_max_tokens(state, max_req, len(ids), None, param)
+        m = resolve_max_tokens(state, max_req, len(ids), state.defaults.get("max_tokens"), param)
         job = Job(state, asyncio.get_running_loop(), n)
         for j in range(n):
-            job.add(ids, text, sampling(state, req, m, j), req.stops)
+            job.add(ids, text, sampling(state, req, m, j), req)
         job.submit()
 
         obj = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",

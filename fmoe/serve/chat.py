@@ -83,7 +83,8 @@ def cmd_chat(args) -> int:
             seed = None if args.seed is None else args.seed + turn
             params = SamplingParams(max_new_tokens=min(args.max_new_tokens, room),
                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    eos_token_id=eos, seed=seed)
+                                    eos_token_id=eos, seed=seed, repetition_penalty=args.repetition_penalty,
+                                    min_p=args.min_p)
             stream = TextStream(tok, args.stop or (), prompt_ids=ids, eos_token_ids=eos)
             gone = []               # the reader of stdout went away (`| head`)
 
@@ -129,7 +130,7 @@ def cmd_chat(args) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import _add_model_args
+    from .cli import _add_model_args, add_penalty_args
 
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (one line = one turn)")
     _add_model_args(p)
@@ -138,6 +139,7 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    add_penalty_args(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--map-store", default=None, help="expert-map store file kept across restarts")

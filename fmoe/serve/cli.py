@@ -57,10 +57,19 @@ def check_sampling_flags(args) -> None:
     from ..runtime.engine import SamplingError, validate_sampling
 
     try:
-        validate_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+        validate_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                          args.repetition_penalty, args.min_p)
     except SamplingError as e:
         flag = "--" + e.param.replace("_", "-")
         raise ValueError(str(e).replace(e.param, flag, 1)) from None
+
+
+def add_penalty_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the prompt or output by this, as HF "
+                        "(default: 1, off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this fraction of the likeliest one's probability (default: 0, off)")
 
 
 def cmd_demo(args) -> int:
@@ -107,7 +116,8 @@ def cmd_generate(args) -> int:
 
         sys.stdout.write(args.prompt if not args.chat else "")
         model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=stream)
+                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=stream,
+                       repetition_penalty=args.repetition_penalty, min_p=args.min_p)
         sys.stdout.write(out.flush() + "\n")
         sys.stdout.flush()
         if args.stats:
@@ -135,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    add_penalty_args(p)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")

@@ -37,13 +37,20 @@ class Job:
         except RuntimeError:        # the event loop has closed (shutdown)
             pass
 
-    def add(self, ids: list[int], text: str | None, params: SamplingParams, stop: list[str]) -> None:
-        """One more sequence: prompt token `ids` (and its `text` when the client sent text)."""
+    def add(self, ids: list[int], text: str | None, params: SamplingParams, req) -> None:
+        """One more sequence: prompt token `ids` (and its `text` when the client sent text),
+        with the text options of `req` (a `SamplingRequest`: stop strings, stop token ids,
+        min_tokens, include_stop_str_in_output, skip_special_tokens)."""
         idx = len(self.seqs)
-        ts = TextStream(self.state.tokenizer, stop, prompt_ids=ids, eos_token_ids=self.state.eos_ids)
+        quiet = list(self.state.eos_ids) + list(req.stop_token_ids or [])    # add no text
+        ts = TextStream(self.state.tokenizer, req.stops, prompt_ids=ids, eos_token_ids=quiet,
+                        include_stop=bool(req.include_stop_str_in_output),
+                        skip_special_tokens=req.skip_special_tokens is not False)
+        min_tokens = params.min_new_tokens
 
         def on_token(seq, t, idx=idx, ts=ts):
-            delta, stopped = ts.push(t)
+            # as vLLM: stop strings count only once min_tokens tokens are out
+            delta, stopped = ts.push(t, check_stop=len(seq.output) >= min_tokens)
             if delta:
                 self.post((idx, "text", delta))
             return stopped

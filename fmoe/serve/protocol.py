@@ -13,13 +13,14 @@ a server starts.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1     # what torch.Generator.manual_seed accepts
 MAX_CHOICES = 64          # prompts x n in one request
 MAX_STOP = 16             # stop strings in one request
+MAX_STOP_IDS = 64         # stop_token_ids in one request
 MAX_BODY_BYTES = 32 << 20
 
 
@@ -45,15 +46,49 @@ class SamplingRequest(_Strict):
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     ignore_eos: Optional[bool] = False                       # vLLM extension
+    # vLLM's sampling extensions
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    min_tokens: Optional[int] = Field(0, ge=0)
+    stop_token_ids: Optional[list[int]] = None
+    include_stop_str_in_output: Optional[bool] = False
+    skip_special_tokens: Optional[bool] = True
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, Any]] = None
     user: Optional[str] = None
+    # fields that change the output and are not implemented: declared loosely so that a
+    # request setting one is refused by name (`unsupported`), not silently served without it
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    use_beam_search: Any = None
+    truncate_prompt_tokens: Any = None
+    prompt_logprobs: Any = None
+    logits_processors: Any = None
 
     @property
     def stops(self) -> list[str]:
         """`stop` as a list."""
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def unsupported(self) -> str | None:
+        """The first field set (to anything but its neutral value) whose effect on the output
+        this server does not implement, or None."""
+        for name, neutral in self.UNSUPPORTED.items():
+            v = getattr(self, name, None)
+            if v is not None and v not in neutral:
+                return name
+        return None
+
+    UNSUPPORTED: ClassVar[dict] = {"bad_words": ([],), "allowed_token_ids": (), "guided_json": (),
+                    "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+                    "structured_outputs": (), "use_beam_search": (False,),
+                    "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": ([],)}
 
     @property
     def include_usage(self) -> bool:
@@ -87,6 +122,30 @@ class ChatRequest(SamplingRequest):
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
+    # not implemented (see `SamplingRequest.unsupported`)
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    echo: Any = None
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    documents: Any = None
+
+    UNSUPPORTED: ClassVar[dict] = {**SamplingRequest.UNSUPPORTED, "tool_choice": ("none", "auto"),
+                    "functions": ([],), "function_call": ("none", "auto"),
+                    "modalities": (["text"],), "audio": (), "prediction": (),
+                    "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+                    "echo": (False,), "add_generation_prompt": (True,),
+                    "continue_final_message": (False,), "chat_template": (),
+                    "chat_template_kwargs": ({},), "documents": ([],)}
 
 
 class APIError(Exception):
@@ -149,6 +208,14 @@ def parse_json(raw: bytes):
         return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise APIError(400, f"malformed JSON body: {e}") from None
+
+
+def ignored_fields(data, schema: type[BaseModel]) -> list[str]:
+    """The top-level fields of a request body `schema` does not know (served without them, as
+    by vLLM, which logs them)."""
+    if not isinstance(data, dict):
+        return []
+    return [k for k in data if k not in schema.model_fields]
 
 
 def validate(data, schema: type[BaseModel]):

@@ -197,6 +197,79 @@ def test_stop_strings(client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_vllm_sampling_extensions(client, model):
+    """repetition_penalty, min_p, min_tokens, stop_token_ids, include_stop_str_in_output and
+    skip_special_tokens, as vLLM takes them, against the in-process engine."""
+    tok = model.tokenizer
+    prompt = "The quick brown fox"
+    ids = tok.encode(prompt)
+    kw = dict(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    want = model.generate(torch.tensor([ids]), 12, eos_token_id=[], repetition_penalty=1.6)[0, len(ids):]
+    r = client.completions.create(extra_body={"ignore_eos": True, "repetition_penalty": 1.6}, **kw)
+    assert r.choices[0].text == tok.decode(want.tolist())
+    assert want.tolist() != reference(model, ids, 12)           # the penalty did something
+
+    plain = reference(model, ids, 12)
+    stop_id = plain[3]
+    r = client.completions.create(extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]}, **kw)
+    first = plain.index(stop_id)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == first + 1
+    assert r.choices[0].text == tok.decode(plain[:first])      # the stop token adds no text
+    # min_tokens holds the stop token back: the engine with it as EOS and min_new_tokens
+    want = model.generate(torch.tensor([ids]), 12, eos_token_id=[stop_id], min_new_tokens=first + 2,
+                          pad_token_id=0)[0, len(ids):].tolist()
+    r = client.completions.create(extra_body={"ignore_eos": True, "stop_token_ids": [stop_id],
+                                              "min_tokens": first + 2}, **kw)
+    assert r.usage.completion_tokens == (want.index(stop_id) + 1 if stop_id in want else 12)
+    assert r.usage.completion_tokens > first + 1
+
+    full = tok.decode(plain)
+    stop = full[4:7]
+    r = client.completions.create(stop=stop, extra_body={"ignore_eos": True,
+                                                         "include_stop_str_in_output": True}, **kw)
+    assert r.choices[0].text == full[:full.index(stop) + len(stop)]
+    chunks = list(client.completions.create(stop=stop, stream=True, extra_body={
+        "ignore_eos": True, "include_stop_str_in_output": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop) + len(stop)]
+
+    # min_p: seeded samples equal the engine's with the same seed
+    want = model.generate(torch.tensor([ids]), 8, temperature=1.0, min_p=0.2, seed=5,
+                          eos_token_id=[])[0, len(ids):].tolist()
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1.0, seed=5,
+                                  extra_body={"ignore_eos": True, "min_p": 0.2})
+    assert r.choices[0].text == tok.decode(want)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("guided_json", {"type": "object"}), ("use_beam_search", True), ("bad_words", ["x"]),
+    ("prompt_logprobs", 1), ("truncate_prompt_tokens", 4), ("logits_processors", ["f"])])
+def test_output_changing_fields_not_implemented_are_refused(client, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="Hello", max_tokens=2, extra_body={field: value})
+    assert e.value.body["param"] == field and "not supported" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, extra_body={field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("echo", True), ("add_generation_prompt", False), ("continue_final_message", True),
+    ("chat_template_kwargs", {"enable_thinking": False}), ("reasoning_effort", "low"),
+    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("modalities", ["text", "audio"])])
+def test_chat_fields_not_implemented_are_refused(client, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, extra_body={field: value})
+    assert e.value.body["param"] == field
+    # their neutral values are served
+    neutral = {"echo": False, "add_generation_prompt": True, "continue_final_message": False,
+               "chat_template_kwargs": {}, "reasoning_effort": None, "tool_choice": "none",
+               "functions": [], "modalities": ["text"]}[field]
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, extra_body={field: neutral})
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_seeded_sampling_is_reproducible(client):
     kw = dict(model=NAME, prompt="Hello", max_tokens=12, temperature=1.0, top_p=0.9,
               extra_body={"ignore_eos": True})

@@ -472,3 +472,43 @@ def test_unset_sampling_values_default_to_the_generation_config(tmp_path):
     assert params(d) == (0.7, 0.8, 20)
     assert params(d, temperature=0, top_k=0) == (0.0, 0.8, 0)
     assert params({}) == (1.0, 1.0, 0)
+
+
+def test_generation_config_penalties_and_length_are_defaults_too(tmp_path):
+    """As vLLM: repetition_penalty, min_p and max_new_tokens (as max_tokens) from
+    generation_config.json are request defaults as well; a value no request could use is left
+    out, with the others kept."""
+    from types import SimpleNamespace
+
+    from fmoe.serve import protocol
+    from fmoe.serve.app import sampling, sampling_defaults
+
+    d = sampling_defaults({"repetition_penalty": 1.05, "min_p": 0.1, "max_new_tokens": 256,
+                           "temperature": 0.7})
+    assert d == {"repetition_penalty": 1.05, "min_p": 0.1, "max_tokens": 256, "temperature": 0.7}
+    assert sampling_defaults({"repetition_penalty": 0.0, "min_p": 3, "temperature": 0.6,
+                              "max_new_tokens": 0}) == {"temperature": 0.6}
+
+    state = SimpleNamespace(defaults=d, eos_ids=[2], vocab_size=100)
+
+    def params(**body):
+        req = protocol.validate({"model": "m", "prompt": "x", **body}, protocol.CompletionRequest)
+        return sampling(state, req, 8, 0)
+
+    p = params()
+    assert (p.repetition_penalty, p.min_p, p.eos_ids) == (1.05, 0.1, [2])
+    p = params(repetition_penalty=1.0, min_p=0.0, stop_token_ids=[7, 2], ignore_eos=True, min_tokens=3)
+    assert (p.repetition_penalty, p.min_p, p.eos_ids, p.min_new_tokens) == (1.0, 0.0, [7, 2], 3)
+    with pytest.raises(protocol.APIError, match="min_tokens"):
+        params(min_tokens=9)
+    with pytest.raises(protocol.APIError, match="stop_token_ids"):
+        params(stop_token_ids=[100])
+
+
+def test_unknown_fields_are_named_for_the_log():
+    from fmoe.serve import protocol
+
+    body = {"model": "m", "prompt": "x", "temprature": 0, "user": "u", "repetition_penalty": 1.1}
+    assert protocol.ignored_fields(body, protocol.CompletionRequest) == ["temprature"]
+    assert protocol.ignored_fields({"model": "m", "messages": [], "echo": True},
+                                   protocol.ChatRequest) == []
