@@ -90,6 +90,9 @@ class CheckpointIndex:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: bad index file ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: bad index file (weight_map must map tensor names to "
+                                      "file names)")
             files = sorted(set(weight_map.values()))
             for name in files:
                 if not (self.root / name).exists():

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .config import RopeConfig, read_rope
+from .config import RopeConfig, check_activation, hf_default, read_rope
 from .experts import PendingExperts
 from .layers import KVCache, Linear, RMSNorm, Rotary, apply_rotary, attention_mask, gqa_attention, softmax_topk
 
@@ -51,12 +51,14 @@ class MoeConfig:
         """The optional fields every family reads alike, with this class's defaults:
         context length, norm epsilon, rotary settings, tied embeddings, special token ids."""
         default = {f.name: f.default for f in dataclasses.fields(cls)}
+        check_activation(cfg, cfg.get("model_type", ""))
         return dict(
             max_position_embeddings=cfg.get("max_position_embeddings", default["max_position_embeddings"]),
             rms_norm_eps=cfg.get("rms_norm_eps", default["rms_norm_eps"]),
             rope=read_rope(cfg, default["rope"].theta),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+            bos_token_id=hf_default(cfg, "bos_token_id", default["bos_token_id"]),
+            eos_token_id=hf_default(cfg, "eos_token_id", default["eos_token_id"]),
         )
 
     def is_moe_layer(self, layer: int) -> bool:

@@ -47,6 +47,24 @@ def require(cfg: dict, *keys: str, model_type: str = "") -> list:
     return [cfg[k] for k in keys]
 
 
+def hf_default(cfg: dict, key: str, absent, null=None):
+    """`cfg[key]` as transformers reads it: a key the file leaves out takes the config class's
+    default (`absent`, which is what HF computes with); one written as null takes `null`."""
+    if key not in cfg:
+        return absent
+    v = cfg[key]
+    return null if v is None else v
+
+
+def check_activation(cfg: dict, model_type: str = "") -> None:
+    """Every family computes SwiGLU experts and MLPs: a config asking for another activation is
+    refused, not run with SiLU."""
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"config.json ({model_type}): hidden_act {act!r} is not supported; fmoe "
+                          f"computes SiLU-gated MLPs (hidden_act 'silu')")
+
+
 def first(cfg: dict, *keys: str, default=None):
     """The first of `keys` present (not None) in `cfg`: for fields spelled two ways."""
     for k in keys:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..kernels.cpu_gemv import decode_row, mla_decode, rope_rows
 from .base import DecoderLayer, MoeConfig, MoeForCausalLM
-from .config import RopeConfig, first, require
+from .config import RopeConfig, first, hf_default, require
 from .experts import ExpertShape, PendingExperts
 from .layers import KVCache, Linear, RMSNorm, SwiGLU, apply_rotary, gqa_attention, yarn_mscale
 
@@ -44,6 +44,16 @@ from .layers import KVCache, Linear, RMSNorm, SwiGLU, apply_rotary, gqa_attentio
 _ROUTING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}
 # model types with V3's defaults (noaux_tc routing, renormalised weights): Kimi-K2 is V3-shaped
 V3_TYPES = ("deepseek_v3", "kimi_k2")
+
+
+# transformers' DeepseekV2Config / DeepseekV3Config defaults of the fields fmoe reads, for a
+# config.json that leaves one out
+_V2_DEFAULTS = dict(n_group=1, topk_group=1, routed_scaling_factor=1.0, q_lora_rank=1536,
+                    n_shared_experts=2, first_k_dense_replace=0, max_position_embeddings=2048,
+                    bos_token_id=1, eos_token_id=2)
+_V3_DEFAULTS = dict(n_group=8, topk_group=4, routed_scaling_factor=2.5, q_lora_rank=1536,
+                    n_shared_experts=1, first_k_dense_replace=3, max_position_embeddings=4096,
+                    bos_token_id=0, eos_token_id=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +99,9 @@ class DeepseekV2Config(MoeConfig):
             raise ConfigError(f"config.json ({model_type}): unsupported routing topk_method={method!r} "
                               f"with scoring_func={scoring!r}; supported: "
                               + ", ".join(f"{m}/{s}" for m, s in _ROUTING.items()))
-        n_group = cfg.get("n_group") or 1
+        # a field the file leaves out takes transformers' config class default (V2's or V3's)
+        d = _V3_DEFAULTS if v3 else _V2_DEFAULTS
+        n_group = hf_default(cfg, "n_group", d["n_group"], 1)
         if experts % n_group:
             raise ConfigError(f"config.json ({model_type}): n_routed_experts={experts} is not a "
                               f"multiple of n_group={n_group}")
@@ -98,19 +110,24 @@ class DeepseekV2Config(MoeConfig):
             moe_intermediate_size=moe_inter, num_hidden_layers=layers, num_attention_heads=heads,
             n_routed_experts=experts, num_experts_per_tok=top_k,
             kv_lora_rank=kv_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
-            q_lora_rank=cfg.get("q_lora_rank"),
-            n_shared_experts=cfg.get("n_shared_experts") or 0,
-            first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+            q_lora_rank=hf_default(cfg, "q_lora_rank", d["q_lora_rank"]),
+            n_shared_experts=hf_default(cfg, "n_shared_experts", d["n_shared_experts"], 0),
+            first_k_dense_replace=hf_default(cfg, "first_k_dense_replace", d["first_k_dense_replace"], 0),
             moe_layer_freq=cfg.get("moe_layer_freq") or 1,
-            topk_method=method, n_group=n_group, topk_group=cfg.get("topk_group") or 1,
+            topk_method=method, n_group=n_group,
+            topk_group=hf_default(cfg, "topk_group", d["topk_group"], 1),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", v3)),
-            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            routed_scaling_factor=float(hf_default(cfg, "routed_scaling_factor",
+                                                   d["routed_scaling_factor"], 1.0)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             rope_interleave=bool(cfg.get("rope_interleave", True)),
             num_nextn_predict_layers=cfg.get("num_nextn_predict_layers") or 0,
             model_type=model_type,
-            **cls.read_common(cfg),
+            **{**cls.read_common(cfg),
+               "max_position_embeddings": cfg.get("max_position_embeddings", d["max_position_embeddings"]),
+               "bos_token_id": hf_default(cfg, "bos_token_id", d["bos_token_id"]),
+               "eos_token_id": hf_default(cfg, "eos_token_id", d["eos_token_id"])},
         )
 
     def is_moe_layer(self, layer: int) -> bool:

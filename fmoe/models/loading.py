@@ -174,7 +174,7 @@ def locate_experts(cfg, index: CheckpointIndex) -> tuple[list[list[ExpertLayout]
                                         block=quant.block, scale_dtype=gs.dtype))
         layouts.append(row)
     if missing:
-        raise CheckpointError(_name_list("missing tensors", missing))
+        raise _missing("missing tensors", missing, index)
     return layouts, used
 
 
@@ -182,6 +182,18 @@ def _name_list(what: str, names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
     return f"{what}: {shown}{more}"
+
+
+def _missing(what: str, missing: list[str], index) -> CheckpointError:
+    """The error for tensors not in the checkpoint, saying so when the checkpoint holds them
+    under other names: without the ``model.`` prefix (a base model saved without its
+    language-model head, which fmoe does not invent)."""
+    bare = [n[len("model."):] for n in missing if n.startswith("model.")]
+    hint = ""
+    if bare and sum(n in index for n in bare) >= max(1, len(bare) // 2):
+        hint = ("; the checkpoint has them without the 'model.' prefix (a base model saved without "
+                "its causal-LM wrapper: save the ...ForCausalLM model instead)")
+    return CheckpointError(_name_list(what, missing) + hint)
 
 
 def expert_layouts(root: Path, dtype: torch.dtype | None):
@@ -250,7 +262,7 @@ def build_model(root: Path, device: torch.device, dtype: torch.dtype | None):
             used.add("lm_head.weight")
         model.lm_head.weight = model.model.embed_tokens.weight
     if missing:
-        raise CheckpointError(_name_list(f"{root}: missing tensors", missing))
+        raise _missing(f"{root}: missing tensors", missing, index)
     ignored = [re.compile(p) for p in getattr(cfg, "checkpoint_ignore", ())]   # e.g. V3's MTP layers
     rest = [k for k in index.keys() if k not in used and not k.endswith("rotary_emb.inv_freq")]
     skipped = [k for k in rest if any(p.match(k) for p in ignored)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Attention, DecoderLayer, MoeConfig, MoeForCausalLM, SoftmaxMoE
-from .config import first, require
+from .config import first, hf_default, require
 from .experts import ExpertShape
 
 
@@ -23,6 +23,10 @@ class MixtralConfig(MoeConfig):
     num_local_experts: int
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
+    # transformers' MixtralConfig defaults, for fields a config.json leaves out
+    max_position_embeddings: int = 131072
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
     model_type: str = "mixtral"
 
     # transformers >= 5 saves the MoE block as `.mlp.` when it writes the fused layout
@@ -40,7 +44,7 @@ class MixtralConfig(MoeConfig):
         return cls(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
             num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            num_key_value_heads=hf_default(cfg, "num_key_value_heads", 8, heads),
             head_dim=cfg.get("head_dim") or hidden // heads,
             num_local_experts=experts, num_experts_per_tok=top_k,
             sliding_window=cfg.get("sliding_window"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Attention, DecoderLayer, MoeConfig, MoeForCausalLM, SoftmaxMoE
-from .config import first, require
+from .config import RopeConfig, first, hf_default, require
 from .experts import ExpertShape
 from .layers import Linear, SwiGLU
 
@@ -35,6 +35,7 @@ class Qwen2MoeConfig(MoeConfig):
     qkv_bias: bool = True
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()    # layers that use `sliding_window`
+    rope: RopeConfig = RopeConfig(10000.0)  # transformers' Qwen2MoeConfig default
     model_type: str = "qwen2_moe"
 
     @classmethod
@@ -60,7 +61,7 @@ class Qwen2MoeConfig(MoeConfig):
             moe_intermediate_size=moe_inter,
             shared_expert_intermediate_size=shared_inter,
             num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            num_key_value_heads=hf_default(cfg, "num_key_value_heads", 16, heads),
             head_dim=cfg.get("head_dim") or hidden // heads,
             num_experts=experts, num_experts_per_tok=top_k,
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Attention, DecoderLayer, MoeConfig, MoeForCausalLM, SoftmaxMoE
-from .config import first, require
+from .config import RopeConfig, first, hf_default, require
 from .experts import ExpertShape
 from .layers import SwiGLU
 
@@ -30,6 +30,7 @@ class Qwen3MoeConfig(MoeConfig):
     mlp_only_layers: tuple[int, ...] = ()
     attention_bias: bool = False
     sliding_window: int | None = None       # every layer, when set
+    rope: RopeConfig = RopeConfig(10000.0)  # transformers' Qwen3MoeConfig default
     model_type: str = "qwen3_moe"
 
     @classmethod
@@ -46,7 +47,7 @@ class Qwen3MoeConfig(MoeConfig):
             vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
             moe_intermediate_size=moe_inter,
             num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            num_key_value_heads=hf_default(cfg, "num_key_value_heads", 4, heads),
             head_dim=cfg.get("head_dim") or hidden // heads,
             num_experts=experts, num_experts_per_tok=top_k,
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),

@@ -90,9 +90,9 @@ class MoEModel(nn.Module):
         self.runtime = runtime          # OffloadRuntime or None (all experts resident)
         self.tokenizer = tokenizer
         # generate's defaults, as HF's: generation_config.json ({} when none), else config.json
-        from .tokenizer import _read_json
+        from .tokenizer import read_generation_config
 
-        self.generation_config = _read_json(Path(path) / "generation_config.json")
+        self.generation_config = read_generation_config(Path(path))
         self.eos_token_ids, self.pad_token_id = generation_defaults(self.generation_config, path, config)
         # one forward or generation at a time: the runtime's per-step state (pins, the policy's
         # request) is the model's; a second thread waits its turn instead of corrupting it

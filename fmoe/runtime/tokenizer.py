@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class Tokenizer:
         tmpl = root / "chat_template.jinja"
         if tmpl.exists() and not cfg.get("chat_template"):
             cfg["chat_template"] = tmpl.read_text()
-        return cls(tok, cfg, _read_json(root / "generation_config.json"))
+        return cls(tok, cfg, read_generation_config(root))
 
     @property
     def vocab_size(self) -> int:
@@ -80,6 +81,17 @@ class Tokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def read_generation_config(root: Path) -> dict:
+    """``root/generation_config.json`` ({} when absent). A malformed one is reported and left out,
+    as transformers does: it holds generation defaults, not weights, and the model still loads."""
+    path = Path(root) / "generation_config.json"
+    try:
+        return _read_json(path)
+    except CheckpointError as e:
+        logging.getLogger("fmoe").warning("%s; generating without it", e)
+        return {}
 
 
 def _read_json(path: Path) -> dict:

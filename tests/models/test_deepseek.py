@@ -240,3 +240,16 @@ def test_v2_norm_topk_prob_follows_reference_code():
     torch.nn.init.normal_(router.weight)
     weights, ids, probs = router(x)
     assert torch.allclose(weights, 3.0 * probs.gather(1, ids))
+
+
+def test_v3_fields_left_out_take_transformers_defaults(tmp_path):
+    """A config.json without n_group, topk_group, routed_scaling_factor (and the token ids)
+    computes what transformers computes from the same file: its DeepseekV3Config defaults (8, 4,
+    2.5), not fmoe's own."""
+    hf = v3(q_lora_rank=24, n_routed_experts=16, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+    path = save(hf, tmp_path)
+    rewrite_config(path, lambda c: [c.pop(k) for k in ("n_group", "topk_group", "routed_scaling_factor")])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert (ref.config.n_group, ref.config.topk_group, ref.config.routed_scaling_factor) == (8, 4, 2.5)
+    model = check_parity(ref, path)
+    assert (model.config.n_group, model.config.topk_group, model.config.routed_scaling_factor) == (8, 4, 2.5)

@@ -218,3 +218,31 @@ def test_errors_are_the_builtin_kinds_hf_users_catch(tmp_path, ckpt):
     (ckpt / "config.json").write_text("{}")
     with pytest.raises(ValueError):
         fmoe.models.from_pretrained(ckpt)
+
+
+def test_index_whose_weight_map_is_not_an_object(tmp_path, mixtral_ckpt):
+    from tests.conftest import save_hf
+
+    path = save_hf(mixtral_ckpt[1], tmp_path / "sharded", max_shard_size="20KB")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": 3}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        fmoe.models.from_pretrained(path)
+
+
+def test_malformed_generation_config_is_reported_and_left_out(ckpt, caplog):
+    """As transformers: the model loads (and generates with config.json's ids), with a warning
+    naming the file."""
+    (ckpt / "generation_config.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="fmoe"):
+        model = fmoe.models.from_pretrained(ckpt)
+    assert model.generation_config == {}
+    assert any("generation_config.json" in r.getMessage() for r in caplog.records)
+    assert model.generate(torch.tensor([[5, 6, 7]]), 2).shape == (1, 5)
+
+
+def test_tensors_without_the_model_prefix_are_named_as_such(ckpt):
+    t = load_file(ckpt / "model.safetensors")
+    t = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in t.items()}
+    save_file(t, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match="without the 'model.' prefix"):
+        fmoe.models.from_pretrained(ckpt)

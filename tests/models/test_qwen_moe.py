@@ -120,3 +120,30 @@ def test_qwen3_reads_num_local_experts():
     base.pop("num_experts")
     assert Qwen3MoeConfig.from_hf({**base, "num_local_experts": 8}).experts.num_experts == 8
     assert Qwen3MoeConfig.from_hf({**base, "num_experts": 8}).experts.num_experts == 8
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_rope_theta_left_out_is_transformers_default(tmp_path, family):
+    """Without rope_theta in config.json, the family computes with transformers' own default
+    for that model type (1e4), not Mixtral's 1e6."""
+    import torch
+
+    hf = qwen2() if family == "qwen2_moe" else qwen3()
+    path = save(hf, tmp_path)
+
+    def drop(c):
+        for k in ("rope_theta", "rope_scaling", "rope_parameters"):
+            c.pop(k, None)
+    rewrite_config(path, drop)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = check_parity(ref, path)
+    assert model.config.rope.theta == 10000.0
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_an_activation_other_than_silu_is_refused(tmp_path, act):
+    hf = qwen2()
+    path = save(hf, tmp_path)
+    rewrite_config(path, lambda c: c.update(hidden_act=act))
+    with pytest.raises(fmoe.errors.ConfigError, match="hidden_act"):
+        fmoe.models.from_pretrained(path)
