@@ -6,8 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow lint bench docs install clean
 
+# PyTorch's CPU build first, from its own index: PyPI's torch is a CUDA build of several GB, whose
+# Triton pin clashes with requirements.txt's. A machine that cannot reach that index (or has the
+# wheel at hand) takes requirements.txt's pin as it resolves there.
+TORCH_PIN := $(shell sed -n 's/^torch==//p' requirements.txt)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --retries 0 --timeout 20 --index-url $(TORCH_CPU_INDEX) \
+		"torch==$(TORCH_PIN)" || echo "make: PyTorch's CPU index not reached; torch comes from requirements.txt"
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
