@@ -99,13 +99,18 @@ class Trace:
         return slice(int(self.seq_offsets[n]), int(self.seq_offsets[n + 1]))
 
     def fingerprint(self) -> str:
-        """A content hash of the routing (ids and offsets): the key of on-disk caches."""
+        """A content hash of the routing (ids and offsets, with their shapes and dtypes): the key
+        of on-disk caches."""
         if self._fingerprint is None:
             import hashlib
 
             h = hashlib.blake2b(digest_size=16)
-            h.update(np.ascontiguousarray(self.expert_ids).view(np.uint8).data)
-            h.update(np.ascontiguousarray(self.seq_offsets).view(np.uint8).data)
+            for a in (self.expert_ids, self.seq_offsets):
+                # the bytes alone do not tell [T, L, K] from [T, L', K'] with L*K = L'*K': both
+                # would share one cached access sequence
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype.str}{a.shape}\0".encode())
+                h.update(a.view(np.uint8).data)
             h.update(str(self.num_experts).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint

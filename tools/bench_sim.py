@@ -24,27 +24,68 @@ from pathlib import Path
 START, END = "<!-- sim-sweep:start -->", "<!-- sim-sweep:end -->"
 
 
+PROG = "bench_sim"
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: a temporary file in the same directory, then a
+    rename, so an interrupted run never leaves a truncated page."""
+    import tempfile
+
+    from fmoe.files import plain_mode
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        plain_mode(tmp)           # not mkstemp's 0600: the page is shared like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def main(argv=None) -> int:
+    from fmoe.sim.cli import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", required=True)
     ap.add_argument("--history")
-    ap.add_argument("--hardware", default="rtx3090-pcie4,h100-pcie5")
+    ap.add_argument("--hardware", default="rtx3090-pcie4,h100-pcie5",
+                    help="comma-separated built-in profiles or `fmoe calibrate` profile files")
     ap.add_argument("--fractions", default="0.1,0.25,0.5")
     ap.add_argument("--policies", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--model-config", default=None)
-    ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--max-tokens", type=positive_int, default=None)
+    ap.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--csv", default="sim-sweep.csv")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--md", default=None, help="Markdown file to update between the markers")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw --plot from an existing --csv (no simulation)")
     args = ap.parse_args(argv)
+    from fmoe.errors import FmoeError
+
+    try:
+        return _run(args, argv)
+    except (FmoeError, ValueError, OSError) as e:
+        # bad input (a fraction, a policy, a profile, a file): one line, as `fmoe simulate`
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _run(args, argv) -> int:
     if args.replot:
         from fmoe.sim.sweep import plot, read_csv
         from fmoe.sim.trace import load_trace
 
+        if not args.plot:
+            raise ValueError("--replot needs --plot")
         t = load_trace(args.trace, gate_probs=False, validate=False)
         if args.max_tokens:
             t = t.head(args.max_tokens)
@@ -52,23 +93,41 @@ def main(argv=None) -> int:
              title=f"{t.model}: {t.num_tokens} tokens, {t.num_sequences} sequences")
         return 0
 
-    from fmoe.sim.cli import _resolve_shape
+    from fmoe.sim.cli import UsageError, _check_destination, _csv_list, _fraction, _resolve_shape, timing_models
     from fmoe.sim.hardware import get_hardware
-    from fmoe.sim.replay import sweep_policy_names
+    from fmoe.sim.replay import policy_class, sweep_policy_names
     from fmoe.sim.sweep import format_table, plot, run_sweep, write_csv
-    from fmoe.sim.timing import TimingModel
     from fmoe.sim.trace import load_trace
+
+    # cheap checks first, as `fmoe simulate --sweep` makes them
+    hws = [get_hardware(h) for h in _csv_list(args.hardware)]
+    if not hws:
+        raise UsageError("--hardware is empty")
+    policies = _csv_list(args.policies) if args.policies else sweep_policy_names()
+    for p in policies:
+        policy_class(p)
+    try:
+        fractions = [_fraction(x) for x in _csv_list(args.fractions)]
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--fractions: {e}") from None
+    if not policies or not fractions:
+        raise UsageError("--policies and --fractions must not be empty")
+    _check_destination(args.csv, "--csv")
+    if args.md:
+        _check_destination(args.md, "--md")
 
     trace = load_trace(args.trace)
     if args.max_tokens:
         trace = trace.head(args.max_tokens)
     history = load_trace(args.history) if args.history else None
+    # the shape and timing `fmoe simulate` takes: a calibrated profile's own model and timing
     shape = _resolve_shape(argparse.Namespace(model=args.model, model_config=args.model_config,
-                                              dtype=None), trace)
-    timings = {h: TimingModel.from_shape(shape, get_hardware(h))
-               for h in args.hardware.split(",")}
-    policies = args.policies.split(",") if args.policies else sweep_policy_names()
-    fractions = [float(x) for x in args.fractions.split(",")]
+                                              dtype=None, trace=args.trace), trace, hws)
+    if shape.num_moe_layers < trace.num_layers:
+        trace = trace.first_layers(shape.num_moe_layers)
+        if history is not None:
+            history = history.first_layers(shape.num_moe_layers)
+    timings = timing_models(hws, shape)
     t0 = time.perf_counter()
 
     def progress(rs):
@@ -89,11 +148,13 @@ def main(argv=None) -> int:
     print(f"{len(rows)} runs in {wall:.0f} s")
     if args.md:
         cmd = "python tools/bench_sim.py " + " ".join(argv or sys.argv[1:])
-        details = {h: tm.details for h, tm in timings.items()}
+        # from the timing model itself: a calibrated profile's has no roofline details
+        L, K = shape.num_moe_layers, shape.top_k
         env = "\n".join(
-            f"- `{h}`: expert {d['expert_bytes'] / 1e6:.1f} MB, copy {d['copy_ms']:.3f} ms, "
-            f"layer compute {d['layer_compute_ms']:.3f} ms, all-resident TPOT "
-            f"{d['resident_tpot_ms']:.2f} ms" for h, d in details.items())
+            f"- `{h}`: expert {tm.expert_bytes / 1e6:.1f} MB, copy {tm.copy * 1e3:.3f} ms, "
+            f"layer compute {tm.layer_seconds(L, K) * 1e3:.3f} ms, all-resident TPOT "
+            f"{(tm.token_pre + tm.token_post + L * tm.layer_seconds(L, K)) * 1e3:.2f} ms"
+            for h, tm in timings.items())
         block = (f"{START}\n\nGenerated by:\n\n```bash\n{cmd}\n```\n\n"
                  f"Trace: `{Path(args.trace).name}` ({trace.num_tokens} tokens, "
                  f"{trace.num_sequences} sequences, {trace.num_layers} MoE layers x "
@@ -108,7 +169,7 @@ def main(argv=None) -> int:
             text = text[:a] + block + text[b:]
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
-        md.write_text(text)
+        _write_text(md, text)
     return 0
 
 

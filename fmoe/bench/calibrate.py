@@ -329,6 +329,22 @@ def read_lanes(alone: float, per: float, readers: int) -> int:
     return max(1, min(int(readers), round(alone / per)))
 
 
+def check_model_dir(path: Path) -> dict:
+    """The checkpoint's config.json (validated as its family reads it), before anything is
+    measured; ValueError (ConfigError) naming the directory or the file otherwise."""
+    from ..models.config import read_config_json
+
+    if not path.exists():
+        raise ValueError(f"{path}: no such directory (fmoe calibrate measures a local checkpoint "
+                         "directory)")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (fmoe calibrate measures a local checkpoint "
+                         "directory)")
+    raw = read_config_json(path)
+    _probe_cache(path)          # its family and fields, as the probe will load them
+    return raw
+
+
 def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device: str = "cpu",
               out=print, memory_limit: int | None = None, miss_steps: int = 8) -> dict:
     """The profile dict (see the module docstring); `out` gets progress lines. `memory_limit`
@@ -341,6 +357,7 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
 
     dtype = parse_dtype(dtype)
     path = Path(model_path)
+    raw = check_model_dir(path)     # a missing or bad config.json before the first progress line
     ticks = cpu_times()
     out(f"calibrate: cold reads of {samples} experts ...")
     reads = measure_reads(path, samples, dtype=dtype, memory_limit=memory_limit, device=device)
@@ -378,9 +395,6 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
     # on CPU the copy time is the runtime's own per miss (its readers, its slots, what a miss
     # costs the forward thread); the cold reads alone ran 10-25% faster than the runs' misses
     copy = misses["copy"] if misses is not None else reads["read_seconds"]
-    import json
-
-    raw = json.loads((path / "config.json").read_text())
     shape = shape_from_config(raw, name=raw.get("_name_or_path") or path.name)
     h2d = h2d_bandwidth(reads["expert_bytes"]) if torch.device(device).type == "cuda" else None
     profile = {

@@ -39,21 +39,39 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _memory_limit(text: str) -> int:
+    """--memory-limit as bytes; SystemExit naming the flag when it does not parse or is not
+    positive (a bare number such as '0' is read as one, to say so rather than 'cannot
+    parse')."""
+    from ..runtime.offload import parse_bytes
+
+    try:
+        limit = parse_bytes(text)
+    except ValueError as e:
+        try:
+            bare = float(text)
+        except ValueError:
+            bare = None
+        if bare is None or bare > 0 or bare != bare:
+            raise SystemExit(f"fmoe calibrate: --memory-limit: {e}") from None
+        limit = 0
+    if limit <= 0:
+        raise SystemExit(f"fmoe calibrate: --memory-limit must be a positive size (e.g. 12GiB), "
+                         f"got {text!r}")
+    return limit
+
+
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate
+    from .calibrate import calibrate, check_model_dir
 
     limit = None
     if args.memory_limit is not None:
-        from ..runtime.offload import parse_bytes
-
-        try:
-            limit = parse_bytes(args.memory_limit)
-        except ValueError as e:
-            raise SystemExit(f"fmoe calibrate: --memory-limit: {e}") from None
+        limit = _memory_limit(args.memory_limit)
     if args.miss_steps < 0:
         raise SystemExit(f"fmoe calibrate: --miss-steps must be >= 0, got {args.miss_steps}")
     if args.out:
         check_writable(args.out, "--out")      # before the measurement, not after it
+    check_model_dir(Path(args.model))          # before the first progress line
     # progress on stderr: without --out, stdout is the profile's JSON alone
     profile = calibrate(args.model, dtype=args.dtype, samples=args.samples,
                         out=lambda line: print(line, file=sys.stderr, flush=True),

@@ -288,6 +288,21 @@ def _resolve_shape(args, trace, hws=()):
     return shape
 
 
+def timing_models(hws, shape, host_gbps: float | None = None) -> dict:
+    """{profile name: TimingModel} of `shape` under each hardware profile in `hws`. A calibrated
+    profile carries its own measured timing, which replaces the built-in shape's roofline (it
+    has no roofline figures); `host_gbps` overrides the host's compute rate. Shared with
+    tools/bench_sim.py, so both give the same figures."""
+    from .timing import TimingModel
+
+    timings = {h.name: (h.timing_model() if hasattr(h, "timing_model") else TimingModel.from_shape(shape, h))
+               for h in hws}
+    if host_gbps:
+        timings = {n: dataclasses.replace(tm, host=tm.expert_bytes / (host_gbps * 1e9))
+                   for n, tm in timings.items()}
+    return timings
+
+
 def _json_safe(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -299,14 +314,16 @@ def _json_safe(v):
 
 
 def _run(args) -> int:
-    from .hardware import get_hardware
+    from .hardware import HARDWARE, get_hardware
     from .replay import capacity_for, policy_class, simulate, sweep_policy_names
     from .trace import load_trace
 
     # cheap checks first
-    hw_names = _csv_list(args.hardware) if args.hardware else [DEFAULT_HARDWARE]
+    # None: not given; an empty value is an error, not the default profile
+    hw_names = _csv_list(args.hardware) if args.hardware is not None else [DEFAULT_HARDWARE]
     if not hw_names:
-        raise UsageError("--hardware is empty")
+        raise UsageError(f"--hardware is empty; give a profile ({', '.join(HARDWARE)}) or a "
+                         "profile file from `fmoe calibrate`")
     if len(hw_names) > 1 and not args.sweep:
         raise UsageError("several --hardware profiles need --sweep")
     hws = [get_hardware(h) for h in hw_names]
@@ -353,14 +370,7 @@ def _run(args) -> int:
         trace = trace.first_layers(shape.num_moe_layers)
         if history is not None:
             history = history.first_layers(shape.num_moe_layers)
-    from .timing import TimingModel
-
-    # a calibrated profile carries its own measured timing (it replaces the built-in shape's)
-    timings = {h.name: (h.timing_model() if hasattr(h, "timing_model") else TimingModel.from_shape(shape, h))
-               for h in hws}
-    if args.host_gbps:
-        timings = {n: dataclasses.replace(tm, host=tm.expert_bytes / (args.host_gbps * 1e9))
-                   for n, tm in timings.items()}
+    timings = timing_models(hws, shape, args.host_gbps)
     if args.execution != "load" and args.sweep:
         raise UsageError("--execution host/hybrid takes one run, not --sweep")
     options = dict(parse_policy_options(args.policy_option))

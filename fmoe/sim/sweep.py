@@ -228,8 +228,20 @@ def single_table(r: SimResult | dict) -> str:
     items = [
         ("policy", d["policy"]), ("timing", d["timing"]), ("tokens", d["tokens"]),
         ("capacity", f"{d['capacity']} slots ({100 * d['cache_fraction']:.1f}%)"),
-        ("hit rate", f"{d['hit_rate']:.4f}  ({d['hits']} hits, {d['misses']} misses, "
-                     f"{d['late']} late)"),
+    ]
+    counts = f"{d['hits']} hits, {d['misses']} misses, {d['late']} late"
+    if d.get("execution", "load") == "load":
+        items.append(("hit rate", f"{d['hit_rate']:.4f}  ({counts})"))
+    else:
+        # the hit rate covers the uses the device ran; a use computed on the host is neither a
+        # hit nor a miss, and without this line a host run looks like an almost perfect cache
+        device = d["hits"] + d["misses"]
+        items.append(("hit rate", f"{d['hit_rate']:.4f} of the {device} uses on the device  "
+                                  f"({counts})"))
+        items.append(("host", f"{d['host_computed']} uses computed on the host "
+                              f"({d['host_computed_per_token']:.2f} per token; not in the hit "
+                              f"rate)"))
+    items += [
         ("TPOT", f"{d['tpot_ms']:.3f} ms  (compute {d['compute_ms_per_token']:.3f} + stall "
                  f"{d['stall_ms_per_token']:.3f}; p50 {d['tpot_p50_ms']:.3f}, p99 "
                  f"{d['tpot_p99_ms']:.3f})"),
