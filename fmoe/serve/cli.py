@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     # sub-commands that live in their own packages register themselves when present
-    for mod in ("fmoe.sim.cli", "fmoe.serve.server", "fmoe.models.convert", "fmoe.bench.cli"):
+    for mod in ("fmoe.sim.cli", "fmoe.serve.server", "fmoe.models.convert_cli", "fmoe.bench.cli"):
         try:
             m = importlib.import_module(mod)
         except ImportError as e:

@@ -8,24 +8,29 @@
 See docs/simulator.md.
 """
 
-from .hardware import HARDWARE, HardwareProfile, get_hardware
-from .oracle import BeladyPolicy, OraclePolicy
-from .replay import SimError, SimResult, build_policy, capacity_for, policy_names, simulate
-from .shapes import MODEL_SHAPES, ModelShape, get_shape, guess_shape, load_config_shape
-from .timing import TimingModel
-from .trace import Trace, TraceError, load_trace, validate_arrays, write_trace
-
-__all__ = [
-    "HARDWARE", "HardwareProfile", "get_hardware", "BeladyPolicy", "OraclePolicy", "SimError",
-    "SimResult", "build_policy", "capacity_for", "policy_names", "simulate", "MODEL_SHAPES",
-    "ModelShape", "get_shape", "guess_shape", "load_config_shape", "TimingModel", "Trace",
-    "TraceError", "load_trace", "validate_arrays", "write_trace", "run_sweep",
-]
+# each name from its module, loaded on first use: `fmoe.sim.cli` (and the `fmoe` command's
+# --help) does not wait for torch, which the replay's imports bring
+_EXPORTS = {
+    "HARDWARE": "hardware", "HardwareProfile": "hardware", "get_hardware": "hardware",
+    "BeladyPolicy": "oracle", "OraclePolicy": "oracle",
+    "SimError": "replay", "SimResult": "replay", "build_policy": "replay", "capacity_for": "replay",
+    "policy_names": "replay", "simulate": "replay",
+    "MODEL_SHAPES": "shapes", "ModelShape": "shapes", "get_shape": "shapes", "guess_shape": "shapes",
+    "load_config_shape": "shapes", "TimingModel": "timing",
+    "Trace": "trace", "TraceError": "trace", "load_trace": "trace", "validate_arrays": "trace",
+    "write_trace": "trace", "run_sweep": "sweep",
+}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    if name == "run_sweep":
-        from .sweep import run_sweep
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return run_sweep
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -652,3 +652,22 @@ def test_a_destination_that_cannot_be_created_is_named(mixtral_src, tmp_path, ca
         with pytest.raises(conv.ConvertError, match="/proc/conv: cannot create the output next to it"):
             conv.convert(mixtral_src, "/proc/conv", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_cli_dtype_names_are_the_converters():
+    """The command line's --dtype names (`convert_cli`, no torch import) are the converter's."""
+    from fmoe.models.convert_cli import DTYPE_NAMES
+
+    assert sorted(DTYPE_NAMES) == sorted(conv.DTYPE_CHOICES)
+
+
+def test_the_command_line_starts_without_torch():
+    """`fmoe --help` and every sub-command's parser build without importing torch (seconds on a
+    small machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fmoe.serve.cli import build_parser; build_parser(); "
+            "import fmoe, fmoe.sim; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
