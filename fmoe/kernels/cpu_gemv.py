@@ -79,15 +79,22 @@ def _check_bf16(*ts: torch.Tensor) -> None:
             raise ValueError(f"the CPU GEMV kernels want bf16 CPU tensors, got {t.dtype} on {t.device}")
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [R, K] bf16 @ w [N, K] bf16 .t() -> [R, N] bf16, on the CPU (fp32 sums)."""
+_NO_BIAS = np.empty(0, np.float32)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, K] bf16 @ w [N, K] bf16 .t() (+ bias [N]) -> [R, N] bf16, on the CPU (fp32 sums;
+    the bias added to the sum before the one rounding, as torch's addmm)."""
     if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
         raise ValueError(f"linear wants bf16 x and w, got {x.dtype} and {w.dtype}")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"shape mismatch: bias {tuple(bias.shape)}, w {tuple(w.shape)}")
     k = _k()
     out = np.empty((x.shape[0], w.shape[0]), np.uint16)
-    k.gemv(_bits(w), x.float().contiguous().numpy(), out)
+    b = _NO_BIAS if bias is None else bias.detach().float().contiguous().numpy()
+    k.gemv(_bits(w), x.float().contiguous().numpy(), b, out)
     return _bf16(out)
 
 
@@ -163,8 +170,10 @@ def decode_row(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether x (and `weights`) are the kernels' case: one bf16 row on the CPU (x.numel() ==
     x.shape[-1], a decode step). Every caller decides by this alone (dtype, device, rows), so
     resident, offloaded, mapped and host runs take the same path and agree bit for bit."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
-            and all(w.dtype == torch.bfloat16 for w in weights))
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1] > 0
+            and all(w.dtype == torch.bfloat16 for w in weights)
+            # the kernels work on numpy arrays: a forward that records gradients stays in torch
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))))
 
 
 def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -76,23 +76,34 @@ def _dot1(w, s, n, x, r):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def gemv(w, x, out):  # pragma: no cover - compiled
-    """out [R, N] uint16 (bf16 bits) = x [R, K] float32 @ w.T, w [N, K] uint16 (bf16 bits):
-    four rows of w a quarter of the matrix apart per step, each widened in registers, summed in
-    fp32; every row of x is summed in the same order whatever R is."""
+def gemv(w, x, bias, out):  # pragma: no cover - compiled
+    """out [R, N] uint16 (bf16 bits) = x [R, K] float32 @ w.T (+ bias [N] float32 when it has
+    N entries; empty: none), w [N, K] uint16 (bf16 bits): four rows of w a quarter of the
+    matrix apart per step, each widened in registers, summed in fp32, the bias added to the
+    fp32 sum and the result rounded once (as torch's addmm); every row of x is summed in the
+    same order whatever R is."""
     N, K = w.shape
     w3 = w.reshape(1, N, K)
     q = N // 4
+    has_bias = bias.shape[0] == N
     for n in prange(q):
         for r in range(x.shape[0]):
             a0, a1, a2, a3 = _dot4(w3, 0, n, q, x, r)
+            if has_bias:
+                a0 += bias[n]
+                a1 += bias[n + q]
+                a2 += bias[n + 2 * q]
+                a3 += bias[n + 3 * q]
             out[r, n] = to_bf16(a0)
             out[r, n + q] = to_bf16(a1)
             out[r, n + 2 * q] = to_bf16(a2)
             out[r, n + 3 * q] = to_bf16(a3)
     for m in range(4 * q, N):           # the rows beyond a multiple of four
         for r in range(x.shape[0]):
-            out[r, m] = to_bf16(_dot1(w3, 0, m, x, r))
+            a = _dot1(w3, 0, m, x, r)
+            if has_bias:
+                a += bias[m]
+            out[r, m] = to_bf16(a)
 
 
 @numba.njit(inline="always", cache=True)
@@ -121,7 +132,7 @@ def _silu_mul(g, u):  # pragma: no cover - compiled
     return bf16_round(bf16_round(g / (np.float32(1.0) + np.exp(-g))) * u)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def swiglu(wg, g0, wu, u0, wd, slots, x, y):  # pragma: no cover - compiled
     """y [J, H] uint16 (bf16 bits): for each j, with s = slots[j], the SwiGLU expert
     ``wd[s] @ (silu(g) * u)`` on x [1, H] float32 (bf16 values), where g and u are rows
@@ -159,7 +170,7 @@ def swiglu(wg, g0, wu, u0, wd, slots, x, y):  # pragma: no cover - compiled
             y[j, n] = to_bf16(res[j, n])
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, scale, out):  # pragma: no cover
     """Multi-head latent attention for one query row, in latent space, a head per parallel item.
 
@@ -221,7 +232,7 @@ def mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, scale, out):  # p
             out[h, c] = to_bf16(_dot1(w_uv, h, c, ctx, 0))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def rms_norm(x, w, eps, out):  # pragma: no cover - compiled
     """out [H] uint16 = bf16(w * bf16(x / sqrt(mean(x^2) + eps))): x, w [H] uint16 bf16 bits,
     the statistics in fp32 (as the models' RMSNorm on a bf16 row)."""

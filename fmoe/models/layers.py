@@ -9,24 +9,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.cpu_gemv import GEMV_MAX_ROWS, decode_row, rms_norm_row, swiglu_rows
+from ..kernels.cpu_gemv import decode_row, rms_norm_row, swiglu_rows
 from ..kernels.cpu_gemv import linear as gemv_bf16
 from .config import RopeConfig
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same checkpoint keys) whose bf16 products of up to
-    GEMV_MAX_ROWS rows on the CPU (a decode step) run fmoe's streaming kernel
+    """`nn.Linear` (same parameters, same checkpoint keys) whose bf16 product of one row on the
+    CPU (a decode step, `decode_row`) runs fmoe's streaming kernel
     (`fmoe.kernels.cpu_gemv`): torch's bf16 matrix-vector product reads the weights at about
-    half the rate the memory allows on the CPUs measured. Any other product is torch's."""
+    half the rate the memory allows on the CPUs measured; a bias is added to the fp32 sum before
+    the one rounding, as torch's product adds it. Any other product is torch's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu":
-            rows = x.numel() // x.shape[-1]
-            if rows <= GEMV_MAX_ROWS:
-                y = gemv_bf16(x.reshape(rows, -1), w).view(*x.shape[:-1], w.shape[0])
-                return y if self.bias is None else y + self.bias
+        if decode_row(x, w) and (self.bias is None or self.bias.dtype == torch.bfloat16):
+            return gemv_bf16(x.reshape(1, -1), w, self.bias).view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w, self.bias)
 
 

@@ -93,16 +93,19 @@ def test_decode_step_agrees_across_slot_numberings_and_the_per_expert_list():
     assert np.allclose(resident[0].double().numpy(), want, rtol=0.05, atol=0.02)
 
 
+@torch.no_grad()
 def test_model_linear_runs_the_kernel_for_a_bf16_decode_row():
-    """The models' `Linear`: the kernel for one bf16 row on the CPU (bias added after), torch's
-    product for more rows and other dtypes; same parameters as nn.Linear."""
+    """The models' `Linear`: the kernel for one bf16 row on the CPU (a bias added to its fp32
+    sum), torch's product for more rows and other dtypes; same parameters as nn.Linear."""
     from fmoe.models.layers import Linear
 
     torch.manual_seed(0)
+    plain = Linear(24, 40, bias=False).to(torch.bfloat16)
+    x = torch.randn(1, 1, 24).to(torch.bfloat16)
+    assert torch.equal(plain(x), linear(x[0], plain.weight).view(1, 1, 40))
     lin = Linear(24, 40, bias=True).to(torch.bfloat16)
     assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight", "bias"}
-    x = torch.randn(1, 1, 24).to(torch.bfloat16)
-    assert torch.equal(lin(x), (linear(x[0], lin.weight) + lin.bias).view(1, 1, 40))
+    assert torch.equal(lin(x), linear(x[0], lin.weight, lin.bias).view(1, 1, 40))
     xs = torch.randn(2, 3, 24).to(torch.bfloat16)
     assert torch.equal(lin(xs), torch.nn.functional.linear(xs, lin.weight, lin.bias))
     lin32 = lin.float()
@@ -243,3 +246,52 @@ def test_rms_norm_of_a_decode_row_is_within_one_bf16_step_of_torchs():
     xd = x[0].double()
     want = norm.weight.double() * xd / (xd.pow(2).mean() + norm.eps).sqrt()
     assert torch.allclose(one[0].double(), want, rtol=2.0 ** -7, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_biased_decode_row_rounds_once_as_torch():
+    """The bias joins the fp32 sum before the one rounding (as torch's product adds it): every
+    output is the exact x . w + b rounded to the nearest bf16 (within the fp32 sum's error),
+    where adding the bias to a rounded product would round twice (up to ~1.8 bf16 steps off)."""
+    from fmoe.models.layers import Linear
+
+    torch.manual_seed(1)
+    lin = Linear(100, 37, bias=True).to(torch.bfloat16)
+    lin.bias.copy_(torch.randn(37) * 4)
+    worst = 0.0
+    for _ in range(40):
+        x = torch.randn(1, 100).to(torch.bfloat16)
+        exact = reference(x, lin.weight)[0] + lin.bias.double()
+        got = lin(x)[0].double()
+        step = 2.0 ** (torch.floor(torch.log2(exact.abs())) - 7)       # one bf16 step at |exact|
+        # |exact| >= 1: the fp32 sum's error (< 100 * 2^-24 * sum|terms| ~ 1e-3) stays far
+        # below half a step there
+        big = exact.abs() >= 1
+        worst = max(worst, float(((got - exact).abs() / step)[big].max()))
+    assert worst <= 0.6, worst
+
+
+@pytest.mark.parametrize("inter", [1, 3, 5, 9])
+def test_a_nan_propagates_through_every_kernel_row(inter):
+    """A NaN reaching a gate row past the last multiple of four (or an RMSNorm with eps 0 on a
+    zero row) gives NaN/inf as torch does, not a ZeroDivisionError from the compiled division."""
+    from fmoe.kernels.cpu_gemv import rms_norm_row, swiglu_rows
+
+    w13 = torch.randn(1, 2 * inter, 8).to(torch.bfloat16)
+    w2 = torch.randn(1, 8, inter).to(torch.bfloat16)
+    x = torch.full((8,), float("nan")).to(torch.bfloat16)
+    out = swiglu_rows(x[None], w13, 0, w13, inter, w2)
+    assert torch.isnan(out.float()).all()
+    zero = torch.zeros(8, dtype=torch.bfloat16)
+    assert not torch.isfinite(rms_norm_row(zero, torch.ones(8, dtype=torch.bfloat16), 0.0).float()).all()
+
+
+def test_a_forward_that_records_gradients_stays_in_torch():
+    from fmoe.models.layers import Linear
+
+    lin = Linear(8, 4, bias=False).to(torch.bfloat16)
+    x = torch.randn(1, 8).to(torch.bfloat16)
+    y = lin(x)                        # the weight requires grad: torch's product, differentiable
+    assert y.requires_grad
+    y.float().sum().backward()
+    assert lin.weight.grad is not None
