@@ -1,4 +1,4 @@
-"""The mode a written file should end with.
+"""Written files: whole or not at all (`atomic_write`), with the mode a plain open() gives.
 
 Atomic writes go through `tempfile.mkstemp` / `mkdtemp`, which create owner-only entries (0o600,
 0o700) so that a partial result is private; `os.replace` / `os.rename` would carry that mode to
@@ -32,6 +32,34 @@ def plain_mode(path: str | os.PathLike) -> None:
     name never shows the owner-only mode."""
     base = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, base & ~umask())
+
+
+def atomic_write(path: str | os.PathLike, write, *, fsync: bool = False, prefix: str | None = None,
+                 suffix: str = ".tmp") -> None:
+    """Write a file whole or not at all: `write(f)` fills a temporary file (binary) in the same
+    directory, which gets `plain_mode` and is renamed over `path`; on any error it is removed
+    and the error raised. `fsync`: flushed to disk before the rename. `prefix`: the temporary
+    name's (default ``.NAME.``)."""
+    import tempfile
+
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}." if prefix is None else prefix,
+                               suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        plain_mode(tmp)           # mkstemp's 0600 is for the partial file only
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def unwritable(path: str | os.PathLike, makes_dirs: bool = True) -> str | None:

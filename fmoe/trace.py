@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .files import plain_mode
+from .files import atomic_write
 from .trace_checks import (
     DEFAULT_MAX_BYTES,
     FORMAT_VERSION,
@@ -281,20 +280,7 @@ def _as(a, dtype, name: str) -> np.ndarray:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        plain_mode(tmp)           # not mkstemp's 0600: a trace is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, write, fsync=True)        # a trace is meant to be shared: plain mode
 
 
 def _public_model(model, model_config):

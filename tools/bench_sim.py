@@ -30,22 +30,9 @@ PROG = "bench_sim"
 def _write_text(path: Path, text: str) -> None:
     """Write `text` to `path` atomically: a temporary file in the same directory, then a
     rename, so an interrupted run never leaves a truncated page."""
-    import tempfile
+    from fmoe.files import atomic_write
 
-    from fmoe.files import plain_mode
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        plain_mode(tmp)           # not mkstemp's 0600: the page is shared like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def main(argv=None) -> int:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..files import plain_mode
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +137,10 @@ class MapStore:
         arrays (a policy's other learned state) are stored under ``x_<name>``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, format=np.int64(STORE_FORMAT), shape=np.array([self.L, self.E, self.dim], np.int64),
-                         maps=self.maps[: self.size], sem=self.sem[: self.size],
-                         **{f"x_{k}": v for k, v in (extra or {}).items()})
-            plain_mode(tmp)       # mkstemp's 0600 is for the partial file only
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda f: np.savez(
+            f, format=np.int64(STORE_FORMAT), shape=np.array([self.L, self.E, self.dim], np.int64),
+            maps=self.maps[: self.size], sem=self.sem[: self.size],
+            **{f"x_{k}": v for k, v in (extra or {}).items()}), prefix=path.name)
 
     def load(self, path: str | os.PathLike) -> bool:
         """Fill from `path`. A missing, corrupt or mismatched file is reported (logged) and

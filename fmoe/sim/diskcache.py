@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from ..files import plain_mode
+from ..files import atomic_write
 
 
 def cache_dir() -> Path | None:
@@ -77,17 +76,6 @@ def save(arr: np.ndarray, *parts) -> None:
         return
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            plain_mode(tmp)       # not mkstemp's 0600: the cache is shared like any other file
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(p, lambda f: np.save(f, arr, allow_pickle=False), prefix=".tmp-", suffix=".npy")
     except OSError:
         pass
