@@ -14,6 +14,27 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# config.json of a small DeepSeek-style MoE (3 MoE layers x 8 experts, top-2): the simulator's
+# and its tools' tests read model shapes from it
+SIM_CONFIG = {"model_type": "deepseek_v2", "hidden_size": 64, "num_hidden_layers": 4,
+              "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 32, "n_shared_experts": 1, "intermediate_size": 128,
+              "num_attention_heads": 4, "kv_lora_rank": 16, "q_lora_rank": None,
+              "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "vocab_size": 1000,
+              "torch_dtype": "bfloat16"}
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tiny_mixtral_config(**overrides):
     from transformers import MixtralConfig
 

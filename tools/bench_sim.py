@@ -80,9 +80,9 @@ def _run(args, argv) -> int:
              title=f"{t.model}: {t.num_tokens} tokens, {t.num_sequences} sequences")
         return 0
 
-    from fmoe.sim.cli import UsageError, _check_destination, _csv_list, _fraction, _resolve_shape, timing_models
+    from fmoe.sim.cli import UsageError, _check_destination, _csv_list, _resolve_shape, sweep_grid, timing_models
     from fmoe.sim.hardware import get_hardware
-    from fmoe.sim.replay import policy_class, sweep_policy_names
+    from fmoe.sim.replay import policy_class
     from fmoe.sim.sweep import format_table, plot, run_sweep, write_csv
     from fmoe.sim.trace import load_trace
 
@@ -90,15 +90,9 @@ def _run(args, argv) -> int:
     hws = [get_hardware(h) for h in _csv_list(args.hardware)]
     if not hws:
         raise UsageError("--hardware is empty")
-    policies = _csv_list(args.policies) if args.policies else sweep_policy_names()
+    policies, fractions = sweep_grid(args.policies, args.fractions)
     for p in policies:
         policy_class(p)
-    try:
-        fractions = [_fraction(x) for x in _csv_list(args.fractions)]
-    except argparse.ArgumentTypeError as e:
-        raise UsageError(f"--fractions: {e}") from None
-    if not policies or not fractions:
-        raise UsageError("--policies and --fractions must not be empty")
     _check_destination(args.csv, "--csv")
     if args.md:
         _check_destination(args.md, "--md")

@@ -208,6 +208,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes for the sweep (default 1)")
 
 
+def sweep_grid(policies: str | None, fractions: str) -> tuple[list[str], list[float]]:
+    """A sweep's --policies (comma-separated; default: every sweep policy) and --fractions, or
+    UsageError naming the flag."""
+    from .replay import sweep_policy_names
+
+    names = _csv_list(policies) if policies else sweep_policy_names()
+    try:
+        values = [_fraction(x) for x in _csv_list(fractions)]
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--fractions: {e}") from None
+    if not names or not values:
+        raise UsageError("--policies and --fractions must not be empty")
+    return names, values
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `simulate` sub-command to an argparse subparsers object."""
     p = subparsers.add_parser(
@@ -315,7 +330,7 @@ def _json_safe(v):
 
 def _run(args) -> int:
     from .hardware import HARDWARE, get_hardware
-    from .replay import capacity_for, policy_class, simulate, sweep_policy_names
+    from .replay import capacity_for, policy_class, simulate
     from .trace import load_trace
 
     # cheap checks first
@@ -328,13 +343,7 @@ def _run(args) -> int:
         raise UsageError("several --hardware profiles need --sweep")
     hws = [get_hardware(h) for h in hw_names]
     if args.sweep:
-        policies = _csv_list(args.policies) if args.policies else sweep_policy_names()
-        try:
-            fractions = [_fraction(x) for x in _csv_list(args.fractions)]
-        except argparse.ArgumentTypeError as e:
-            raise UsageError(f"--fractions: {e}") from None
-        if not policies or not fractions:
-            raise UsageError("--policies and --fractions must not be empty")
+        policies, fractions = sweep_grid(args.policies, args.fractions)
         if args.capacity or args.cache_fraction:
             raise UsageError("--sweep takes --fractions, not --cache-fraction/--capacity")
         if args.csv:

@@ -4,7 +4,6 @@ atomically."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,31 +12,15 @@ import numpy as np
 import pytest
 
 from fmoe.sim.trace import write_trace
+from tests.conftest import SIM_CONFIG, load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("bench_sim_tool", ROOT / "tools" / "bench_sim.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def _sim_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FMOE_SIM_CACHE", str(tmp_path / "simcache"))
 
 
 @pytest.fixture
 def tiny(tmp_path):
     """(trace path, config.json path): 3 MoE layers x 8 experts, top-2."""
-    cfg = {"model_type": "deepseek_v2", "hidden_size": 64, "num_hidden_layers": 4,
-           "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
-           "moe_intermediate_size": 32, "n_shared_experts": 1, "intermediate_size": 128,
-           "num_attention_heads": 4, "kv_lora_rank": 16, "q_lora_rank": None,
-           "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "vocab_size": 1000,
-           "torch_dtype": "bfloat16"}
+    cfg = SIM_CONFIG
     config = tmp_path / "config.json"
     config.write_text(json.dumps(cfg))
     rng = np.random.default_rng(0)
@@ -60,7 +43,7 @@ def _profile(tmp_path) -> Path:
 
 
 def run_tool(capsys, *argv):
-    code = _tool().main([str(a) for a in argv])
+    code = load_tool("bench_sim").main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -103,7 +86,7 @@ def test_bad_arguments_are_one_line(capsys, tmp_path, tiny, flag, value, words):
     argv = ["--trace", trace, "--model-config", config, "--fractions", "0.5", "--policies", "lru",
             "--csv", tmp_path / "out.csv", flag, value]
     try:
-        code = _tool().main([str(a) for a in argv])
+        code = load_tool("bench_sim").main([str(a) for a in argv])
     except SystemExit as e:         # argparse's own errors exit 2 with one line
         code = e.code
     err = capsys.readouterr().err
@@ -121,7 +104,7 @@ def test_md_written_atomically(capsys, tmp_path, tiny, monkeypatch):
     md.write_text("# Page\n\nbefore\n\n<!-- sim-sweep:start -->\nold\n<!-- sim-sweep:end -->\n\nafter\n")
     argv = ["--trace", trace, "--model-config", config, "--fractions", "0.5", "--policies", "lru",
             "--hardware", "rtx3090-pcie4", "--csv", tmp_path / "out.csv", "--md", md]
-    tool = _tool()
+    tool = load_tool("bench_sim")
     real = os.replace
     seen = []
 

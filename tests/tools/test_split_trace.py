@@ -3,7 +3,6 @@ one line and a non-zero exit, checked before anything is created; both outputs a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,28 +11,12 @@ import numpy as np
 import pytest
 
 from fmoe.sim.trace import OPTIONAL, load_trace, texts_path, write_trace
+from tests.conftest import SIM_CONFIG, load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = {"model_type": "deepseek_v2", "hidden_size": 64, "num_hidden_layers": 4,
-          "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
-          "moe_intermediate_size": 32, "n_shared_experts": 1, "intermediate_size": 128,
-          "num_attention_heads": 4, "kv_lora_rank": 16, "q_lora_rank": None,
-          "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "vocab_size": 1000,
-          "torch_dtype": "bfloat16"}
+CONFIG = SIM_CONFIG
 PER_TOKEN = ("weights", "gate_probs", "phase", "token_ids")
 WHOLE = ("moe_layers", "model_config")
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("split_trace_tool", ROOT / "tools" / "split_trace.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def _sim_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FMOE_SIM_CACHE", str(tmp_path / "simcache"))
 
 
 def _recorded(tmp_path, offsets=(0, 10, 25, 40), texts=True) -> Path:
@@ -53,7 +36,7 @@ def _recorded(tmp_path, offsets=(0, 10, 25, 40), texts=True) -> Path:
 
 
 def run_tool(capsys, *argv):
-    code = _tool().main([str(a) for a in argv])
+    code = load_tool("split_trace").main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -113,7 +96,7 @@ def test_outputs_renamed_only_when_both_written(capsys, tmp_path, monkeypatch):
     src = _recorded(tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    tool = _tool()
+    tool = load_tool("split_trace")
     real = tool.write_trace
     calls = []
 
@@ -140,9 +123,9 @@ def test_stale_sidecar_removed(capsys, tmp_path):
     pair the new trace with the old prompts."""
     src = _recorded(tmp_path)
     out_dir = tmp_path / "out"
-    assert _tool().main([str(src), "--fraction", "0.5", "--out-dir", str(out_dir)]) == 0
+    assert load_tool("split_trace").main([str(src), "--fraction", "0.5", "--out-dir", str(out_dir)]) == 0
     os.unlink(texts_path(src))
-    assert _tool().main([str(src), "--fraction", "0.7", "--out-dir", str(out_dir)]) == 0
+    assert load_tool("split_trace").main([str(src), "--fraction", "0.7", "--out-dir", str(out_dir)]) == 0
     capsys.readouterr()
     assert not texts_path(out_dir / "rec.history.npz").exists()
     assert load_trace(out_dir / "rec.replay.npz").texts is None
@@ -150,7 +133,7 @@ def test_stale_sidecar_removed(capsys, tmp_path):
 
 def test_failed_split_removes_the_directories_it_made(capsys, tmp_path, monkeypatch):
     src = _recorded(tmp_path)
-    tool = _tool()
+    tool = load_tool("split_trace")
 
     def failing(path, **kw):
         raise OSError(28, "No space left on device")
