@@ -76,6 +76,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return path
     name = str(name_or_path)
     if path.exists():
+        if path.suffix.lower() == ".gguf":
+            raise ModelNotFoundError(f"{path}: a GGUF file; fmoe loads the safetensors checkpoint (a "
+                                     f"directory with config.json + *.safetensors, or its hub id)")
         raise ModelNotFoundError(f"{path}: not a directory (expected config.json + *.safetensors)")
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFoundError(f"{name}: no such directory, and not a hub repo id (owner/name)")

@@ -221,6 +221,12 @@ def check_generate_inputs(model, input_ids, max_new_tokens: int, attention_mask=
     if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
                          f"input_ids {tuple(input_ids.shape)}")
+    if attention_mask is not None and T > 1 and max_new_tokens > 0:
+        m = attention_mask.bool()
+        if bool((m[:, :-1] & ~m[:, 1:]).any()):
+            # a 0 after a 1: padding on the right, where the next token would follow a pad
+            raise ValueError("attention_mask pads on the right; generation needs left padding "
+                             "(padding_side='left' in HF tokenizers, or fmoe.runtime.engine.left_pad)")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, numbers.Integral) and input_ids.numel():
         lo, hi = int(input_ids.min()), int(input_ids.max())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -98,6 +99,56 @@ class MoEModel(nn.Module):
         # request) is the model's; a second thread waits its turn instead of corrupting it
         self._lock = threading.Lock()
         self.closed = False
+        if runtime is not None:
+            # a model dropped without close() (HF code never calls it) still stops the runtime's
+            # threads and frees its cache when it is collected
+            weakref.finalize(self, runtime.close)
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def __enter__(self) -> "MoEModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _refuse_cast(self, what: str) -> None:
+        raise TypeError(f"{what}: an fmoe model keeps the dtype and device it was loaded with (its "
+                        f"expert cache and kernels are built for them); load it again with "
+                        f"from_pretrained(..., dtype=..., device=...)")
+
+    def to(self, *args, **kwargs):
+        """Only to the dtype and device the model has (a no-op, as for HF code that calls
+        ``.to(device)``); anything else is refused: load with ``dtype=`` / ``device=``."""
+        device, dtype = kwargs.get("device"), kwargs.get("dtype")
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, torch.Tensor):
+                device, dtype = a.device, a.dtype
+            elif isinstance(a, (str, torch.device, int)):
+                device = a if not isinstance(a, int) else f"cuda:{a}"
+        if (dtype is not None and dtype != self.dtype) or (
+                device is not None and torch.device(device).type != self.device.type):
+            self._refuse_cast(f".to({', '.join(map(repr, args))})")
+        return self
+
+    def half(self):
+        return self.to(torch.float16)
+
+    def bfloat16(self):
+        return self.to(torch.bfloat16)
+
+    def float(self):
+        return self.to(torch.float32)
+
+    def double(self):
+        self._refuse_cast(".double()")
+
+    def cuda(self, device=None):
+        return self.to("cuda")
+
+    def cpu(self):
+        return self.to("cpu")
 
     def _check_open(self) -> None:
         if self.closed:
@@ -142,12 +193,29 @@ class MoEModel(nn.Module):
                  top_p: float = 1.0, top_k: int = 0, do_sample: bool | None = None,
                  eos_token_id=None, pad_token_id: int | None = None, attention_mask=None,
                  seed: int | None = None, on_token=None, repetition_penalty: float = 1.0,
-                 min_p: float = 0.0, min_new_tokens: int = 0) -> torch.Tensor:
+                 min_p: float = 0.0, min_new_tokens: int = 0, max_length: int | None = None,
+                 streamer=None) -> torch.Tensor:
         """LongTensor [B, T] -> [B, T + n]. Greedy unless `temperature` > 0 (or `do_sample`).
         Stops at `eos_token_id` (default: ``generation_config.json``'s, else ``config.json``'s);
         finished rows are filled with `pad_token_id` (default: likewise, else the first eos);
         left-padded batches need `attention_mask` [B, T] with 0 on padding.
-        `repetition_penalty`, `min_p` and `min_new_tokens` work as HF's (1, 0 and 0: off)."""
+        `repetition_penalty`, `min_p` and `min_new_tokens` work as HF's (1, 0 and 0: off);
+        `max_length` (prompt + new tokens) as HF's, in place of `max_new_tokens`; `streamer`
+        (HF's `TextStreamer` or anything with ``put(ids)`` and ``end()``) gets the prompt, then
+        each new token, then ``end()``. None for temperature, top_p or top_k: the default."""
+        temperature = 0.0 if temperature is None else temperature
+        top_p = 1.0 if top_p is None else top_p
+        top_k = 0 if top_k is None else top_k
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            attention_mask = torch.as_tensor(attention_mask)
+        if isinstance(eos_token_id, torch.Tensor):
+            eos_token_id = eos_token_id.flatten().tolist()
+        if max_length is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                check_generate_inputs(self, input_ids, 0)
+            max_new_tokens = max(0, int(max_length) - input_ids.shape[1])
+        if streamer is not None:
+            on_token = _stream_to(streamer, input_ids, on_token)
         if do_sample is False:
             temperature = 0.0
         elif do_sample and temperature == 0.0:
@@ -164,7 +232,11 @@ class MoEModel(nn.Module):
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         with self._lock:
-            return generate(self.module, ids, params, mask, pad_token_id, on_token, hooks=self.runtime)
+            try:
+                return generate(self.module, ids, params, mask, pad_token_id, on_token, hooks=self.runtime)
+            finally:
+                if streamer is not None:
+                    streamer.end()
 
     # -- experts -------------------------------------------------------------------------
     def expert_stats(self) -> dict:
@@ -188,22 +260,65 @@ class MoEModel(nn.Module):
             self.runtime.close()
 
 
+def _stream_to(streamer, input_ids, on_token):
+    """An `on_token` that feeds HF's streamer protocol: the prompt first (``put(ids [1, T])``,
+    which ``skip_prompt`` streamers drop), then each step's ids [B]."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] > 1:
+        raise ValueError("streamer streams one row; generate a batch without it (or use on_token)")
+    streamer.put(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else torch.as_tensor(input_ids))
+
+    def put(ids: torch.Tensor) -> None:
+        streamer.put(ids.cpu())
+        if on_token is not None:
+            on_token(ids)
+    return put
+
+
 # the keyword arguments from_pretrained passes on to the offload runtime
 RUNTIME_ARGS = frozenset({"link_bandwidth", "host_cache", "trace_path", "policy_options",
                           "prefetch_distance", "map_store", "hardware_profile", "execution",
                           "host_workers"})
 
 
+# HF transformers' from_pretrained arguments: what each means here
+_HF_ARGS = {
+    "device_map": "place the model with device='cpu' or device='cuda[:N]' (one device; routed "
+                  "experts beyond the memory go in expert_cache=...)",
+    "revision": "download that revision (huggingface_hub.snapshot_download(repo, revision=...)) "
+                "and pass its local path",
+    "cache_dir": "download with huggingface_hub (cache_dir=...) and pass the local path",
+    "token": "log in with `huggingface-cli login` (or HF_TOKEN), then pass the repo id",
+    "attn_implementation": "fmoe's model files compute attention themselves",
+    "quantization_config": "fmoe serves checkpoints as published (fp32, bf16, fp16, FP8 "
+                           "block-scaled); it does not quantise at load",
+    "load_in_8bit": "fmoe does not quantise at load", "load_in_4bit": "fmoe does not quantise at load",
+}
+# HF arguments that change nothing here: accepted and ignored (no remote code ever runs; loading
+# is always lazy per tensor; a hub id is read from the local cache first)
+_HF_NO_OPS = frozenset({"trust_remote_code", "low_cpu_mem_usage", "local_files_only", "use_safetensors"})
+
+
 def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe", **kwargs) -> MoEModel:
     from .policies import check_execution, policy_class, policy_names
 
+    if "torch_dtype" in kwargs:          # HF's older name of dtype
+        if dtype is not None:
+            raise TypeError("from_pretrained() got both dtype and torch_dtype; pass dtype")
+        dtype = kwargs.pop("torch_dtype")
+    for k in _HF_NO_OPS & set(kwargs):
+        kwargs.pop(k)
+    if isinstance(policy, str) and policy_class(policy) is None and policy_class(policy.lower()) is not None:
+        policy = policy.lower()
     if isinstance(policy, str) and policy_class(policy) is None:
         # checked with or without a cache: a typo is an error, not a silent default
         raise ValueError(f"unknown policy {policy!r}; choose one of {policy_names()}")
     unknown = sorted(set(kwargs) - RUNTIME_ARGS)
     if unknown:
-        raise TypeError(f"from_pretrained() got an unexpected keyword argument {unknown[0]!r} "
-                        f"(accepted: {', '.join(sorted(RUNTIME_ARGS))})")
+        name = unknown[0]
+        hint = f": {_HF_ARGS[name]}" if name in _HF_ARGS else ""
+        accepted = sorted({"device", "dtype", "expert_cache", "policy"} | RUNTIME_ARGS)
+        raise TypeError(f"from_pretrained() got an unexpected keyword argument {name!r}{hint} "
+                        f"(accepted: {', '.join(accepted)})")
     from .offload import cache_form
 
     # its form, before anything is read

@@ -60,11 +60,72 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
+    @property
+    def eos_token_id(self) -> int | None:
+        """The first end-of-sequence id (HF's attribute; `eos_token_ids` has them all)."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, text, add_special_tokens: bool = True, return_tensors: str | None = None) -> dict:
+        """HF's call: ``{"input_ids", "attention_mask"}`` for a text or a list of texts, so that
+        ``model.generate(**tok(text, return_tensors="pt"))`` works. A list is padded on the left
+        with `pad_token_id` (generation needs left padding). `return_tensors`: None (lists) or
+        "pt" (LongTensors [B, T]; a single text gives [1, T])."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r}: fmoe returns lists (None) or torch "
+                             f"tensors ('pt')")
+        single = isinstance(text, str)
+        rows = [self.encode(t, add_special_tokens) for t in ([text] if single else list(text))]
+        width = max((len(r) for r in rows), default=0)
+        ids = [[self.pad_token_id] * (width - len(r)) + r for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        if return_tensors == "pt":
+            import torch
+
+            return {"input_ids": torch.tensor(ids, dtype=torch.long),
+                    "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        return {"input_ids": rows[0] if single else ids, "attention_mask": mask[0] if single else mask}
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Token ids (a list, a 1-D tensor, a [1, T] tensor or one id) -> text."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        if ids and isinstance(ids[0], list):
+            if len(ids) != 1:
+                raise ValueError(f"decode takes one sequence, got {len(ids)}; use batch_decode")
+            ids = ids[0]
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role", "content"}]) with the checkpoint's template."""
+    def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
+        """Several sequences (a list of lists, or a [B, T] tensor) -> their texts."""
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens) for s in sequences]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False, return_tensors: str | None = None, **variables):
+        """Render `messages` ([{"role", "content"}]) with the checkpoint's template: the text,
+        or with `tokenize` its ids (a list, or a [1, T] tensor with ``return_tensors="pt"``).
+        Other keywords (``tools=``, ``enable_thinking=``, ...) reach the template as variables,
+        as in HF. Unlike HF, `add_generation_prompt` defaults to True (the next turn is the
+        assistant's: what generation wants)."""
+        text = self._render(messages, add_generation_prompt, variables)
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)
+        if return_tensors == "pt":
+            import torch
+
+            return torch.tensor([ids], dtype=torch.long)
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r}: use None or 'pt'")
+        return ids
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
         if not self.chat_template:
             raise CheckpointError("this tokenizer has no chat_template")
         import jinja2
@@ -79,7 +140,7 @@ class Tokenizer:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            **variables, messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
