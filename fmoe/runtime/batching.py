@@ -272,7 +272,12 @@ class Batcher:
         self._admitting = []
         try:
             self._step()
-        except Exception as e:
+        except BaseException as e:
+            recover = getattr(self.hooks, "recover", None)
+            if recover is not None:
+                recover()             # the offload runtime's cache as if nothing were cached
+            if not isinstance(e, Exception):
+                raise                 # Ctrl-C, exit: the caller's
             log.error("engine step failed:\n%s", traceback.format_exc())
             self.last_error = _public_error(e)
             self.last_step_ok = False

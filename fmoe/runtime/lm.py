@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import weakref
@@ -164,8 +165,20 @@ class MoEModel(nn.Module):
         self._check_open()
         if "cache" not in kwargs:
             check_generate_inputs(self, input_ids, 0, attention_mask)
-        with self._lock:
+        with self._lock, self._recovering():
             return self._forward(input_ids, attention_mask, **kwargs)
+
+    @contextlib.contextmanager
+    def _recovering(self):
+        """A forward or generation that does not finish (an error, Ctrl-C) leaves the offload
+        runtime's cache as if nothing had been cached (`OffloadRuntime.recover`), so the next
+        call computes what the resident model computes."""
+        try:
+            yield
+        except BaseException:
+            if self.runtime is not None:
+                self.runtime.recover()
+            raise
 
     def _forward(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         input_ids = input_ids.to(self.device)
@@ -231,7 +244,7 @@ class MoEModel(nn.Module):
         self._check_open()
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        with self._lock:
+        with self._lock, self._recovering():
             try:
                 return generate(self.module, ids, params, mask, pad_token_id, on_token, hooks=self.runtime)
             finally:

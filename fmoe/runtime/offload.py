@@ -16,6 +16,7 @@ before the sum over k.
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
@@ -34,6 +35,8 @@ from .transfer import DEMAND, PREFETCH, CopyEngine, parse_bandwidth
 
 _BYTE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+log = logging.getLogger(__name__)
 
 
 def parse_bytes(text: str) -> int:
@@ -261,15 +264,13 @@ class OffloadRuntime:
                              f"policy='fmoe' (--policy fmoe), not {policy!r}")
         if map_store is not None:
             check_map_store(map_store, (self.L, self.E))    # before anything is built
-        self.policy = make_policy(policy, self.L, self.E, self.capacity, **opts)
+        self._policy_args = (policy, opts)
         self.map_store = map_store
         self._store_lock = None
         if map_store is not None:
             # one process per store: another's save at exit would overwrite this one's
             self._store_lock = FileLock(map_store, "map_store")
-            # a store that persists should fill even when no decision reads its maps
-            self.policy.keep_maps = True
-            self.policy.load_state(map_store)   # checked above: missing, or a store of this model
+        self.policy = self._new_policy()
         self._embed = getattr(getattr(module, "model", None), "embed_tokens", None)
         self.table = SlotTable(self.capacity, self.policy)
         S = self.capacity
@@ -312,6 +313,36 @@ class OffloadRuntime:
         self.reset_stats()
         for layer, block in enumerate(module.moe_blocks()):
             block.experts = OffloadedExperts(self, layer)
+
+    def _new_policy(self):
+        policy, opts = self._policy_args
+        pol = make_policy(policy, self.L, self.E, self.capacity, **opts)
+        if self.map_store is not None:
+            # a store that persists should fill even when no decision reads its maps
+            pol.keep_maps = True
+            pol.load_state(self.map_store)   # checked: missing, or a store of this model
+        return pol
+
+    def recover(self) -> None:
+        """After a step that did not finish (an exception or an interrupt anywhere in it): a
+        slot may be placed but not yet reloaded, keys pinned for a layer that never ran, the
+        policy halfway through an event. The copies in flight finish, and the cache starts
+        over, empty, with a fresh policy (a map store is read again), so that the next step
+        computes what the resident model computes; the stats and the copy engine's health
+        carry on."""
+        try:
+            self.engine.drain()
+        finally:
+            old, stats = self.policy, self.table.stats
+            self.policy = self._new_policy()
+            self.table = SlotTable(self.capacity, self.policy)
+            self.table.stats = stats
+            self.scheduler = getattr(self.policy, "runner", None)
+            self._started = -1
+            try:
+                old.close()
+            except Exception:          # a worker's stored error: that policy is gone anyway
+                log.debug("closing the replaced policy failed", exc_info=True)
 
     @staticmethod
     def _direct_reads(layouts, reader, room: int | None = None) -> None:
