@@ -30,13 +30,36 @@ def _combine(y: torch.Tensor, topk_weights: torch.Tensor, T: int, K: int,
     return y.sum(dim=1) if reduce else y
 
 
-def swiglu_expert(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+class GateUp:
+    """One expert's gate [I, H] and up [I, H] weights held apart (memory-mapped from a file that
+    stores them apart, as Mixtral's w1, w2, w3 order does): `swiglu_expert` takes it where it
+    takes a stacked w13 [2I, H], so that nothing is copied to stack them."""
+
+    __slots__ = ("gate", "up")
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor):
+        self.gate, self.up = gate, up
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (2 * self.gate.shape[0], self.gate.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate.dtype
+
+
+def swiglu_expert(xs: torch.Tensor, w13, w2: torch.Tensor) -> torch.Tensor:
     """One expert on its rows: xs [n, H], w13 [2I, H] (gate rows, then up rows), w2 [H, I] ->
     ``w2 @ (silu(w13[:I] @ x) * (w13[I:] @ x))`` per row, [n, H]. Every path that computes
     experts one at a time (gather, mapped, host) calls this, so they agree bit for bit; a bf16
     decode row runs the whole expert in one compiled call (`cpu_gemv.swiglu_rows`), the same one
     `moe_gather` makes for all of a token's experts at once."""
     inter = w2.shape[1]
+    if isinstance(w13, GateUp):         # the same sums, on the two weights where they lie
+        if decode_row(xs, w13.gate, w13.up):
+            return swiglu_rows(xs, w13.gate[None], 0, w13.up[None], 0, w2[None])
+        return expert_linear(F.silu(expert_linear(xs, w13.gate)) * expert_linear(xs, w13.up), w2)
     if decode_row(xs, w13):
         return swiglu_rows(xs, w13[None], 0, w13[None], inter, w2[None])
     gu = expert_linear(xs, w13)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels.torch_moe import moe_gather
+from ..kernels.torch_moe import GateUp, moe_gather
 from .experts import Experts
 
 
@@ -57,7 +57,7 @@ class MappedFiles:
 class _ExpertList:
     """A per-expert list of tensors that `moe_gather` indexes like a stacked [E, ...] tensor."""
 
-    def __init__(self, tensors: list[torch.Tensor]):
+    def __init__(self, tensors: list):
         self.tensors = tensors
         self.shape = (len(tensors), *tensors[0].shape)
         self.dtype = tensors[0].dtype
@@ -97,9 +97,9 @@ def _span(segments) -> tuple[Path, int, int] | None:
 
 
 def install_mapped_experts(model, cfg, layouts) -> MappedFiles:
-    """Give every MoE block of `model` `MappedExperts` over the checkpoint files. Experts whose
-    gate and up tensors are not adjacent in their file are copied into memory (rare: HF files
-    store an expert's tensors side by side)."""
+    """Give every MoE block of `model` `MappedExperts` over the checkpoint files. An expert whose
+    gate and up tensors lie apart (Mixtral's files store w1, w2, w3 in that order) keeps two
+    views (`GateUp`); only tensors split some other way are copied into memory."""
     shp = cfg.experts
     files = MappedFiles()
     for layer, block in enumerate(model.moe_blocks()):
@@ -110,6 +110,11 @@ def install_mapped_experts(model, cfg, layouts) -> MappedFiles:
                 span = _span(segs)
                 if span is not None:
                     out.append(files.view(span[0], span[1], span[2], lay.dtype, shape))
+                elif out is w13 and len(segs) == 2 and all(
+                        s.nbytes == shp.inter * shp.hidden * lay.dtype.itemsize for s in segs):
+                    gate, up = (files.view(s.info.file, s.info.offset + s.byte_offset, s.nbytes, lay.dtype,
+                                           (shp.inter, shp.hidden)) for s in segs)
+                    out.append(GateUp(gate, up))
                 else:
                     parts = [files.view(s.info.file, s.info.offset + s.byte_offset, s.nbytes, lay.dtype, (-1,))
                              for s in segs]

@@ -112,9 +112,11 @@ def memory_limit(proc: str | os.PathLike = "/proc",
 
 
 def headroom(limit: MemoryLimit) -> int:
-    """Bytes kept free beside the cache: activations, KV cache, read buffers, allocator slack."""
+    """Bytes kept free beside the cache: activations, KV cache, read buffers, allocator slack:
+    512 MiB + 8% of the limit (else of what is available); under a limit below 2 GiB, a quarter
+    of it instead of the 512 MiB, so that a small model in a small container still gets a cache."""
     base = limit.limit if limit.limit is not None else limit.available
-    return (512 << 20) + int(0.08 * base)
+    return min(512 << 20, base // 4) + int(0.08 * base)
 
 
 def auto_capacity(expert_bytes: int, total_experts: int, extra_per_slot: int = 0,

@@ -17,6 +17,7 @@ before the sum over k.
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 import sys
 import time
@@ -56,6 +57,10 @@ def cache_form(expert_cache) -> tuple[str, Any]:
     accepted forms. "0.25" and "96" read as a fraction and a count."""
     if isinstance(expert_cache, bool):
         raise ValueError(f"expert_cache must be {CACHE_FORMS}, not a bool")
+    if isinstance(expert_cache, numbers.Integral):        # numpy's integers and floats too
+        expert_cache = int(expert_cache)
+    elif isinstance(expert_cache, numbers.Real):
+        expert_cache = float(expert_cache)
     if isinstance(expert_cache, str):
         text = expert_cache.strip()
         if text.lower() in ("auto", "mmap"):
@@ -617,5 +622,6 @@ class OffloadRuntime:
             if self.host is not None:
                 self.host.close()
         self.engine.close()
+        self.store.reader.close()           # the checkpoint's file handles, now, not at collection
         if self.recorder is not None:
             self.recorder.close()

@@ -145,3 +145,16 @@ def test_context_manager_and_a_dropped_model_free_the_runtime(ckpt):
         if t.name.startswith("fmoe-copy"):
             t.join(timeout=30)
     assert _copy_threads() == before
+
+
+def test_close_releases_the_checkpoint_files(ckpt):
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    m = fmoe.models.from_pretrained(ckpt, expert_cache=0.5, policy="lru")
+    m.generate(torch.tensor([[5, 9, 17]]), 3)
+    held = open_fds()
+    m.close()
+    assert open_fds() < held              # the model is still referenced: close() did it

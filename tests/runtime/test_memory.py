@@ -69,6 +69,11 @@ def test_auto_capacity_arithmetic():
     assert f"{slots} of 10000 experts" in line and "cgroup v1" in line
     assert auto_capacity(17 * 2**20, 100, limit=lim)[0] == 100           # everything fits
     assert auto_capacity(17 * 2**20, 100, limit=MemoryLimit(GiB, 100, "x"))[0] == 0
+    # a small container: a quarter of an 800 MiB limit, not 512 MiB, is kept (the fixed 512 MiB
+    # left no room at all beside a 228 MiB process)
+    small = MemoryLimit(800 * 2**20, 572 * 2**20, "cgroup v1 /small")
+    assert headroom(small) == 200 * 2**20 + int(0.08 * 800 * 2**20)
+    assert auto_capacity(2**20, 48, limit=small)[0] == 48
 
 
 def test_auto_in_from_pretrained(mixtral_ckpt, capsys):
@@ -89,3 +94,12 @@ def test_auto_too_small_is_a_clear_error(mixtral_ckpt, monkeypatch):
     monkeypatch.setattr(memory, "memory_limit", lambda: MemoryLimit(GiB, 0, "cgroup v1 /tiny"))
     with pytest.raises(ValueError, match="only 0 experts fit"):
         fmoe.models.from_pretrained(path, expert_cache="auto")
+
+
+def test_numpy_scalars_are_cache_sizes():
+    import numpy as np
+
+    from fmoe.runtime.offload import cache_form
+
+    assert cache_form(np.int64(4)) == ("count", 4)
+    assert cache_form(np.float32(0.5)) == ("fraction", 0.5)
