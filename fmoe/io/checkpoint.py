@@ -373,11 +373,31 @@ class FileReader:
             pos += want
 
     # -- reads -----------------------------------------------------------------------------
+    def _forget(self, file: Path) -> None:
+        """After a failed read of `file`: its handles are retired (closed by `close`: another
+        thread may hold one), so the next read opens the path again and finds a file restored
+        by rename (a re-download, `mv`, rsync), not the old inode."""
+        with self._lock:
+            fd = self._fds.pop(file, None)
+            if fd is not None:
+                self._retired.append(fd)
+            dfd = self._direct.get(file)
+            if dfd is not None:
+                del self._direct[file]
+                self._retired.append(dfd)
+
     def readv(self, file: str | os.PathLike, offset: int, buffers, what: str = "") -> None:
         """Read the contiguous byte range of `file` starting at `offset` into `buffers` (contiguous
         CPU tensors, arrays or memoryviews, filled in order): one ``preadv`` call (more only after
-        a short read)."""
-        file = Path(file)
+        a short read). A failure is a CheckpointError naming the file; the next read of that
+        file opens it again."""
+        try:
+            self._readv(Path(file), offset, buffers, what)
+        except CheckpointError:
+            self._forget(Path(file))
+            raise
+
+    def _readv(self, file: Path, offset: int, buffers, what: str) -> None:
         views = [byte_view(b) for b in buffers]
         views = [v for v in views if v.nbytes]
         total = sum(v.nbytes for v in views)

@@ -223,3 +223,32 @@ def test_a_failed_step_leaves_no_load_running(ckpt):
         assert out.shape == (1, 6)
     finally:
         model.close()
+
+
+def test_a_store_restored_by_rename_is_read_again(ckpt, tmp_path):
+    """A file replaced under its name (a re-download, mv, rsync: a new inode) serves after a
+    read failed: the reader opens the path again instead of rereading the old, truncated file."""
+    import os
+
+    path = tmp_path / "ck"
+    shutil.copytree(ckpt, path)
+    resident = fmoe.models.from_pretrained(path)
+    model = fmoe.models.from_pretrained(path, expert_cache=2, policy="lru")
+    files = sorted(path.glob("*.safetensors"))
+    saved = {f: f.read_bytes() for f in files}
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    ref = resident.generate(prompt, 6, eos_token_id=[])
+    try:
+        for f in files:
+            with open(f, "r+b") as fh:
+                fh.truncate(int.from_bytes(saved[f][:8], "little") + 8 + 64)
+        with pytest.raises(ExpertReadError, match="end of file"):
+            model.generate(prompt, 6, eos_token_id=[])
+        for f in files:          # restored as a new file renamed over the old name
+            tmp = f.with_suffix(".new")
+            tmp.write_bytes(saved[f])
+            os.replace(tmp, f)
+        assert torch.equal(model.generate(prompt, 6, eos_token_id=[]), ref)
+        assert model.runtime.engine.probe()
+    finally:
+        model.close()
