@@ -436,7 +436,8 @@ class OffloadRuntime:
         orders = self.policy.on_layer_start(layer)
         self.policy_time += time.perf_counter() - t0
         self._started = layer
-        self._prefetch(orders)
+        if self.execution != "host":    # host: a static hot set, filled on first use only
+            self._prefetch(orders)
 
     def _prefetch(self, orders) -> None:
         if not orders or self.engine.queued_prefetches():

@@ -17,7 +17,7 @@ from fmoe.runtime.offload import min_capacity  # noqa: E402
 
 
 @pytest.mark.parametrize("execution", ["host", "hybrid"])
-@pytest.mark.parametrize("policy", ["lru", "fmoe"])
+@pytest.mark.parametrize("policy", ["lru", "fmoe", "moe-infinity"])   # the last one prefetches
 def test_host_and_hybrid_equal_resident(family, execution, policy):
     path, resident, ids, ref_logits, ref_tokens = family
     shp = resident.config.experts
