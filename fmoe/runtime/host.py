@@ -22,7 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ..kernels.torch_moe import swiglu_expert
+from ..errors import CheckpointError, ExpertReadError
+from ..kernels.torch_moe import GateUp, swiglu_expert
 from ..models.mapped import MappedFiles, _span
 
 
@@ -48,8 +49,14 @@ class HostWeights:
             got = None
             if lay.dtype == self.dtype:
                 s13, s2 = _span(lay.w13), _span(lay.w2)
-                if s13 is not None and s2 is not None:
-                    H, inter = self.hidden, self.inter
+                H, inter = self.hidden, self.inter
+                if s2 is not None and s13 is None and len(lay.w13) == 2 and all(
+                        s.nbytes == inter * H * lay.dtype.itemsize for s in lay.w13):
+                    # gate and up apart (Mixtral's w1, w2, w3 order): two views, no copy
+                    g, u = (self._files.view(s.info.file, s.info.offset + s.byte_offset, s.nbytes,
+                                             lay.dtype, (inter, H)) for s in lay.w13)
+                    got = (GateUp(g, u), self._files.view(*s2, lay.dtype, (H, inter)))
+                elif s13 is not None and s2 is not None:
                     got = (self._files.view(*s13, lay.dtype, (2 * inter, H)),
                            self._files.view(*s2, lay.dtype, (H, inter)))
             self._views[key] = got
@@ -63,7 +70,12 @@ class HostWeights:
         buf = getattr(self._local, "buf", None)
         if buf is None:      # one pair per worker thread, reused (the store's dtype is the run dtype)
             buf = self._local.buf = self.store.new_staging()
-        self.store.read_into(key, buf[0], buf[1])
+        try:
+            self.store.read_into(key, buf[0], buf[1])
+        except CheckpointError as e:        # as the copy engine reports a failed load
+            E = self.store.num_experts
+            raise ExpertReadError(f"cannot read expert {key // E}/{key % E} (layer/expert) for the "
+                                  f"host: {e}") from e
         return buf
 
 

@@ -161,3 +161,36 @@ def test_host_pool_error_reaches_the_caller():
 def test_host_pool_refuses_zero_workers():
     with pytest.raises(ValueError, match="workers"):
         HostExecutor(_Weights(None, None), workers=0)
+
+
+def test_host_reads_mixtral_experts_mapped_and_names_a_failed_read(tmp_path, mixtral_ckpt):
+    """Mixtral's gate and up lie apart in its files: the host computes from two mapped views
+    (no copy); and a read the host cannot make is an ExpertReadError naming the expert, as the
+    copy engine's."""
+    from fmoe.errors import CheckpointError, ExpertReadError
+    from fmoe.kernels.torch_moe import GateUp
+    from fmoe.runtime.host import HostWeights
+
+    path, _ = mixtral_ckpt
+    model = fmoe.models.from_pretrained(path, expert_cache=2, policy="lru", execution="host")
+    try:
+        assert isinstance(model.runtime.host.weights.get(3)[0], GateUp)
+
+        class Broken:
+            num_experts = model.runtime.store.num_experts
+            hidden, inter = model.runtime.store.hidden, model.runtime.store.inter
+
+            def layout(self, key):
+                return model.runtime.store.layout(key)
+
+            def new_staging(self):
+                return model.runtime.store.new_staging()
+
+            def read_into(self, key, a, b):
+                raise CheckpointError("model-00001.safetensors: unexpected end of file")
+
+        bad = HostWeights(Broken(), torch.float32, mmap=False)
+        with pytest.raises(ExpertReadError, match="expert 0/5"):
+            bad.get(5)
+    finally:
+        model.close()
