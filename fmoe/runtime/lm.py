@@ -100,10 +100,9 @@ class MoEModel(nn.Module):
         # request) is the model's; a second thread waits its turn instead of corrupting it
         self._lock = threading.Lock()
         self.closed = False
-        if runtime is not None:
-            # a model dropped without close() (HF code never calls it) still stops the runtime's
-            # threads and frees its cache when it is collected
-            weakref.finalize(self, runtime.close)
+        # a model dropped without close() (HF code never calls it) still stops the runtime's
+        # threads and frees its cache when it is collected (or at exit); close() runs it once
+        self._finalize = weakref.finalize(self, runtime.close) if runtime is not None else None
 
     # -- lifetime ----------------------------------------------------------------------------
     def __enter__(self) -> "MoEModel":
@@ -269,8 +268,8 @@ class MoEModel(nn.Module):
         """Stop the runtime's threads and write what it keeps (a trace, a map store); the model
         cannot be used afterwards. Idempotent."""
         self.closed = True
-        if self.runtime is not None:
-            self.runtime.close()
+        if self._finalize is not None:
+            self._finalize()            # runtime.close(), once
 
 
 def _stream_to(streamer, input_ids, on_token):
