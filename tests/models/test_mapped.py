@@ -4,6 +4,8 @@ the model computes what the resident model computes."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import fmoe
@@ -20,8 +22,7 @@ def test_mixtral_gate_and_up_apart_stay_mapped(tmp_path, mixtral_ckpt):
     assert all(isinstance(w, GateUp) for w in experts.w13.tensors)      # two views, no copy
     assert torch.equal(mapped.generate(ids, 12, eos_token_id=[]), resident.generate(ids, 12, eos_token_id=[]))
 
-    bf = save_hf(hf.to(torch.bfloat16), tmp_path / "bf16")
-    hf.to(torch.float32)
+    bf = save_hf(copy.deepcopy(hf).to(torch.bfloat16), tmp_path / "bf16")   # the shared fixture stays fp32
     a = fmoe.models.from_pretrained(bf, dtype=torch.bfloat16)
     b = fmoe.models.from_pretrained(bf, expert_cache="mmap")
     assert isinstance(b.module.moe_blocks()[0].experts.w13.tensors[0], GateUp)
