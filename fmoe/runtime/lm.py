@@ -300,14 +300,15 @@ _HF_ARGS = {
                 "and pass its local path",
     "cache_dir": "download with huggingface_hub (cache_dir=...) and pass the local path",
     "token": "log in with `huggingface-cli login` (or HF_TOKEN), then pass the repo id",
+    "local_files_only": "set HF_HUB_OFFLINE=1: a hub id then resolves from the local cache only",
     "attn_implementation": "fmoe's model files compute attention themselves",
     "quantization_config": "fmoe serves checkpoints as published (fp32, bf16, fp16, FP8 "
                            "block-scaled); it does not quantise at load",
     "load_in_8bit": "fmoe does not quantise at load", "load_in_4bit": "fmoe does not quantise at load",
 }
 # HF arguments that change nothing here: accepted and ignored (no remote code ever runs; loading
-# is always lazy per tensor; a hub id is read from the local cache first)
-_HF_NO_OPS = frozenset({"trust_remote_code", "low_cpu_mem_usage", "local_files_only", "use_safetensors"})
+# is always lazy per tensor; only safetensors are read)
+_HF_NO_OPS = frozenset({"trust_remote_code", "low_cpu_mem_usage", "use_safetensors"})
 
 
 def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe", **kwargs) -> MoEModel:
