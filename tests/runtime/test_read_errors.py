@@ -119,14 +119,21 @@ def test_probe_restores_health_without_traffic(store):
         eng.close()
 
 
-def test_a_truncated_store_fails_requests_then_recovers(ckpt, tmp_path):
-    """End to end: truncate the checkpoint while serving, then restore it in place."""
+def _copy_to_break(ckpt, tmp_path):
+    """A copy of the checkpoint to damage: (its path, the resident model, an offloaded one with
+    two slots, {file: its bytes})."""
     path = tmp_path / "ck"
     shutil.copytree(ckpt, path)
-    resident = fmoe.models.from_pretrained(path)
-    model = fmoe.models.from_pretrained(path, expert_cache=2, policy="lru")
     files = sorted(path.glob("*.safetensors"))
-    saved = {f: f.read_bytes() for f in files}
+    return (path, fmoe.models.from_pretrained(path),
+            fmoe.models.from_pretrained(path, expert_cache=2, policy="lru"),
+            {f: f.read_bytes() for f in files})
+
+
+def test_a_truncated_store_fails_requests_then_recovers(ckpt, tmp_path):
+    """End to end: truncate the checkpoint while serving, then restore it in place."""
+    path, resident, model, saved = _copy_to_break(ckpt, tmp_path)
+    files = list(saved)
     prompt = [5, 6, 7, 8]
     ref = resident.generate(torch.tensor([prompt]), 6, eos_token_id=[])[0, 4:].tolist()
     b = Batcher(model, max_batch=4)
@@ -230,12 +237,8 @@ def test_a_store_restored_by_rename_is_read_again(ckpt, tmp_path):
     read failed: the reader opens the path again instead of rereading the old, truncated file."""
     import os
 
-    path = tmp_path / "ck"
-    shutil.copytree(ckpt, path)
-    resident = fmoe.models.from_pretrained(path)
-    model = fmoe.models.from_pretrained(path, expert_cache=2, policy="lru")
-    files = sorted(path.glob("*.safetensors"))
-    saved = {f: f.read_bytes() for f in files}
+    path, resident, model, saved = _copy_to_break(ckpt, tmp_path)
+    files = list(saved)
     prompt = torch.tensor([[5, 6, 7, 8]])
     ref = resident.generate(prompt, 6, eos_token_id=[])
     try:
