@@ -37,19 +37,45 @@ _local = threading.local()
 _SLOT0 = np.zeros(1, np.int64)
 
 
+_serial: threading.Lock | None = None    # set when numba's threading layer is not thread-safe
+_load_lock = threading.Lock()
+
+
 def _k():
     """`fmoe.kernels.gemv_numba`, imported on first use (numba takes a moment to load), with
     numba's thread count set to torch's for the calling thread (numba's count is per thread)."""
-    global _kernels_mod
+    global _kernels_mod, _serial
     if _kernels_mod is None:
-        from . import gemv_numba
-        _kernels_mod = gemv_numba
+        with _load_lock:
+            if _kernels_mod is None:
+                from . import gemv_numba
+
+                # the layer is chosen at the first parallel call: make it here, alone. Numba's
+                # "workqueue" layer (where neither OpenMP nor TBB is found) aborts the process
+                # on concurrent calls (host workers beside the forward): serialise them there
+                gemv_numba.gemv(np.zeros((4, 4), np.uint16), np.zeros((1, 4), np.float32),
+                                np.empty(0, np.float32), np.empty((1, 4), np.uint16))
+                import numba
+
+                if numba.threading_layer() == "workqueue":
+                    _serial = threading.Lock()
+                _kernels_mod = gemv_numba
     n = torch.get_num_threads()
     if getattr(_local, "threads", None) != n:
         import numba
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
         _local.threads = n
     return _kernels_mod
+
+
+def _parallel(kernel, *args) -> None:
+    """Call a parallel kernel; one at a time where numba's threading layer needs it."""
+    lock = _serial
+    if lock is None:
+        kernel(*args)
+    else:
+        with lock:
+            kernel(*args)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -94,7 +120,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     k = _k()
     out = np.empty((x.shape[0], w.shape[0]), np.uint16)
     b = _NO_BIAS if bias is None else bias.detach().float().contiguous().numpy()
-    k.gemv(_bits(w), x.float().contiguous().numpy(), b, out)
+    _parallel(k.gemv, _bits(w), x.float().contiguous().numpy(), b, out)
     return _bf16(out)
 
 
@@ -116,7 +142,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, l
                          f"k_pe {tuple(k_pe.shape)}, keep {tuple(keep.shape)}, w_uv {tuple(w_uv.shape)}")
     k = _k()
     out = np.empty((heads, w_uv.shape[1]), np.uint16)
-    k.mla_decode(q_nope.float().contiguous().numpy(), q_pe.float().contiguous().numpy(), _bits(w_uk_t),
+    _parallel(k.mla_decode, q_nope.float().contiguous().numpy(), q_pe.float().contiguous().numpy(), _bits(w_uk_t),
                  _bits(latent), _bits(k_pe), keep.contiguous().numpy(), _bits(w_uv), np.float32(scale), out)
     return _bf16(out)
 
@@ -162,7 +188,7 @@ def swiglu_rows(x: torch.Tensor, wg: torch.Tensor, g0: int, wu: torch.Tensor, u0
     wg_u = _bits(wg)
     wu_u = wg_u if wu is wg else _bits(wu)
     y = np.empty((ids.size, H), np.uint16)
-    k.swiglu(wg_u, g0, wu_u, u0, _bits(wd), ids, x.float().contiguous().numpy(), y)
+    _parallel(k.swiglu, wg_u, g0, wu_u, u0, _bits(wd), ids, x.float().contiguous().numpy(), y)
     return _bf16(y)
 
 

@@ -295,3 +295,32 @@ def test_a_forward_that_records_gradients_stays_in_torch():
     assert y.requires_grad
     y.float().sum().backward()
     assert lin.weight.grad is not None
+
+
+def test_kernels_are_serialised_under_numbas_workqueue_layer():
+    """Where numba finds neither OpenMP nor TBB it runs parallel kernels on its "workqueue"
+    layer, which aborts the process on concurrent calls (host workers beside the forward):
+    the kernels then run one at a time. Forced here with NUMBA_THREADING_LAYER."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import threading, torch
+from fmoe.kernels import cpu_gemv
+x = torch.randn(1, 256).to(torch.bfloat16); w = torch.randn(512, 256).to(torch.bfloat16)
+want = cpu_gemv.linear(x, w)
+bad = []
+def run():
+    for _ in range(40):
+        if not torch.equal(cpu_gemv.linear(x, w), want):
+            bad.append(1)
+ts = [threading.Thread(target=run) for _ in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+import numba
+print(numba.threading_layer(), cpu_gemv._serial is not None, len(bad))
+"""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["workqueue", "True", "0"]
