@@ -373,18 +373,28 @@ class FileReader:
             pos += want
 
     # -- reads -----------------------------------------------------------------------------
-    def _forget(self, file: Path) -> None:
-        """After a failed read of `file`: its handles are retired (closed by `close`: another
-        thread may hold one), so the next read opens the path again and finds a file restored
-        by rename (a re-download, `mv`, rsync), not the old inode."""
+    def _forget(self, file: Path) -> bool:
+        """After a failed read of `file`: where the path now names another file (restored by
+        rename: a re-download, `mv`, rsync), its handles are retired (closed by `close`: another
+        thread may hold one) and the next read opens the path again; a file still the same
+        keeps its handles (a retry must not cost a descriptor). Returns whether it was
+        replaced."""
+        try:
+            now = os.stat(file)
+        except OSError:
+            return False            # nothing at the path yet: keep the handles, retry later
+        replaced = False
         with self._lock:
-            fd = self._fds.pop(file, None)
-            if fd is not None:
-                self._retired.append(fd)
-            dfd = self._direct.get(file)
-            if dfd is not None:
-                del self._direct[file]
-                self._retired.append(dfd)
+            for table in (self._fds, self._direct):
+                fd = table.get(file)
+                if fd is None:
+                    continue
+                then = os.fstat(fd)
+                if (then.st_dev, then.st_ino) != (now.st_dev, now.st_ino):   # replaced: reopen
+                    del table[file]
+                    self._retired.append(fd)
+                    replaced = True
+        return replaced
 
     def readv(self, file: str | os.PathLike, offset: int, buffers, what: str = "") -> None:
         """Read the contiguous byte range of `file` starting at `offset` into `buffers` (contiguous
@@ -394,8 +404,9 @@ class FileReader:
         try:
             self._readv(Path(file), offset, buffers, what)
         except CheckpointError:
-            self._forget(Path(file))
-            raise
+            if not self._forget(Path(file)):
+                raise
+            self._readv(Path(file), offset, buffers, what)     # once more, from the new file
 
     def _readv(self, file: Path, offset: int, buffers, what: str) -> None:
         views = [byte_view(b) for b in buffers]

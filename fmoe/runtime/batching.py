@@ -117,6 +117,7 @@ class Batcher:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.model = model          # kept: a dropped MoEModel would close the runtime used here
         self.module = getattr(model, "module", model)
         if hooks is None:
             hooks = getattr(model, "runtime", None)
@@ -275,7 +276,10 @@ class Batcher:
         except BaseException as e:
             recover = getattr(self.hooks, "recover", None)
             if recover is not None:
-                recover()             # the offload runtime's cache as if nothing were cached
+                try:
+                    recover()         # the offload runtime's cache as if nothing were cached
+                except Exception:
+                    log.error("recovering the runtime failed:\n%s", traceback.format_exc())
             if not isinstance(e, Exception):
                 raise                 # Ctrl-C, exit: the caller's
             log.error("engine step failed:\n%s", traceback.format_exc())

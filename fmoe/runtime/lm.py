@@ -127,8 +127,13 @@ class MoEModel(nn.Module):
                 device, dtype = a.device, a.dtype
             elif isinstance(a, (str, torch.device, int)):
                 device = a if not isinstance(a, int) else f"cuda:{a}"
-        if (dtype is not None and dtype != self.dtype) or (
-                device is not None and torch.device(device).type != self.device.type):
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        mine = self.device if self.device.type != "cuda" or self.device.index is not None else \
+            torch.device("cuda", 0)
+        if (dtype is not None and dtype != self.dtype) or (device is not None and device != mine):
             self._refuse_cast(f".to({', '.join(map(repr, args))})")
         return self
 
@@ -145,7 +150,8 @@ class MoEModel(nn.Module):
         self._refuse_cast(".double()")
 
     def cuda(self, device=None):
-        return self.to("cuda")
+        return self.to("cuda" if device is None else torch.device("cuda", device) if isinstance(device, int)
+                       else device)
 
     def cpu(self):
         return self.to("cpu")
@@ -226,8 +232,6 @@ class MoEModel(nn.Module):
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
                 check_generate_inputs(self, input_ids, 0)
             max_new_tokens = max(0, int(max_length) - input_ids.shape[1])
-        if streamer is not None:
-            on_token = _stream_to(streamer, input_ids, on_token)
         if do_sample is False:
             temperature = 0.0
         elif do_sample and temperature == 0.0:
@@ -243,6 +247,9 @@ class MoEModel(nn.Module):
         self._check_open()
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
+        check_generate_inputs(self, ids, params.max_new_tokens, mask)   # before anything starts
+        if streamer is not None:
+            on_token = _stream_to(streamer, input_ids, on_token)
         with self._lock, self._recovering():
             try:
                 return generate(self.module, ids, params, mask, pad_token_id, on_token, hooks=self.runtime)

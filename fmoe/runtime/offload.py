@@ -308,6 +308,7 @@ class OffloadRuntime:
         # the policy's predictor runner, if any (a worker thread when it prefetches); every
         # policy event below comes from this (the forward) thread
         self.scheduler = getattr(self.policy, "runner", None)
+        self._in_step = False       # between begin_step and on_token_end (`recover`)
         self._started = -1          # the MoE layer whose on_layer_start this token has had
         self.recorder = None
         if trace_path is not None:
@@ -334,7 +335,11 @@ class OffloadRuntime:
         policy halfway through an event. The copies in flight finish, and the cache starts
         over, empty, with a fresh policy (a map store is read again), so that the next step
         computes what the resident model computes; the stats and the copy engine's health
-        carry on."""
+        carry on. Outside a step (bad input, a caller's callback between steps) the runtime is
+        consistent and nothing is dropped."""
+        if not self._in_step:
+            return
+        self._in_step = False
         try:
             self.engine.drain()
         finally:
@@ -399,6 +404,7 @@ class OffloadRuntime:
     def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None,
                    seq_ids: list[int] | None = None) -> None:
         """A forward over input_ids [B, T] starts; row b belongs to request seq_ids[b]."""
+        self._in_step = True
         if self.recorder is not None:
             self.recorder.begin_step(input_ids, valid, seq_ids)
         if self._embed is not None and getattr(self.policy, "uses_maps", False):
@@ -409,6 +415,7 @@ class OffloadRuntime:
             self.policy.set_token_embedding(emb)
 
     def on_token_end(self) -> None:
+        self._in_step = False
         self._started = -1
         t0 = time.perf_counter()
         self.policy.on_token_end()

@@ -174,6 +174,8 @@ class CopyEngine:
             self._promote_locked(slot)
             while self.done_gen[slot] != self.gen[slot]:
                 self._raise_failed(slot)
+                if self._stop:
+                    raise RuntimeError("the copy engine is closed (the model was closed)")
                 if self.error is not None:
                     raise ExpertReadError(f"the copy engine stopped: {type(self.error).__name__}: "
                                           f"{self.error}") from self.error
@@ -213,7 +215,7 @@ class CopyEngine:
     def drain(self) -> None:
         """Wait until no order is queued or running."""
         with self._cv:
-            while self._pending and self.error is None:
+            while self._pending and self.error is None and not self._stop:
                 self._cv.wait(0.05)
 
     def describe(self, key: int) -> str:

@@ -551,8 +551,7 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         obj = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                "model": state.name}
         tok = state.tokenizer
-        skip = req.skip_special_tokens is not False
-        echo = [(text if text is not None else tok.decode(ids, skip_special_tokens=skip)) if req.echo else ""
+        echo = [(text if text is not None else tok.decode(ids, skip_special_tokens=False)) if req.echo else ""
                 for ids, text in prompts for _ in range(n)]
         chunk = chunk_maker(obj, req.include_usage,
                             lambda i, t, f: {"index": i, "text": t, "logprobs": None, "finish_reason": f})

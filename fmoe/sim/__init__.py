@@ -24,11 +24,14 @@ __all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        try:                        # a submodule (fmoe.sim.replay, ...), as eager imports gave
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     return getattr(importlib.import_module(f".{mod}", __name__), name)
 
 

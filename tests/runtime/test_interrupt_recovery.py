@@ -86,3 +86,34 @@ def test_an_error_inside_a_served_step_leaves_the_next_step_exact(mixtral_ckpt, 
     b.run_until_idle()
     assert s.output == want
     m.close()
+
+
+def test_bad_input_or_a_callback_between_steps_keeps_the_cache(mixtral_ckpt):
+    """Only a step cut short starts the cache over: an input refused before generation, or a
+    caller's callback raising between steps, leaves the cache and the policy as they were."""
+    m = fmoe.models.from_pretrained(mixtral_ckpt[0], expert_cache=0.5, policy="lru")
+    m.generate(IDS, 4, eos_token_id=[])
+    policy, cached = m.runtime.policy, len(m.runtime.table)
+    with pytest.raises(ValueError):
+        m.generate(torch.tensor([[10**6]]), 4)
+    with pytest.raises(ValueError, match="right"):
+        m.generate(torch.tensor([[5, 9, 0]]), 4, attention_mask=torch.tensor([[1, 1, 0]]))
+
+    def stop(ids):
+        raise StopIteration("enough")
+    with pytest.raises(StopIteration):
+        m.generate(IDS, 4, eos_token_id=[], on_token=stop)
+    assert m.runtime.policy is policy and len(m.runtime.table) == cached > 0
+    m.close()
+
+
+def test_a_batcher_keeps_its_model_alive(mixtral_ckpt):
+    import gc
+
+    b = Batcher(fmoe.models.from_pretrained(mixtral_ckpt[0], expert_cache=0.5, policy="lru"), max_batch=1)
+    gc.collect()                      # the MoEModel is only the batcher's now
+    s = Sequence(IDS[0].tolist(), SamplingParams(max_new_tokens=3, eos_token_id=[]))
+    b.submit([s])
+    b.run_until_idle()
+    assert s.finish_reason == "length"
+    b.model.close()

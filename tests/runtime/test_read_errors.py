@@ -255,3 +255,24 @@ def test_a_store_restored_by_rename_is_read_again(ckpt, tmp_path):
         assert model.runtime.engine.probe()
     finally:
         model.close()
+
+
+def test_retries_of_a_file_still_damaged_cost_no_descriptors(ckpt, tmp_path):
+    """Only a file replaced on disk is opened again; retries of one still damaged (a /health
+    probe every few seconds) reuse its handle."""
+    import os
+
+    path, _, model, saved = _copy_to_break(ckpt, tmp_path)
+    try:
+        info = next(i for i in CheckpointIndex(path).tensors.values() if "experts" in i.name)
+        f = next(iter(saved))
+        with open(f, "r+b") as fh:
+            fh.truncate(int.from_bytes(saved[f][:8], "little") + 8 + 64)
+        reader = model.runtime.store.reader
+        held = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            with pytest.raises(CheckpointError):
+                reader.read(info)
+        assert len(os.listdir("/proc/self/fd")) <= held + 1
+    finally:
+        model.close()

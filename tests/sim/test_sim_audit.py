@@ -219,3 +219,12 @@ def test_calibrate_checks_the_model_directory_first(capsys, tmp_path):
         err = capsys.readouterr().err
         assert code != 0 and words in err, err
         assert "cold reads" not in err and err.count("\n") == 1
+
+
+def test_submodules_stay_reachable_as_attributes():
+    import fmoe.sim
+
+    assert fmoe.sim.replay.simulate is fmoe.sim.simulate
+    assert fmoe.sim.trace.load_trace is fmoe.sim.load_trace
+    with pytest.raises(AttributeError):
+        getattr(fmoe.sim, "no_such_thing")  # noqa: B009
