@@ -46,6 +46,14 @@ class MappedFiles:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset).view(shape)
 
+    def gate_up(self, segs, dtype: torch.dtype, inter: int, hidden: int) -> GateUp | None:
+        """An expert's w13 segments as two views (gate [I, H], up [I, H]) when they are the two
+        whole matrices lying apart (Mixtral's w1, w2, w3 order), else None."""
+        if len(segs) != 2 or any(s.nbytes != inter * hidden * dtype.itemsize for s in segs):
+            return None
+        return GateUp(*(self.view(s.info.file, s.info.offset + s.byte_offset, s.nbytes, dtype,
+                                  (inter, hidden)) for s in segs))
+
     def advise(self, advice: int) -> None:
         for mm in self._maps.values():
             try:
@@ -108,13 +116,13 @@ def install_mapped_experts(model, cfg, layouts) -> MappedFiles:
             for segs, shape, out in ((lay.w13, (2 * shp.inter, shp.hidden), w13),
                                      (lay.w2, (shp.hidden, shp.inter), w2)):
                 span = _span(segs)
+                apart = None
+                if span is None and out is w13:
+                    apart = files.gate_up(segs, lay.dtype, shp.inter, shp.hidden)
                 if span is not None:
                     out.append(files.view(span[0], span[1], span[2], lay.dtype, shape))
-                elif out is w13 and len(segs) == 2 and all(
-                        s.nbytes == shp.inter * shp.hidden * lay.dtype.itemsize for s in segs):
-                    gate, up = (files.view(s.info.file, s.info.offset + s.byte_offset, s.nbytes, lay.dtype,
-                                           (shp.inter, shp.hidden)) for s in segs)
-                    out.append(GateUp(gate, up))
+                elif apart is not None:
+                    out.append(apart)
                 else:
                     parts = [files.view(s.info.file, s.info.offset + s.byte_offset, s.nbytes, lay.dtype, (-1,))
                              for s in segs]

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..errors import CheckpointError, ExpertReadError
-from ..kernels.torch_moe import GateUp, swiglu_expert
+from ..kernels.torch_moe import swiglu_expert
 from ..models.mapped import MappedFiles, _span
 
 
@@ -50,12 +50,9 @@ class HostWeights:
             if lay.dtype == self.dtype:
                 s13, s2 = _span(lay.w13), _span(lay.w2)
                 H, inter = self.hidden, self.inter
-                if s2 is not None and s13 is None and len(lay.w13) == 2 and all(
-                        s.nbytes == inter * H * lay.dtype.itemsize for s in lay.w13):
-                    # gate and up apart (Mixtral's w1, w2, w3 order): two views, no copy
-                    g, u = (self._files.view(s.info.file, s.info.offset + s.byte_offset, s.nbytes,
-                                             lay.dtype, (inter, H)) for s in lay.w13)
-                    got = (GateUp(g, u), self._files.view(*s2, lay.dtype, (H, inter)))
+                apart = self._files.gate_up(lay.w13, lay.dtype, inter, H) if s13 is None else None
+                if s2 is not None and apart is not None:     # gate and up apart: two views
+                    got = (apart, self._files.view(*s2, lay.dtype, (H, inter)))
                 elif s13 is not None and s2 is not None:
                     got = (self._files.view(*s13, lay.dtype, (2 * inter, H)),
                            self._files.view(*s2, lay.dtype, (H, inter)))
