@@ -104,6 +104,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)     # over each head's dims
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
+    @property
+    def cache_width(self) -> int:
+        """Elements one cached position takes in this layer: K and V."""
+        return 2 * self.kv_heads * self.head_dim
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         """x [B, T, H], cos/sin [B, T, head_dim], mask [B|1, 1, T, S] -> [B, T, H]."""
         B, T, _ = x.shape
@@ -199,6 +204,12 @@ class MoeForCausalLM(nn.Module):
         grouped-query attention; MLA's latent [B, S, kv_lora_rank] and rotary key
         [B, S, qk_rope_head_dim]."""
         return KVCache(self.config.num_hidden_layers)
+
+    def kv_bytes_per_position(self) -> int:
+        """Bytes one cached position of one sequence takes over every layer (the cache holds
+        activations, in the embedding's dtype)."""
+        size = self.model.embed_tokens.weight.element_size()
+        return size * sum(layer.self_attn.cache_width for layer in self.model.layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_valid: torch.Tensor | None = None,

@@ -189,6 +189,11 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = Linear(self.heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
+    @property
+    def cache_width(self) -> int:
+        """Elements one cached position takes in this layer: the latent and the rotary key."""
+        return self.rank + self.rope
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         """x [B, T, H] -> [B, T, H]."""
         B, T, _ = x.shape

@@ -143,6 +143,14 @@ class KVCache:
     def __init__(self, num_layers: int):
         self.layers: list[list[torch.Tensor] | None] = [None] * num_layers
         self.seen = 0
+        # the most positions a buffer may grow to while it holds at least that many (None: no
+        # bound): the serving loop sets it so that rows x capacity stays within its KV budget
+        self.max_len: int | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold room for (the largest layer's)."""
+        return max((b[0].shape[1] for b in self.layers if b is not None), default=0)
 
     def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Append `new` ([B, T, ...] each) at positions seen..seen+T; return [B, seen+T, ...]."""
@@ -151,6 +159,8 @@ class KVCache:
         bufs = self.layers[layer]
         if bufs is None or bufs[0].shape[1] < end:
             cap = max(end, 2 * (bufs[0].shape[1] if bufs else 0), 16)
+            if self.max_len is not None:
+                cap = max(end, min(cap, self.max_len))
             grown = []
             for i, t in enumerate(new):
                 b = t.new_empty((t.shape[0], cap) + tuple(t.shape[2:]))
@@ -175,8 +185,9 @@ class KVCache:
     def select(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` [b] (long), in that order: [B, seen, ...] -> [b, seen, ...]
         (a copy; the next `update` regrows it)."""
-        self.layers = [None if b is None else [t[:, :self.seen].index_select(0, index) for t in b]
-                       for b in self.layers]
+        for i, b in enumerate(self.layers):   # layer by layer: one layer's copy is extra at a time
+            if b is not None:
+                self.layers[i] = [t[:, :self.seen].index_select(0, index) for t in b]
 
     def merge(self, other: "KVCache", headroom: int = 16) -> None:
         """Append the rows of `other` below this cache's rows, both right-aligned on
@@ -184,16 +195,14 @@ class KVCache:
         The shorter side is left-padded with zeros (the caller masks those keys); `headroom`
         spare columns save the next `update` a regrowth."""
         S = max(self.seen, other.seen)
-        layers = []
-        for a, b in zip(self.layers, other.layers):
-            if a is None and b is None:
-                layers.append(None)
-                continue
-            if a is None or b is None:
-                raise RuntimeError("cannot merge caches: a layer is cached in one batch only")
-            layers.append([self._stack_right_aligned([x[:, :self.seen], y[:, :other.seen]], S, headroom)
-                           for x, y in zip(a, b)])
-        self.layers = layers
+        if any((a is None) != (b is None) for a, b in zip(self.layers, other.layers)):
+            raise RuntimeError("cannot merge caches: a layer is cached in one batch only")
+        if self.max_len is not None:
+            headroom = max(0, min(headroom, self.max_len - S))
+        for i, (a, b) in enumerate(zip(self.layers, other.layers)):
+            if a is not None:          # layer by layer: one layer's copy is extra at a time
+                self.layers[i] = [self._stack_right_aligned([x[:, :self.seen], y[:, :other.seen]], S, headroom)
+                                  for x, y in zip(a, b)]
         self.seen = S
 
     @staticmethod

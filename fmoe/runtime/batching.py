@@ -14,6 +14,13 @@ is False on padding, and each row carries its own rotary position. One iteration
    row's own `SamplingParams` and seeded generator;
 3. drops finished and cancelled rows and trims leading columns that are padding in every row.
 
+With a KV budget (`kv_budget`, in cached positions: rows x columns of the padded cache), a
+sequence is admitted only when the batch's next decode step still fits; when the running rows
+outgrow it, the most recently admitted row is preempted (its cache dropped, the sequence put
+back at the head of the queue) and later resumes by prefilling its prompt and the tokens it has
+produced, as vLLM's recompute preemption does. The oldest row always runs, so every sequence
+finishes.
+
 The forwards and the row operations (keep, merge) are the engine's (`fmoe.runtime.engine`:
 `prefill`, `decode_step`, `DecodeBatch`), shared with `generate`. Nothing here depends on a model
 family: a family module only needs ``new_cache()`` returning a `KVCache` and
@@ -91,6 +98,12 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def context(self) -> list[int]:
+        """The tokens a prefill of this sequence takes: the prompt, and the output so far of a
+        sequence that was preempted."""
+        return self.prompt + self.output if self.output else self.prompt
+
     def is_eos(self, token: int) -> bool:
         return token in self._eos
 
@@ -106,17 +119,21 @@ class Batcher:
     bare family module. max_batch: most running rows (1 disables batching: one request at a
     time). max_queue: most waiting sequences; `submit` raises `QueueFull` beyond it.
     max_prefill_tokens: padded prompt tokens one admission forward may take (at least one
-    sequence is always admitted).
+    sequence is always admitted). kv_budget: most cached positions, rows x columns of the
+    padded KV cache (None: no bound); the server derives it from ``--kv-cache-memory``.
     """
 
     def __init__(self, model, *, max_batch: int = 32, max_queue: int = 256,
-                 max_prefill_tokens: int = 8192, pad_token_id: int | None = None, hooks=None):
+                 max_prefill_tokens: int = 8192, pad_token_id: int | None = None, hooks=None,
+                 kv_budget: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        if kv_budget is not None and kv_budget < 2:
+            raise ValueError(f"kv_budget must be >= 2 positions, got {kv_budget}")
         self.model = model          # kept: a dropped MoEModel would close the runtime used here
         self.module = getattr(model, "module", model)
         if hooks is None:
@@ -130,6 +147,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        self.kv_budget = kv_budget
 
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -152,6 +170,7 @@ class Batcher:
         self.steps = 0
         self.prefills = 0
         self.tokens_generated = 0
+        self.preemptions = 0
 
     # -- submission (any thread) ---------------------------------------------------------------
     def submit(self, seqs: Sequence | Iterable[Sequence]) -> None:
@@ -303,6 +322,8 @@ class Batcher:
             self._prefill(new)
             self._admitting = []
         if self.rows:
+            self._fit_budget()
+        if self.rows:
             self._decode()
         self._drop_finished()
 
@@ -311,6 +332,7 @@ class Batcher:
         room = self.max_batch - len(self.rows)
         out: list[Sequence] = []
         longest = 0
+        columns = self._batch.cache.seen if self._batch is not None else 0
         with self._cond:
             while self._waiting and len(out) < room:
                 s = self._waiting[0]
@@ -318,18 +340,56 @@ class Batcher:
                     self._waiting.popleft()
                     self._finish(s, CANCELLED if s.cancelled else LENGTH, started=False)
                     continue
-                n = max(longest, len(s.prompt))
+                n = max(longest, len(s.context))
                 if out and n * (len(out) + 1) > self.max_prefill_tokens:
                     break
+                if self.kv_budget is not None:
+                    # the next decode step after this admission: every row, one column more
+                    need = (len(self.rows) + len(out) + 1) * (max(columns, n) + 1)
+                    if need > self.kv_budget:
+                        if self.rows or out:
+                            break         # waits for rows to finish
+                        self._waiting.popleft()     # cannot run even alone
+                        self._finish(s, ERROR, started=False,
+                                     error=f"the sequence needs {len(s.context) + 1} KV cache positions; "
+                                           f"the budget holds {self.kv_budget}")
+                        continue
                 longest = n
                 out.append(self._waiting.popleft())
         return out
 
+    def _fit_budget(self) -> None:
+        """Before a decode step: preempt the most recently admitted rows until rows x (columns
+        + 1) fits the KV budget; a lone row that outgrows it finishes with "length"."""
+        if self.kv_budget is None:
+            return
+        while self.rows and len(self.rows) * (self._batch.cache.seen + 1) > self.kv_budget:
+            if len(self.rows) == 1:
+                log.warning("sequence %d outgrew the KV budget (%d positions); finished with 'length'",
+                            self.rows[0].id, self.kv_budget)
+                self._finish(self.rows[0], LENGTH)
+                self._reset()
+                return
+            s = self.rows.pop()
+            self._last.pop()
+            self._batch.keep(torch.arange(len(self.rows), device=self.device))
+            self.preemptions += 1
+            log.info("sequence %d preempted (KV budget %d positions); it resumes from its %d tokens",
+                     s.id, self.kv_budget, len(s.context))
+            try:
+                self.hooks.on_request_end(s.id)
+            except Exception:
+                log.error("on_request_end failed:\n%s", traceback.format_exc())
+            with self._cond:
+                self._waiting.appendleft(s)
+        self._batch.cache.max_len = self.kv_budget // len(self.rows)
+
     def _prefill(self, seqs: list[Sequence]) -> None:
         for s in seqs:
-            self.hooks.on_request_start(s.id, s.prompt_text, list(s.prompt))
-        ids, valid = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
-        logits, batch = prefill(self.module, ids, valid, self.hooks, [s.id for s in seqs])
+            self.hooks.on_request_start(s.id, s.prompt_text, list(s.context))
+        ids, valid = left_pad([s.context for s in seqs], self.pad_id, self.device)
+        logits, batch = prefill(self.module, ids, valid, self.hooks, [s.id for s in seqs],
+                                max_len=None if self.kv_budget is None else self.kv_budget // len(seqs))
         self.prefills += 1
         toks = self._sample(logits, seqs)
         keep = [i for i, (s, t) in enumerate(zip(seqs, toks)) if t is not None and not self._emit(s, t)]
@@ -338,6 +398,8 @@ class Batcher:
         if len(keep) < len(seqs):
             batch.keep(torch.tensor(keep, device=self.device))
         # rows join the running batch
+        if self.rows and self.kv_budget is not None:
+            self._batch.cache.max_len = self.kv_budget // (len(self.rows) + len(keep))
         if not self.rows:
             self._batch = batch
         else:

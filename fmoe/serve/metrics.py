@@ -95,6 +95,9 @@ class _LiveFigures:
                                       value=b.steps)
             yield CounterMetricFamily("fmoe_engine_prefills_total", "Prefill forwards (admissions).",
                                       value=b.prefills)
+            yield CounterMetricFamily("fmoe_engine_preemptions_total",
+                                      "Rows preempted to keep the KV cache within its budget.",
+                                      value=b.preemptions)
         if self.model is None:
             return
         try:

@@ -121,14 +121,13 @@ def cmd_serve(args) -> int:
         model = load_model(args)
         if model.tokenizer is None:
             raise ValueError(f"{args.model}: no tokenizer.json beside the checkpoint; the server needs one")
-        positions = getattr(model.config, "max_position_embeddings", None)
-        if args.max_model_len and positions and args.max_model_len > positions:
+        try:
+            ctx, budget, kv_line = context_and_budget(model, args.max_model_len, args.kv_cache_memory)
+        except BaseException:
             model.close()
-            raise ValueError(f"--max-model-len {args.max_model_len} is more than the model's "
-                             f"max_position_embeddings ({positions})")
-        ctx = args.max_model_len or positions or 4096
+            raise
         batcher = Batcher(model, max_batch=args.max_batch, max_queue=args.max_queue,
-                          max_prefill_tokens=args.max_prefill_tokens)
+                          max_prefill_tokens=args.max_prefill_tokens, kv_budget=budget)
     except BaseException:
         sock.close()
         raise
@@ -142,6 +141,7 @@ def cmd_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     print(f"fmoe serve: '{state.name}' on http://{host}:{port}/v1 (max batch {args.max_batch}, "
           f"context {ctx}, expert cache {args.expert_cache or 'all resident'})", file=sys.stderr, flush=True)
+    print(f"fmoe serve: {kv_line}", file=sys.stderr, flush=True)
     if state.defaults:
         print("fmoe serve: sampling defaults from generation_config.json: "
               + ", ".join(f"{k}={v}" for k, v in state.defaults.items())
@@ -160,6 +160,57 @@ def cmd_serve(args) -> int:
               + (f"; the trace is in {args.trace_out}" if getattr(args, "trace_out", None) else ""),
               file=sys.stderr, flush=True)
     return 0
+
+
+def context_and_budget(model, max_model_len: int | None, kv_memory: str) -> tuple[int, int | None, str]:
+    """(context length, KV budget in positions or None, a line saying what was chosen) from
+    `--max-model-len` and `--kv-cache-memory`. Without --max-model-len the context is the
+    model's, or what the budget holds for one sequence where that is less (as llama.cpp sizes
+    its context); a --max-model-len the budget cannot hold is refused."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if max_model_len and positions and max_model_len > positions:
+        raise ValueError(f"--max-model-len {max_model_len} is more than the model's "
+                         f"max_position_embeddings ({positions})")
+    ctx = max_model_len or positions or 4096
+    budget, line = kv_budget(model, kv_memory)
+    if budget is not None and budget < ctx:
+        if max_model_len:
+            raise ValueError(f"--max-model-len {ctx} needs {ctx} KV cache positions; --kv-cache-memory "
+                             f"{kv_memory} holds {budget}: raise --kv-cache-memory or lower --max-model-len")
+        line += f"; context {budget} (the model's {ctx} would not fit)"
+        ctx = budget
+    return ctx, budget, line
+
+
+def kv_budget(model, spec: str) -> tuple[int | None, str]:
+    """The KV cache's bound in positions (rows x columns of the padded batch; None: no bound) for
+    `--kv-cache-memory` `spec` (a size such as '4GiB', 'auto' or 'none'), and a line saying so.
+    auto: half of what the device has free once the model is loaded (on CPU, the memory cgroup's
+    room or MemAvailable: `fmoe.runtime.memory`), the rest kept for activations and the
+    allocator."""
+    import torch
+
+    from ..runtime.memory import memory_limit
+    from ..runtime.offload import parse_bytes
+
+    per = model.module.kv_bytes_per_position()
+    word = spec.strip().lower()
+    if word == "none":
+        return None, "KV cache: no bound (--kv-cache-memory none)"
+    if word == "auto":
+        device = torch.device(model.device)
+        free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+                else memory_limit().available)
+        size, how = free // 2, f"auto: half of the {free / 2**30:.2f} GiB free after loading"
+    else:
+        size, how = parse_bytes(spec), f"--kv-cache-memory {spec}"
+    budget = size // per
+    if budget < 2:
+        raise ValueError(f"--kv-cache-memory {spec}: {size} bytes hold no KV cache positions of this "
+                         f"model ({per} bytes each)" + ("; the device has too little memory free"
+                                                        if word == "auto" else ""))
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    return budget, f"KV cache {shown}, {budget} positions of {per} bytes ({how})"
 
 
 def _uvicorn_server_class():
@@ -249,6 +300,10 @@ def register(subparsers) -> None:
                    help="padded prompt tokens per admission forward (default: 8192)")
     p.add_argument("--max-model-len", type=_positive("--max-model-len"), default=None,
                    help="context length (default: the config's max_position_embeddings)")
+    p.add_argument("--kv-cache-memory", default="auto",
+                   help="memory for the KV cache of the running batch, e.g. 4GiB; rows wait or are "
+                        "preempted (and later resumed) to stay within it. auto: half of what is free "
+                        "after loading; none: no bound (default: auto)")
     p.add_argument("--api-key", default=os.environ.get("FMOE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FMOE_API_KEY, else none)")
     p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
