@@ -58,10 +58,13 @@ class TextStream:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def _add(self, piece: str, check_stop: bool = True) -> tuple[str, bool]:
-        start = max(0, len(self.text) - self.hold)
+        before = len(self.text)
         self.text += piece
         if self.stop and check_stop:
-            hits = [(i, len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
+            # only matches that end in this piece: one that ended earlier was either found
+            # then or lay in text not searched (before min_tokens), as vLLM's rule
+            hits = [(i, len(s)) for i, s in ((self.text.find(s, max(0, before - len(s) + 1)), s)
+                                             for s in self.stop) if i >= 0]
             if hits:
                 i, n = min(hits)
                 self.text = self.text[:i + n if self.include_stop else i]

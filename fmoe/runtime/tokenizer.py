@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from datetime import datetime
@@ -17,14 +18,36 @@ def _token_str(v):
     return v
 
 
+# the special tokens a chat template sees by name, as transformers' special_tokens_map
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _templates(value) -> str | dict[str, str] | None:
+    """tokenizer_config.json's chat_template: one template, or named ones (a list of
+    {"name", "template"}, as the hub stores them, or a mapping)."""
+    if isinstance(value, list):
+        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+        if set(value) == {"default"}:
+            return value["default"]
+        return value or None
+    return value if isinstance(value, str) else None
+
+
 class Tokenizer:
     def __init__(self, tok, config: dict | None = None, generation: dict | None = None):
         self.tok = tok
         cfg = config or {}
-        self.chat_template = cfg.get("chat_template")
+        self.chat_template = _templates(cfg.get("chat_template"))
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
         self.pad_token = _token_str(cfg.get("pad_token"))
+        # what a chat template sees as bos_token, eos_token, ... (only those the config names)
+        self.special_tokens_map = {k: _token_str(cfg[k]) for k in _SPECIAL if _token_str(cfg.get(k))}
+        extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens")
+        if isinstance(extra, list) and extra:
+            self.special_tokens_map["additional_special_tokens"] = [_token_str(t) for t in extra]
         self.add_bos = bool(cfg.get("add_bos_token", False))
         gen = generation or {}
         eos = gen.get("eos_token_id")
@@ -45,9 +68,15 @@ class Tokenizer:
         except Exception as e:  # the library raises a bare Exception on bad files
             raise CheckpointError(f"{root / 'tokenizer.json'}: cannot load ({e})") from None
         cfg = _read_json(root / "tokenizer_config.json")
-        tmpl = root / "chat_template.jinja"
-        if tmpl.exists() and not cfg.get("chat_template"):
-            cfg["chat_template"] = tmpl.read_text()
+        # template files take priority over the config's entries, as in transformers
+        files = {}
+        if (root / "chat_template.jinja").is_file():
+            files["default"] = (root / "chat_template.jinja").read_text()
+        if (root / "chat_templates").is_dir():
+            for f in sorted((root / "chat_templates").glob("*.jinja")):
+                files[f.stem] = f.read_text()
+        if files:
+            cfg["chat_template"] = files
         return cls(tok, cfg, read_generation_config(root))
 
     @property
@@ -125,23 +154,85 @@ class Tokenizer:
             raise ValueError(f"return_tensors={return_tensors!r}: use None or 'pt'")
         return ids
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
-        if not self.chat_template:
+    def template_for(self, tools=None, name: str | None = None) -> str:
+        """The template to render: the only one, or of named ones `name`, else "tool_use" when
+        tools are given and the checkpoint has it, else "default" (transformers' choice)."""
+        t = self.chat_template
+        if not t:
             raise CheckpointError("this tokenizer has no chat_template")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if isinstance(t, str):
+            return t
+        if name is not None and name in t:
+            return t[name]
+        if tools is not None and "tool_use" in t:
+            return t["tool_use"]
+        if "default" in t:
+            return t["default"]
+        raise CheckpointError(f"this tokenizer has several chat templates and none is 'default': "
+                              f"pass chat_template= one of {sorted(t)}")
 
-        def raise_exception(msg):
-            raise jinja2.exceptions.TemplateError(msg)
+    def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
+        variables = dict(variables)
+        tools, documents = variables.pop("tools", None), variables.pop("documents", None)
+        template = self.template_for(tools, variables.pop("chat_template", None))
+        # transformers' variables: the special tokens by name (keywords override them), tools
+        # and documents defined (None when absent), a message's reasoning under the name
+        # templates read
+        return _compile(template).render(
+            **{**self.special_tokens_map, **variables}, tools=tools, documents=documents,
+            messages=[_template_message(m) for m in messages], add_generation_prompt=add_generation_prompt)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
-        return env.from_string(self.chat_template).render(
-            **variables, messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+_REASONING = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_message(message):
+    """A message as transformers hands it to a template: keys whose value is None left out
+    (``content: None`` would render as "None"), and its reasoning, under any of its names, as
+    `reasoning_content` and `thinking` too."""
+    if not isinstance(message, dict):
+        return message
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in _REASONING if k in message), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """A chat template compiled in a sandbox with transformers' globals and filters."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}``: marks the assistant's part for training
+        masks; rendering keeps the body as it is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(msg):
+        raise jinja2.exceptions.TemplateError(msg)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # not jinja's own filter, which escapes HTML characters
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
+    return env.from_string(template)
 
 
 def read_generation_config(root: Path) -> dict:

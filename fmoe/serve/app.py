@@ -380,6 +380,31 @@ def check_chat(req: protocol.ChatRequest) -> None:
                        param="response_format")
 
 
+def template_message(m: protocol.ChatMessage, content: str | None) -> dict:
+    """What the chat template sees of a message: role and content (left out when None, as
+    transformers does), and where given its name, tool calls and the id of the call it
+    answers. A call's JSON arguments reach the template as an object, as transformers'
+    tool-use templates expect (vLLM does the same)."""
+    out = {"role": m.role} if content is None else {"role": m.role, "content": content}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                args = json.loads(c.function.arguments)
+            except ValueError:
+                args = c.function.arguments          # not JSON: passed on as the text it is
+            call = {"type": c.type, "function": {"name": c.function.name, "arguments": args}}
+            if c.id is not None:
+                call["id"] = c.id
+            calls.append(call)
+        out["tool_calls"] = calls
+    return out
+
+
 async def chat_prompt(state: ServerState, req: protocol.ChatRequest) -> tuple[str, list[int]]:
     """The chat template applied to the messages -> (text, token ids); the per-message checks
     and the template run off the event loop."""
@@ -394,11 +419,11 @@ async def chat_prompt(state: ServerState, req: protocol.ChatRequest) -> tuple[st
                                param=f"messages[{i}].content")
             if isinstance(content, list):
                 content = "\n".join(p.text for p in content)
-            messages.append({"role": m.role, "content": content if content is not None else ""})
+            messages.append(template_message(m, content))
         total = 0
         for i, m in enumerate(messages):
-            check_text(state, m["content"], f"messages[{i}].content")
-            total += len(m["content"])
+            check_text(state, m.get("content", ""), f"messages[{i}].content")
+            total += len(m.get("content", "")) + len(json.dumps(m.get("tool_calls", ""), ensure_ascii=False))
         if total > state.max_prompt_bytes:
             raise too_long_text(state, total, "characters", "messages")
         try:

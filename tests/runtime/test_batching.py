@@ -348,6 +348,19 @@ def test_text_stream_stop_string_across_tokens_is_cut_and_held_back():
     assert all("E" not in d for d in deltas)
 
 
+def test_text_stream_finds_only_stops_that_end_in_a_searched_piece():
+    """A stop string that ended in text not searched (before min_tokens) is not found later,
+    whatever the other stop strings' lengths (vLLM's rule: a match must end in the new text)."""
+    for stops in (["ab"], ["ab", "abcdefgh"]):
+        ts = TextStream(CharTokenizer(), stop=stops)
+        out = ""
+        for n, c in enumerate("xabc!", 1):
+            d, stopped = ts.push(ord(c), check_stop=n >= 4)
+            out += d
+            assert not stopped
+        assert out + ts.flush() == "xabc!"
+
+
 def test_text_stream_without_stop_streams_everything_and_skips_eos():
     ts = TextStream(CharTokenizer(), eos_token_ids=[0])
     deltas, stopped = run_stream(ts, [ord(c) for c in "abc"] + [0])
