@@ -24,18 +24,23 @@ class RopeConfig:
 
 
 def read_rope(cfg: dict, default_theta: float = 10000.0) -> RopeConfig:
-    """Accept transformers >= 5 ``rope_parameters`` and the hub's ``rope_theta``/``rope_scaling``."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta = params["rope_theta"]
-        extra = {k: v for k, v in params.items() if k not in ("rope_theta",)}
-    else:
+    """The hub's ``rope_theta``/``rope_scaling`` and transformers >= 5 ``rope_parameters``, with
+    transformers' precedence: ``rope_scaling`` over ``rope_parameters``; the theta inside them,
+    else the top-level ``rope_theta``, else the class default; a top-level
+    ``original_max_position_embeddings`` (Phi-3's spelling) over the nested one for yarn."""
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"rope_scaling / rope_parameters must be an object, got {params!r}")
+    extra = dict(params)
+    theta = extra.pop("rope_theta", None)
+    if theta is None:
         theta = cfg.get("rope_theta", default_theta)
-        extra = dict(cfg.get("rope_scaling") or {})
     rtype = extra.pop("rope_type", None) or extra.pop("type", None) or "default"
     extra.pop("type", None)
     if rtype not in ("default", "linear", "dynamic", "yarn"):
         raise ConfigError(f"unsupported rope type {rtype!r}")
+    if rtype == "yarn" and cfg.get("original_max_position_embeddings") is not None:
+        extra["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
     return RopeConfig(float(theta), rtype, tuple(sorted(extra.items())))
 
 

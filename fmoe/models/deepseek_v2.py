@@ -121,7 +121,8 @@ class DeepseekV2Config(MoeConfig):
                                                    d["routed_scaling_factor"], 1.0)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            rope_interleave=bool(cfg.get("rope_interleave", True)),
+            # transformers' V2 always rotates interleaved pairs; only V3 (and Kimi-K2) read the flag
+            rope_interleave=bool(cfg.get("rope_interleave", True)) if v3 else True,
             num_nextn_predict_layers=cfg.get("num_nextn_predict_layers") or 0,
             model_type=model_type,
             **{**cls.read_common(cfg),

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..models.checkpoint import drop_cached_pages
 from ..models.loading import build_model, install_resident_experts, resolve
-from .engine import SamplingParams, check_generate_inputs, generate
+from .engine import SamplingParams, check_generate_inputs, context_length, generate
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -170,6 +170,11 @@ class MoEModel(nn.Module):
         self._check_open()
         if "cache" not in kwargs:
             check_generate_inputs(self, input_ids, 0, attention_mask)
+        else:       # the positions the cache already holds count against the context too
+            ctx, seen = context_length(self), getattr(kwargs["cache"], "seen", 0)
+            if ctx is not None and seen + input_ids.shape[-1] > ctx:
+                raise ValueError(f"the cache holds {seen} positions; {input_ids.shape[-1]} more is beyond "
+                                 f"the model's context of {ctx} (max_position_embeddings)")
         with self._lock, self._recovering():
             return self._forward(input_ids, attention_mask, **kwargs)
 

@@ -98,6 +98,17 @@ def test_v3_without_rope_interleave(tmp_path):
     assert model.config.moe_layer_ids == [0, 1, 2]
 
 
+def test_v2_ignores_rope_interleave_as_transformers_does(tmp_path):
+    """transformers' DeepSeek-V2 always rotates interleaved pairs: a rope_interleave false
+    written into a V2 config.json changes nothing there, nor in fmoe."""
+    hf = v2(q_lora_rank=None)
+    path = save(hf, tmp_path)
+    rewrite_config(path, lambda c: c.update(rope_interleave=False))
+    model = check_parity(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+                         path)
+    assert model.config.rope_interleave
+
+
 # -- MLA cache ------------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -147,3 +147,38 @@ def test_an_activation_other_than_silu_is_refused(tmp_path, act):
     rewrite_config(path, lambda c: c.update(hidden_act=act))
     with pytest.raises(fmoe.errors.ConfigError, match="hidden_act"):
         fmoe.models.from_pretrained(path)
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("spelling", [
+    # rope_parameters without its theta: the top-level one fills it in
+    lambda c: c.update(rope_parameters=dict(YARN), rope_theta=50000.0),
+    # both spellings: rope_scaling wins
+    lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_scaling=dict(YARN)),
+    # a top-level original_max_position_embeddings (Phi-3's spelling) over the nested one
+    lambda c: c.update(rope_parameters={**YARN, "rope_theta": 10000.0}, original_max_position_embeddings=16),
+], ids=["theta-outside", "rope-scaling-wins", "top-level-original"])
+def test_rope_spellings_read_as_transformers_reads_them(tmp_path, spelling):
+    """Each spelling loads into transformers and into fmoe from the same file, compared over 100
+    positions (past the original context, where the rope types differ)."""
+    import torch
+
+    path = save(qwen3(max_position_embeddings=128), tmp_path)
+    rewrite_config(path, spelling)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert ref.config.rope_parameters["rope_type"] == "yarn"
+    check_parity(ref, path, ids=torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_cached_forward_past_the_context_is_refused(tmp_path):
+    """The positions a cache holds count against max_position_embeddings, as without one."""
+    import torch
+
+    model = fmoe.models.from_pretrained(save(qwen3(max_position_embeddings=16), tmp_path))
+    cache = model.new_cache()
+    model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="the cache holds 10 positions; 7 more is beyond the model's context of 16"):
+        model(torch.zeros(1, 7, dtype=torch.long), cache=cache)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
