@@ -157,14 +157,26 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     T, H = x.shape
     top_k = topk_ids.shape[1]
     S, inter = w2.shape[0], w2.shape[2]
-    P = T * top_k
     interpreted = is_interpreted()
     if x.device.type != "cuda" and not interpreted:
         raise RuntimeError("the Triton fused_moe needs a CUDA device, or TRITON_INTERPRET=1 set "
                            "before fmoe.kernels runs its first Triton call")
     if config is None:
         config = get_config(T, top_k, S, inter, H, x.dtype, x.device, interpret=interpreted)
+    if x.device.type == "cuda":
+        # Triton launches on the thread's current device: on cuda:1 from a thread whose
+        # current device is 0 the kernels would run on the wrong GPU
+        with torch.cuda.device(x.device):
+            return _launch(x, w13, w2, topk_weights, topk_ids, config, reduce)
+    return _launch(x, w13, w2, topk_weights, topk_ids, config, reduce)
 
+
+def _launch(x, w13, w2, topk_weights, topk_ids, config: dict, reduce: bool) -> torch.Tensor:
+    """`fused_moe_triton`'s kernels, on the current device."""
+    T, H = x.shape
+    top_k = topk_ids.shape[1]
+    S, inter = w2.shape[0], w2.shape[2]
+    P = T * top_k
     aligned = moe_align_block_size(topk_ids, config["BLOCK_M"], S)
     if x.device.type == "cuda":
         num_sorted = aligned.sorted_token_ids.numel()   # bound: no sync, CUDA-graph friendly

@@ -111,6 +111,18 @@ def memory_limit(proc: str | os.PathLike = "/proc",
     return MemoryLimit(limit, max(0, min(limit - _rss(proc), avail or limit)), source)
 
 
+def device_memory(device) -> MemoryLimit:
+    """What a CUDA device has free (`torch.cuda.mem_get_info`: other processes' use included),
+    with its total as the limit; on the CPU, `memory_limit()`."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return memory_limit()
+    free, total = torch.cuda.mem_get_info(device)
+    return MemoryLimit(int(total), int(free), f"{device} memory")
+
+
 def headroom(limit: MemoryLimit) -> int:
     """Bytes kept free beside the cache: activations, KV cache, read buffers, allocator slack:
     512 MiB + 8% of the limit (else of what is available); under a limit below 2 GiB, a quarter

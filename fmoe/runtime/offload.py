@@ -92,15 +92,16 @@ def min_capacity(top_k: int) -> int:
 
 
 def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
-                   expert_bytes: int) -> int:
+                   expert_bytes: int, device: torch.device | str = "cpu") -> int:
     """`expert_cache` -> number of slots: a float in (0, 1] is a fraction of all routed experts,
-    an int >= 1 a count, a string such as "8GiB" a byte budget ("0.25" and "96" also work)."""
+    an int >= 1 a count, a string such as "8GiB" a byte budget ("0.25" and "96" also work);
+    "auto" what `device`'s free memory holds (GPU memory on CUDA, else the process's)."""
     total = num_layers * num_experts
     kind, value = cache_form(expert_cache)
     if kind == "auto":
-        from .memory import auto_capacity
+        from .memory import auto_capacity, device_memory
 
-        slots, line = auto_capacity(expert_bytes, total)
+        slots, line = auto_capacity(expert_bytes, total, limit=device_memory(device))
         print(line, file=sys.stderr, flush=True)
         if slots < min_capacity(top_k):
             raise ValueError(f"expert_cache='auto': only {slots} experts fit ({line}); the minimum "
@@ -244,7 +245,7 @@ class OffloadRuntime:
         self.L, self.E, self.K = shp.num_layers, shp.num_experts, shp.top_k
         self.device = device
         expert_bytes = 3 * shp.hidden * shp.inter * dtype.itemsize
-        self.capacity = parse_capacity(expert_cache, self.L, self.E, self.K, expert_bytes)
+        self.capacity = parse_capacity(expert_cache, self.L, self.E, self.K, expert_bytes, device)
         opts = dict(policy_options or {})
         if policy == "fmoe":
             opts.setdefault("top_k", self.K)

@@ -87,6 +87,8 @@ class CopyEngine:
         self.read_errors = 0
         if self.cuda:
             self.stream = torch.cuda.Stream(device=w13.device)
+            # the slots were zero-filled on the compute stream: copies into them come after
+            self.stream.wait_stream(torch.cuda.current_stream(w13.device))
             self.events = [None] * S
             self.use_events = [None] * S   # compute-stream event after the last read of a slot
             if getattr(store, "quantized", False):
@@ -252,6 +254,10 @@ class CopyEngine:
             self._cv.notify_all()
         for w in self._workers:
             w.join(timeout=5)
+        if self.cuda:
+            # copies still in flight write into slots (and read staging buffers) that may be
+            # freed once the engine is gone
+            self.stream.synchronize()
 
     def _next_locked(self) -> _Order | None:
         """The most urgent live order whose slot no other worker is writing (a stale write

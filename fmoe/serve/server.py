@@ -188,9 +188,7 @@ def kv_budget(model, spec: str) -> tuple[int | None, str]:
     auto: half of what the device has free once the model is loaded (on CPU, the memory cgroup's
     room or MemAvailable: `fmoe.runtime.memory`), the rest kept for activations and the
     allocator."""
-    import torch
-
-    from ..runtime.memory import memory_limit
+    from ..runtime.memory import device_memory
     from ..runtime.offload import parse_bytes
 
     per = model.module.kv_bytes_per_position()
@@ -198,9 +196,7 @@ def kv_budget(model, spec: str) -> tuple[int | None, str]:
     if word == "none":
         return None, "KV cache: no bound (--kv-cache-memory none)"
     if word == "auto":
-        device = torch.device(model.device)
-        free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
-                else memory_limit().available)
+        free = device_memory(model.device).available
         size, how = free // 2, f"auto: half of the {free / 2**30:.2f} GiB free after loading"
     else:
         size, how = parse_bytes(spec), f"--kv-cache-memory {spec}"

@@ -103,3 +103,26 @@ def test_numpy_scalars_are_cache_sizes():
 
     assert cache_form(np.int64(4)) == ("count", 4)
     assert cache_form(np.float32(0.5)) == ("fraction", 0.5)
+
+
+def test_auto_on_cuda_sizes_the_cache_from_the_gpus_free_memory(monkeypatch, capsys):
+    """On a CUDA device the cache is what the GPU has free (less headroom), not host memory."""
+    import torch
+
+    from fmoe.runtime.offload import parse_capacity
+
+    GiB = 2**30
+    seen = []
+
+    def info(device):
+        seen.append(torch.device(device))
+        return 20 * GiB, 80 * GiB
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", info)
+    monkeypatch.setattr("fmoe.runtime.memory.memory_limit",
+                        lambda *a, **k: pytest.fail("host memory read for a CUDA cache"))
+    slots = parse_capacity("auto", 26, 64, 6, GiB // 8, torch.device("cuda:1"))
+    # 20 GiB free less 512 MiB and 8% of 80 GiB (6.4 GiB) = 13.1 GiB -> 104 experts of 128 MiB
+    assert slots == (20 * GiB - 512 * 2**20 - int(0.08 * 80 * GiB)) // (GiB // 8) == 104
+    assert seen == [torch.device("cuda:1")]
+    assert "cuda:1 memory" in capsys.readouterr().err

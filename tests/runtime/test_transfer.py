@@ -121,3 +121,13 @@ def test_parse_bandwidth():
     assert parse_bandwidth(None) is None
     with pytest.raises(ValueError):
         parse_bandwidth("fast")
+
+
+def test_pinned_host_tier_counts_the_allocators_rounding(store):
+    """Pinned entries come from torch's caching host allocator, which rounds each block up to a
+    power of two: the tier's budget counts those bytes (w13 6,144 -> 8,192, w2 3,072 -> 4,096
+    bytes here), or a 64 GiB host cache would pin ~1.5x that."""
+    plain = ExpertStore(store.layouts, 32, 24, torch.float32, host_bytes=10 * 9216)
+    pinned = ExpertStore(store.layouts, 32, 24, torch.float32, host_bytes=10 * 9216, pin=True)
+    assert plain.host_entry_bytes() == 9216 and plain.host_capacity == 10
+    assert pinned.host_entry_bytes() == 8192 + 4096 and pinned.host_capacity == 7

@@ -45,7 +45,7 @@ def test_none_is_unbounded(model):
 
 
 def test_auto_takes_half_of_what_is_free(model, monkeypatch):
-    monkeypatch.setattr("fmoe.runtime.memory.memory_limit",
+    monkeypatch.setattr("fmoe.runtime.memory.device_memory",
                         lambda *a, **k: MemoryLimit(None, 100 * 512, "MemAvailable"))
     ctx, budget, line = server.context_and_budget(model, None, "auto")
     assert (ctx, budget) == (50, 50) and "auto" in line
@@ -59,7 +59,7 @@ def test_refusals_name_the_flags(model, monkeypatch):
         server.context_and_budget(model, None, "512b")
     with pytest.raises(ValueError, match="cannot parse byte size"):
         server.context_and_budget(model, None, "lots")
-    monkeypatch.setattr("fmoe.runtime.memory.memory_limit",
+    monkeypatch.setattr("fmoe.runtime.memory.device_memory",
                         lambda *a, **k: MemoryLimit(None, 1000, "MemAvailable"))
     with pytest.raises(ValueError, match="too little memory free"):
         server.context_and_budget(model, None, "auto")
