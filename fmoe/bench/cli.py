@@ -110,7 +110,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--expert-cache", default=None,
-                   help="fraction, count, byte size or 'auto' (default: every expert resident)")
+                   help="fraction, count, byte size, 'auto' or 'mmap' (default: every expert resident)")
     p.add_argument("--policy", default=None,
                    help="cache policy: fmoe, lru, lfu, moe-infinity (default: fmoe; needs --expert-cache)")
     p.add_argument("--policy-option", action="append", default=[],

@@ -142,6 +142,9 @@ class Tokenizer:
         Other keywords (``tools=``, ``enable_thinking=``, ...) reach the template as variables,
         as in HF. Unlike HF, `add_generation_prompt` defaults to True (the next turn is the
         assistant's: what generation wants)."""
+        if return_tensors is not None and not tokenize:
+            raise ValueError("return_tensors needs tokenize=True (fmoe's apply_chat_template returns "
+                             "the text by default)")
         text = self._render(messages, add_generation_prompt, variables)
         if not tokenize:
             return text

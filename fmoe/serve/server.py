@@ -303,9 +303,9 @@ def register(subparsers) -> None:
     p.add_argument("--api-key", default=os.environ.get("FMOE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FMOE_API_KEY, else none)")
     p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
-                   help="auto: a request's unset temperature, top_p and top_k default to the "
-                        "checkpoint's generation_config.json (as vLLM); none: OpenAI's defaults "
-                        "(temperature 1, top_p 1, no top_k)")
+                   help="auto: a request's unset temperature, top_p, top_k, repetition_penalty, "
+                        "min_p and max_tokens default to the checkpoint's generation_config.json "
+                        "(as vLLM); none: OpenAI's defaults (temperature 1, top_p 1, no top_k)")
     p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="origins whose browser scripts may call the API (CORS), e.g. '*' or "
                         "'http://localhost:3000' (default: none)")

@@ -59,6 +59,8 @@ def test_chat_template_tokenize_and_template_variables(model):
     ids = tok.apply_chat_template(msgs, tokenize=True)
     assert ids == tok.encode(text, add_special_tokens=False)
     assert torch.equal(tok.apply_chat_template(msgs, tokenize=True, return_tensors="pt"), torch.tensor([ids]))
+    with pytest.raises(ValueError, match="return_tensors needs tokenize=True"):
+        tok.apply_chat_template(msgs, return_tensors="pt")     # the text would come back silently
     tok_template = tok.chat_template
     try:
         tok.chat_template = "{{ greeting }}{% for m in messages %}{{ m['content'] }}{% endfor %}"

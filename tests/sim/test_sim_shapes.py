@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -113,8 +112,9 @@ def test_real_shape_timing_on_a_synthetic_trace():
 
 
 @pytest.mark.slow
-def test_lru_replay_speed_on_a_dev_sized_trace():
-    # the dev trace's size (155k tokens x 26 layers x top-6), synthetic: under a minute
+def test_lru_replay_of_a_dev_sized_trace():
+    # the dev trace's size (155k tokens x 26 layers x top-6), synthetic (how fast it replays is
+    # a benchmark's business: tools/bench_sim.py)
     from fmoe.sim.trace import Trace
 
     rng = np.random.default_rng(0)
@@ -127,6 +127,5 @@ def test_lru_replay_speed_on_a_dev_sized_trace():
     offs = np.linspace(0, T, 1601).astype(np.int64)
     t = Trace(ids, offs, E, "synthetic")
     tm = TimingModel.from_shape(MODEL_SHAPES["deepseek-v2-lite"], HARDWARE["rtx3090-pcie4"])
-    t0 = time.perf_counter()
     r = simulate(t, "lru", tm, cache_fraction=0.25, use_cache=False)
-    assert time.perf_counter() - t0 < 60 and r.tokens == T and 0 < r.hit_rate < 1
+    assert r.tokens == T and 0 < r.hit_rate < 1
