@@ -202,10 +202,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 
 
 def context_length(model) -> int | None:
-    """The model's context (`max_position_embeddings`), or None when it does not say."""
+    """The model's context, or None when its config does not say: `max_position_embeddings`,
+    or with YaRN the length it extends to (original_max_position_embeddings x factor) where
+    that is more, as vLLM takes it (Qwen3's long-context recipe adds YaRN x4 over 32,768
+    positions to a config that says 40,960). Other rope types stop at max_position_embeddings
+    (dynamic NTK changes its frequencies beyond it, which fmoe does not compute)."""
     cfg = getattr(model, "config", None)
     n = getattr(cfg, "max_position_embeddings", None)
-    return int(n) if isinstance(n, numbers.Integral) and n > 0 else None
+    if not (isinstance(n, numbers.Integral) and n > 0):
+        return None
+    rope = getattr(cfg, "rope", None)
+    if getattr(rope, "type", None) == "yarn":
+        orig, factor = rope.get("original_max_position_embeddings"), rope.get("factor")
+        if isinstance(orig, numbers.Real) and isinstance(factor, numbers.Real) and factor > 1:
+            n = max(n, int(orig * factor))
+    return int(n)
 
 
 def check_generate_inputs(model, input_ids, max_new_tokens: int, attention_mask=None) -> None:
@@ -236,8 +247,7 @@ def check_generate_inputs(model, input_ids, max_new_tokens: int, attention_mask=
     ctx = context_length(model)
     if ctx is not None and T + max_new_tokens > ctx:
         raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) is "
-                         f"{T + max_new_tokens} tokens, beyond the model's context of {ctx} "
-                         "(max_position_embeddings)")
+                         f"{T + max_new_tokens} tokens, beyond the model's context of {ctx}")
 
 
 # -- the one decode loop: prefill, decode step, row operations ------------------------------------

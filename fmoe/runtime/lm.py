@@ -174,7 +174,7 @@ class MoEModel(nn.Module):
             ctx, seen = context_length(self), getattr(kwargs["cache"], "seen", 0)
             if ctx is not None and seen + input_ids.shape[-1] > ctx:
                 raise ValueError(f"the cache holds {seen} positions; {input_ids.shape[-1]} more is beyond "
-                                 f"the model's context of {ctx} (max_position_embeddings)")
+                                 f"the model's context of {ctx}")
         with self._lock, self._recovering():
             return self._forward(input_ids, attention_mask, **kwargs)
 

@@ -27,7 +27,9 @@ def cmd_chat(args) -> int:
         raise ValueError(f"{args.model}: no tokenizer.json beside the checkpoint")
     if not tok.chat_template:
         raise ValueError(f"{args.model}: the tokenizer has no chat_template; use `fmoe generate`")
-    ctx = getattr(model.config, "max_position_embeddings", None) or 4096
+    from ..runtime.engine import context_length
+
+    ctx = context_length(model) or 4096
     eos = list(getattr(model, "eos_token_ids", None) or tok.eos_token_ids)     # as generate's
     batcher = Batcher(model, max_batch=1)
     interactive = sys.stdin.isatty()

@@ -167,10 +167,12 @@ def context_and_budget(model, max_model_len: int | None, kv_memory: str) -> tupl
     `--max-model-len` and `--kv-cache-memory`. Without --max-model-len the context is the
     model's, or what the budget holds for one sequence where that is less (as llama.cpp sizes
     its context); a --max-model-len the budget cannot hold is refused."""
-    positions = getattr(model.config, "max_position_embeddings", None)
+    from ..runtime.engine import context_length
+
+    positions = context_length(model)
     if max_model_len and positions and max_model_len > positions:
-        raise ValueError(f"--max-model-len {max_model_len} is more than the model's "
-                         f"max_position_embeddings ({positions})")
+        raise ValueError(f"--max-model-len {max_model_len} is more than the model's context "
+                         f"({positions}: max_position_embeddings, or YaRN's extended length)")
     ctx = max_model_len or positions or 4096
     budget, line = kv_budget(model, kv_memory)
     if budget is not None and budget < ctx:
@@ -295,7 +297,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-prefill-tokens", type=_positive("--max-prefill-tokens"), default=8192,
                    help="padded prompt tokens per admission forward (default: 8192)")
     p.add_argument("--max-model-len", type=_positive("--max-model-len"), default=None,
-                   help="context length (default: the config's max_position_embeddings)")
+                   help="context length (default: the model's: max_position_embeddings, or YaRN's "
+                        "original_max_position_embeddings x factor where that is more)")
     p.add_argument("--kv-cache-memory", default="auto",
                    help="memory for the KV cache of the running batch, e.g. 4GiB; rows wait or are "
                         "preempted (and later resumed) to stay within it. auto: half of what is free "

@@ -182,3 +182,25 @@ def test_a_cached_forward_past_the_context_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the cache holds 10 positions; 7 more is beyond the model's context of 16"):
         model(torch.zeros(1, 7, dtype=torch.long), cache=cache)
     model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+
+
+def test_yarn_extends_the_context_to_original_times_factor(tmp_path):
+    """Qwen3's long-context recipe: YaRN x4 over 32 positions in a config whose
+    max_position_embeddings says 40. The context is 128 (as vLLM takes it), and positions past
+    40 compute what transformers computes; dynamic NTK, which fmoe computes only inside
+    max_position_embeddings, is not extended."""
+    import torch
+
+    from fmoe.runtime.engine import context_length
+
+    path = save(qwen3(max_position_embeddings=40), tmp_path / "yarn")
+    rewrite_config(path, lambda c: c.update(rope_parameters={**YARN, "rope_theta": 10000.0}))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = check_parity(ref, path, ids=torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1)))
+    assert context_length(model) == 128
+    with pytest.raises(ValueError, match="beyond the model's context of 128"):
+        model.generate(torch.zeros(1, 100, dtype=torch.long), max_new_tokens=29)
+    path = save(qwen3(max_position_embeddings=40), tmp_path / "dynamic")
+    rewrite_config(path, lambda c: c.update(rope_parameters={"rope_type": "dynamic", "factor": 4.0,
+                                                             "rope_theta": 10000.0}))
+    assert context_length(fmoe.models.from_pretrained(path)) == 40
