@@ -215,6 +215,9 @@ def test_vllm_sampling_extensions(client, model):
     first = plain.index(stop_id)
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == first + 1
     assert r.choices[0].text == tok.decode(plain[:first])      # the stop token adds no text
+    r = client.completions.create(extra_body={"ignore_eos": True, "stop_token_ids": [stop_id],
+                                              "include_stop_str_in_output": True}, **kw)
+    assert r.choices[0].text == tok.decode(plain[:first + 1])  # unless asked for, as vLLM
     # min_tokens holds the stop token back: the engine with it as EOS and min_new_tokens
     want = model.generate(torch.tensor([ids]), 12, eos_token_id=[stop_id], min_new_tokens=first + 2,
                           pad_token_id=0)[0, len(ids):].tolist()
