@@ -162,6 +162,9 @@ class Batcher:
         self._last: list[int] = []                    # each row's newest token, not yet in the cache
 
         self._admitting: list[Sequence] = []           # admitted, not yet in `rows`
+        # preempted sequences waiting to resume: still open for the hooks (no on_request_end),
+        # and their resume prefill records only its new position
+        self._preempted: set[Sequence] = set()
         self.last_error: str | None = None            # the last step-level failure
         self.last_step_ok: bool | None = None         # False after a failed step, True once one succeeds
         self.failed_steps = 0
@@ -192,8 +195,9 @@ class Batcher:
         waiting = False
         with self._cond:
             try:
-                self._waiting.remove(seq)     # not started: leave the queue now
-                waiting = True
+                if seq not in self._preempted:     # a preempted one ends on the engine thread
+                    self._waiting.remove(seq)      # not started: leave the queue now
+                    waiting = True
             except ValueError:
                 pass
             self._cond.notify_all()
@@ -310,17 +314,24 @@ class Batcher:
             self._reset()
             for s in touched:
                 self._finish(s, ERROR, error=_public_error(e))
+            # the runtime started over: a preempted sequence resumes as a new request there
+            for s in list(self._preempted):
+                self._end_preempted(s)
         else:
             self.last_step_ok = True
 
     @torch.inference_mode()
     def _step(self) -> None:
         self._drop_finished()
+        for s in [s for s in self._preempted if s.cancelled]:
+            with self._cond:
+                self._waiting.remove(s)
+            self._end_preempted(s)
+            self._finish(s, CANCELLED, started=False)
         new = self._admit()
         if new:
-            self._admitting = new
             self._prefill(new)
-            self._admitting = []
+        self._admitting = []
         if self.rows:
             self._fit_budget()
         if self.rows:
@@ -330,7 +341,9 @@ class Batcher:
     # -- admission and prefill -----------------------------------------------------------------
     def _admit(self) -> list[Sequence]:
         room = self.max_batch - len(self.rows)
+        # filled under the lock: `wait_idle` never sees a sequence neither waiting nor admitted
         out: list[Sequence] = []
+        self._admitting = out
         longest = 0
         columns = self._batch.cache.seen if self._batch is not None else 0
         with self._cond:
@@ -350,6 +363,7 @@ class Batcher:
                         if self.rows or out:
                             break         # waits for rows to finish
                         self._waiting.popleft()     # cannot run even alone
+                        self._end_preempted(s)
                         self._finish(s, ERROR, started=False,
                                      error=f"the sequence needs {len(s.context) + 1} KV cache positions; "
                                            f"the budget holds {self.kv_budget}")
@@ -370,26 +384,34 @@ class Batcher:
                 self._finish(self.rows[0], LENGTH)
                 self._reset()
                 return
-            s = self.rows.pop()
+            s = self.rows[-1]
+            with self._cond:           # queued first: a failure below leaves it waiting
+                self._waiting.appendleft(s)
+            self._preempted.add(s)
+            self.rows.pop()
             self._last.pop()
-            self._batch.keep(torch.arange(len(self.rows), device=self.device))
             self.preemptions += 1
             log.info("sequence %d preempted (KV budget %d positions); it resumes from its %d tokens",
                      s.id, self.kv_budget, len(s.context))
-            try:
-                self.hooks.on_request_end(s.id)
-            except Exception:
-                log.error("on_request_end failed:\n%s", traceback.format_exc())
-            with self._cond:
-                self._waiting.appendleft(s)
+            self._batch.keep(torch.arange(len(self.rows), device=self.device))
         self._batch.cache.max_len = self.kv_budget // len(self.rows)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        for s in seqs:
-            self.hooks.on_request_start(s.id, s.prompt_text, list(s.context))
+        resumed = [s in self._preempted for s in seqs]
+        for s, again in zip(seqs, resumed):
+            if not again:
+                self.hooks.on_request_start(s.id, s.prompt_text, list(s.context))
+        self._preempted.difference_update(seqs)
         ids, valid = left_pad([s.context for s in seqs], self.pad_id, self.device)
+        record = None
+        if any(resumed):
+            # a resumed row's positions but its last were seen by the hooks before it was
+            # preempted: a recorded trace keeps each token once
+            record = valid.clone()
+            record[torch.tensor(resumed, device=self.device), :-1] = False
         logits, batch = prefill(self.module, ids, valid, self.hooks, [s.id for s in seqs],
-                                max_len=None if self.kv_budget is None else self.kv_budget // len(seqs))
+                                max_len=None if self.kv_budget is None else self.kv_budget // len(seqs),
+                                record=record)
         self.prefills += 1
         toks = self._sample(logits, seqs)
         keep = [i for i, (s, t) in enumerate(zip(seqs, toks)) if t is not None and not self._emit(s, t)]
@@ -504,6 +526,15 @@ class Batcher:
         self.rows = [self.rows[i] for i in keep]
         self._last = [self._last[i] for i in keep]
 
+    def _end_preempted(self, s: Sequence) -> None:
+        """`s` leaves the preempted set; the hooks' request ends (it was left open)."""
+        if s in self._preempted:
+            self._preempted.discard(s)
+            try:
+                self.hooks.on_request_end(s.id)
+            except Exception:
+                log.error("on_request_end failed:\n%s", traceback.format_exc())
+
     def _reset(self) -> None:
         self.rows, self._last = [], []
         self._batch = None
@@ -517,6 +548,7 @@ class Batcher:
             waiting = list(self._waiting)
             self._waiting.clear()
         for s in waiting:
+            self._end_preempted(s)
             self._finish(s, reason, error=error, started=False)
 
 

@@ -300,16 +300,18 @@ class DecodeBatch:
 
 
 def prefill(module, input_ids: torch.Tensor, valid: torch.Tensor, hooks,
-            seq_ids: list, max_len: int | None = None) -> tuple[torch.Tensor, DecodeBatch]:
+            seq_ids: list, max_len: int | None = None,
+            record: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeBatch]:
     """One forward over left-padded prompts on a fresh cache (`max_len`: its `KVCache.max_len`).
 
     input_ids [B, T] long, valid [B, T] bool (False on left padding); `hooks` get the step with
-    `seq_ids` (one per row). Returns (logits [B, V] of each row's last position, the batch)."""
+    `seq_ids` (one per row) and `record` [B, T] (default `valid`): the positions they count as
+    new tokens. Returns (logits [B, V] of each row's last position, the batch)."""
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)        # real tokens before each column
     cache = module.new_cache()
     cache.max_len = max_len
     batch = DecodeBatch(cache, valid, positions[:, -1] + 1)
-    hooks.begin_step(input_ids, valid, seq_ids)
+    hooks.begin_step(input_ids, valid if record is None else record, seq_ids)
     logits = module(input_ids, positions=positions, cache=cache, key_valid=valid if batch.padded else None,
                     last_only=True)
     hooks.on_token_end()

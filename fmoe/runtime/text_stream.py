@@ -38,8 +38,9 @@ class TextStream:
         self.stopped = False
 
     def push(self, token_id: int, check_stop: bool = True) -> tuple[str, bool]:
-        """`check_stop=False`: this token's text is not searched for stop strings (a later
-        token's search starts where this one's text began, as it would have)."""
+        """`check_stop=False`: this token's text is not searched for stop strings, and a later
+        token's search finds only matches that end in its own text (vLLM's rule: a stop
+        string completed while stops were not checked, before min_tokens, is not found)."""
         if self.stopped:
             return "", True
         if int(token_id) in self.eos:

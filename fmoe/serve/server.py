@@ -114,7 +114,14 @@ def cmd_serve(args) -> int:
         import uvicorn
 
         from ..runtime.batching import Batcher
+        from ..runtime.offload import parse_bytes
         from .app import ServerState, create_app
+
+        if args.kv_cache_memory.strip().lower() not in ("auto", "none"):
+            try:       # before the model loads
+                parse_bytes(args.kv_cache_memory)
+            except ValueError as e:
+                raise ValueError(f"--kv-cache-memory: {e} or 'auto' or 'none'") from None
 
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -105,3 +105,97 @@ def test_kv_bytes_per_position_is_what_the_cache_takes(checkpoints, family):
     cache = batch.cache
     taken = sum(t.numel() * t.element_size() for layer in cache.layers if layer is not None for t in layer)
     assert taken == model.module.kv_bytes_per_position() * 2 * cache.capacity
+
+
+def test_a_recorded_trace_keeps_each_token_once_under_preemption(checkpoints, tmp_path):
+    """A preempted request stays one sequence of the trace: its resume prefill records only
+    its new position, so the trace equals the unbounded run's (tokens, phases, experts)."""
+    import numpy as np
+
+    def record(budget):
+        path = tmp_path / f"{budget}.npz"
+        model = fmoe.models.from_pretrained(checkpoints["mixtral"], expert_cache=0.5, trace_path=path)
+        seqs = [Sequence(p, params(20)) for p in prompts_of((9, 4, 15), seed=3)]
+        b = Batcher(model, max_batch=8, kv_budget=budget)
+        b.submit(seqs)
+        b.run_until_idle()
+        model.close()
+        t = np.load(path)
+        offs = t["seq_offsets"]
+        rows = {}
+        for a, z in zip(offs[:-1], offs[1:]):
+            rows[tuple(t["token_ids"][a:z])] = (t["phase"][a:z].tolist(), t["expert_ids"][a:z].tolist())
+        return rows, b.preemptions
+
+    free, _ = record(None)
+    bound, preemptions = record(40)
+    assert preemptions > 0 and len(free) == 3
+    assert bound == free
+
+
+def test_a_step_failing_during_a_preemption_loses_no_sequence(checkpoints, monkeypatch):
+    """The preempted row is queued before its cache rows are dropped: when dropping them fails
+    (an allocation, as memory runs short), the step's rows end with the error and the
+    preempted sequence still runs to its end."""
+    from fmoe.runtime import batching
+
+    model = fmoe.models.from_pretrained(checkpoints["mixtral"])
+    seqs = [Sequence(p, params(20)) for p in prompts_of((9, 4, 15), seed=3)]
+    b = Batcher(model, max_batch=8, kv_budget=40)
+    real, failed = batching.DecodeBatch.keep, []
+
+    def keep(self, index):
+        if not failed and len(index) == len(b.rows) and b._preempted:
+            failed.extend(b._preempted)
+            raise RuntimeError("out of memory")
+        return real(self, index)
+
+    monkeypatch.setattr(batching.DecodeBatch, "keep", keep)
+    b.submit(seqs)
+    b.run_until_idle()
+    assert failed and b.failed_steps == 1
+    assert all(s.done.is_set() for s in seqs) and ERROR in [s.finish_reason for s in seqs]
+    for s in failed:              # preempted when the step failed: not lost, ran to its end
+        assert s.finish_reason == LENGTH and len(s.output) == 20
+
+
+class Hooks:
+    """Counts the request events the batcher sends (as the offload runtime receives them)."""
+
+    def __init__(self):
+        self.open, self.events = set(), []
+
+    def on_request_start(self, seq_id, prompt=None, token_ids=None):
+        assert seq_id not in self.open
+        self.open.add(seq_id)
+        self.events.append(("start", seq_id))
+
+    def on_request_end(self, seq_id):
+        assert seq_id in self.open
+        self.open.discard(seq_id)
+        self.events.append(("end", seq_id))
+
+    def begin_step(self, *a):
+        pass
+
+    def on_token_end(self):
+        pass
+
+
+def test_request_events_stay_balanced_with_preemption_and_cancellation(checkpoints):
+    """A preempted request stays open for the hooks (no end and start again); cancelling it
+    while it waits ends it once, on the engine thread."""
+    model = fmoe.models.from_pretrained(checkpoints["mixtral"])
+    hooks = Hooks()
+    seqs = [Sequence(p, params(20)) for p in prompts_of((9, 4, 15), seed=3)]
+    b = Batcher(model, max_batch=8, kv_budget=40, hooks=hooks)
+    b.submit(seqs)
+    while not b._preempted:
+        b.step()
+    waiting = next(iter(b._preempted))
+    b.cancel(waiting)
+    assert not waiting.done.is_set()          # ended by the engine thread's next step
+    b.run_until_idle()
+    assert waiting.finish_reason == "cancelled" and not hooks.open
+    assert sorted(e for e in hooks.events if e[0] == "start") == sorted(("start", s.id) for s in seqs)
+    assert len(hooks.events) == 2 * len(seqs)

@@ -391,6 +391,9 @@ def test_flags_that_would_refuse_every_request_are_one_line(ckpt, env):
                    "--max-queue must be >= 1")
     one_line_error(fmoe_cli("serve", str(ckpt), "--port", "0", "--max-model-len", "100000",
                             "--threads", "1", env=env), "max_position_embeddings")
+    # before the model loads (its path does not even exist)
+    one_line_error(fmoe_cli("serve", "no/such/model", "--port", "0", "--kv-cache-memory", "lots", env=env),
+                   "--kv-cache-memory: cannot parse byte size 'lots'")
 
 
 def test_map_store_flag_reaches_from_pretrained(monkeypatch, tmp_path):
