@@ -185,10 +185,17 @@ def _soak(srv: subprocess.Popen, base: str, args, log) -> int:
     counts, samples = asyncio.run(traffic(base, model, args.seconds, args.clients, args.sample, srv.pid))
     alive = srv.poll() is None
     checks: dict = {"alive": alive}
+    engine = {}
     if alive:
         checks["health ok"] = httpx.get(base + "/health", timeout=30).json().get("status") == "ok"
         after = httpx.post(base + "/v1/completions", json=probe, timeout=300).json()["choices"][0]["text"]
         checks["greedy text unchanged"] = after == before
+        # what the engine did meanwhile (preemptions: rows put back to keep the KV budget)
+        for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("fmoe_engine_decode_steps_total", "fmoe_engine_prefills_total",
+                        "fmoe_engine_preemptions_total"):
+                engine[name.removeprefix("fmoe_engine_").removesuffix("_total")] = int(float(value))
     checks["no 5xx but 503"] = not [k for k in counts
                                     if k.split()[-1].isdigit() and int(k.split()[-1]) >= 500
                                     and k.split()[-1] != "503"]
@@ -212,11 +219,13 @@ def _soak(srv: subprocess.Popen, base: str, args, log) -> int:
         print(f"| {kind} | {outcome} | {counts[key]} |")
     print(f"RSS MiB every {args.sample:.0f} s: {rss}"
           + (f" (growth after the first third {growth:+.1%})" if growth is not None else ""))
+    if engine:
+        print("engine: " + ", ".join(f"{k} {v}" for k, v in engine.items()))
     for name, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
     if args.json:
         args.json.write_text(json.dumps({"counts": counts, "rss_mib": rss, "checks": checks,
-                                         "requests": requests}, indent=2))
+                                         "requests": requests, "engine": engine}, indent=2))
     return 0 if all(checks.values()) else 1
 
 
