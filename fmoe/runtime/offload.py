@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..files import FileLock
-from ..kernels import fused_moe
+from ..kernels import fused_moe, select_backend
 from ..models.experts import Experts
 from .policies import MissCost, check_execution, make_policy, place
 from .slots import SlotTable
@@ -530,7 +530,13 @@ class OffloadRuntime:
             chunks = [experts[i:i + self.capacity] for i in range(0, len(experts), self.capacity)]
         lut = self._lut
         chunked = len(chunks) > 1
-        terms = None
+        # on the CPU a chunk computes only its own (token, k) pairs, written into one [N, K, H]
+        # buffer; the Triton path keeps its tiles as the resident layer's (every pair, the
+        # others on the zero slot, which add exact zeros)
+        select = chunked and x.device.type != "cuda"
+        terms = x.new_zeros(topk_ids.shape + (x.shape[1],)) if select else None
+        # the backend the whole layer would take (it depends on the token count), for every chunk
+        backend = select_backend(x, self.w13, self.w2) if select else None
         for chunk in chunks:
             keys = [base + e for e in chunk]
             slots = self._acquire(keys)
@@ -539,9 +545,15 @@ class OffloadRuntime:
             slot_ids = lut[topk_ids]
             if not chunked:
                 out = fused_moe(x, self.w13, self.w2, topk_weights, slot_ids)
+            elif select:
+                # each pair is computed in exactly one chunk, by the same kernel over the same
+                # rows of its expert as in the resident layer, so the summed terms equal the
+                # resident layer's bit for bit
+                t, k = torch.nonzero(slot_ids != self.capacity, as_tuple=True)
+                part = fused_moe(x[t], self.w13, self.w2, topk_weights[t, k][:, None],
+                                 slot_ids[t, k][:, None], backend=backend, reduce=False)
+                terms[t, k] = part[:, 0]
             else:
-                # each (token, k) pair is computed in exactly one chunk; the others add zeros, so
-                # the summed terms equal the resident layer's bit for bit
                 part = fused_moe(x, self.w13, self.w2, topk_weights, slot_ids, reduce=False)
                 terms = part if terms is None else terms + part
             self.engine.mark_used(slots)

@@ -106,3 +106,42 @@ def test_emulated_link_costs_time(resident):
     expert_bytes = 3 * 64 * 48 * 4
     # each demand load waits at least its emulated transfer time
     assert s["stall_seconds"] >= 0.9 * s["misses"] * expert_bytes / 2e6
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoints(tmp_path_factory):
+    from fmoe.models.synthetic import write_random_checkpoint
+    from tests.runtime.test_batching import FAMILIES
+
+    root = tmp_path_factory.mktemp("bf16")
+    return {f: write_random_checkpoint(root / f, FAMILIES[f], dtype=torch.bfloat16, seed=1)
+            for f in ("mixtral", "deepseek_v2")}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_a_chunked_layer_computes_each_pair_once_and_equals_the_resident_one(bf16_checkpoints, family,
+                                                                             monkeypatch):
+    """A prefill whose layers use more experts than the cache holds runs in cache-sized chunks:
+    each chunk computes only its own (token, k) pairs (the rows the kernel sees add up to
+    tokens x top-k, not chunks x tokens), and the logits equal the resident model's bit for bit
+    in bfloat16."""
+    from fmoe.runtime import offload
+
+    path = bf16_checkpoints[family]
+    ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(2))
+    ref = fmoe.models.from_pretrained(path)(ids)
+    rows, real = [], offload.fused_moe
+
+    def counting(x, *a, **kw):
+        rows.append(x.shape[0])
+        return real(x, *a, **kw)
+
+    monkeypatch.setattr(offload, "fused_moe", counting)
+    model = fmoe.models.from_pretrained(path, expert_cache=2, policy="lru")
+    try:
+        assert torch.equal(model(ids), ref)
+        K, layers = model.config.experts.top_k, model.config.experts.num_layers
+        assert sum(rows) == layers * ids.numel() * K
+        assert len(rows) > 2 * layers        # several chunks per layer
+    finally:
+        model.close()
