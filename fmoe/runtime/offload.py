@@ -393,6 +393,15 @@ class OffloadRuntime:
         t.prefetched = t.prefetch_used = 0
         t.resident_peak = len(self.table)
 
+    def uncommitted_bytes(self) -> int:
+        """Slot memory the process holds but the kernel has not committed yet (CPU: anonymous
+        memory counts once touched; until the slots are read into it is missing from RSS, and a
+        memory budget made from "what is free" must not spend it again). 0 on CUDA."""
+        if self.device.type != "cpu":
+            return 0
+        total = self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+        return max(0, total - self.engine.bytes_loaded)
+
     def stats(self) -> dict:
         t = self.table.stats
         return {"capacity": self.capacity, "resident_peak": t.resident_peak, "hits": self.hits,

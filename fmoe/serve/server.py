@@ -205,8 +205,10 @@ def kv_budget(model, spec: str) -> tuple[int | None, str]:
     if word == "none":
         return None, "KV cache: no bound (--kv-cache-memory none)"
     if word == "auto":
-        free = device_memory(model.device).available
-        size, how = free // 2, f"auto: half of the {free / 2**30:.2f} GiB free after loading"
+        # the expert cache's slots not yet touched are not in RSS but are spoken for
+        rt = getattr(model, "runtime", None)
+        free = max(0, device_memory(model.device).available - (rt.uncommitted_bytes() if rt else 0))
+        size, how = free // 2, f"auto: half of the {free / 2**30:.2f} GiB free after loading and the expert cache"
     else:
         size, how = parse_bytes(spec), f"--kv-cache-memory {spec}"
     budget = size // per
@@ -301,8 +303,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="most waiting sequences before answering 503 (default: 256; at least 1; a request "
                         "with more sequences than this is refused with 400)")
-    p.add_argument("--max-prefill-tokens", type=_positive("--max-prefill-tokens"), default=8192,
-                   help="padded prompt tokens per admission forward (default: 8192)")
+    p.add_argument("--max-prefill-tokens", type=_positive("--max-prefill-tokens"), default=2048,
+                   help="padded prompt tokens per admission forward; a prefill's temporary memory "
+                        "grows with it (default: 2048, as vLLM's online default; one longer prompt "
+                        "is still admitted alone)")
     p.add_argument("--max-model-len", type=_positive("--max-model-len"), default=None,
                    help="context length (default: the model's: max_position_embeddings, or YaRN's "
                         "original_max_position_embeddings x factor where that is more)")

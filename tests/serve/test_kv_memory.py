@@ -63,3 +63,22 @@ def test_refusals_name_the_flags(model, monkeypatch):
                         lambda *a, **k: MemoryLimit(None, 1000, "MemAvailable"))
     with pytest.raises(ValueError, match="too little memory free"):
         server.context_and_budget(model, None, "auto")
+
+
+def test_auto_leaves_the_expert_caches_untouched_slots_alone(model, tmp_path, monkeypatch):
+    """An offloaded model's slots are not in RSS until experts are read into them (anonymous
+    memory on CPU): 'auto' does not count them as free."""
+    path = write_random_checkpoint(tmp_path / "m", FAMILIES["mixtral"], dtype=torch.float32, seed=1)
+    offloaded = fmoe.models.from_pretrained(path, expert_cache=4, policy="lru")
+    try:
+        slots = offloaded.runtime.uncommitted_bytes()
+        # 4 slots and the zero slot, w13 [2I, H] and w2 [H, I] of 48 x 64 float32
+        assert slots == 5 * 3 * 48 * 64 * 4
+        monkeypatch.setattr("fmoe.runtime.memory.device_memory",
+                            lambda *a, **k: MemoryLimit(None, slots + 100 * 512, "MemAvailable"))
+        _, budget, _ = server.context_and_budget(offloaded, None, "auto")
+        assert budget == 50
+        offloaded.generate(torch.tensor([[5, 6, 7]]), 2)
+        assert offloaded.runtime.uncommitted_bytes() < slots
+    finally:
+        offloaded.close()
