@@ -118,8 +118,8 @@ class Batcher:
     model: a `fmoe.runtime.lm.MoEModel` (its `module` runs, its `runtime` gets the hooks) or a
     bare family module. max_batch: most running rows (1 disables batching: one request at a
     time). max_queue: most waiting sequences; `submit` raises `QueueFull` beyond it.
-    max_prefill_tokens: padded prompt tokens one admission forward may take (at least one
-    sequence is always admitted). kv_budget: most cached positions, rows x columns of the
+    max_prefill_tokens: padded prompt tokens one prefill forward may take (at least one
+    sequence is always admitted; one longer than this is prefilled in chunks of this many). kv_budget: most cached positions, rows x columns of the
     padded KV cache (None: no bound); the server derives it from ``--kv-cache-memory``.
     """
 
@@ -411,7 +411,7 @@ class Batcher:
             record[torch.tensor(resumed, device=self.device), :-1] = False
         logits, batch = prefill(self.module, ids, valid, self.hooks, [s.id for s in seqs],
                                 max_len=None if self.kv_budget is None else self.kv_budget // len(seqs),
-                                record=record)
+                                record=record, chunk=self.max_prefill_tokens)
         self.prefills += 1
         toks = self._sample(logits, seqs)
         keep = [i for i, (s, t) in enumerate(zip(seqs, toks)) if t is not None and not self._emit(s, t)]

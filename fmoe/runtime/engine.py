@@ -256,7 +256,7 @@ class NoHooks:
 
     def on_request_start(self, *a): pass
     def on_request_end(self, *a): pass
-    def begin_step(self, *a): pass
+    def begin_step(self, *a, **k): pass
     def on_token_end(self): pass
 
 
@@ -300,22 +300,46 @@ class DecodeBatch:
 
 
 def prefill(module, input_ids: torch.Tensor, valid: torch.Tensor, hooks,
-            seq_ids: list, max_len: int | None = None,
-            record: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeBatch]:
+            seq_ids: list, max_len: int | None = None, record: torch.Tensor | None = None,
+            chunk: int | None = None) -> tuple[torch.Tensor, DecodeBatch]:
     """One forward over left-padded prompts on a fresh cache (`max_len`: its `KVCache.max_len`).
 
     input_ids [B, T] long, valid [B, T] bool (False on left padding); `hooks` get the step with
     `seq_ids` (one per row) and `record` [B, T] (default `valid`): the positions they count as
-    new tokens. Returns (logits [B, V] of each row's last position, the batch)."""
+    new tokens. One prompt longer than `chunk` tokens is prefilled in forwards of `chunk`
+    tokens over the growing cache (chunked prefill: its temporaries are bounded by the chunk;
+    the rounding differs from one forward's). Returns (logits [B, V] of each row's last
+    position, the batch)."""
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)        # real tokens before each column
     cache = module.new_cache()
     cache.max_len = max_len
+    if chunk is not None and input_ids.shape == (1, input_ids.shape[1]) and input_ids.shape[1] > chunk \
+            and bool(valid.all()):
+        return _prefill_chunks(module, input_ids, positions, cache, hooks, seq_ids, chunk, record)
     batch = DecodeBatch(cache, valid, positions[:, -1] + 1)
     hooks.begin_step(input_ids, valid if record is None else record, seq_ids)
     logits = module(input_ids, positions=positions, cache=cache, key_valid=valid if batch.padded else None,
                     last_only=True)
     hooks.on_token_end()
     return logits[:, -1], batch
+
+
+def _prefill_chunks(module, input_ids, positions, cache, hooks, seq_ids, chunk: int,
+                    record) -> tuple[torch.Tensor, DecodeBatch]:
+    """`prefill` of one unpadded prompt [1, T] in forwards of `chunk` tokens. The hooks see one
+    step per forward; a fresh prompt's chunks all count as prompt tokens (`prompt=True`), a
+    resumed one's as `record` says."""
+    T = input_ids.shape[1]
+    for a in range(0, T, chunk):
+        part = slice(a, min(a + chunk, T))
+        if record is None:
+            hooks.begin_step(input_ids[:, part], None, seq_ids, True)
+        else:
+            hooks.begin_step(input_ids[:, part], record[:, part], seq_ids)
+        logits = module(input_ids[:, part], positions=positions[:, part], cache=cache, last_only=True)
+        hooks.on_token_end()
+    valid = torch.ones_like(input_ids, dtype=torch.bool)
+    return logits[:, -1], DecodeBatch(cache, valid, positions[:, -1] + 1)
 
 
 def decode_step(module, batch: DecodeBatch, tokens: torch.Tensor, hooks, seq_ids: list,

@@ -412,11 +412,13 @@ class OffloadRuntime:
 
     # -- events from the engine ------------------------------------------------------------
     def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None,
-                   seq_ids: list[int] | None = None) -> None:
-        """A forward over input_ids [B, T] starts; row b belongs to request seq_ids[b]."""
+                   seq_ids: list[int] | None = None, prompt: bool | None = None) -> None:
+        """A forward over input_ids [B, T] starts; row b belongs to request seq_ids[b].
+        `prompt`: its tokens are prompt tokens (a chunk of a chunked prefill; default: a
+        request's first step is its prompt, later ones generate)."""
         self._in_step = True
         if self.recorder is not None:
-            self.recorder.begin_step(input_ids, valid, seq_ids)
+            self.recorder.begin_step(input_ids, valid, seq_ids, prompt)
         if self._embed is not None and getattr(self.policy, "uses_maps", False):
             # the semantic key of this iteration: the model's embedding of its token(s)
             with torch.no_grad():

@@ -48,15 +48,16 @@ class TraceRecorder:
         self._step = None
 
     def begin_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None,
-                   seq_ids: list[int] | None = None) -> None:
+                   seq_ids: list[int] | None = None, prompt: bool | None = None) -> None:
         """input_ids [B, T] of this forward; valid [B, T] False on padding; row b belongs to
-        request seq_ids[b] (default: b)."""
+        request seq_ids[b] (default: b); `prompt` True: prompt tokens (a chunked prefill's later
+        chunks), None: a request's first step is its prompt."""
         ids = input_ids.detach().cpu().numpy()
         mask = np.ones_like(ids, dtype=bool) if valid is None else valid.detach().cpu().numpy().astype(bool)
         B, T = ids.shape
         self._step = {"ids": ids, "valid": mask, "experts": np.full((B * T, self.L, self.K), -1, np.int16),
                       "probs": np.zeros((B * T, self.L, self.E), np.float32),
-                      "seqs": list(range(B)) if seq_ids is None else list(seq_ids)}
+                      "seqs": list(range(B)) if seq_ids is None else list(seq_ids), "prompt": prompt}
 
     def record(self, layer: int, topk_ids: torch.Tensor, probs: np.ndarray | None) -> None:
         if self._step is None:
@@ -71,7 +72,8 @@ class TraceRecorder:
             return
         B, T = st["ids"].shape
         for b, sid in enumerate(st["seqs"]):
-            phase = 1 if sid in self.open else 0      # a request's first step is its prompt
+            # a request's first step is its prompt (and every chunk of a chunked prefill)
+            phase = 0 if st["prompt"] or sid not in self.open else 1
             seq = self.open.setdefault(sid, {"experts": [], "probs": [], "ids": [], "phase": []})
             rows = np.nonzero(st["valid"][b])[0]
             flat = b * T + rows

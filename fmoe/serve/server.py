@@ -304,9 +304,9 @@ def register(subparsers) -> None:
                    help="most waiting sequences before answering 503 (default: 256; at least 1; a request "
                         "with more sequences than this is refused with 400)")
     p.add_argument("--max-prefill-tokens", type=_positive("--max-prefill-tokens"), default=2048,
-                   help="padded prompt tokens per admission forward; a prefill's temporary memory "
-                        "grows with it (default: 2048, as vLLM's online default; one longer prompt "
-                        "is still admitted alone)")
+                   help="padded prompt tokens per prefill forward; its temporary memory grows with "
+                        "it (default: 2048, as vLLM's online default; a longer prompt is prefilled "
+                        "in chunks of this many)")
     p.add_argument("--max-model-len", type=_positive("--max-model-len"), default=None,
                    help="context length (default: the model's: max_position_embeddings, or YaRN's "
                         "original_max_position_embeddings x factor where that is more)")

@@ -199,3 +199,38 @@ def test_request_events_stay_balanced_with_preemption_and_cancellation(checkpoin
     assert waiting.finish_reason == "cancelled" and not hooks.open
     assert sorted(e for e in hooks.events if e[0] == "start") == sorted(("start", s.id) for s in seqs)
     assert len(hooks.events) == 2 * len(seqs)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "mixtral-sliding"])
+def test_a_prompt_longer_than_max_prefill_tokens_is_prefilled_in_chunks(checkpoints, family):
+    """A lone prompt over `max_prefill_tokens` runs in forwards of that many tokens over the
+    growing cache (its temporaries bounded by the chunk): the generated tokens are the one-forward
+    run's (float32), the hooks see one prompt step per chunk."""
+    model = fmoe.models.from_pretrained(checkpoints[family])
+    prompt = prompts_of((30,), seed=4)[0]
+    want = model.generate(torch.tensor([prompt]), 12, eos_token_id=[])[0, 30:].tolist()
+    calls = []
+
+    class Steps(Hooks):
+        def begin_step(self, ids, valid, seq_ids, prompt=None):
+            calls.append((ids.shape[1], prompt))
+
+    s = Sequence(prompt, params(12))
+    b = Batcher(model, max_prefill_tokens=8, hooks=Steps())
+    b.submit(s)
+    b.run_until_idle()
+    assert s.output == want
+    assert calls[:4] == [(8, True), (8, True), (8, True), (6, True)] and calls[4] == (1, None)
+
+
+def test_a_chunked_prefill_is_recorded_as_prompt_tokens(checkpoints, tmp_path):
+    import numpy as np
+
+    path = tmp_path / "t.npz"
+    model = fmoe.models.from_pretrained(checkpoints["mixtral"], expert_cache=0.5, trace_path=path)
+    b = Batcher(model, max_prefill_tokens=8)
+    b.submit(Sequence(prompts_of((30,), seed=4)[0], params(5)))
+    b.run_until_idle()
+    model.close()
+    t = np.load(path)
+    assert t["phase"].tolist() == [0] * 30 + [1] * 4       # the 5th token is never fed back
