@@ -119,8 +119,9 @@ class Batcher:
     bare family module. max_batch: most running rows (1 disables batching: one request at a
     time). max_queue: most waiting sequences; `submit` raises `QueueFull` beyond it.
     max_prefill_tokens: padded prompt tokens one prefill forward may take (at least one
-    sequence is always admitted; one longer than this is prefilled in chunks of this many). kv_budget: most cached positions, rows x columns of the
-    padded KV cache (None: no bound); the server derives it from ``--kv-cache-memory``.
+    sequence is always admitted; one longer than this is prefilled in chunks of this many).
+    kv_budget: most cached positions, rows x columns of the padded KV cache (None: no bound);
+    the server derives it from ``--kv-cache-memory``.
     """
 
     def __init__(self, model, *, max_batch: int = 32, max_queue: int = 256,
