@@ -274,6 +274,15 @@ class FileReader:
                     self._fds[file] = fd
         return fd
 
+    def forget(self, info: TensorInfo) -> None:
+        """Drop the cached file pages of tensor `info` (``posix_fadvise(DONTNEED)`` on its byte
+        range): read into the model's own memory, they would only count against a memory
+        cgroup until reclaimed. Best effort."""
+        try:
+            os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+
     # -- O_DIRECT ---------------------------------------------------------------------------
     def use_direct(self, file: str | os.PathLike, large: bool | None = None) -> bool:
         """Read `file` with O_DIRECT from now on, where supported. Returns whether it will try.

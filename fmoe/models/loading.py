@@ -297,6 +297,11 @@ def _read_params(reader: FileReader, jobs, block: tuple[int, int] | None = None)
                 reader.read_into(info, param.data)
             else:
                 param.copy_(reader.read(info))
+        # its pages go as soon as it is read, not after the whole load: under a memory limit the
+        # load's page cache filled the cgroup (reclaimed, but at the limit)
+        reader.forget(info)
+        if scale is not None:
+            reader.forget(scale)
 
     bar = load_bar(sum(info.nbytes for _, info, _ in jobs), "load weights")
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fmoe-load") as pool:

@@ -29,3 +29,26 @@ def test_unaligned_direct_reads_equal_the_file(tmp_path, monkeypatch):
         got = reader.read(info)
         assert torch.equal(got, ref[name]), name
     reader.close()
+
+
+def test_each_resident_tensors_pages_are_dropped_as_it_is_read(mixtral_ckpt, monkeypatch):
+    """Loading drops a tensor's cached pages right after reading it (its byte range), not only
+    the whole files at the end: under a memory cgroup the load's page cache filled the limit."""
+    import fmoe
+
+    path, _ = mixtral_ckpt
+    calls, real = [], os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            calls.append((offset, length))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    model = fmoe.models.from_pretrained(path, expert_cache=4, policy="lru")
+    model.close()
+    index = CheckpointIndex(path)
+    ranges = {(i.offset, i.nbytes) for name, i in index.tensors.items() if ".experts." not in name}
+    assert ranges and ranges <= set(calls)
+    first_whole = calls.index((0, 0))                        # the files, once at the end
+    assert ranges <= set(calls[:first_whole])
