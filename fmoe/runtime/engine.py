@@ -313,8 +313,7 @@ def prefill(module, input_ids: torch.Tensor, valid: torch.Tensor, hooks,
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)        # real tokens before each column
     cache = module.new_cache()
     cache.max_len = max_len
-    if chunk is not None and input_ids.shape == (1, input_ids.shape[1]) and input_ids.shape[1] > chunk \
-            and bool(valid.all()):
+    if chunk is not None and input_ids.shape[0] == 1 and input_ids.shape[1] > chunk and bool(valid.all()):
         return _prefill_chunks(module, input_ids, positions, cache, hooks, seq_ids, chunk, record)
     batch = DecodeBatch(cache, valid, positions[:, -1] + 1)
     hooks.begin_step(input_ids, valid if record is None else record, seq_ids)

@@ -42,11 +42,10 @@ class Job:
         with the text options of `req` (a `SamplingRequest`: stop strings, stop token ids,
         min_tokens, include_stop_str_in_output, skip_special_tokens)."""
         idx = len(self.seqs)
-        # the tokens that end a choice add no text, unless include_stop_str_in_output asks for
-        # it (vLLM; a special token's text also needs skip_special_tokens false); under
-        # ignore_eos, EOS is an ordinary token
-        quiet = [] if req.include_stop_str_in_output else \
-            ([] if req.ignore_eos else list(self.state.eos_ids)) + list(req.stop_token_ids or [])
+        # the tokens that end a choice (`params.eos_ids`: EOS unless ignore_eos, and
+        # stop_token_ids) add no text, unless include_stop_str_in_output asks for it (vLLM; a
+        # special token's text also needs skip_special_tokens false)
+        quiet = [] if req.include_stop_str_in_output else list(params.eos_ids)
         ts = TextStream(self.state.tokenizer, req.stops, prompt_ids=ids, eos_token_ids=quiet,
                         include_stop=bool(req.include_stop_str_in_output),
                         skip_special_tokens=req.skip_special_tokens is not False)
