@@ -153,14 +153,53 @@ _MIXTRAL_8X7B = {
     "vocab_size": 32000,
 }
 
-# name -> (hub id, config.json, special tokens {content: id})
-PUBLISHED: dict[str, tuple[str, dict, dict[str, int]]] = {
+# The conversation formats of the families' chat models, written for fmoe (not the hub's
+# template files): enough for `fmoe serve` and `fmoe chat` to take chat requests on a synthesized
+# checkpoint with the family's turn markers at their published ids. A system message goes where
+# the family puts it (Mixtral has no system turn: it opens the first user turn).
+_CHATML = (
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m['role'] + '\n' + (m['content'] or '') + '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+_CHATML_DEFAULT_SYSTEM = (
+    "{%- if messages and messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif %}" + _CHATML)
+_DEEPSEEK_CHAT = (
+    "{{- bos_token }}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'system' %}{{- (m['content'] or '') + '\n\n' }}"
+    "{%- elif m['role'] == 'user' %}{{- 'User: ' + (m['content'] or '') + '\n\n' }}"
+    "{%- elif m['role'] == 'assistant' %}{{- 'Assistant: ' + (m['content'] or '') + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'Assistant:' }}{%- endif %}")
+_MISTRAL_INST = (
+    "{{- bos_token }}"
+    "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' "
+    "else none %}"
+    "{%- for m in messages if m['role'] != 'system' %}"
+    "{%- if m['role'] == 'user' %}"
+    "{{- '[INST] ' + (system + '\n\n' if loop.first and system else '') + (m['content'] or '')"
+    " + ' [/INST]' }}"
+    "{%- elif m['role'] == 'assistant' %}{{- ' ' + (m['content'] or '') + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}")
+
+# name -> (hub id, config.json, special tokens {content: id}, chat template)
+PUBLISHED: dict[str, tuple[str, dict, dict[str, int], str]] = {
     "deepseek-v2-lite": ("deepseek-ai/DeepSeek-V2-Lite", _DEEPSEEK_V2_LITE,
-                         {"<｜begin▁of▁sentence｜>": 100000, "<｜end▁of▁sentence｜>": 100001}),
-    "qwen1.5-moe-a2.7b": ("Qwen/Qwen1.5-MoE-A2.7B", _QWEN15_MOE_A27B, {"<|endoftext|>": 151643}),
+                         {"<｜begin▁of▁sentence｜>": 100000, "<｜end▁of▁sentence｜>": 100001},
+                         _DEEPSEEK_CHAT),
+    "qwen1.5-moe-a2.7b": ("Qwen/Qwen1.5-MoE-A2.7B", _QWEN15_MOE_A27B,
+                          {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645},
+                          _CHATML_DEFAULT_SYSTEM),
     "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B", _QWEN3_30B_A3B,
-                      {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}),
-    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", _MIXTRAL_8X7B, {"<unk>": 0, "<s>": 1, "</s>": 2}),
+                      {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645},
+                      _CHATML),
+    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", _MIXTRAL_8X7B, {"<unk>": 0, "<s>": 1, "</s>": 2},
+                     _MISTRAL_INST),
 }
 
 

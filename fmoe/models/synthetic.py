@@ -117,10 +117,13 @@ The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100
 
 
 def write_tokenizer(path: str | os.PathLike, vocab_size: int, specials: dict[str, int],
-                    chat_template: str | None = None, max_length: int | None = None) -> None:
+                    chat_template: str | None = None, max_length: int | None = None,
+                    bos_token: str | None = None, eos_token: str | None = None) -> None:
     """A byte-level BPE ``tokenizer.json`` with exactly `vocab_size` ids: the 256 byte symbols,
     merges learnt from a small corpus, the `specials` {content: id} at their published ids, and
-    unreachable filler tokens for the rest, so that every embedding row has a token."""
+    unreachable filler tokens for the rest, so that every embedding row has a token. The
+    ``tokenizer_config.json`` names `bos_token` and `eos_token` (both None: the lowest special
+    id is BOS and the next EOS, or the only one EOS)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 300 + len(specials):
@@ -153,14 +156,23 @@ def write_tokenizer(path: str | os.PathLike, vocab_size: int, specials: dict[str
                             for c, i in sorted(specials.items(), key=lambda kv: kv[1])]
     out = Path(path)
     _write_json(out / "tokenizer.json", data)
-    names = sorted(specials, key=specials.get)
     conf = {"model_max_length": max_length} if max_length else {}
-    if names:
-        conf["bos_token"] = names[0] if len(names) > 1 else None
-        conf["eos_token"] = names[1] if len(names) > 1 else names[0]
+    if bos_token is None and eos_token is None and specials:
+        names = sorted(specials, key=specials.get)
+        bos_token, eos_token = (names[0], names[1]) if len(names) > 1 else (None, names[0])
+    for name, content in (("bos_token", bos_token), ("eos_token", eos_token)):
+        if content is not None and content not in specials:
+            raise ValueError(f"{name} {content!r} is not one of the special tokens")
+    if bos_token is not None or eos_token is not None:
+        conf["bos_token"], conf["eos_token"] = bos_token, eos_token
     if chat_template:
         conf["chat_template"] = chat_template
     _write_json(out / "tokenizer_config.json", conf)
+
+
+def _first(ids):
+    """The first of an id or a list of ids (None: none)."""
+    return ids[0] if isinstance(ids, list) and ids else (ids if isinstance(ids, int) else None)
 
 
 def synthesize(name: str, dst: str | os.PathLike, layers: int | None = None,
@@ -202,7 +214,12 @@ def synthesize(name: str, dst: str | os.PathLike, layers: int | None = None,
         if not specials:          # a shrunk vocabulary (tests): the config's own bos / eos ids
             specials = {t: config[k] for t, k in (("<s>", "bos_token_id"), ("</s>", "eos_token_id"))
                         if isinstance(config.get(k), int) and config[k] < vocab}
-        write_tokenizer(tmp, vocab, specials, max_length=config.get("max_position_embeddings"))
+        # BOS and EOS are the config's ids (the published tokenizer_config's tokens)
+        by_id = {i: c for c, i in specials.items()}
+        write_tokenizer(tmp, vocab, specials, chat_template=PUBLISHED[name][3],
+                        max_length=config.get("max_position_embeddings"),
+                        bos_token=by_id.get(config.get("bos_token_id")),
+                        eos_token=by_id.get(_first(config.get("eos_token_id"))))
         _write_json(tmp / "generation_config.json",
                     {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config})
         plain_mode(tmp)           # mkdtemp's 0700 is for the partial directory only

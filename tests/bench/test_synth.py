@@ -101,3 +101,51 @@ def test_cli_refuses_existing_and_unknown(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["synth", "gpt-moe", str(tmp_path / "x")])
     assert e.value.code == 2
+
+
+# the conversation each family's chat format renders (by hand, from the formats' descriptions)
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+RENDERED = {
+    "deepseek-v2-lite": "<｜begin▁of▁sentence｜>Be brief.\n\nUser: Hi\n\nAssistant: Hello."
+                        "<｜end▁of▁sentence｜>User: Why?\n\nAssistant:",
+    "qwen1.5-moe-a2.7b": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                         "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>\n"
+                         "<|im_start|>assistant\n",
+    "qwen3-30b-a3b": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                     "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>\n"
+                     "<|im_start|>assistant\n",
+    "mixtral-8x7b": "<s>[INST] Be brief.\n\nHi [/INST] Hello.</s>[INST] Why? [/INST]",
+}
+# (marker, published id) pairs the rendering must encode to as single tokens
+MARKERS = {"deepseek-v2-lite": [("<｜begin▁of▁sentence｜>", 100000), ("<｜end▁of▁sentence｜>", 100001)],
+           "qwen1.5-moe-a2.7b": [("<|im_start|>", 151644), ("<|im_end|>", 151645)],
+           "qwen3-30b-a3b": [("<|im_start|>", 151644), ("<|im_end|>", 151645)],
+           "mixtral-8x7b": [("<s>", 1), ("</s>", 2)]}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_synth_tokenizer_chats_in_the_family_format(name, monkeypatch, tmp_path):
+    """A synthesized checkpoint takes chat requests: its tokenizer carries the family's chat
+    format with the turn markers at their published ids, BOS / EOS as the config's ids (the
+    weights are skipped: only the tokenizer's files are checked)."""
+    import fmoe.models.synthetic as synthetic
+    from fmoe.runtime.tokenizer import Tokenizer
+
+    monkeypatch.setattr(synthetic, "write_random_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(synthetic, "checkpoint_bytes", lambda *a, **k: 0)
+    out = synthesize(name, tmp_path / name, progress=False)
+    cfg = published_config(name)
+    tok = Tokenizer.from_dir(out)
+    text = tok.apply_chat_template(CHAT, add_generation_prompt=True)
+    assert text == RENDERED[name]
+    ids = tok.encode(text, add_special_tokens=False)
+    for marker, i in MARKERS[name]:
+        assert ids.count(i) == text.count(marker) > 0
+    assert tok.tok.token_to_id(tok.bos_token) == cfg["bos_token_id"]
+    assert tok.tok.token_to_id(tok.eos_token) == cfg["eos_token_id"]
+    # the same files read by transformers render the same text
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(
+        CHAT, add_generation_prompt=True, tokenize=False) == text
