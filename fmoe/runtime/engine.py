@@ -7,6 +7,7 @@ would generate alone.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -126,6 +127,36 @@ class SamplingParams:
     def processes(self) -> bool:
         """Whether `process` changes logits (a penalty, or EOS held back)."""
         return self.repetition_penalty != 1.0 or (self.min_new_tokens > 0 and bool(self.eos_ids))
+
+# generation_config.json's keys taken as sampling defaults (by the server, as vLLM does, and by
+# `generate` when it samples, as HF does), with the name a request gives each
+_GEN_DEFAULTS = (("temperature", "temperature", float), ("top_p", "top_p", float),
+                 ("top_k", "top_k", int), ("repetition_penalty", "repetition_penalty", float),
+                 ("min_p", "min_p", float), ("max_new_tokens", "max_tokens", int))
+
+
+def sampling_defaults(gen: dict) -> dict:
+    """The sampling defaults a ``generation_config.json`` (`gen`, parsed) recommends (temperature,
+    top_p, top_k, repetition_penalty, min_p, and max_new_tokens as max_tokens: the ones it
+    sets, of the right type and usable; an unusable one is logged and left out), or {}."""
+    out = {}
+    for key, name, kind in _GEN_DEFAULTS:
+        v = gen.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer()):
+            out[name] = kind(v)
+    if out.get("max_tokens", 1) < 1:
+        out.pop("max_tokens")
+    while True:
+        try:
+            SamplingParams(temperature=out.get("temperature", 1.0), top_p=out.get("top_p", 1.0),
+                           top_k=max(out.get("top_k", 0), 0),
+                           repetition_penalty=out.get("repetition_penalty", 1.0),
+                           min_p=out.get("min_p", 0.0))
+            return out
+        except SamplingError as e:
+            logging.getLogger("fmoe").warning("generation_config.json: %s; ignored", e)
+            out.pop(e.param)
+
 
 
 def process(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,

@@ -14,7 +14,14 @@ import torch.nn as nn
 
 from ..models.checkpoint import drop_cached_pages
 from ..models.loading import build_model, install_resident_experts, resolve
-from .engine import SamplingParams, check_generate_inputs, context_length, generate
+from .engine import (
+    SamplingParams,
+    check_generate_inputs,
+    context_length,
+    generate,
+    sampling_defaults,
+    validate_sampling,
+)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -80,6 +87,20 @@ def generation_defaults(gen: dict, root: Path, config) -> tuple[list[int], int |
         raise ConfigError(f"{root}: eos_token_id {eos!r} / pad_token_id {pad!r} are not token ids") from None
 
 
+
+class _Unset:
+    """A `generate` argument not passed (its default comes from generation_config.json)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
 class MoEModel(nn.Module):
     def __init__(self, module: nn.Module, config, path: Path, device: torch.device,
                  dtype: torch.dtype, runtime=None, tokenizer=None):
@@ -96,6 +117,9 @@ class MoEModel(nn.Module):
 
         self.generation_config = read_generation_config(Path(path))
         self.eos_token_ids, self.pad_token_id = generation_defaults(self.generation_config, path, config)
+        self.sampling_defaults = sampling_defaults(self.generation_config)
+        if self.sampling_defaults.get("top_k", 0) < 0:     # -1: vLLM's "off", HF's 0
+            self.sampling_defaults["top_k"] = 0
         # one forward or generation at a time: the runtime's per-step state (pins, the policy's
         # request) is the model's; a second thread waits its turn instead of corrupting it
         self._lock = threading.Lock()
@@ -212,23 +236,45 @@ class MoEModel(nn.Module):
         return self.module.new_cache()
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, do_sample: bool | None = None,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, temperature=UNSET,
+                 top_p=UNSET, top_k=UNSET, do_sample: bool | None = None,
                  eos_token_id=None, pad_token_id: int | None = None, attention_mask=None,
-                 seed: int | None = None, on_token=None, repetition_penalty: float = 1.0,
-                 min_p: float = 0.0, min_new_tokens: int = 0, max_length: int | None = None,
+                 seed: int | None = None, on_token=None, repetition_penalty=UNSET,
+                 min_p=UNSET, min_new_tokens: int = 0, max_length: int | None = None,
                  streamer=None) -> torch.Tensor:
-        """LongTensor [B, T] -> [B, T + n]. Greedy unless `temperature` > 0 (or `do_sample`).
+        """LongTensor [B, T] -> [B, T + n]. Greedy unless `do_sample` (or a `temperature` > 0).
         Stops at `eos_token_id` (default: ``generation_config.json``'s, else ``config.json``'s);
         finished rows are filled with `pad_token_id` (default: likewise, else the first eos);
         left-padded batches need `attention_mask` [B, T] with 0 on padding.
         `repetition_penalty`, `min_p` and `min_new_tokens` work as HF's (1, 0 and 0: off);
         `max_length` (prompt + new tokens) as HF's, in place of `max_new_tokens`; `streamer`
         (HF's `TextStreamer` or anything with ``put(ids)`` and ``end()``) gets the prompt, then
-        each new token, then ``end()``. None for temperature, top_p or top_k: the default."""
-        temperature = 0.0 if temperature is None else temperature
-        top_p = 1.0 if top_p is None else top_p
-        top_k = 0 if top_k is None else top_k
+        each new token, then ``end()``.
+
+        A value not passed comes, as HF's, from ``generation_config.json`` (temperature, top_p,
+        top_k, min_p when sampling; repetition_penalty always), else HF's default (temperature 1,
+        top_k 50, top_p 1 when sampling). Its ``do_sample`` is not followed: greedy unless asked.
+        None for a value: off (temperature 1 when sampling)."""
+        gen = self.sampling_defaults
+        sample = bool(do_sample) if do_sample is not None else (
+            temperature not in (UNSET, None) and _positive(temperature))
+
+        def pick(name, value, unset, off):
+            if value is UNSET:
+                return gen.get(name, unset)
+            return off if value is None else value
+
+        repetition_penalty = pick("repetition_penalty", repetition_penalty, 1.0, 1.0)
+        if sample:
+            temperature = pick("temperature", temperature, 1.0, 1.0)
+            top_p = pick("top_p", top_p, 1.0, 1.0)
+            top_k = pick("top_k", top_k, 50, 0)
+            min_p = pick("min_p", min_p, 0.0, 0.0)
+        else:                   # greedy: the sampling values are checked, not used
+            temperature = 0.0 if temperature in (UNSET, None) else temperature
+            top_p = 1.0 if top_p in (UNSET, None) else top_p
+            top_k = 0 if top_k in (UNSET, None) else top_k
+            min_p = 0.0 if min_p in (UNSET, None) else min_p
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             attention_mask = torch.as_tensor(attention_mask)
         if isinstance(eos_token_id, torch.Tensor):
@@ -237,9 +283,10 @@ class MoEModel(nn.Module):
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
                 check_generate_inputs(self, input_ids, 0)
             max_new_tokens = max(0, int(max_length) - input_ids.shape[1])
-        if do_sample is False:
+        if not sample:
+            validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
             temperature = 0.0
-        elif do_sample and temperature == 0.0:
+        elif temperature == 0.0:
             temperature = 1.0
         if eos_token_id is None:
             eos_token_id = self.eos_token_ids

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..runtime.engine import SamplingError, SamplingParams
+from ..runtime.engine import SamplingError, SamplingParams, sampling_defaults
 from . import protocol
 from .jobs import Job, run_blocking, stream_events
 from .metrics import CONTENT_TYPE, Metrics
@@ -287,35 +287,6 @@ def resolve_max_tokens(state: ServerState, req_max: int | None, prompt_len: int,
                             f"completion). Please reduce the length of the prompt or completion.",
                        param=param, code="context_length_exceeded")
     return req_max
-
-
-# generation_config.json's keys the server takes as request defaults, as vLLM does
-_GEN_DEFAULTS = (("temperature", "temperature", float), ("top_p", "top_p", float),
-                 ("top_k", "top_k", int), ("repetition_penalty", "repetition_penalty", float),
-                 ("min_p", "min_p", float), ("max_new_tokens", "max_tokens", int))
-
-
-def sampling_defaults(gen: dict) -> dict:
-    """The request defaults a ``generation_config.json`` (`gen`, parsed) recommends (temperature,
-    top_p, top_k, repetition_penalty, min_p, and max_new_tokens as max_tokens: the ones it
-    sets, of the right type and usable), or {}."""
-    out = {}
-    for key, name, kind in _GEN_DEFAULTS:
-        v = gen.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer()):
-            out[name] = kind(v)
-    if out.get("max_tokens", 1) < 1:
-        out.pop("max_tokens")
-    while True:       # a value no request could use: left out (OpenAI's default instead)
-        try:
-            SamplingParams(temperature=out.get("temperature", 1.0), top_p=out.get("top_p", 1.0),
-                           top_k=max(out.get("top_k", 0), 0),
-                           repetition_penalty=out.get("repetition_penalty", 1.0),
-                           min_p=out.get("min_p", 0.0))
-            return out
-        except SamplingError as e:
-            log.warning("generation_config.json: %s; ignored", e)
-            out.pop(e.param)
 
 
 def sampling(state: ServerState, req: protocol.SamplingRequest, max_tokens: int, j: int) -> SamplingParams:

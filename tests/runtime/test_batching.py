@@ -121,7 +121,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(mixtral):
     b.run_until_idle()
     assert [s.output for s in seqs] == solo
     # the engine's seeded sampler gives the same tokens
-    ref = mixtral.generate(torch.tensor([prompts[0]]), 10, temperature=0.9, top_p=0.9, seed=1, eos_token_id=[])
+    ref = mixtral.generate(torch.tensor([prompts[0]]), 10, temperature=0.9, top_p=0.9, top_k=0, seed=1,
+                           eos_token_id=[])
     assert solo[0] == ref[0, len(prompts[0]):].tolist()
 
 

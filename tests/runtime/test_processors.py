@@ -3,6 +3,8 @@ and its `generate`, and the batcher against `generate` with them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -121,9 +123,53 @@ def test_generate_equals_hf_generate(pair):
         want = hf.generate(ids, max_new_tokens=10, do_sample=True, temperature=0.9, top_k=0,
                            min_p=0.05, repetition_penalty=1.3, eos_token_id=None, pad_token_id=0,
                            attention_mask=torch.ones_like(ids))
-        got = model.generate(ids, 10, temperature=0.9, min_p=0.05, repetition_penalty=1.3,
+        got = model.generate(ids, 10, temperature=0.9, top_k=0, min_p=0.05, repetition_penalty=1.3,
                              seed=seed, eos_token_id=[])
         assert torch.equal(got, want), (seed, got, want)
+
+
+def test_generate_takes_hf_defaults_and_generation_config(mixtral_ckpt, tmp_path):
+    """Values a call leaves out come from generation_config.json, else HF's defaults (top_k 50
+    when sampling), token for token against transformers' generate on the same checkpoint;
+    generation_config's do_sample is not followed (greedy unless asked), its repetition_penalty
+    is, as in HF's greedy search."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    path, hf = mixtral_ckpt
+    ids = torch.randint(3, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    common = dict(eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    model = fmoe.models.from_pretrained(path)
+    for seed in (1, 2):                  # sampling, top_k not passed: HF's 50
+        torch.manual_seed(seed)
+        want = hf.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.5, **common)
+        got = model.generate(ids, 10, do_sample=True, temperature=1.5, seed=seed, eos_token_id=[])
+        assert torch.equal(got, want), (seed, got, want)
+    full = model.generate(ids, 10, do_sample=True, temperature=1.5, top_k=None, seed=1, eos_token_id=[])
+    assert not torch.equal(full, got)    # top-k off is another distribution
+    model.close()
+
+    gc_dir = tmp_path / "gc"
+    shutil.copytree(path, gc_dir)
+    gen = {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.4}
+    (gc_dir / "generation_config.json").write_text(json.dumps(gen))
+    old, hf.generation_config = hf.generation_config, GenerationConfig(**gen)
+    model = fmoe.models.from_pretrained(gc_dir)
+    try:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            want = hf.generate(ids, max_new_tokens=10, **common)
+            got = model.generate(ids, 10, do_sample=True, seed=seed, eos_token_id=[])
+            assert torch.equal(got, want), (seed, got, want)
+        want = hf.generate(ids, max_new_tokens=10, do_sample=False, **common)
+        got = model.generate(ids, 10, eos_token_id=[])     # greedy by default, with the penalty
+        assert torch.equal(got, want), (got, want)
+        plain = model.generate(ids, 10, eos_token_id=[], repetition_penalty=None)
+        assert not torch.equal(plain, got)
+    finally:
+        model.close()
+        hf.generation_config = old
 
 
 def test_batched_rows_equal_generate(pair):

@@ -236,7 +236,7 @@ def test_vllm_sampling_extensions(client, model):
     assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop) + len(stop)]
 
     # min_p: seeded samples equal the engine's with the same seed
-    want = model.generate(torch.tensor([ids]), 8, temperature=1.0, min_p=0.2, seed=5,
+    want = model.generate(torch.tensor([ids]), 8, temperature=1.0, top_k=0, min_p=0.2, seed=5,
                           eos_token_id=[])[0, len(ids):].tolist()
     r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1.0, seed=5,
                                   extra_body={"ignore_eos": True, "min_p": 0.2})
