@@ -19,7 +19,10 @@ SwiGLU experts. Routing (``topk_method``):
   the sum of their two best biased scores; weights are the unbiased sigmoid scores.
 
 Weights are renormalised when ``norm_topk_prob``, and scaled by ``routed_scaling_factor``
-(V2's reference code applies the factor only when it does not renormalise; V3's always does).
+(V2's reference code renormalises only more than one pick and applies the factor only when it
+does not renormalise; V3's always does both). With ``group_limited_greedy`` a pick from a dropped
+group weighs 0. A published V2 config never sets ``norm_topk_prob``: transformers' V2 ignores the
+field (it never renormalises) where this follows the reference code.
 Module names follow the hub checkpoints, so the checkpoint name map is the identity for
 everything but the routed experts, whose tensors go to the experts backend. The decoder layer
 and `forward` are the shared ones of `fmoe.models.base`.
@@ -153,9 +156,12 @@ class DeepseekV2Config(MoeConfig):
     @property
     def checkpoint_ignore(self) -> tuple[str, ...]:
         """Checkpoint names that are not part of this model: V3's multi-token-prediction layers
-        (``model.layers.{num_hidden_layers}...``), which plain decoding does not run."""
-        return tuple(rf"model\.layers\.{self.num_hidden_layers + i}\."
-                     for i in range(self.num_nextn_predict_layers))
+        (``model.layers.{num_hidden_layers}...``), which plain decoding does not run, and the
+        empty shared experts of a model with none."""
+        mtp = tuple(rf"model\.layers\.{self.num_hidden_layers + i}\."
+                    for i in range(self.num_nextn_predict_layers))
+        # without shared experts transformers still saves a zero-width shared MLP
+        return mtp + ((r"model\.layers\.\d+\.mlp\.shared_experts\.",) if not self.n_shared_experts else ())
 
 
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
@@ -308,7 +314,12 @@ class Router(nn.Module):
             choice = choice.masked_fill(~keep.reshape(N, -1), float("-inf"))
         ids = torch.topk(choice, self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
-        normalise = self.norm_topk_prob and self.top_k > 1
+        if self.method == "group_limited_greedy":
+            # V2 takes the weights from the masked scores: a pick from a dropped group (top-k
+            # larger than the kept groups hold) weighs 0
+            weights = weights.masked_fill(choice.gather(1, ids) == float("-inf"), 0.0)
+        # V3 renormalises even a single pick (to 1), V2's reference code only from two picks
+        normalise = self.norm_topk_prob and (self.top_k > 1 or self.method == "noaux_tc")
         if normalise:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.method == "noaux_tc" or not normalise:

@@ -233,6 +233,38 @@ def test_hub_v2_lite_config():
         DeepseekV2Config.from_hf({**_hub_v2_lite(), "scoring_func": "sigmoid"})
 
 
+def test_v3_single_pick_is_renormalised(tmp_path):
+    """transformers' V3 renormalises the top-k weights whenever norm_topk_prob is set, a single
+    pick too (its weight becomes routed_scaling_factor)."""
+    hf = v3(num_experts_per_tok=1, n_group=1, topk_group=1)
+    model = check_parity(hf, save(hf, tmp_path))
+    weights, _, _ = model.module.moe_blocks()[0].gate(torch.randn(5, 32))
+    assert torch.allclose(weights, torch.full((5, 1), 2.5))
+
+
+def test_v2_group_limited_picks_past_the_kept_groups_weigh_zero(tmp_path):
+    """With more picks than the kept groups hold (top-2, one group of one expert kept), the
+    second pick comes from a dropped group and weighs 0, as transformers' V2 has it."""
+    hf = v2(topk_method="group_limited_greedy", n_group=8, topk_group=1, num_experts_per_tok=2)
+    model = check_parity(hf, save(hf, tmp_path))
+    weights, _, _ = model.module.moe_blocks()[0].gate(torch.randn(5, 32))
+    assert (weights[:, 0] > 0).all() and (weights[:, 1] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("make", [v2, v3], ids=["v2", "v3"])
+def test_no_shared_experts_loads_transformers_checkpoint(tmp_path, make):
+    """n_shared_experts=0: transformers saves a zero-width shared MLP; it loads (and adds nothing)."""
+    hf = make(n_shared_experts=0)
+    path = save(hf, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(next(path.glob("*.safetensors"))), "pt") as f:
+        assert any(".shared_experts." in k for k in f.keys())
+    model = check_parity(hf, path)
+    assert not any("shared_experts" in n for n, _ in model.module.named_parameters())
+
+
 def test_v2_norm_topk_prob_follows_reference_code():
     """V2's reference code renormalises *instead of* scaling; V3's renormalises, then scales."""
     base = {k: v for k, v in _hub_v2_lite().items() if k not in ("rope_scaling",)}
