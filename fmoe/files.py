@@ -119,3 +119,55 @@ class FileLock:
 
     def __del__(self):
         self.release()
+
+
+def _writable_dir(path: str) -> bool:
+    """Whether files can be made in `path` (created if missing), as numba checks a cache dir."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+        return True
+    except OSError:
+        return False
+
+
+def _private_dir(path: str) -> bool:
+    """`path` exists or is made as a directory of this user's that nobody else can write."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    import stat
+
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def numba_cache(module_file: str) -> None:
+    """Call before a module's ``numba.njit(cache=True)`` functions are made. Numba caches them in
+    the package's ``__pycache__``, else in the user's cache directory, and fails ("no locator
+    available") when neither can be written: a root-owned install run by a user whose HOME is
+    read-only (a service account, a read-only container). Then the cache goes to
+    ``$FMOE_CACHE/numba`` when that can be written, else to a directory of this user's in the
+    temporary directory. A cache directory the user chose (``NUMBA_CACHE_DIR``) is left alone."""
+    import numba
+    from numba.misc.appdirs import AppDirs
+
+    if numba.config.CACHE_DIR:
+        return
+    here = os.path.join(os.path.dirname(os.path.abspath(module_file)), "__pycache__")
+    user = AppDirs(appname="numba", appauthor=False).user_cache_dir
+    if _writable_dir(here) or _writable_dir(user):
+        return
+    import tempfile
+
+    chosen = os.environ.get("FMOE_CACHE")
+    chosen = os.path.join(chosen, "numba") if chosen else None
+    if chosen is None or not _writable_dir(chosen):
+        # compiled code is loaded from there: only a directory nobody else can write will do
+        chosen = os.path.join(tempfile.gettempdir(), f"fmoe-numba-{os.getuid()}")
+        if not _private_dir(chosen):
+            chosen = tempfile.mkdtemp(prefix="fmoe-numba-")
+    numba.config.CACHE_DIR = chosen

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -149,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--tokens", nargs="+", type=int, default=DEFAULT_TOKENS, help="token counts T to tune")
     p.add_argument("--quick", action="store_true", help="a small search space (minutes, not hours)")
-    p.add_argument("--out-dir", type=Path, default=tile_config.CONFIG_DIR)
+    p.add_argument("--out-dir", type=Path,
+                   default=Path(os.environ.get(tile_config.CONFIG_DIR_ENV) or tile_config.CONFIG_DIR),
+                   help=f"where the table goes (default: ${tile_config.CONFIG_DIR_ENV} if set, "
+                        "else the package's own configs)")
     args = p.parse_args(argv)
 
     shape = dict(MODELS[args.model]) if args.model else {}

@@ -13,6 +13,10 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
+from ..files import numba_cache
+
+numba_cache(__file__)     # before the cached kernels below are made
+
 
 @intrinsic
 def bf16_to_f32(typingctx, h):

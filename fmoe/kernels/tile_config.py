@@ -110,7 +110,8 @@ def _find_table(dirs: tuple[Path, ...], num_slots: int, inter: int, hidden: int,
 
 @functools.lru_cache(maxsize=None)
 def _log_default(key: tuple, warn: bool) -> None:
-    msg = ("fused_moe: no tuned config for %s in %s; using defaults (tune with tools/tune_fused_moe.py)",
+    msg = ("fused_moe: no tuned config for %s in %s; using defaults (tune with "
+           "tools/tune_fused_moe.py from a clone of the repository, into $FMOE_KERNEL_CONFIG_DIR)",
            config_file_name(*key), [str(d) for d in _config_dirs()])
     (logger.warning if warn else logger.info)(*msg)
 

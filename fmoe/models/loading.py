@@ -85,8 +85,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError:  # pragma: no cover
-        raise ModelNotFoundError(f"{name}: not a local directory and huggingface_hub is missing") from None
+    except ImportError as e:  # pragma: no cover
+        raise ModelNotFoundError(f"{name}: not a local directory, and huggingface_hub cannot be "
+                                 f"imported to fetch it ({e})") from None
     offline = _offline()
     cache = hub_cache_dir()
     try:

@@ -20,7 +20,10 @@ import math
 import numba
 import numpy as np
 
+from ..files import numba_cache
 from .reuse_features import NQ
+
+numba_cache(__file__)     # before the cached kernels below are made
 
 NO_ROW = NQ - 1     # the next-pass class of a key whose layer has no row
 
