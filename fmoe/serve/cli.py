@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -168,13 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs (partial outputs removed, models
+    closed) as for Ctrl-C; Python's default action ends the process at once."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)   # `fmoe serve` drains on its own
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        print(f"fmoe {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # the reader went away (`| head`): stop quietly, as other command-line tools do; what
         # is still buffered for stdout goes nowhere instead of raising again at exit
@@ -188,6 +205,9 @@ def main(argv=None) -> int:
         kind = "" if isinstance(e, (FmoeError, ValueError)) else f"{type(e).__name__}: "
         print(f"fmoe {args.command}: error: {kind}{e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,30 @@ def test_generate_bad_flags(demo_cache, monkeypatch, args, needle):
     assert r.returncode != 0
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """SIGTERM in the middle of `fmoe synth` removes the partial directory and exits 143 (Python's
+    default action ended the process at once and left gigabytes behind)."""
+    import signal
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, sys, time
+import fmoe.models.synthetic as synthetic
+from fmoe.serve.cli import main
+
+def write(tmp, *a, **k):
+    with open(os.path.join(tmp, "model-00001.safetensors"), "wb") as f:
+        f.write(b"x" * 4096)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)          # the handler interrupts this
+
+synthetic.write_random_checkpoint = write
+sys.exit(main(["synth", "deepseek-v2-lite", {str(tmp_path / 'out')!r}, "--layers", "2", "--quiet"]))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert "terminated" in r.stderr
+    assert list(tmp_path.iterdir()) == []          # neither the target nor a partial directory
