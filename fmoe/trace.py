@@ -347,4 +347,7 @@ def write_trace(path: str | os.PathLike, *, expert_ids, seq_offsets, num_experts
     if texts is not None:
         body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
         _atomic_write(texts_path(p), lambda f: f.write(body.encode("utf-8")))
+    else:
+        # the prompts of a trace this one replaced would be read as this one's
+        texts_path(p).unlink(missing_ok=True)
     return p

@@ -29,7 +29,21 @@ def check_trace_path(path) -> Path:
     why = unwritable(p)
     if why:
         raise ValueError(f"{where}: {why}")
+    if p.exists() and not _is_trace(p):
+        raise ValueError(f"{where}: the file exists but is not a routing trace; fmoe would overwrite "
+                         "it, so it refuses: move the file away or choose another path")
     return p
+
+
+def _is_trace(p: Path) -> bool:
+    """Whether `p` is an .npz archive with a trace's required arrays (one fmoe may replace)."""
+    from ..trace_checks import REQUIRED
+
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return hasattr(z, "files") and all(k in z.files for k in REQUIRED)
+    except Exception:
+        return False
 
 
 class TraceRecorder:

@@ -92,3 +92,29 @@ def test_a_read_only_directory_is_refused_at_construction(tmp_path, monkeypatch)
     if os.path.isdir("/proc/self"):
         with pytest.raises(ValueError, match="cannot write in '/proc'"):
             TraceRecorder("/proc/t.npz", L, E, K)
+
+
+def test_an_existing_file_is_replaced_only_when_it_is_a_trace(tmp_path):
+    """A file that is not a routing trace is never overwritten; a trace is replaced, and the
+    prompts beside the old one (its ``.texts.jsonl``) go with it: they would be read as the new
+    trace's (a count mismatch that made it unreadable)."""
+    from fmoe.trace import texts_path, write_trace
+
+    mine = tmp_path / "notes.npz"
+    mine.write_text("precious")
+    with pytest.raises(ValueError, match="not a routing trace"):
+        TraceRecorder(mine, L, E, K)
+    assert mine.read_text() == "precious"
+
+    old = tmp_path / "t.npz"
+    import numpy as np
+
+    write_trace(old, expert_ids=np.tile(np.arange(K, dtype=np.int16), (3, L, 1)), seq_offsets=np.array([0, 2, 3]),
+                num_experts=E, model="m", texts=["a", "b"])
+    assert texts_path(old).exists()
+    rec = TraceRecorder(old, L, E, K, model="m")
+    record_one(rec, [3, 4])
+    rec.close()
+    assert not texts_path(old).exists()
+    t = load_trace(old)
+    assert t.num_sequences == 1 and t.token_ids.tolist() == [3, 4]
