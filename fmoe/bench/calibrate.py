@@ -281,6 +281,8 @@ def measure_reads(model_path: Path, samples: int = 48, seed: int = 0, dtype=None
 
     store, reader, files, n_all = cold_store(model_path, dtype, memory_limit)
     rng = random.Random(seed)
+    # at least one expert is left unread for the reads alone (a second read of one is warm)
+    samples = max(1, min(samples, n_all - 1))
     picked = rng.sample(range(n_all), min(samples + max(1, samples // 2), n_all))
     keys, alone = picked[:samples], picked[samples:] or picked[:1]
     # as many readers as the CPU copy engine runs: a layer's misses are read side by side, so
@@ -359,6 +361,12 @@ def calibrate(model_path, dtype=None, samples: int = 48, steps: int = 6, device:
     path = Path(model_path)
     raw = check_model_dir(path)     # a missing or bad config.json before the first progress line
     ticks = cpu_times()
+    shape = shape_from_config(raw)
+    n_all = shape.num_moe_layers * shape.num_experts
+    if samples >= n_all:
+        out(f"calibrate: the model has {n_all} routed experts: {max(1, n_all - 1)} read side by side "
+            f"(not {samples}), the next alone")
+        samples = max(1, n_all - 1)
     out(f"calibrate: cold reads of {samples} experts ...")
     reads = measure_reads(path, samples, dtype=dtype, memory_limit=memory_limit, device=device)
     out(f"calibrate: {reads['expert_bytes'] / 2**20:.1f} MiB per expert, {reads['read_seconds'] * 1e3:.1f} ms "

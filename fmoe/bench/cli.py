@@ -19,6 +19,21 @@ def check_writable(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: {why}")
 
 
+def _check_profile_target(path: Path) -> None:
+    """An existing `--out` is replaced only when it is a hardware profile: fmoe never overwrites
+    a file it did not write (a checkpoint's config.json, say)."""
+    if not path.exists() or path.is_dir():
+        return
+    try:
+        data = json.loads(path.read_text())
+        ok = isinstance(data, dict) and data.get("format") == "fmoe-hardware-profile"
+    except (OSError, UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--out {path}: the file exists but is not a hardware profile; fmoe would "
+                         "overwrite it, so it refuses: move the file away or choose another path")
+
+
 def cmd_synth(args) -> int:
     from ..models.synthetic import synthesize
     from ..runtime.lm import parse_dtype
@@ -71,6 +86,7 @@ def cmd_calibrate(args) -> int:
         raise SystemExit(f"fmoe calibrate: --miss-steps must be >= 0, got {args.miss_steps}")
     if args.out:
         check_writable(args.out, "--out")      # before the measurement, not after it
+        _check_profile_target(Path(args.out))
     check_model_dir(Path(args.model))          # before the first progress line
     # progress on stderr: without --out, stdout is the profile's JSON alone
     profile = calibrate(args.model, dtype=args.dtype, samples=args.samples,

@@ -90,9 +90,11 @@ def write_random_checkpoint(path: str | os.PathLike, config: dict, dtype: torch.
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """`data` as indented JSON at `path`, whole or not at all (a unique temporary name beside it)."""
+    from ..files import atomic_write
+
+    body = json.dumps(data, indent=2).encode("utf-8")
+    atomic_write(path, lambda f: f.write(body))
 
 
 def checkpoint_bytes(config: dict, dtype: torch.dtype = torch.bfloat16) -> int:

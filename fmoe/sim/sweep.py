@@ -8,11 +8,13 @@ Jobs run in worker processes (fork) when ``jobs > 1``.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..files import atomic_write
 from .replay import SimResult, capacity_for, prefetching_by_timing, simulate
 from .timing import TimingModel
 from .trace import Trace
@@ -107,17 +109,13 @@ def _compare(rows: list[dict]) -> None:
 def write_csv(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name("." + p.name + ".tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
+    body = buf.getvalue().encode("utf-8")
+    atomic_write(p, lambda f: f.write(body))      # whole or not at all, a unique temporary name
     return p
 
 
@@ -193,13 +191,8 @@ def plot(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path
         p.parent.mkdir(parents=True, exist_ok=True)
         # whole or not at all: written beside it, then renamed over it (the type from the
         # destination's name, as savefig(p) would take it, not from the temporary one's)
-        tmp = p.with_name("." + p.name + ".tmp")
-        try:
-            fig.savefig(tmp, dpi=110, format=p.suffix[1:].lower() or matplotlib.rcParams["savefig.format"])
-            os.replace(tmp, p)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        fmt = p.suffix[1:].lower() or matplotlib.rcParams["savefig.format"]
+        atomic_write(p, lambda f: fig.savefig(f, dpi=110, format=fmt))
     finally:
         plt.close(fig)
     return p

@@ -287,3 +287,43 @@ def test_calibrate_a_mixtral_checkpoint(tmp_path):
     prof = calibrate(path, samples=2, steps=2, out=lambda s: None)
     assert len(prof["timing"]["attn"]) == cfg["num_hidden_layers"]
     assert prof["model"]["model_type"] == "mixtral"
+
+
+def test_more_samples_than_experts_keeps_one_cold_for_the_read_alone(tiny_synth, monkeypatch):
+    """16 routed experts: 15 read side by side, the 16th alone (a second read of one already
+    read is warm, which made the read alone, and the lanes from it, wrong)."""
+    import fmoe.bench.calibrate as cal
+
+    order = []
+    real = cal.cold_store
+
+    def spying(*a, **k):
+        store, reader, files, n_all = real(*a, **k)
+        read = store.read_into
+
+        def read_into(key, *bufs):
+            order.append(key)
+            return read(key, *bufs)
+        store.read_into = read_into
+        return store, reader, files, n_all
+
+    monkeypatch.setattr(cal, "cold_store", spying)
+    lines = []
+    prof = calibrate(tiny_synth, samples=100, steps=2, out=lines.append, miss_steps=0)
+    assert prof["measured"]["reads"]["samples"] == 15
+    assert len(order) == 16 and len(set(order)) == 16
+    assert any("16 routed experts" in line for line in lines)
+
+
+def test_out_replaces_only_a_profile(tiny_synth, tmp_path, capsys):
+    """An existing --out is refused unless it is a hardware profile (it replaced a checkpoint's
+    config.json)."""
+    out = tmp_path / "config.json"
+    out.write_text('{"model_type": "mixtral"}')
+    assert main(["calibrate", str(tiny_synth), "--samples", "2", "--miss-steps", "0", "--out", str(out)]) == 1
+    assert "not a hardware profile" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == {"model_type": "mixtral"}
+    out.write_text(json.dumps({"format": "fmoe-hardware-profile", "version": 1}))
+    assert main(["calibrate", str(tiny_synth), "--samples", "2", "--miss-steps", "0", "--out", str(out)]) == 0
+    assert "timing" in json.loads(out.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]      # no temporary left
