@@ -356,8 +356,11 @@ def test_sweep_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     table.write_text("old rows")
 
     def dying_savefig(self, fname, **kw):
-        with open(fname, "wb") as f:
-            f.write(b"\x89PNG half")
+        if hasattr(fname, "write"):
+            fname.write(b"\x89PNG half")
+        else:
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG half")
         raise OSError("disk full")
 
     def dying_writerow(self, r):
