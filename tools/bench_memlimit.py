@@ -76,6 +76,15 @@ def calibrates(name: str, cmd: list[str]) -> bool:
     return name not in LLAMA_CONTENDERS and "mmap" not in cmd
 
 
+def reads_profile(cmd: list[str]) -> bool:
+    """Whether the fmoe run `cmd` reads a hardware profile (the fmoe policy decides prefetch
+    from it, host and hybrid execution their miss rule; `fmoe bench` refuses it elsewhere). An
+    LRU run is still calibrated: the simulator replays it with the profile."""
+    def value(flag, default):
+        return cmd[cmd.index(flag) + 1] if flag in cmd[:-1] else default
+    return value("--policy", "fmoe") == "fmoe" or value("--execution", "load") != "load"
+
+
 def calibrate_command(args, limit: float, path: Path) -> list[str]:
     """`fmoe calibrate` for a run at `limit` GiB (outside its cgroup: the calibration reads as
     the run will, by `--memory-limit`)."""
@@ -273,7 +282,7 @@ def main(argv=None) -> int:
                 profile = None
                 if args.calibrate is not None and calibrates(name, cmd):
                     profile = args.calibrate / f"cal-{rnd + 1}-{limit:g}-{name}.json"
-                    if "--hardware-profile" not in cmd:
+                    if "--hardware-profile" not in cmd and reads_profile(cmd):
                         cmd = cmd + ["--hardware-profile", str(profile)]
                 group = MemoryCgroup(f"fmoe-bench-{os.getpid()}-{len(rows)}", int(limit * 2**30),
                                      root=args.cgroup_root, dry_run=args.dry_run)

@@ -9,6 +9,21 @@ from pathlib import Path
 from ..sim.cli import positive_int
 
 
+def seed_int(text: str) -> int:
+    """argparse type: an integer a torch generator takes as its seed."""
+    import argparse
+
+    from ..runtime.engine import SEED_RANGE
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not SEED_RANGE[0] <= v <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64 - 1], got {text}")
+    return v
+
+
 def check_writable(path: str, flag: str) -> None:
     """`path` can be written (`fmoe.files.unwritable`), or ValueError naming `flag`: checked
     before the measurement, not after it."""
@@ -110,7 +125,7 @@ def register(sub) -> None:
     p.add_argument("dst", help="output directory (complete only when the command exits 0)")
     p.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default: the published count)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 
@@ -134,11 +149,11 @@ def register(sub) -> None:
     p.add_argument("--execution", default="load", choices=["load", "host", "hybrid"],
                    help="load (default): misses are read into the cache; host: misses computed where "
                         "they live; hybrid: the policy decides per miss")
-    p.add_argument("--prefetch-distance", type=int, default=None)
+    p.add_argument("--prefetch-distance", type=positive_int, default=None)
     p.add_argument("--hardware-profile", default=None, metavar="FILE.json",
                    help="a profile from `fmoe calibrate`: the fmoe policy decides prefetch from it")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     p.set_defaults(func=cmd_bench)
 

@@ -155,6 +155,9 @@ def bench_from_args(args) -> dict:
         raise ValueError("--prompt-tokens and --new-tokens must be >= 1")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_tokens is not None and not args.routing_trace:
+        raise ValueError("--max-tokens caps the replayed sequences: it needs --routing-trace "
+                         "(without one, --new-tokens sets the length)")
     from ..runtime.offload import cache_form
 
     cache = args.expert_cache           # (--threads >= 1: its parser type)
@@ -210,8 +213,8 @@ def bench_from_args(args) -> dict:
             kwargs["policy_options"] = parse_policy_options(args.policy_option)
         if args.prefetch_distance is not None:
             kwargs["prefetch_distance"] = args.prefetch_distance
-        if args.hardware_profile is not None and (policy == "fmoe" or args.execution != "load"):
-            kwargs["hardware_profile"] = args.hardware_profile
+        if args.hardware_profile is not None:
+            kwargs["hardware_profile"] = args.hardware_profile      # refused where it does nothing
     if args.execution != "load":
         kwargs["execution"] = args.execution
     if args.threads is not None:

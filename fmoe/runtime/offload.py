@@ -148,6 +148,29 @@ def _profile_timing(profile) -> dict:
     return t
 
 
+def check_profile_model(profile, shape) -> None:
+    """Refuse (ValueError) a calibrated profile measured with another model shape than `shape`
+    (an `ExpertShape`): its times per expert and per layer are that model's. A profile without
+    its ``model`` block is taken as it is."""
+    import json
+    from pathlib import Path
+
+    _profile_timing(profile)        # a profile at all, first
+    data = profile if isinstance(profile, dict) else json.loads(Path(profile).read_text())
+    m = data.get("model")
+    if not isinstance(m, dict):
+        return
+    mine = {"num_layers": shape.num_layers, "num_experts": shape.num_experts, "hidden": shape.hidden,
+            "inter": shape.inter}
+    theirs = {k: m.get(k) for k in mine}
+    if any(v is not None and v != mine[k] for k, v in theirs.items()):
+        where = "hardware_profile" if isinstance(profile, dict) else f"hardware_profile {str(profile)!r}"
+        raise ValueError(f"{where}: measured with another model ({m.get('num_layers')} MoE layers x "
+                         f"{m.get('num_experts')} experts of {m.get('hidden')} x {m.get('inter')}); "
+                         f"this one has {shape.num_layers} x {shape.num_experts} of {shape.hidden} x "
+                         f"{shape.inter}: calibrate with this model")
+
+
 def profile_seconds(profile, top_k: int) -> tuple[float, float, int]:
     """(the link's seconds per expert, one MoE layer's compute in seconds, copies in flight at
     once) from a calibrated profile (a path or its dict): what prefetch is decided by."""
@@ -247,6 +270,12 @@ class OffloadRuntime:
         expert_bytes = 3 * shp.hidden * shp.inter * dtype.itemsize
         self.capacity = parse_capacity(expert_cache, self.L, self.E, self.K, expert_bytes, device)
         opts = dict(policy_options or {})
+        if hardware_profile is not None:
+            if policy != "fmoe" and self.execution == "load":
+                raise ValueError(f"hardware_profile is read by policy='fmoe' (prefetch) and by "
+                                 f"execution='host' or 'hybrid'; with policy {policy!r} and "
+                                 f"execution 'load' it would change nothing")
+            check_profile_model(hardware_profile, shp)
         if policy == "fmoe":
             opts.setdefault("top_k", self.K)
             opts.setdefault("embed_dim", shp.hidden)     # live: the model's token embedding

@@ -136,3 +136,39 @@ def test_calibrate_out_in_an_unwritable_directory(tiny_synth, capsys, no_measure
     # /proc takes no new file, whoever asks (permission bits would not tell for root)
     _refused(capsys, ["calibrate", str(tiny_synth), "--out", "/proc/p.json"], "--out /proc/p.json",
              "cannot write in '/proc'")
+
+
+def _profile(model: dict) -> dict:
+    return {"format": "fmoe-hardware-profile", "version": 1, "model": model,
+            "timing": {"attn": [0.001, 0.001], "expert": 0.0005, "copy": 0.002, "lanes": 1}}
+
+
+def test_a_hardware_profile_where_nothing_reads_it_or_of_another_model_is_refused(tiny_synth):
+    """`hardware_profile` with policy 'lru' and load execution changed nothing, silently; a
+    profile measured with another model's shape gave its times to this one."""
+    cfg = json.loads((tiny_synth / "config.json").read_text())
+    mine = {"num_layers": 2, "num_experts": cfg["n_routed_experts"], "hidden": cfg["hidden_size"],
+            "inter": cfg["moe_intermediate_size"]}
+    with pytest.raises(ValueError, match="policy='fmoe'.*would change nothing"):
+        fmoe.models.from_pretrained(tiny_synth, expert_cache=0.5, policy="lru",
+                                    hardware_profile=_profile(mine))
+    with pytest.raises(ValueError, match="measured with another model"):
+        fmoe.models.from_pretrained(tiny_synth, expert_cache=0.5,
+                                    hardware_profile=_profile({**mine, "num_experts": 32}))
+    for kw in (dict(), dict(policy="lru", execution="host")):        # read by both
+        fmoe.models.from_pretrained(tiny_synth, expert_cache=0.5, hardware_profile=_profile(mine),
+                                    **kw).close()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--expert-cache", "0.5", "--prefetch-distance", "0"], ["--prefetch-distance", "must be >= 1"]),
+    (["--max-tokens", "4"], ["--max-tokens", "needs --routing-trace"]),
+    (["--seed", str(2 ** 64)], ["--seed", "must be in"]),
+])
+def test_bench_flags_refused_before_loading(tiny_synth, capsys, no_load, argv, words):
+    try:
+        code = main(["bench", str(tiny_synth), *argv])
+    except SystemExit as e:                     # argparse's own refusal
+        code = e.code
+    err = capsys.readouterr().err
+    assert code != 0 and "was loaded" not in err and all(w in err for w in words), err
