@@ -101,19 +101,34 @@ class FileLock:
             import fcntl
         except ImportError:       # pragma: no cover - not on Linux or macOS
             return
-        lock = f"{os.fspath(path)}.lock"
+        lock = self.lock = f"{os.fspath(path)}.lock"
         os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)     # as the file's writer does
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ValueError(f"{what} {os.fspath(path)} is in use by another process (it "
+                                 f"holds {lock}); give each process its own file") from None
+            # the holder before us removes the file on release: a lock on the inode it
+            # removed is no lock; take the one at the path now
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise ValueError(f"{what} {os.fspath(path)} is in use by another process (it holds "
-                             f"{lock}); give each process its own file") from None
         self.fd = fd
 
     def release(self) -> None:
+        """Remove ``PATH.lock`` (still held, so no one else is between) and let it go."""
         if self.fd is not None:
+            try:
+                os.unlink(self.lock)
+            except OSError:
+                pass
             os.close(self.fd)
             self.fd = None
 

@@ -229,6 +229,7 @@ def check_map_store(path, shape: tuple[int, int] | None = None, *, flag: str = "
     command line). The server, the CLIs and `from_pretrained(map_store=...)` share this check."""
     from pathlib import Path
 
+    from ..files import unwritable
     from .predictor import STORE_FORMAT
 
     p = Path(path)
@@ -237,6 +238,9 @@ def check_map_store(path, shape: tuple[int, int] | None = None, *, flag: str = "
     if not p.exists():
         if parent_must_exist and not p.parent.is_dir():
             raise ValueError(f"{flag} {p}: the directory {p.parent} does not exist")
+        why = unwritable(p)          # its lock file is made beside it at start
+        if why:
+            raise ValueError(f"{flag} {p}: {why}")
         return
     refuse = (f"{flag} {p}: the file exists but is not {{}}; fmoe would overwrite it at exit, "
               "so it refuses: move the file away or choose another path")

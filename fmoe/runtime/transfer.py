@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import re
 import threading
 import time
@@ -40,13 +41,24 @@ _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**
 
 
 def parse_bandwidth(text: str | float | None) -> float | None:
-    """'25GB/s' -> 25e9 bytes/s; numbers pass through; None stays None."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else float(text)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?)?b(?:ps|/s)?\s*", str(text).lower())
-    if not m:
-        raise ValueError(f"cannot parse bandwidth {text!r} (expected e.g. '25GB/s')")
-    return float(m.group(1)) * _UNITS[m.group(2) or ""]
+    """'25GB/s' -> 25e9 bytes/s; numbers (bytes/s) pass through; None stays None. A rate must
+    be positive and finite: ValueError naming `link_bandwidth` (--link-bandwidth) otherwise."""
+    if text is None:
+        return None
+    what = f"link_bandwidth (--link-bandwidth) {text!r}"
+    if isinstance(text, bool):
+        raise ValueError(f"{what}: not a rate (expected e.g. '25GB/s')")
+    if isinstance(text, (int, float)):
+        rate = float(text)
+    else:
+        m = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)\s*([kmgt]i?)?b(?:ps|/s)?\s*",
+                         str(text).lower())
+        if not m:
+            raise ValueError(f"{what}: cannot parse (expected e.g. '25GB/s')")
+        rate = float(m.group(1)) * _UNITS[m.group(2) or ""]
+    if not math.isfinite(rate) or rate <= 0:
+        raise ValueError(f"{what}: must be a positive rate (no --link-bandwidth: no emulated link)")
+    return rate
 
 
 @dataclass(order=True)

@@ -362,8 +362,15 @@ def _run(args) -> int:
         policies = [args.policy]
     for p in policies:
         policy_class(p)
-    if args.policy_option:
-        _check_options(policy_class, policies, parse_policy_options(args.policy_option))
+    checked = dict(parse_policy_options(args.policy_option)) if args.policy_option else {}
+    if args.prefetch_distance and not args.sweep:
+        # one policy: one that does not prefetch would take the distance and change nothing
+        from ..runtime.policies import option_names
+
+        if "prefetch_distance" not in option_names(policy_class(args.policy)):
+            raise UsageError(f"--prefetch-distance: policy {args.policy!r} does not prefetch")
+    if checked:
+        _check_options(policy_class, policies, checked)
 
     # the router softmax can be large; load it only for policies that may read it
     probs = any(p not in NO_PROBS for p in policies)

@@ -190,5 +190,33 @@ def test_one_map_store_one_process_at_a_time(ckpt, tmp_path):
         fmoe.models.from_pretrained(ckpt, expert_cache=0.5, map_store=store)
     first.close()
     assert store.exists()
+    assert not (tmp_path / "maps.bin.lock").exists()        # removed when let go
     second = fmoe.models.from_pretrained(ckpt, expert_cache=0.5, map_store=store)
     second.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.bin"]
+
+
+def test_a_lock_removed_by_its_last_holder_is_not_taken(tmp_path):
+    """A process that opened the lock file before its holder let go (and removed it) must not
+    count its lock on the removed file: the lock at the path is taken instead."""
+    import os
+
+    from fmoe.files import FileLock
+
+    held = FileLock(tmp_path / "m.bin", "map_store")
+    stale = os.open(held.lock, os.O_RDWR)                    # opened before the release
+    held.release()
+    again = FileLock(tmp_path / "m.bin", "map_store")        # a new file at the path
+    import fcntl
+
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)       # the removed inode: free, but no lock
+    assert os.fstat(stale).st_ino != os.stat(again.lock).st_ino
+    with pytest.raises(ValueError, match="in use by another process"):
+        FileLock(tmp_path / "m.bin", "map_store")
+    os.close(stale)
+    again.release()
+
+
+def test_a_map_store_where_nothing_can_be_written_is_refused(ckpt):
+    with pytest.raises(ValueError, match=r"map_store /proc/maps\.npz: "):
+        fmoe.models.from_pretrained(ckpt, expert_cache=0.5, map_store="/proc/maps.npz")

@@ -121,6 +121,11 @@ def test_parse_bandwidth():
     assert parse_bandwidth(None) is None
     with pytest.raises(ValueError):
         parse_bandwidth("fast")
+    # a rate of zero emulated nothing, silently; a malformed number leaked float()'s message
+    for bad, why in (("0GB/s", "positive"), (0, "positive"), (float("nan"), "positive"),
+                     ("1.2.3GB/s", "cannot parse")):
+        with pytest.raises(ValueError, match=f"--link-bandwidth.*{why}"):
+            parse_bandwidth(bad)
 
 
 def test_pinned_host_tier_counts_the_allocators_rounding(store):

@@ -101,6 +101,8 @@ BAD = [
     (["--policy", "lru", "--cache-fraction", "0.25", "--model", "mixtral-8x7b"],
      "trace has 3 MoE layers x 8 experts but model shape 'mixtral-8x7b' has 32 x 8"),
     (["--policy", "lru", "--cache-fraction", "0.25", "--bogus"], "unrecognized arguments"),
+    (["--policy", "lru", "--cache-fraction", "0.25", "--prefetch-distance", "3"],
+     "--prefetch-distance: policy 'lru' does not prefetch"),
 ]
 
 
