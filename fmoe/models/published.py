@@ -210,8 +210,9 @@ def published_config(name: str, layers: int | None = None) -> dict:
     cfg = copy.deepcopy(PUBLISHED[name][1])
     if layers is not None:
         dense = cfg.get("first_k_dense_replace", 0)
-        if layers < dense + 1:
-            raise ValueError(f"--layers must be at least {dense + 1} for {name} "
-                             f"({dense} dense layer(s) come first), got {layers}")
+        most = cfg["num_hidden_layers"]
+        if not dense + 1 <= layers <= most:
+            raise ValueError(f"--layers must be between {dense + 1} and {most} (the published count) "
+                             f"for {name} ({dense} dense layer(s) come first), got {layers}")
         cfg["num_hidden_layers"] = int(layers)     # nothing else: the published config otherwise
     return cfg

@@ -192,9 +192,16 @@ def synthesize(name: str, dst: str | os.PathLike, layers: int | None = None,
 
     config = published_config(name, layers)
     config.update(overrides or {})
+    from ..files import unwritable
+
     dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst}: is a file, not a directory to write the checkpoint in")
+    if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst}: already exists and is not empty")
+    why = None if dst.exists() else unwritable(dst)
+    if why:
+        raise ValueError(f"{dst}: {why}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     total = checkpoint_bytes(config, dtype)
     usage = shutil.disk_usage(dst.parent)

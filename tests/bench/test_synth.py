@@ -25,7 +25,7 @@ def test_published_sizes(name):
 def test_layers_shrinks_and_refuses_too_few():
     assert published_config("deepseek-v2-lite", 8)["num_hidden_layers"] == 8
     assert published_config("deepseek-v2-lite")["num_hidden_layers"] == 27
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="between 2 and 27"):
         published_config("deepseek-v2-lite", 1)
     with pytest.raises(ValueError, match="unknown model"):
         published_config("llama-moe")
@@ -149,3 +149,17 @@ def test_synth_tokenizer_chats_in_the_family_format(name, monkeypatch, tmp_path)
 
     assert AutoTokenizer.from_pretrained(out).apply_chat_template(
         CHAT, add_generation_prompt=True, tokenize=False) == text
+
+
+def test_cli_names_a_bad_destination_and_layer_count(tmp_path, capsys):
+    """A destination that is a file, under a file, or where nothing can be written, and a
+    layer count past the published one, are refused by name before anything is built."""
+    (tmp_path / "f").write_text("x")
+    for dst, words in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", "is not a directory"),
+                       ("/proc/fmoe-synth", "cannot write")):
+        assert main(["synth", "mixtral-8x7b", str(dst), "--layers", "1", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert words in err and "Error:" not in err, err
+    assert main(["synth", "deepseek-v2-lite", str(tmp_path / "x"), "--layers", "28", "--quiet"]) == 1
+    assert "between 2 and 27" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
