@@ -90,11 +90,12 @@ class ExpertStore:
         with self._lock:
             hit = self._host.get(key)
             if hit is not None:
+                # copied under the lock: another reader's `_keep` reuses an evicted entry's
+                # memory in place
                 self._host.move_to_end(key)
-        if hit is not None:
-            for dst, src in zip(raw, hit):
-                dst.copy_(src)
-            return
+                for dst, src in zip(raw, hit):
+                    dst.copy_(src)
+                return
         read_expert(self.reader, self.layout(key), *raw)
         self.disk_reads += 1
         if self.host_capacity:
@@ -116,12 +117,11 @@ class ExpertStore:
             return
         with self._lock:
             hit = self._host.get(key)
-            if hit is not None:
+            if hit is not None:             # copied under the lock, as in `read_raw_into`
                 self._host.move_to_end(key)
-        if hit is not None:
-            w13.copy_(hit[0])
-            w2.copy_(hit[1])
-            return
+                w13.copy_(hit[0])
+                w2.copy_(hit[1])
+                return
         if self.src_dtype == self.dtype:
             read_expert(self.reader, self.layout(key), w13, w2)
         else:

@@ -136,3 +136,36 @@ def test_pinned_host_tier_counts_the_allocators_rounding(store):
     pinned = ExpertStore(store.layouts, 32, 24, torch.float32, host_bytes=10 * 9216, pin=True)
     assert plain.host_entry_bytes() == 9216 and plain.host_capacity == 10
     assert pinned.host_entry_bytes() == 8192 + 4096 and pinned.host_capacity == 7
+
+
+def test_a_host_tier_hit_is_not_overwritten_by_another_readers_keep(store, expected):
+    """A hit in the host tier is copied out while no other reader can evict it: the tier
+    reuses an evicted entry's memory in place, so a copy made after the lookup's lock was let go
+    could get another expert's bytes. The other reader is run right when the lookup lets go
+    of the lock (deterministic: in the same thread)."""
+    tier = ExpertStore(store.layouts, 32, 24, torch.float32, host_bytes=9216)    # one entry
+    assert tier.host_capacity == 1
+    a13, a2 = tier.new_staging()
+    tier.read_into(0, a13, a2)                     # from disk; kept in the tier
+    inner = tier._lock
+
+    class Lock:
+        hook = None
+
+        def __enter__(self):
+            inner.acquire()
+
+        def __exit__(self, *exc):
+            inner.release()
+            hook, Lock.hook = Lock.hook, None
+            if hook is not None:
+                hook()
+
+    def other_reader():                            # reads expert 5: evicts 0, reuses its memory
+        b13, b2 = tier.new_staging()
+        tier.read_into(5, b13, b2)
+
+    tier._lock = Lock()
+    Lock.hook = other_reader
+    tier.read_into(0, a13, a2)                     # a hit
+    assert checksum(a13, a2) == expected[0]
