@@ -30,7 +30,7 @@ from ..files import FileLock
 from ..kernels import fused_moe, select_backend
 from ..models.experts import Experts
 from .policies import MissCost, check_execution, make_policy, place
-from .slots import SlotTable
+from .slots import SlotTable, fraction_slots
 from .store import ExpertStore
 from .transfer import DEMAND, PREFETCH, CopyEngine, parse_bandwidth
 
@@ -87,8 +87,9 @@ def cache_form(expert_cache) -> tuple[str, Any]:
 
 
 def min_capacity(top_k: int) -> int:
-    """The smallest cache the runtime accepts: one token's experts of one layer."""
-    return top_k
+    """The smallest cache the runtime accepts: one expert. A layer that needs more experts than
+    the cache holds runs them in chunks of what it holds (slow, but exact)."""
+    return 1
 
 
 def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
@@ -104,24 +105,22 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
         slots, line = auto_capacity(expert_bytes, total, limit=device_memory(device))
         print(line, file=sys.stderr, flush=True)
         if slots < min_capacity(top_k):
-            raise ValueError(f"expert_cache='auto': only {slots} experts fit ({line}); the minimum "
-                             f"is {min_capacity(top_k)} (top-k): free memory or raise the limit")
+            raise ValueError(f"expert_cache='auto': no expert fits ({line}): free memory or raise "
+                             f"the limit")
         return slots
     if kind == "bytes":
         slots = value // expert_bytes
         what = f"{expert_cache.strip()} ({slots} experts of {expert_bytes} bytes)"
     elif kind == "fraction":
-        slots = int(value * total)
+        slots = max(1, fraction_slots(value, total))      # a fraction of less than one: one
         what = f"fraction {value} ({slots} of {total} experts)"
     elif kind == "count":
         slots = value
         what = f"{slots} experts"
     else:
         raise ValueError(f"expert_cache={expert_cache!r} is not a managed cache")
-    lo = min_capacity(top_k)
-    if slots < lo:
-        raise ValueError(f"expert_cache {what} is below the minimum of {lo} experts "
-                         f"(top-k = {top_k}: one token's experts of one layer)")
+    if slots < min_capacity(top_k):
+        raise ValueError(f"expert_cache {what} holds no expert (the minimum is one)")
     return min(slots, total)
 
 

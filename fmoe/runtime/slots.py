@@ -7,12 +7,20 @@ pinned against eviction, and asks the policy for victims. The simulator uses the
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from .policies import Policy
+
+
+def fraction_slots(fraction: float, total: int) -> int:
+    """A cache of `fraction` of `total` experts: floor(fraction x total), the product's rounding
+    error aside (0.57 x 100 is 56.99999 in floating point: 57 slots). The runtime and the
+    simulator size a fraction alike."""
+    return int(math.floor(fraction * total + 1e-9))
 
 
 class SlotArray(MutableMapping):

@@ -36,7 +36,7 @@ from ..errors import FmoeError
 from ..runtime.policies import Policy, check_execution, check_option_types, option_names
 from ..runtime.policies import policy_class as runtime_policy_class
 from ..runtime.policies import policy_names as runtime_policy_names
-from ..runtime.slots import SlotTable
+from ..runtime.slots import SlotTable, fraction_slots
 from . import diskcache
 from .engines import _overrides, _router_rows, demand_misses, demand_stall, events, flat_keys, lru_misses, warm_hot_set  # noqa: F401
 from .oracle import BeladyPolicy, HorizonPolicy, OraclePolicy
@@ -97,7 +97,7 @@ def access_sequence(trace: Trace, use_cache: bool = True) -> tuple[np.ndarray, n
 def capacity_for(trace: Trace, fraction: float) -> int:
     if not (0 < fraction <= 1):
         raise SimError(f"cache fraction must be in (0, 1], got {fraction}")
-    return int(np.floor(fraction * trace.num_layers * trace.num_experts + 1e-9))
+    return fraction_slots(fraction, trace.num_layers * trace.num_experts)
 
 
 def check_capacity(trace: Trace, capacity: int) -> None:

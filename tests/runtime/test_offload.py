@@ -84,11 +84,28 @@ def test_capacity_parsing():
             parse_capacity(bad, 2, 8, 2, eb)
 
 
-def test_capacity_below_minimum_refused(mixtral_ckpt):
-    with pytest.raises(ValueError, match="below the minimum of 2 experts"):
-        fmoe.models.from_pretrained(mixtral_ckpt[0], expert_cache=1, policy="lru")
-    with pytest.raises(ValueError, match="below the minimum"):
-        fmoe.models.from_pretrained(mixtral_ckpt[0], expert_cache="100B", policy="lru")
+def test_a_cache_below_top_k_runs_a_layer_in_chunks(resident):
+    """The contract's smallest cache, one expert (top-k is 2 here): every layer runs its experts
+    one at a time, and the logits stay the resident model's bit for bit. A fraction of less
+    than one expert is one; a byte budget below one expert holds nothing and is refused."""
+    path, _, ids, ref_logits, ref_tokens = resident
+    for cache in (1, 0.01):
+        model = fmoe.models.from_pretrained(path, expert_cache=cache, policy="lru")
+        try:
+            assert model.expert_stats()["capacity"] == 1
+            assert torch.equal(model(ids), ref_logits)
+            assert torch.equal(model.generate(ids, 16, eos_token_id=[]), ref_tokens)
+        finally:
+            model.close()
+    with pytest.raises(ValueError, match="holds no expert"):
+        fmoe.models.from_pretrained(path, expert_cache="100B", policy="lru")
+
+
+def test_a_fraction_is_sized_as_the_simulator_sizes_it():
+    """floor(F x L x E) without the product's rounding error: 0.57 x 100 is 56.99999... in
+    floating point (56 slots before; the simulator's 57)."""
+    for f, want in ((0.57, 57), (0.29, 29), (0.58, 58), (0.25, 25), (1.0, 100)):
+        assert parse_capacity(f, 10, 10, 2, 1000) == want
 
 
 def test_unknown_policy(mixtral_ckpt):
