@@ -46,8 +46,14 @@ class ResidentExperts(Experts):
         self.moe_layer = moe_layer
         self.register_buffer("w13", w13, persistent=False)
         self.register_buffer("w2", w2, persistent=False)
+        # routed-expert uses (distinct experts per call, as the offload runtime counts them):
+        # every one a hit; a device tensor, so that counting never waits for the device
+        self.register_buffer("uses", torch.zeros((), dtype=torch.int64, device=w13.device),
+                             persistent=False)
 
     def forward(self, x, topk_weights, topk_ids, router_probs=None):
+        used = torch.bincount(topk_ids.reshape(-1), minlength=self.w13.shape[0])
+        self.uses += (used > 0).sum()
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
 
 

@@ -162,3 +162,21 @@ def test_a_chunked_layer_computes_each_pair_once_and_equals_the_resident_one(bf1
         assert len(rows) > 2 * layers        # several chunks per layer
     finally:
         model.close()
+
+
+def test_a_resident_model_counts_every_use_as_a_hit(resident, mixtral_ckpt):
+    """`hits` are the uses whose weights were resident and ready: all of them with every expert
+    resident (it said 0), as many as the offloaded model's hits + misses on the same run."""
+    path, model, ids, _, _ = resident
+    model.reset_expert_stats()
+    model.generate(ids, 6, eos_token_id=[])
+    s = model.expert_stats()
+    off = fmoe.models.from_pretrained(path, expert_cache=0.5, policy="lru")
+    try:
+        off.generate(ids, 6, eos_token_id=[])
+        o = off.expert_stats()
+    finally:
+        off.close()
+    assert s["hits"] == o["hits"] + o["misses"] > 0 and s["misses"] == 0
+    model.reset_expert_stats()
+    assert model.expert_stats()["hits"] == 0
