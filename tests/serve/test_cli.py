@@ -58,7 +58,7 @@ def test_chat_template_renders(demo_cache, monkeypatch):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--expert-cache", "0.0001"], "below the minimum"),
+    (["--expert-cache", "1B"], "holds no expert"),
     (["--expert-cache", "2.5"], "fraction must be in"),
     (["--policy", "nope", "--expert-cache", "0.5"], "unknown policy"),
     (["--max-new-tokens", "-3"], "max-new-tokens"),
