@@ -162,6 +162,10 @@ def bench_from_args(args) -> dict:
 
     cache = args.expert_cache           # (--threads >= 1: its parser type)
     mapped = cache is not None and cache_form(cache)[0] == "mmap"
+    if cache is None and args.policy is not None:
+        print(f"fmoe bench: --policy {args.policy} changes nothing without --expert-cache (every "
+              "expert is resident)", file=sys.stderr)
+        args.policy = None
     if cache is None or mapped:
         # every expert resident, or memory-mapped (the page cache decides what stays): no cache
         # for these flags to manage, and a policy would silently change nothing

@@ -401,6 +401,12 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
                         f"(accepted: {', '.join(accepted)})")
     from .offload import cache_form
 
+    if expert_cache is None and kwargs.get("trace_path") is not None:
+        # routing is recorded by the offload runtime: one that keeps every expert (exact, as
+        # the resident model)
+        print("fmoe: trace_path records through a cache of every expert (expert_cache=1.0)",
+              file=sys.stderr, flush=True)
+        expert_cache = 1.0
     # its form, before anything is read
     kind = None if expert_cache is None else cache_form(expert_cache)[0]
     device = check_device(device)

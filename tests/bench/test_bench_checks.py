@@ -55,7 +55,6 @@ def test_bench_refuses_more_tokens_than_the_context(tiny_synth, tmp_path, capsys
 
 
 def test_bench_policy_needs_a_cache(tiny_synth, capsys, no_load):
-    _refused(capsys, ["bench", str(tiny_synth), "--policy", "lru"], "--policy needs --expert-cache")
     _refused(capsys, ["bench", str(tiny_synth), "--prefetch-distance", "2"],
              "--prefetch-distance needs --expert-cache")
     # memory-mapped experts: no managed cache either (the policy was silently unused)

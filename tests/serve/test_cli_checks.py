@@ -64,10 +64,24 @@ def test_more_tokens_than_the_context_is_refused_before_printing(capsys, ckpt):
     assert "context of 1024" in one_line_error(err)
 
 
-@pytest.mark.parametrize("flags", [["--policy", "lru"], ["--link-bandwidth", "25GB/s"]])
-def test_cache_flags_without_a_cache_are_refused(capsys, ckpt, flags):
-    rc, out, err = run(capsys, "generate", str(ckpt), "--prompt", "Hello", *flags)
+def test_cache_flags_without_a_cache_are_refused(capsys, ckpt):
+    rc, out, err = run(capsys, "generate", str(ckpt), "--prompt", "Hello", "--link-bandwidth", "25GB/s")
     assert rc == 1 and "needs --expert-cache" in one_line_error(err)
+
+
+def test_policy_and_trace_out_without_a_cache_run(capsys, ckpt, tmp_path):
+    """The contract's `fmoe generate MODEL --prompt TEXT [--expert-cache X] [--policy P]`: a
+    policy without a cache runs, with a note that it changes nothing; --trace-out records
+    through a cache of every expert (the output is the resident model's)."""
+    from fmoe.trace import load_trace
+
+    base = ["generate", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "3"]
+    rc, plain, _ = run(capsys, *base)
+    rc, out, err = run(capsys, *base, "--policy", "lru")
+    assert rc == 0 and out == plain and "--policy lru changes nothing" in err
+    rc, out, err = run(capsys, *base, "--trace-out", str(tmp_path / "t.npz"))
+    assert rc == 0 and out == plain and "every expert" in err
+    assert load_trace(tmp_path / "t.npz").num_tokens > 0
 
 
 # -- --map-store never overwrites what fmoe did not write --------------------------------------

@@ -166,16 +166,25 @@ def test_simulator_doc_states_when_counts_match():
     concepts = " ".join((Path(__file__).resolve().parents[2] / "docs" / "concepts.md")
                         .read_text().split())
     assert "records one from any live run" not in concepts
-    assert "trace_path needs a managed expert cache" in concepts
+    assert "without an `expert_cache` the run goes through a cache of every expert" in concepts
 
 
-def test_trace_path_needs_a_managed_cache(tmp_path, mixtral_ckpt):
-    """What docs/concepts.md now says: without a managed expert cache trace_path is refused;
-    expert_cache=1.0 records."""
+def test_trace_path_records_through_a_cache_of_every_expert(tmp_path, mixtral_ckpt):
+    """What docs/concepts.md now says: without an expert cache, trace_path records through a
+    cache of every expert (as the contract has fmoe record traces from live runs); with mmap it
+    is refused; expert_cache=1.0 records."""
+    import torch
+
     import fmoe
+    from fmoe.trace import load_trace
 
     with pytest.raises(ValueError, match="trace_path needs a managed expert cache"):
-        fmoe.models.from_pretrained(mixtral_ckpt[0], trace_path=tmp_path / "t.npz")
+        fmoe.models.from_pretrained(mixtral_ckpt[0], expert_cache="mmap", trace_path=tmp_path / "m.npz")
+    m = fmoe.models.from_pretrained(mixtral_ckpt[0], trace_path=tmp_path / "none.npz")
+    assert m.expert_stats()["capacity"] == 16
+    m.generate(torch.tensor([[5, 6, 7]]), 3, eos_token_id=[])
+    m.close()
+    assert load_trace(tmp_path / "none.npz").num_tokens == 5
     trace, live = _record(tmp_path, mixtral_ckpt[0], prompt_len=1, cache=1.0)
     used = {(l, int(e)) for l in range(trace.num_layers) for e in np.unique(trace.expert_ids[:, l])}
     assert trace.num_tokens == 30 and live["misses"] == len(used)     # each loaded once, kept
