@@ -101,9 +101,12 @@ def simulate_command(args, row: dict, cmd: list[str], profile: Path) -> list[str
            "--capacity", str(row["capacity"]), "--max-tokens", str(row["tokens"] + row["sequences"]),
            "--execution", str(row.get("execution") or "load"), "--hardware", str(profile),
            "--no-cache", "--json"]
-    for i, a in enumerate(cmd[:-1]):
-        if a == "--policy-option":
-            sim += ["--policy-option", cmd[i + 1]]
+    for i, a in enumerate(cmd):
+        if a == "--policy-option":       # each value up to the next flag (one or several)
+            for v in cmd[i + 1:]:
+                if v.startswith("--"):
+                    break
+                sim += ["--policy-option", v]
     return sim
 
 

@@ -144,8 +144,8 @@ def register(sub) -> None:
                    help="fraction, count, byte size, 'auto' or 'mmap' (default: every expert resident)")
     p.add_argument("--policy", default=None,
                    help="cache policy: fmoe, lru, lfu, moe-infinity (default: fmoe; needs --expert-cache)")
-    p.add_argument("--policy-option", action="append", default=[],
-                   metavar="KEY=VALUE", help="a policy option (repeatable)")
+    p.add_argument("--policy-option", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="policy options (several after one flag, or the flag repeated)")
     p.add_argument("--execution", default="load", choices=["load", "host", "hybrid"],
                    help="load (default): misses are read into the cache; host: misses computed where "
                         "they live; hybrid: the policy decides per miss")

@@ -84,6 +84,11 @@ def parse_policy_options(items: list[str]) -> dict:
     return out
 
 
+def _shape_differs(shape, trace) -> bool:
+    """Whether `trace`'s routing does not fit `shape` (its MoE layers or experts differ)."""
+    return (shape.num_moe_layers, shape.num_experts) != (trace.num_layers, trace.num_experts)
+
+
 def _check_options(policy_class, policies: list[str], options: dict) -> None:
     from ..runtime.policies import check_option_types, option_names
 
@@ -164,8 +169,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-distance", type=positive_int, metavar="D",
                    help="layers ahead a prefetching policy may prefetch (policy default if "
                         "omitted)")
-    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the policy's constructor (repeatable), e.g. "
+    p.add_argument("--policy-option", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="options of the policy's constructor (several after one flag, or the flag "
+                        "repeated), e.g. "
                         "eviction=pfreq, max_orders=1, tokens=2 for 'horizon'; VALUE is read as "
                         "JSON when it parses, else as a string")
     p.add_argument("--hardware", default=None, metavar="NAME",
@@ -271,10 +277,13 @@ def _resolve_shape(args, trace, hws=()):
                                     num_experts=int(m["num_experts"]), top_k=int(m["top_k"]),
                                     hidden=int(m["hidden"]), moe_intermediate=int(m["inter"]))
         from_profile = True
-    elif guess_shape(trace.model) is not None:
+    elif guess_shape(trace.model) is not None and not (
+            trace.model_config and _shape_differs(get_shape(guess_shape(trace.model)), trace)):
         shape = get_shape(guess_shape(trace.model))
     elif trace.model_config:
-        # a recorded trace carries its model's config.json (fmoe.runtime.recorder)
+        # a recorded trace carries its model's config.json (fmoe.runtime.recorder); it wins over
+        # a built-in shape of the same name that the trace's routing does not fit (a shrunk
+        # `fmoe synth` checkpoint named after the model it imitates)
         try:
             shape = shape_from_config(trace.model_config, name=trace.model or None)
         except (FmoeError, KeyError, TypeError, ValueError) as e:

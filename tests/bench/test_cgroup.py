@@ -140,6 +140,9 @@ def test_simulate_command_replays_the_runs_tokens():
     assert flag["--policy"] == "lru" and flag["--capacity"] == "247" and flag["--max-tokens"] == "415"
     assert flag["--execution"] == "host" and flag["--hardware"] == "p.json" and flag["--trace"] == "t.npz"
     assert flag["--policy-option"] == "a=1" and "--threads" not in cmd
+    # several options after one flag, as `fmoe bench` takes them, each passed on
+    cmd = tool.simulate_command(args, row, ["bench", "--policy-option", "a=1", "b=2", "--json"], Path("p.json"))
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--policy-option"] == ["a=1", "b=2"]
     got = tool.parse_simulated('progress\n{"tpot_ms": 500.0, "hit_rate": 0.5}\n')
     assert got == {"simulated_tokens_per_s": 2.0, "simulated_hit_rate": 0.5}
     assert tool.calibrates("fmoe", ["--expert-cache", "auto"])

@@ -381,3 +381,33 @@ def test_sweep_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     write_csv([row], table)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and table.read_text().startswith("hardware,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.png"]
+
+
+def test_a_recorded_trace_named_after_a_builtin_model_replays_on_its_own_config(capsys, tmp_path):
+    """A trace recorded from `fmoe synth deepseek-v2-lite DIR --layers 3` (with fewer experts)
+    is named deepseek-v2-lite but carries its own config.json: that shape is the one its
+    routing fits (the built-in 26 x 64 shape was taken and the replay refused)."""
+    from fmoe.models.published import published_config
+
+    cfg = {**published_config("deepseek-v2-lite", 3), "n_routed_experts": 8}
+    ids = synthetic_ids(60, 2, 8, 6, seed=1)
+    path = write_trace(tmp_path / "rec.npz", expert_ids=ids, seq_offsets=[0, 60], num_experts=8,
+                       model="deepseek-v2-lite", model_config=cfg)
+    code, out, err = run_cli(capsys, "simulate", "--trace", path, "--policy", "lru",
+                             "--cache-fraction", "0.5", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["capacity"] == 8
+
+
+def test_policy_options_after_one_flag_or_repeated(capsys, trace_path, tiny_config):
+    """The contract's `--policy-option K=V ...`: several after one flag, or the flag repeated."""
+    base = ["simulate", "--trace", trace_path, "--policy", "fmoe", "--cache-fraction", "0.5",
+            "--model-config", tiny_config, "--json", "--no-cache"]
+    one = run_cli(capsys, *base, "--policy-option", "eviction=lru", "prefetch=false")
+    two = run_cli(capsys, *base, "--policy-option", "eviction=lru", "--policy-option", "prefetch=false")
+    assert one[0] == two[0] == 0
+    a, b = (json.loads(r[1].splitlines()[-1]) for r in (one, two))
+    a.pop("wall_s"), b.pop("wall_s")
+    assert a == b
+    bad = run_cli(capsys, *base, "--policy-option", "eviction=lru", "nope=1")
+    assert bad[0] == 2 and "nope" in bad[2]
