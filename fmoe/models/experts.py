@@ -52,8 +52,10 @@ class ResidentExperts(Experts):
                              persistent=False)
 
     def forward(self, x, topk_weights, topk_ids, router_probs=None):
-        used = torch.bincount(topk_ids.reshape(-1), minlength=self.w13.shape[0])
-        self.uses += (used > 0).sum()
+        # not bincount: on CUDA it reads the ids' range back to the host (a sync per layer)
+        seen = torch.zeros(self.w13.shape[0], dtype=torch.bool, device=topk_ids.device)
+        seen[topk_ids.reshape(-1)] = True
+        self.uses += seen.sum()
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 import threading
 import weakref
@@ -99,7 +100,7 @@ UNSET = _Unset()
 
 
 def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0
 
 class MoEModel(nn.Module):
     def __init__(self, module: nn.Module, config, path: Path, device: torch.device,
@@ -236,6 +237,45 @@ class MoEModel(nn.Module):
         return self.module.new_cache()
 
     # -- generation ----------------------------------------------------------------------
+    def resolve_sampling(self, do_sample=None, temperature=UNSET, top_p=UNSET, top_k=UNSET,
+                         min_p=UNSET, repetition_penalty=UNSET) -> tuple:
+        """`generate`'s sampling values, as HF resolves them: (temperature, top_p, top_k, min_p,
+        repetition_penalty), temperature 0 for greedy. Greedy unless `do_sample` (or a
+        temperature > 0); a value left UNSET comes from generation_config.json, else HF's
+        default; None turns it off. Raises SamplingError for a value that cannot be sampled."""
+        gen = self.sampling_defaults
+        sample = bool(do_sample) if do_sample is not None else (
+            temperature not in (UNSET, None) and _positive(temperature))
+
+        def pick(name, value, unset, off):
+            if value is UNSET:
+                return gen.get(name, unset)
+            return off if value is None else value
+
+        repetition_penalty = pick("repetition_penalty", repetition_penalty, 1.0, 1.0)
+        if sample:
+            if temperature is UNSET and gen.get("temperature") == 0:
+                # as HF: sampling at the config's temperature 0 is no distribution
+                raise ValueError("do_sample: generation_config.json sets temperature 0 (greedy); "
+                                 "pass a temperature to sample")
+            temperature = pick("temperature", temperature, 1.0, 1.0)
+            top_p = pick("top_p", top_p, 1.0, 1.0)
+            top_k = pick("top_k", top_k, 50, 0)
+            min_p = pick("min_p", min_p, 0.0, 0.0)
+            validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty)
+            if temperature == 0.0:      # do_sample with an explicit 0: sample at 1, as before
+                temperature = 1.0
+            return temperature, top_p, top_k, min_p, repetition_penalty
+        # greedy: the sampling values are checked, not used
+        temperature = 0.0 if temperature in (UNSET, None) else temperature
+        top_p = 1.0 if top_p in (UNSET, None) else top_p
+        top_k = 0 if top_k in (UNSET, None) else top_k
+        min_p = 0.0 if min_p in (UNSET, None) else min_p
+        validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty)
+        return 0.0, top_p, top_k, min_p, repetition_penalty
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, temperature=UNSET,
                  top_p=UNSET, top_k=UNSET, do_sample: bool | None = None,
                  eos_token_id=None, pad_token_id: int | None = None, attention_mask=None,
@@ -255,26 +295,8 @@ class MoEModel(nn.Module):
         top_k, min_p when sampling; repetition_penalty always), else HF's default (temperature 1,
         top_k 50, top_p 1 when sampling). Its ``do_sample`` is not followed: greedy unless asked.
         None for a value: off (temperature 1 when sampling)."""
-        gen = self.sampling_defaults
-        sample = bool(do_sample) if do_sample is not None else (
-            temperature not in (UNSET, None) and _positive(temperature))
-
-        def pick(name, value, unset, off):
-            if value is UNSET:
-                return gen.get(name, unset)
-            return off if value is None else value
-
-        repetition_penalty = pick("repetition_penalty", repetition_penalty, 1.0, 1.0)
-        if sample:
-            temperature = pick("temperature", temperature, 1.0, 1.0)
-            top_p = pick("top_p", top_p, 1.0, 1.0)
-            top_k = pick("top_k", top_k, 50, 0)
-            min_p = pick("min_p", min_p, 0.0, 0.0)
-        else:                   # greedy: the sampling values are checked, not used
-            temperature = 0.0 if temperature in (UNSET, None) else temperature
-            top_p = 1.0 if top_p in (UNSET, None) else top_p
-            top_k = 0 if top_k in (UNSET, None) else top_k
-            min_p = 0.0 if min_p in (UNSET, None) else min_p
+        temperature, top_p, top_k, min_p, repetition_penalty = self.resolve_sampling(
+            do_sample, temperature, top_p, top_k, min_p, repetition_penalty)
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             attention_mask = torch.as_tensor(attention_mask)
         if isinstance(eos_token_id, torch.Tensor):
@@ -283,11 +305,6 @@ class MoEModel(nn.Module):
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
                 check_generate_inputs(self, input_ids, 0)
             max_new_tokens = max(0, int(max_length) - input_ids.shape[1])
-        if not sample:
-            validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-            temperature = 0.0
-        elif temperature == 0.0:
-            temperature = 1.0
         if eos_token_id is None:
             eos_token_id = self.eos_token_ids
         if pad_token_id is None:
@@ -328,8 +345,9 @@ class MoEModel(nn.Module):
     def reset_expert_stats(self) -> None:
         if self.runtime is not None:
             self.runtime.reset_stats()
-        for u in self._resident_uses():
-            u.zero_()
+        with torch.inference_mode():    # made (or last updated) under inference mode
+            for u in self._resident_uses():
+                u.zero_()
 
     def close(self) -> None:
         """Stop the runtime's threads and write what it keeps (a trace, a map store); the model

@@ -15,7 +15,7 @@ def cmd_chat(args) -> int:
     from ..runtime.batching import Batcher, Sequence
     from ..runtime.engine import SamplingParams
     from ..runtime.text_stream import TextStream
-    from .cli import check_sampling_flags
+    from .cli import check_sampling_flags, sampling_kwargs
     from .server import load_model
 
     if args.max_new_tokens < 1:
@@ -30,6 +30,8 @@ def cmd_chat(args) -> int:
     from ..runtime.engine import context_length
 
     ctx = context_length(model) or 4096
+    # the values `generate` would take (generation_config.json's for the flags left out)
+    temperature, top_p, top_k, min_p, penalty = model.resolve_sampling(**sampling_kwargs(args))
     eos = list(getattr(model, "eos_token_ids", None) or tok.eos_token_ids)     # as generate's
     batcher = Batcher(model, max_batch=1)
     interactive = sys.stdin.isatty()
@@ -83,10 +85,8 @@ def cmd_chat(args) -> int:
                       f"({ctx}) by itself", file=sys.stderr)
                 continue
             seed = None if args.seed is None else args.seed + turn
-            params = SamplingParams(max_new_tokens=min(args.max_new_tokens, room),
-                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    eos_token_id=eos, seed=seed, repetition_penalty=args.repetition_penalty,
-                                    min_p=args.min_p)
+            params = SamplingParams(min(args.max_new_tokens, room), temperature, top_p, top_k, eos,
+                                    seed, penalty, min_p)
             stream = TextStream(tok, args.stop or (), prompt_ids=ids, eos_token_ids=eos)
             gone = []               # the reader of stdout went away (`| head`)
 
@@ -132,16 +132,13 @@ def cmd_chat(args) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import _add_model_args, add_penalty_args
+    from .cli import _add_model_args, add_sampling_args
 
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (one line = one turn)")
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    add_penalty_args(p)
+    add_sampling_args(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--map-store", default=None, help="expert-map store file kept across restarts")

@@ -67,20 +67,39 @@ def check_sampling_flags(args) -> None:
     """The shared sampling checks (`fmoe.runtime.engine.validate_sampling`), worded with flags."""
     from ..runtime.engine import SamplingError, validate_sampling
 
+    def given(value, default):
+        return default if value is None else value
     try:
-        validate_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
-                          args.repetition_penalty, args.min_p)
+        validate_sampling(args.max_new_tokens, given(args.temperature, 0.0), given(args.top_p, 1.0),
+                          given(args.top_k, 0), args.seed, given(args.repetition_penalty, 1.0),
+                          given(args.min_p, 0.0))
     except SamplingError as e:
         flag = "--" + e.param.replace("_", "-")
         raise ValueError(str(e).replace(e.param, flag, 1)) from None
 
 
-def add_penalty_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags of `fmoe generate` and `fmoe chat`. One left out takes the value
+    `from_pretrained(...).generate` would: generation_config.json's, else HF's default."""
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample at this temperature (default: greedy; 0: greedy)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="when sampling: nucleus mass (default: generation_config.json's, else 1)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="when sampling: keep the k likeliest (default: generation_config.json's, else "
+                        "50, as HF; 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
                    help="divide the logits of tokens already in the prompt or output by this, as HF "
-                        "(default: 1, off)")
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens below this fraction of the likeliest one's probability (default: 0, off)")
+                        "(default: generation_config.json's, else 1, off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="when sampling: drop tokens below this fraction of the likeliest one's "
+                        "probability (default: generation_config.json's, else 0, off)")
+
+
+def sampling_kwargs(args) -> dict:
+    """The sampling flags given, as `generate` keywords (the others are left to it)."""
+    names = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def cmd_demo(args) -> int:
@@ -126,9 +145,8 @@ def cmd_generate(args) -> int:
                 sys.stdout.flush()
 
         sys.stdout.write(args.prompt if not args.chat else "")
-        model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=stream,
-                       repetition_penalty=args.repetition_penalty, min_p=args.min_p)
+        model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       on_token=stream, **sampling_kwargs(args))
         sys.stdout.write(out.flush() + "\n")
         sys.stdout.flush()
         if args.stats:
@@ -154,10 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    add_penalty_args(p)
-    p.add_argument("--top-k", type=int, default=0)
+    add_sampling_args(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--stats", action="store_true", help="print expert cache figures to stderr")

@@ -191,3 +191,50 @@ def test_batched_rows_equal_generate(pair):
         if eos in solo:
             solo = solo[:solo.index(eos) + 1]
         assert s.output == solo, (kw, s.output, solo)
+
+
+def test_generate_edge_values_and_the_cli_follow_the_same_rules(mixtral_ckpt, tmp_path):
+    """A numpy temperature samples as a float does; do_sample with a generation_config
+    temperature of 0 is refused (HF raises too); `fmoe generate` leaves the flags it is not
+    given to generate, so generation_config's repetition_penalty applies there as well."""
+    import shutil
+
+    import numpy as np
+
+    path, hf = mixtral_ckpt
+    ids = torch.randint(3, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
+    model = fmoe.models.from_pretrained(path)
+    try:
+        a = model.generate(ids, 8, temperature=np.float32(1.5), seed=3, eos_token_id=[])
+        b = model.generate(ids, 8, temperature=1.5, seed=3, eos_token_id=[])
+        assert torch.equal(a, b) and not torch.equal(a, model.generate(ids, 8, eos_token_id=[]))
+    finally:
+        model.close()
+
+    gc_dir = tmp_path / "gc"
+    shutil.copytree(path, gc_dir)
+    (gc_dir / "generation_config.json").write_text(json.dumps({"temperature": 0, "repetition_penalty": 1.6}))
+    model = fmoe.models.from_pretrained(gc_dir)
+    try:
+        with pytest.raises(ValueError, match="temperature 0"):
+            model.generate(ids, 4, do_sample=True)
+        want = model.generate(ids, 6, eos_token_id=[])          # greedy with the config's penalty
+        assert not torch.equal(want, model.generate(ids, 6, eos_token_id=[], repetition_penalty=None))
+    finally:
+        model.close()
+    # the CLI hands generate only the flags given: the rest come from generation_config.json
+    from fmoe.serve.cli import build_parser, sampling_kwargs
+
+    args = build_parser().parse_args(["generate", str(gc_dir), "--prompt", "x"])
+    assert sampling_kwargs(args) == {}
+    args = build_parser().parse_args(["chat", str(gc_dir), "--top-k", "0", "--temperature", "0.5"])
+    assert sampling_kwargs(args) == {"top_k": 0, "temperature": 0.5}
+
+
+def test_reset_expert_stats_of_a_model_loaded_under_inference_mode(mixtral_ckpt):
+    with torch.inference_mode():
+        model = fmoe.models.from_pretrained(mixtral_ckpt[0])
+    model.generate(torch.tensor([[5, 6, 7]]), 2, eos_token_id=[])
+    assert model.expert_stats()["hits"] > 0
+    model.reset_expert_stats()
+    assert model.expert_stats()["hits"] == 0
