@@ -419,11 +419,10 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
                         f"(accepted: {', '.join(accepted)})")
     from .offload import cache_form
 
-    if expert_cache is None and kwargs.get("trace_path") is not None:
+    full_for_trace = expert_cache is None and kwargs.get("trace_path") is not None
+    if full_for_trace:
         # routing is recorded by the offload runtime: one that keeps every expert (exact, as
         # the resident model)
-        print("fmoe: trace_path records through a cache of every expert (expert_cache=1.0)",
-              file=sys.stderr, flush=True)
         expert_cache = 1.0
     # its form, before anything is read
     kind = None if expert_cache is None else cache_form(expert_cache)[0]
@@ -435,6 +434,18 @@ def load(name_or_path, device="cpu", dtype=None, expert_cache=None, policy="fmoe
         kwargs["execution"] = execution
     root = resolve(name_or_path)
     cfg, module, index, layouts, dtype, reader = build_model(root, device, dtype)
+    if full_for_trace:
+        if device.type == "cpu":
+            from ..models.mapped import experts_fit
+            from .memory import memory_limit
+
+            free = memory_limit().available
+            if not experts_fit(layouts, dtype, free):
+                raise ValueError(f"trace_path without an expert_cache records through a cache of "
+                                 f"every expert, and they do not fit in the {free / 2**30:.1f} GiB "
+                                 f"this process may use: pass expert_cache='auto'")
+        print("fmoe: trace_path records through a cache of every expert (expert_cache=1.0)",
+              file=sys.stderr, flush=True)
     runtime = None
     mapped = kind == "mmap"
     if expert_cache is None or mapped:

@@ -40,14 +40,10 @@ def _load(args, map_store=None):
         print(f"fmoe {args.command}: --policy {args.policy} changes nothing without --expert-cache "
               "(every expert is resident)", file=sys.stderr)
         args.policy = None
-    if cache is None and trace_out:
-        print(f"fmoe {args.command}: --trace-out records through a cache of every expert "
-              "(--expert-cache 1.0)", file=sys.stderr)
-        cache = 1.0
     if cache is None or mapped:
         # resident or memory-mapped experts: no cache for these flags to manage
         for flag, value in (("--policy", args.policy), ("--link-bandwidth", args.link_bandwidth),
-                            ("--map-store", map_store), ("--trace-out", trace_out)):
+                            ("--map-store", map_store), ("--trace-out", trace_out if mapped else None)):
             if value is not None:
                 raise ValueError(f"{flag} needs --expert-cache with a managed cache (a fraction, a count, "
                                  f"a size or auto{'' if cache is None else '; not mmap'}; 1.0 keeps "
@@ -58,8 +54,8 @@ def _load(args, map_store=None):
         kwargs.update(expert_cache=cache, policy=args.policy or "fmoe")
         if args.link_bandwidth is not None:
             kwargs["link_bandwidth"] = args.link_bandwidth
-        if trace_out:
-            kwargs["trace_path"] = trace_out
+    if trace_out:
+        kwargs["trace_path"] = trace_out            # without a cache: one of every expert
     return from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
 
 

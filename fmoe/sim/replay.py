@@ -97,7 +97,7 @@ def access_sequence(trace: Trace, use_cache: bool = True) -> tuple[np.ndarray, n
 def capacity_for(trace: Trace, fraction: float) -> int:
     if not (0 < fraction <= 1):
         raise SimError(f"cache fraction must be in (0, 1], got {fraction}")
-    return fraction_slots(fraction, trace.num_layers * trace.num_experts)
+    return max(1, fraction_slots(fraction, trace.num_layers * trace.num_experts))
 
 
 def check_capacity(trace: Trace, capacity: int) -> None:

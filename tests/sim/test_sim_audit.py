@@ -185,6 +185,17 @@ def test_trace_path_records_through_a_cache_of_every_expert(tmp_path, mixtral_ck
     m.generate(torch.tensor([[5, 6, 7]]), 3, eos_token_id=[])
     m.close()
     assert load_trace(tmp_path / "none.npz").num_tokens == 5
+    # ... unless they do not fit in memory (the run would be killed and the trace lost)
+    import fmoe.runtime.memory as memory
+    from fmoe.runtime.memory import MemoryLimit
+
+    real = memory.memory_limit
+    memory.memory_limit = lambda: MemoryLimit(2**16, 0, "test")
+    try:
+        with pytest.raises(ValueError, match="do not fit.*expert_cache='auto'"):
+            fmoe.models.from_pretrained(mixtral_ckpt[0], trace_path=tmp_path / "big.npz")
+    finally:
+        memory.memory_limit = real
     trace, live = _record(tmp_path, mixtral_ckpt[0], prompt_len=1, cache=1.0)
     used = {(l, int(e)) for l in range(trace.num_layers) for e in np.unique(trace.expert_ids[:, l])}
     assert trace.num_tokens == 30 and live["misses"] == len(used)     # each loaded once, kept
