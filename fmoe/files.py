@@ -121,14 +121,17 @@ class FileLock:
                 break
             os.close(fd)
         self.fd = fd
+        self.pid = os.getpid()
 
     def release(self) -> None:
-        """Remove ``PATH.lock`` (still held, so no one else is between) and let it go."""
+        """Remove ``PATH.lock`` (still held, so no one else is between) and let it go. A forked
+        child's copy only closes its descriptor: the lock stays its parent's."""
         if self.fd is not None:
-            try:
-                os.unlink(self.lock)
-            except OSError:
-                pass
+            if os.getpid() == self.pid:
+                try:
+                    os.unlink(self.lock)
+                except OSError:
+                    pass
             os.close(self.fd)
             self.fd = None
 
@@ -160,29 +163,35 @@ def _private_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def numba_cache(module_file: str) -> None:
-    """Call before a module's ``numba.njit(cache=True)`` functions are made. Numba caches them in
-    the package's ``__pycache__``, else in the user's cache directory, and fails ("no locator
-    available") when neither can be written: a root-owned install run by a user whose HOME is
-    read-only (a service account, a read-only container). Then the cache goes to
+def numba_cache(module_file: str) -> bool:
+    """Call before a module's compiled kernels are made; returns their ``cache=`` value. Numba
+    caches them in the package's ``__pycache__``, else in the user's cache directory, and fails
+    ("no locator available") when neither can be written: a root-owned install run by a user
+    whose HOME is read-only (a service account, a read-only container). Then the cache goes to
     ``$FMOE_CACHE/numba`` when that can be written, else to a directory of this user's in the
-    temporary directory. A cache directory the user chose (``NUMBA_CACHE_DIR``) is left alone."""
+    temporary directory; where nothing can be written, kernels are compiled in each process
+    (False). A cache directory the user chose (``NUMBA_CACHE_DIR``) is left alone."""
     import numba
     from numba.misc.appdirs import AppDirs
 
     if numba.config.CACHE_DIR:
-        return
+        return True
     here = os.path.join(os.path.dirname(os.path.abspath(module_file)), "__pycache__")
     user = AppDirs(appname="numba", appauthor=False).user_cache_dir
     if _writable_dir(here) or _writable_dir(user):
-        return
+        return True
     import tempfile
 
     chosen = os.environ.get("FMOE_CACHE")
     chosen = os.path.join(chosen, "numba") if chosen else None
     if chosen is None or not _writable_dir(chosen):
         # compiled code is loaded from there: only a directory nobody else can write will do
-        chosen = os.path.join(tempfile.gettempdir(), f"fmoe-numba-{os.getuid()}")
-        if not _private_dir(chosen):
-            chosen = tempfile.mkdtemp(prefix="fmoe-numba-")
+        try:
+            me = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+            chosen = os.path.join(tempfile.gettempdir(), f"fmoe-numba-{me}")
+            if not _private_dir(chosen):
+                chosen = tempfile.mkdtemp(prefix="fmoe-numba-")
+        except OSError:
+            return False
     numba.config.CACHE_DIR = chosen
+    return True

@@ -75,3 +75,15 @@ def test_kernels_compile_and_cache_there(nowhere, tmp_path):
     spec.loader.exec_module(mod)
     assert mod.twice(21) == 42
     assert any(name.endswith(".nbi") for _, _, names in os.walk(numba.config.CACHE_DIR) for name in names)
+
+
+def test_nowhere_at_all_compiles_without_a_cache(nowhere, monkeypatch):
+    """A fully read-only machine (no temporary directory either): the kernels are compiled in
+    each process instead of the import failing."""
+    monkeypatch.setattr(files, "_private_dir", lambda p: False)
+
+    def no_tmp(*a, **k):
+        raise OSError("read-only file system")
+    monkeypatch.setattr("tempfile.mkdtemp", no_tmp)
+    assert files.numba_cache(files.__file__) is False
+    assert numba.config.CACHE_DIR == ""

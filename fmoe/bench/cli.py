@@ -60,9 +60,20 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _model_after_options(args) -> None:
+    """`--policy-option` takes every value up to the next flag, so a MODEL written after it
+    lands among them: take it back (a value without '=' is no option)."""
+    if args.model is None and args.policy_option and "=" not in args.policy_option[-1]:
+        args.model = args.policy_option.pop()
+    if args.model is None:
+        print("fmoe bench: error: the following arguments are required: model", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def cmd_bench(args) -> int:
     from .run import bench_from_args
 
+    _model_after_options(args)
     result = bench_from_args(args)
     if args.json:
         print(json.dumps(result))
@@ -130,7 +141,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("bench", help="batch-1 live generation benchmark (optionally on replayed routing)")
-    p.add_argument("model", help="local checkpoint directory or hub repo id")
+    p.add_argument("model", nargs="?", help="local checkpoint directory or hub repo id")
     p.add_argument("--routing-trace", default=None,
                    help="replay this trace's routing (format v1 .npz) on the model's weights")
     p.add_argument("--sequences", type=int, default=1, help="sequences to run (default 1)")

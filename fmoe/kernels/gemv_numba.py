@@ -15,7 +15,7 @@ from numba.extending import intrinsic
 
 from ..files import numba_cache
 
-numba_cache(__file__)     # before the cached kernels below are made
+CACHE = numba_cache(__file__)     # before the kernels below are made: where they are cached
 
 
 @intrinsic
@@ -35,7 +35,7 @@ def f32_bits(typingctx, f):
     return types.uint32(types.float32), codegen
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def to_bf16(v):  # pragma: no cover - compiled
     """float32 -> bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN."""
     u = f32_bits(v)
@@ -45,13 +45,13 @@ def to_bf16(v):  # pragma: no cover - compiled
     return np.uint16(u >> np.uint32(16))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def bf16_round(v):  # pragma: no cover - compiled
     """float32 -> the nearest bf16 value, as a float32 (exact)."""
     return bf16_to_f32(to_bf16(v))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _dot4(w, s, n, q, x, r):  # pragma: no cover - compiled
     """fp32 sums of rows n, n+q, n+2q, n+3q of w[s] (uint16 bf16 bits [S, N, K]) times x[r]
     (float32). The callers step n by one over a quarter of the rows, so each of the four is
@@ -71,7 +71,7 @@ def _dot4(w, s, n, q, x, r):  # pragma: no cover - compiled
     return a0, a1, a2, a3
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _dot1(w, s, n, x, r):  # pragma: no cover - compiled
     a = np.float32(0.0)
     for k in range(w.shape[2]):
@@ -79,7 +79,7 @@ def _dot1(w, s, n, x, r):  # pragma: no cover - compiled
     return a
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=True, cache=CACHE)
 def gemv(w, x, bias, out):  # pragma: no cover - compiled
     """out [R, N] uint16 (bf16 bits) = x [R, K] float32 @ w.T (+ bias [N] float32 when it has
     N entries; empty: none), w [N, K] uint16 (bf16 bits): four rows of w a quarter of the
@@ -110,7 +110,7 @@ def gemv(w, x, bias, out):  # pragma: no cover - compiled
             out[r, m] = to_bf16(a)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _products(w, slots, row0, rows, x, each, out):  # pragma: no cover - compiled
     """out[j, i] (float32, bf16 values) = row row0 + i of w[slots[j]] . x[j if each else 0],
     for i < rows: four rows a quarter of the rows apart per parallel item (`_dot4`), for every
@@ -130,13 +130,13 @@ def _products(w, slots, row0, rows, x, each, out):  # pragma: no cover - compile
             out[j, m] = bf16_round(_dot1(w, slots[j], row0 + m, x, j if each else 0))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=CACHE)
 def _silu_mul(g, u):  # pragma: no cover - compiled
     """bf16(bf16(silu(g)) * u) for bf16 values g, u (float32), silu in fp32."""
     return bf16_round(bf16_round(g / (np.float32(1.0) + np.exp(-g))) * u)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+@numba.njit(parallel=True, fastmath=True, cache=CACHE, error_model="numpy")
 def swiglu(wg, g0, wu, u0, wd, slots, x, y):  # pragma: no cover - compiled
     """y [J, H] uint16 (bf16 bits): for each j, with s = slots[j], the SwiGLU expert
     ``wd[s] @ (silu(g) * u)`` on x [1, H] float32 (bf16 values), where g and u are rows
@@ -174,7 +174,7 @@ def swiglu(wg, g0, wu, u0, wd, slots, x, y):  # pragma: no cover - compiled
             y[j, n] = to_bf16(res[j, n])
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+@numba.njit(parallel=True, fastmath=True, cache=CACHE, error_model="numpy")
 def mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, scale, out):  # pragma: no cover
     """Multi-head latent attention for one query row, in latent space, a head per parallel item.
 
@@ -236,7 +236,7 @@ def mla_decode(q_nope, q_pe, w_uk_t, latent, k_pe, keep, w_uv, scale, out):  # p
             out[h, c] = to_bf16(_dot1(w_uv, h, c, ctx, 0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=CACHE, error_model="numpy")
 def rms_norm(x, w, eps, out):  # pragma: no cover - compiled
     """out [H] uint16 = bf16(w * bf16(x / sqrt(mean(x^2) + eps))): x, w [H] uint16 bf16 bits,
     the statistics in fp32 (as the models' RMSNorm on a bf16 row)."""
@@ -250,7 +250,7 @@ def rms_norm(x, w, eps, out):  # pragma: no cover - compiled
         out[i] = to_bf16(bf16_to_f32(w[i]) * bf16_round(bf16_to_f32(x[i]) * r))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def rope(x, cos, sin, interleaved, out):  # pragma: no cover - compiled
     """Rotary embedding of rows x [n, D] uint16 (bf16 bits) by cos, sin [D] (bf16 bits):
     ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to bf16 as torch's

@@ -8,7 +8,7 @@ each is one compiled loop over the layer's E keys or the cache's L * E keys.
 
 Every kernel reproduces the numpy formula it replaces operation for operation (same
 floating-point expressions, first index on ties), so decisions do not change; the tests compare
-them with the numpy forms. Compiled on first use and cached on disk (``cache=True``). The
+them with the numpy forms. Compiled on first use and cached on disk (``cache=CACHE``). The
 counting kernels (`count_segment`, `backoffs`, `wait_table`) release the GIL: they run on the
 counting thread beside the forward pass.
 """
@@ -23,12 +23,12 @@ import numpy as np
 from ..files import numba_cache
 from .reuse_features import NQ
 
-numba_cache(__file__)     # before the cached kernels below are made
+CACHE = numba_cache(__file__)     # before the kernels below are made: where they are cached
 
 NO_ROW = NQ - 1     # the next-pass class of a key whose layer has no row
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def score_after(after, cur, tab, c_after0, c_used0, tp_l, ex, edges, layer, num_layers, done,
                 no_row):  # pragma: no cover - compiled
     """Scores, for the next pass, of one routed layer's E keys (`ReuseScoring._score_after`).
@@ -69,7 +69,7 @@ def score_after(after, cur, tab, c_after0, c_used0, tp_l, ex, edges, layer, num_
             cur[base + ex[i]] = after[base + ex[i]]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _candidates(key_of, pin, epoch, touch, score_clock, cur, l_now, m):  # pragma: no cover
     """The `m` best eviction candidates among the keys in the cache's slots (`key_of`, -1
     free) not pinned, by score ``cur - l_now + 1e-3 * (1 - touch / (score_clock + 1))``, best
@@ -104,7 +104,7 @@ def _candidates(key_of, pin, epoch, touch, score_clock, cur, l_now, m):  # pragm
     return keys, n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def take(keys, slot_of, key_of, free, n_free, resident, pin, epoch, touch, clock, score_clock,
          after, cur, upto, tab, c_after0, c_used0, tp, edges, pend, l_now, num_experts, start,
          misses, n_vict, out_slot, out_hit, victims):  # pragma: no cover - compiled
@@ -190,7 +190,7 @@ def take(keys, slot_of, key_of, free, n_free, resident, pin, epoch, touch, clock
     return 0, keys.shape[0], n_free, clock, score_clock, misses, n_vict
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def touch_keys(touch, keys, clock):  # pragma: no cover - compiled
     """Touch `keys` [n] int64 in order on the clock: ``touch[key] = clock += 1`` for each (the
     hits `take` would have touched). Returns the clock."""
@@ -200,7 +200,7 @@ def touch_keys(touch, keys, clock):  # pragma: no cover - compiled
     return clock
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def pass_vectors(last, count, pos, pb, tab, prev_keys, tp, edges, gap_lut, count_lut, n_count,
                  slot_size, no_row, now, after, used, c_after0,
                  c_used0):  # pragma: no cover - compiled
@@ -263,7 +263,7 @@ def pass_vectors(last, count, pos, pb, tab, prev_keys, tp, edges, gap_lut, count
         used[key] = tab[cu + no_row] + (lay + L)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def sync(last, count, uses, keys, first_pos, lengths):  # pragma: no cover - compiled
     """Apply passes of keys to the stream's last use, use counts and popularity: keys [n] int64
     (the passes one after another), lengths [m] keys per pass, the first pass at `first_pos`."""
@@ -279,7 +279,7 @@ def sync(last, count, uses, keys, first_pos, lengths):  # pragma: no cover - com
             uses[k] += 1.0
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def count_segment(u, last0, count0, prev0, m, pop, tp, edges, horizon, cell_base, gap_lut,
                   count_lut, n_count, n_pop, n_next, none, seen, reused, trans, trans_from,
                   transitions):  # pragma: no cover - compiled
@@ -341,7 +341,7 @@ def count_segment(u, last0, count0, prev0, m, pop, tp, edges, horizon, cell_base
     return last, cnt
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def _wait(p, horizon, num_layers):  # pragma: no cover - compiled
     # the fourth root (the default horizon) as two square roots: a pow per cell is most of a
     # rebuild's time
@@ -350,7 +350,7 @@ def _wait(p, horizon, num_layers):  # pragma: no cover - compiled
     return num_layers * (1.0 / max(1.0 - r, 1e-3) - 1.0)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def wait_table(seen, reused, rate, coarse_of, min_count, horizon, num_layers,
                out):  # pragma: no cover - compiled
     """out [cells] = the expected wait (`ReuseScoring._wait`) of each cell's P(reuse): its own
@@ -367,7 +367,7 @@ def wait_table(seen, reused, rate, coarse_of, min_count, horizon, num_layers,
             out[c] = coarse[coarse_of[c]]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=CACHE, nogil=True)
 def backoffs(seen, reused, n_gap, n_count, n_pop, n_next, c_seen, c_reused):  # pragma: no cover - compiled
     """The (gap, count, next-pass) back-off counts c_seen, c_reused [NG * NC * NQ] (written):
     sums of the full cells [L, NG, NC, NP, NQ] over layers and popularity classes."""

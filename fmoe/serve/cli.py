@@ -202,15 +202,20 @@ def _terminate(signum, frame):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)   # `fmoe serve` drains on its own
+    # only over the default action (an ignored SIGTERM stays ignored; a caller's handler stays);
+    # `fmoe serve` drains on its own
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if ours:
+        signal.signal(signal.SIGTERM, _terminate)
+    terminated = False
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except Terminated:
         print(f"fmoe {args.command}: terminated", file=sys.stderr)
+        terminated = True
         return 128 + signal.SIGTERM
     except BrokenPipeError:
         # the reader went away (`| head`): stop quietly, as other command-line tools do; what
@@ -226,8 +231,12 @@ def main(argv=None) -> int:
         print(f"fmoe {args.command}: error: {kind}{e}", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if terminated:
+                # cleaned up: now end as the signal's default action would (the exit status a
+                # supervisor expects, and an in-process caller is not left running)
+                signal.raise_signal(signal.SIGTERM)
 
 
 if __name__ == "__main__":

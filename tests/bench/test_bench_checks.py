@@ -171,3 +171,14 @@ def test_bench_flags_refused_before_loading(tiny_synth, capsys, no_load, argv, w
         code = e.code
     err = capsys.readouterr().err
     assert code != 0 and "was loaded" not in err and all(w in err for w in words), err
+
+
+def test_bench_model_after_policy_options(tiny_synth, capsys, no_load):
+    """`--policy-option K=V ...` takes every value up to the next flag: a MODEL after it is
+    still the model (it was swallowed: 'the following arguments are required: model')."""
+    with pytest.raises(AssertionError, match="was loaded"):
+        main(["--debug", "bench", "--expert-cache", "0.5", "--policy-option", "max_orders=1",
+              str(tiny_synth)])
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--policy-option", "max_orders=1"])
+    assert e.value.code == 2 and "required: model" in capsys.readouterr().err

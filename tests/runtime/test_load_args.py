@@ -220,3 +220,22 @@ def test_a_lock_removed_by_its_last_holder_is_not_taken(tmp_path):
 def test_a_map_store_where_nothing_can_be_written_is_refused(ckpt):
     with pytest.raises(ValueError, match=r"map_store /proc/maps\.npz: "):
         fmoe.models.from_pretrained(ckpt, expert_cache=0.5, map_store="/proc/maps.npz")
+
+
+def test_a_forked_child_leaves_its_parents_lock_in_place(tmp_path):
+    """A forked child that ends (running its copy's release) must not remove the lock file its
+    parent still holds: a third process could then take the same store."""
+    import os
+
+    from fmoe.files import FileLock
+
+    held = FileLock(tmp_path / "m.bin", "map_store")
+    pid = os.fork()
+    if pid == 0:                          # the child: lets its copy go, then ends
+        held.release()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.path.exists(held.lock)
+    with pytest.raises(ValueError, match="in use by another process"):
+        FileLock(tmp_path / "m.bin", "map_store")
+    held.release()
