@@ -128,6 +128,7 @@ class SamplingParams:
         """Whether `process` changes logits (a penalty, or EOS held back)."""
         return self.repetition_penalty != 1.0 or (self.min_new_tokens > 0 and bool(self.eos_ids))
 
+
 # generation_config.json's keys taken as sampling defaults (by the server, as vLLM does, and by
 # `generate` when it samples, as HF does), with the name a request gives each
 _GEN_DEFAULTS = (("temperature", "temperature", float), ("top_p", "top_p", float),

@@ -124,9 +124,10 @@ def parse_capacity(expert_cache, num_layers: int, num_experts: int, top_k: int,
     return min(slots, total)
 
 
-def _profile_timing(profile) -> dict:
-    """The `timing` part of a calibrated profile (a path or its dict); ValueError naming the
-    profile when it is not one (as fmoe.sim's loader does: the runtime does not import it)."""
+def _profile_data(profile) -> tuple[dict, str]:
+    """A calibrated profile (a path or its dict) as (its dict, how messages name it), checked to
+    have its `timing` part; ValueError naming the profile when it is not one (as fmoe.sim's
+    loader does: the runtime does not import it)."""
     import json
     from pathlib import Path
 
@@ -144,18 +145,19 @@ def _profile_timing(profile) -> dict:
     need = ("attn", "expert", "copy")
     if not isinstance(t, dict) or any(k not in t for k in need):
         raise ValueError(f"{where}: not a profile from `fmoe calibrate` (no timing with {', '.join(need)})")
-    return t
+    return data, where
+
+
+def _profile_timing(profile) -> dict:
+    """The `timing` part of a calibrated profile (a path or its dict)."""
+    return _profile_data(profile)[0]["timing"]
 
 
 def check_profile_model(profile, shape) -> None:
     """Refuse (ValueError) a calibrated profile measured with another model shape than `shape`
     (an `ExpertShape`): its times per expert and per layer are that model's. A profile without
     its ``model`` block is taken as it is."""
-    import json
-    from pathlib import Path
-
-    _profile_timing(profile)        # a profile at all, first
-    data = profile if isinstance(profile, dict) else json.loads(Path(profile).read_text())
+    data, where = _profile_data(profile)
     m = data.get("model")
     if not isinstance(m, dict):
         return
@@ -163,7 +165,6 @@ def check_profile_model(profile, shape) -> None:
             "inter": shape.inter}
     theirs = {k: m.get(k) for k in mine}
     if any(v is not None and v != mine[k] for k, v in theirs.items()):
-        where = "hardware_profile" if isinstance(profile, dict) else f"hardware_profile {str(profile)!r}"
         raise ValueError(f"{where}: measured with another model ({m.get('num_layers')} MoE layers x "
                          f"{m.get('num_experts')} experts of {m.get('hidden')} x {m.get('inter')}); "
                          f"this one has {shape.num_layers} x {shape.num_experts} of {shape.hidden} x "
